@@ -1,0 +1,63 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "postcopy",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "postcopy", targets: ["postcopy"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+    ],
+    targets: [
+        // Kernel interfaces (userfaultfd ioctls, eventfd, gettid, scheduling) and the
+        // hot byte loops (zero-page scan, xxh64 digest) live in one prefixed C shim.
+        .target(name: "CPostcopy"),
+        // Wire format: frames, codec, handshake. Knows nothing of sockets or threads.
+        .target(name: "PostcopyWire"),
+        // Core model: errors, fds, threads, memory mappings, page state, digest, stats.
+        .target(
+            name: "PostcopyCore",
+            dependencies: [
+                "CPostcopy", "PostcopyWire",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // Transport protocol and its TCP implementation.
+        .target(name: "PostcopyTransport", dependencies: ["CPostcopy", "PostcopyWire", "PostcopyCore"]),
+        // Source page server.
+        .target(
+            name: "PostcopySource",
+            dependencies: [
+                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // Destination: userfaultfd owner, fault thread, scheduler, installer.
+        .target(
+            name: "PostcopyDestination",
+            dependencies: [
+                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "postcopy",
+            dependencies: [
+                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
+                "PostcopySource", "PostcopyDestination",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .testTarget(name: "PostcopyWireTests", dependencies: ["PostcopyWire"]),
+        .testTarget(
+            name: "PostcopyIntegrationTests",
+            dependencies: [
+                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
+                "PostcopySource", "PostcopyDestination",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+    ],
+    swiftLanguageModes: [.v6]
+)

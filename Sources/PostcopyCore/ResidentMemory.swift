@@ -1,0 +1,56 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Resident memory of this process outside given address ranges (the guest-RAM
+/// mappings), read from /proc/self/smaps. This is the daemon's own footprint.
+public enum ResidentMemory {
+    public static func bytesOutside(_ excluded: [Range<UInt64>]) -> Int {
+        guard let f = fopen("/proc/self/smaps", "r") else { return -1 }
+        defer { fclose(f) }
+        var total = 0
+        var skip = false
+        var line = [CChar](repeating: 0, count: 512)
+        while fgets(&line, Int32(line.count), f) != nil {
+            let s = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            if let dash = s.firstIndex(of: "-"), let sp = s.firstIndex(of: " "), dash < sp,
+               let lo = UInt64(s[s.startIndex..<dash], radix: 16),
+               let hi = UInt64(s[s.index(after: dash)..<sp], radix: 16) {
+                skip = excluded.contains { $0.overlaps(lo..<hi) }
+            } else if s.hasPrefix("Rss:"), !skip {
+                let digits = s.dropFirst(4).filter { $0.isNumber }
+                total += (Int(String(digits)) ?? 0) * 1024
+            }
+        }
+        return total
+    }
+}
+
+/// Samples `ResidentMemory.bytesOutside` on a thread and keeps the maximum.
+public final class ResidentMemorySampler: Sendable {
+    private final class Shared: Sendable {
+        let maxBytes = Atomic<Int>(0)
+        let stop = Atomic<Bool>(false)
+    }
+    private let shared = Shared()
+    private let thread: PThread
+
+    public init(excluding: [Range<UInt64>], intervalMs: Int = 50) {
+        let shared = self.shared
+        thread = PThread(name: "rss-sampler", priority: .idle) {
+            while !shared.stop.load(ordering: .relaxed) {
+                let v = ResidentMemory.bytesOutside(excluding)
+                if v > shared.maxBytes.load(ordering: .relaxed) { shared.maxBytes.store(v, ordering: .relaxed) }
+                usleep(useconds_t(intervalMs * 1000))
+            }
+        }
+    }
+
+    /// Stops sampling (one last sample) and returns the maximum seen.
+    public func finish(excluding: [Range<UInt64>]) -> Int {
+        shared.stop.store(true, ordering: .relaxed)
+        thread.join()
+        return max(shared.maxBytes.load(ordering: .relaxed), ResidentMemory.bytesOutside(excluding))
+    }
+}

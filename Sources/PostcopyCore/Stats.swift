@@ -1,0 +1,70 @@
+import Histogram
+import Synchronization
+
+/// Latency histogram in nanoseconds (HdrHistogram, 3 significant digits),
+/// safe to record from several threads; each thread may also keep its own and merge.
+public final class LatencyRecorder: Sendable {
+    private let hist: Mutex<Histogram<UInt64>>
+
+    public init() {
+        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        h.autoResize = true
+        hist = Mutex(h)
+    }
+
+    public func record(nanoseconds: UInt64) {
+        hist.withLock { _ = $0.record(max(nanoseconds, 1)) }
+    }
+
+    public func merge(_ other: Histogram<UInt64>) {
+        hist.withLock { $0.add(other) }
+    }
+
+    public func snapshot() -> LatencySummary {
+        hist.withLock { LatencySummary($0) }
+    }
+}
+
+/// Percentiles taken from recorded data (never constants).
+public struct LatencySummary: Sendable, Codable, Equatable {
+    public var count: UInt64
+    public var p50Ns: UInt64
+    public var p90Ns: UInt64
+    public var p99Ns: UInt64
+    public var p999Ns: UInt64
+    public var maxNs: UInt64
+    public var meanNs: Double
+
+    public init(_ h: Histogram<UInt64>) {
+        count = h.totalCount
+        if count == 0 {
+            p50Ns = 0; p90Ns = 0; p99Ns = 0; p999Ns = 0; maxNs = 0; meanNs = 0
+        } else {
+            p50Ns = h.valueAtPercentile(50)
+            p90Ns = h.valueAtPercentile(90)
+            p99Ns = h.valueAtPercentile(99)
+            p999Ns = h.valueAtPercentile(99.9)
+            maxNs = h.max
+            meanNs = h.mean
+        }
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case count
+        case p50Ns = "p50_ns"
+        case p90Ns = "p90_ns"
+        case p99Ns = "p99_ns"
+        case p999Ns = "p999_ns"
+        case maxNs = "max_ns"
+        case meanNs = "mean_ns"
+    }
+}
+
+/// Formats nanoseconds for people.
+public func formatDuration(ns: UInt64) -> String {
+    let v = Double(ns)
+    if v < 1_000 { return "\(ns) ns" }
+    if v < 1_000_000 { return "\(fixed(v / 1_000, 1)) µs" }
+    if v < 1_000_000_000 { return "\(fixed(v / 1_000_000, 2)) ms" }
+    return "\(fixed(v / 1_000_000_000, 3)) s"
+}

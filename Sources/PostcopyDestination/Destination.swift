@@ -1,0 +1,292 @@
+import CPostcopy
+import Histogram
+import Logging
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How the built-in guest stand-in touches memory (until a VMM hands memory over).
+public enum TouchMode: String, Sendable, CaseIterable {
+    case none
+    case random
+    case sequential
+}
+
+public struct DestinationOptions: Sendable {
+    public var engine = EngineConfig()
+    public var touch: TouchMode = .random
+    public var threads = 4
+    public var seed: UInt64 = 1
+    /// Where to write the device state received from the source (nil: keep in memory only).
+    public var deviceStateOut: String?
+    public init() {}
+}
+
+/// Everything a run measured. Field names are the stable `--json` schema.
+public struct DestinationReport: Sendable, Codable {
+    public var transport: String
+    public var transportReason: String
+    public var sessionID: UInt64
+    public var pageSize: Int
+    public var guestBytes: Int
+    public var totalPages: Int
+    public var zeroPages: Int
+    public var nonZeroPages: Int
+    public var demandPages: UInt64
+    public var backgroundPages: UInt64
+    public var zeroPagesFaulted: UInt64
+    public var faults: UInt64
+    public var faultsCoalesced: UInt64
+    public var eexist: UInt64
+    public var eagain: UInt64
+    public var bytesSent: UInt64
+    public var bytesReceived: UInt64
+    /// bytes received / (non-zero pages × page size).
+    public var wireOverhead: Double
+    public var handshakeSeconds: Double
+    public var timeToFullCopySeconds: Double
+    public var digestSeconds: Double
+    public var totalSeconds: Double
+    public var faultLatency: LatencySummary
+    public var guestTouchLatency: LatencySummary
+    public var touchedPages: Int
+    public var deviceStateBytes: Int
+    public var sourceDigest: String
+    public var destinationDigest: String
+    public var digestMatch: Bool
+    public var sourceConfirmedDigest: Bool
+    public var pagesSentTwice: UInt64
+    public var rssOutsideGuestMaxBytes: Int
+    public var cpuSeconds: Double
+    public var uffdOrigin: String
+
+    enum CodingKeys: String, CodingKey {
+        case transport, transportReason = "transport_reason", sessionID = "session_id", pageSize = "page_size"
+        case guestBytes = "guest_bytes", totalPages = "total_pages", zeroPages = "zero_pages", nonZeroPages = "non_zero_pages"
+        case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted"
+        case faults, faultsCoalesced = "faults_coalesced", eexist, eagain
+        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", wireOverhead = "wire_overhead"
+        case handshakeSeconds = "handshake_seconds", timeToFullCopySeconds = "time_to_full_copy_seconds"
+        case digestSeconds = "digest_seconds", totalSeconds = "total_seconds"
+        case faultLatency = "fault_latency", guestTouchLatency = "guest_touch_latency", touchedPages = "touched_pages"
+        case deviceStateBytes = "device_state_bytes", sourceDigest = "source_digest", destinationDigest = "destination_digest"
+        case digestMatch = "digest_match", sourceConfirmedDigest = "source_confirmed_digest", pagesSentTwice = "pages_sent_twice"
+        case rssOutsideGuestMaxBytes = "rss_outside_guest_max_bytes", cpuSeconds = "cpu_seconds", uffdOrigin = "uffd_origin"
+    }
+}
+
+public enum DestinationError: Error, CustomStringConvertible {
+    case system(SystemError)
+    case transport(TransportError)
+    case incompatible(String)
+
+    public var description: String {
+        switch self {
+        case .system(let e): return e.description
+        case .transport(let e): return e.description
+        case .incompatible(let s): return s
+        }
+    }
+}
+
+/// Runs a destination on its own: maps and registers guest RAM itself, touches
+/// it like a guest would (threads), and verifies the digest at the end.
+public final class StandaloneDestination: Sendable {
+    public let logger: Logger
+    public let options: DestinationOptions
+    /// Live counters once the engine runs (for a progress bar).
+    public let live = Mutex<(EngineCounters, Int)?>(nil)
+
+    public init(options: DestinationOptions, logger: Logger) {
+        self.options = options
+        self.logger = logger
+    }
+
+    public func run(transport: Transport, transportReason: String) throws(DestinationError) -> DestinationReport {
+        let t0 = nowNanoseconds()
+        let cpu0 = processCPUNanoseconds()
+        let uffd: Userfaultfd
+        do { uffd = try Userfaultfd() } catch { throw .system(error) }
+
+        let info: SessionInfo
+        do { info = try transport.connect() } catch { throw .transport(error) }
+        let table = info.table
+        guard table.pageSize == Int(getpagesize()) else {
+            throw .incompatible("source page size \(table.pageSize) differs from this host's \(getpagesize()); huge-page guests need the VMM handoff")
+        }
+        logger.info("session \(info.welcome.sessionID): \(table.regions.count) region(s), \(formatBytes(Double(table.totalPages * table.pageSize)))")
+
+        // Guest RAM: one anonymous mapping per region, registered MISSING.
+        var mappings: [MemoryMapping] = []
+        var regions: [GuestRegion] = []
+        do {
+            for r in table.regions {
+                let m = try MemoryMapping.anonymous(length: Int(r.size))
+                try uffd.registerMissing(m.range)
+                mappings.append(m)
+                regions.append(GuestRegion(base: m.address, size: m.length))
+            }
+        } catch { throw .system(error) }
+        let guestRanges = mappings.map { $0.range }
+        let rss = ResidentMemorySampler(excluding: guestRanges)
+
+        // Control: zero map and device state before anything streams.
+        var zeroMaps: [ZeroMap] = []
+        let deviceState: [UInt8]
+        let demand: PageChannel
+        let background: PageChannel
+        do {
+            for (i, _) in table.regions.enumerated() {
+                let pages = UInt64(table.pageCount(region: i))
+                var first: UInt64 = 0
+                while first < pages {
+                    let n = min(pages - first, 1 << 22)
+                    zeroMaps.append(try transport.fetchZeroMap(region: UInt16(i), firstPage: first, pageCount: n))
+                    first += n
+                }
+            }
+            deviceState = try transport.fetchDeviceState(size: info.welcome.deviceStateSize)
+            demand = try transport.openChannel(.demand)
+            background = try transport.openChannel(.background)
+        } catch { throw .transport(error) }
+        if let path = options.deviceStateOut {
+            do { try writeFile(path, deviceState) } catch { throw .system(error) }
+        }
+        let handshakeDone = nowNanoseconds()
+
+        let engine: PostcopyEngine
+        do {
+            engine = try PostcopyEngine(uffd: uffd, regions: regions, session: info, zeroMaps: zeroMaps,
+                                        demand: demand, background: background, config: options.engine, logger: logger)
+        } catch { throw .system(error) }
+        live.withLock { $0 = (engine.counters, table.totalPages) }
+        engine.start()
+
+        // The guest stand-in: threads touching every page (reads, so the digest
+        // still compares against the source's RAM at pause).
+        let touch = GuestToucher(mode: options.touch, threads: options.threads, seed: options.seed,
+                                 regions: regions, pageSize: table.pageSize, engine: engine)
+        touch.start()
+        var waitError: TransportError?
+        do { try engine.waitForCompletion() } catch { waitError = error }
+        if let waitError {
+            // Guest threads stay parked on their faults; the caller exits non-zero.
+            engine.stop()
+            throw .transport(waitError)
+        }
+        engine.stop()
+        // Every page is in: give the memory back to the ordinary fault path.
+        do { for r in regions { try uffd.unregister(r.range) } } catch { throw .system(error) }
+        let touchLatency = touch.join()
+
+        let d0 = nowNanoseconds()
+        let digest = MemoryDigest.compute(regions: mappings.map { UnsafeRawBufferPointer($0.bytes) })
+        let d1 = nowNanoseconds()
+        let ack: CompleteAck
+        do { ack = try transport.complete(Complete(pagesReceived: UInt64(table.totalPages), digest: digest)) } catch { throw .transport(error) }
+        let wire = transport.bytesOnWire
+        transport.close()
+        let rssMax = rss.finish(excluding: guestRanges)
+
+        let c = engine.counters
+        let zeroPages = engine.zeroPagesAtStart
+        let nonZero = table.totalPages - zeroPages
+        let report = DestinationReport(
+            transport: transport.name, transportReason: transportReason, sessionID: info.welcome.sessionID,
+            pageSize: table.pageSize, guestBytes: table.totalPages * table.pageSize, totalPages: table.totalPages,
+            zeroPages: zeroPages, nonZeroPages: nonZero,
+            demandPages: c.demandPages.load(ordering: .relaxed), backgroundPages: c.backgroundPages.load(ordering: .relaxed),
+            zeroPagesFaulted: c.zeroFaults.load(ordering: .relaxed), faults: c.faults.load(ordering: .relaxed),
+            faultsCoalesced: c.faultsCoalesced.load(ordering: .relaxed), eexist: c.eexist.load(ordering: .relaxed),
+            eagain: c.eagain.load(ordering: .relaxed), bytesSent: wire.sent, bytesReceived: wire.received,
+            wireOverhead: nonZero == 0 ? 0 : Double(wire.received) / Double(nonZero * table.pageSize),
+            handshakeSeconds: Double(handshakeDone - t0) / 1e9,
+            timeToFullCopySeconds: Double(engine.streamEnd - engine.streamStart) / 1e9,
+            digestSeconds: Double(d1 - d0) / 1e9, totalSeconds: Double(nowNanoseconds() - t0) / 1e9,
+            faultLatency: engine.faultLatency.snapshot(), guestTouchLatency: touchLatency.summary,
+            touchedPages: touchLatency.pages, deviceStateBytes: deviceState.count,
+            sourceDigest: MemoryDigest.hex(info.welcome.digest), destinationDigest: MemoryDigest.hex(digest),
+            digestMatch: digest == info.welcome.digest, sourceConfirmedDigest: ack.digestMatches,
+            pagesSentTwice: ack.pagesSentTwice, rssOutsideGuestMaxBytes: rssMax,
+            cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, uffdOrigin: uffd.origin)
+        _ = mappings  // guest RAM stays mapped until the report is built
+        return report
+    }
+}
+
+func writeFile(_ path: String, _ bytes: [UInt8]) throws(SystemError) {
+    let fd = try libcCall("open(\(path))") { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
+    defer { close(fd) }
+    var off = 0
+    while off < bytes.count {
+        let n = try libcCall("write(\(path))") { bytes.withUnsafeBytes { write(fd, $0.baseAddress! + off, bytes.count - off) } }
+        off += n
+    }
+}
+
+/// Threads that read one byte of every page, in random or sequential order, and
+/// time each read that took a userfaultfd fault (guest-observed fault latency).
+final class GuestToucher: @unchecked Sendable {
+    struct Result {
+        var summary: LatencySummary
+        var pages: Int
+    }
+    private let mode: TouchMode
+    private let threadCount: Int
+    private let seed: UInt64
+    private let addresses: [UInt64]
+    private let engine: PostcopyEngine
+    private var threads: [PThread] = []
+    private let merged = Mutex<(Histogram<UInt64>, Int)>((Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three), 0))
+
+    init(mode: TouchMode, threads: Int, seed: UInt64, regions: [GuestRegion], pageSize: Int, engine: PostcopyEngine) {
+        self.mode = mode
+        threadCount = max(1, threads)
+        self.seed = seed
+        self.engine = engine
+        var a: [UInt64] = []
+        if mode != .none {
+            for r in regions { for i in 0..<(r.size / pageSize) { a.append(r.base + UInt64(i * pageSize)) } }
+            if mode == .random {
+                var rng = SplitMix64(seed: seed)
+                a.shuffle(using: &rng)
+            }
+        }
+        addresses = a
+    }
+
+    func start() {
+        guard mode != .none else { return }
+        let n = threadCount
+        let per = (addresses.count + n - 1) / n
+        for t in 0..<n {
+            let slice = min(t * per, addresses.count)..<min((t + 1) * per, addresses.count)
+            threads.append(PThread(name: "guest-vcpu\(t)") { [self] in
+                var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+                h.autoResize = true
+                var faulted = 0
+                for i in slice {
+                    let a = addresses[i]
+                    let t0 = nowNanoseconds()
+                    _ = cpc_touch_read(UnsafeRawPointer(bitPattern: UInt(a))!)
+                    let dt = nowNanoseconds() - t0
+                    if engine.pageFaulted(address: a) {
+                        _ = h.record(max(dt, 1))
+                        faulted += 1
+                    }
+                }
+                let hist = h
+                merged.withLock { $0.0.add(hist); $0.1 += slice.count }
+            })
+        }
+    }
+
+    func join() -> Result {
+        for t in threads { t.join() }
+        return merged.withLock { Result(summary: LatencySummary($0.0), pages: $0.1) }
+    }
+}

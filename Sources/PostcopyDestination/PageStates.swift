@@ -1,0 +1,76 @@
+import CPostcopy
+import PostcopyCore
+import Synchronization
+
+/// The destination's truth about every guest page (global page numbering):
+/// the received bitmap plus what is in flight. Recovery re-requests from this
+/// table, so no transport keeps hidden state about pages.
+///
+/// States are bytes so the background scheduler can find the next missing page
+/// with memchr. All transitions happen under `lock`.
+final class PageStates: @unchecked Sendable {
+    enum State: UInt8 {
+        case missing = 0
+        /// All zeros at the source: never transferred; filled with
+        /// UFFDIO_ZEROPAGE if the guest touches it before completion.
+        case zero = 1
+        case inflightDemand = 2
+        case inflightBackground = 3
+        case present = 4
+    }
+
+    let count: Int
+    let lock = NSLockLite()
+    private let states: UnsafeMutablePointer<UInt8>
+    /// 1 once a uffd fault was seen for the page (read by guest threads, atomically).
+    let faulted: UnsafeMutablePointer<UInt8>
+    /// First fault time of pages guests are waiting on (for service latency).
+    private var waiting: [Int: UInt64] = [:]
+    /// Pages present or known zero; the migration is complete when == count.
+    private(set) var settled = 0
+
+    init(count: Int) {
+        self.count = count
+        states = .allocate(capacity: max(count, 1))
+        states.initialize(repeating: 0, count: max(count, 1))
+        faulted = .allocate(capacity: max(count, 1))
+        faulted.initialize(repeating: 0, count: max(count, 1))
+    }
+
+    deinit {
+        states.deallocate()
+        faulted.deallocate()
+    }
+
+    // All methods below must be called with `lock` held.
+
+    func state(_ p: Int) -> State { State(rawValue: states[p])! }
+
+    func set(_ p: Int, _ s: State) {
+        let old = state(p)
+        let wasSettled = old == .zero || old == .present
+        let isSettled = s == .zero || s == .present
+        if !wasSettled && isSettled { settled += 1 }
+        if wasSettled && !isSettled { settled -= 1 }
+        states[p] = s.rawValue
+    }
+
+    func markFaulted(_ p: Int, at t: UInt64) {
+        cpc_store_u8(faulted + p, 1)
+        if waiting[p] == nil { waiting[p] = t }
+    }
+
+    /// Removes and returns the first-fault time if a guest waited on page p.
+    func takeWaiter(_ p: Int) -> UInt64? { waiting.removeValue(forKey: p) }
+
+    /// Next missing page at or after `from` (wrapping once), or nil when none.
+    func nextMissing(from: Int) -> Int? {
+        let raw = UnsafePointer(states)
+        let a = cpc_find_byte(raw, from, count, State.missing.rawValue)
+        if a >= 0 { return a }
+        let b = cpc_find_byte(raw, 0, min(from, count), State.missing.rawValue)
+        return b >= 0 ? b : nil
+    }
+
+    var isComplete: Bool { settled == count }
+}

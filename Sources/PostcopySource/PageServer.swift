@@ -1,0 +1,286 @@
+import CPostcopy
+import Logging
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a source serves: guest RAM from a memory file (mapped, never copied into
+/// the heap), its zero-page map, its digest, and the device-state blob.
+public final class SourceMemory: Sendable {
+    public let mapping: MemoryMapping
+    public let table: RegionTable
+    /// One bit per page (global numbering), set when the page is all zeros.
+    public let zeroBits: [UInt8]
+    public let zeroPages: Int
+    public let digest: UInt64
+    public let deviceState: [UInt8]
+
+    /// Maps `file` read-only as one region and scans it (zero pages, digest).
+    public init(file: MemoryFile, pageSize: Int, deviceState: [UInt8]) throws(SystemError) {
+        guard file.size > 0, file.size % pageSize == 0 else {
+            throw SystemError("memory file \(file.path) is \(file.size) bytes, not a positive multiple of the page size \(pageSize)", errno: EINVAL)
+        }
+        mapping = try MemoryMapping.file(fd: file.fd.raw, length: file.size, writable: false)
+        table = RegionTable(pageSize: pageSize, regions: [RegionDescriptor(size: UInt64(file.size), sourceOffset: 0, name: "ram")])
+        let pages = file.size / pageSize
+        var bits = [UInt8](repeating: 0, count: (pages + 7) / 8)
+        var zeros = 0
+        for p in 0..<pages where cpc_is_zero(mapping.base + p * pageSize, pageSize) != 0 {
+            bits[p >> 3] |= 1 << UInt8(p & 7)
+            zeros += 1
+        }
+        zeroBits = bits
+        zeroPages = zeros
+        digest = MemoryDigest.compute(regions: [mapping.bytes])
+        self.deviceState = deviceState
+    }
+
+    func isZero(globalPage p: Int) -> Bool { zeroBits[p >> 3] & (1 << UInt8(p & 7)) != 0 }
+}
+
+/// Counters of one source, readable while it serves.
+public final class SourceStats: Sendable {
+    public let demandPages = Atomic<UInt64>(0)
+    public let prefetchPages = Atomic<UInt64>(0)
+    public let backgroundPages = Atomic<UInt64>(0)
+    public let zeroReplies = Atomic<UInt64>(0)
+    public let pagesSentTwice = Atomic<UInt64>(0)
+    public let bytesSent = Atomic<UInt64>(0)
+    public let bytesReceived = Atomic<UInt64>(0)
+    public let rejectedConnections = Atomic<UInt64>(0)
+    public let completedSessions = Atomic<UInt64>(0)
+    public let lastDigestMatched = Atomic<Bool>(false)
+}
+
+/// One migration session: the pages already sent (each page goes out once per
+/// session; a second send is counted, never silent).
+final class SourceSession: Sendable {
+    let id: UInt64
+    private let sent: Mutex<[UInt64]>
+
+    init(id: UInt64, pages: Int) {
+        self.id = id
+        sent = Mutex([UInt64](repeating: 0, count: (pages + 63) / 64))
+    }
+
+    /// Marks pages sent; returns how many had been sent before.
+    func markSent(globalFirst: Int, count: Int) -> Int {
+        sent.withLock { bits in
+            var dup = 0
+            for p in globalFirst..<(globalFirst + count) {
+                let m: UInt64 = 1 << UInt64(p & 63)
+                if bits[p >> 6] & m != 0 { dup += 1 } else { bits[p >> 6] |= m }
+            }
+            return dup
+        }
+    }
+}
+
+/// The source page server. Each accepted connection gets its own thread: the
+/// urgent (demand) connection at normal priority, the main connection (control
+/// and background batches) at SCHED_IDLE so bulk sends never delay a demand reply.
+public final class PageServer: Sendable {
+    public let memory: SourceMemory
+    public let stats = SourceStats()
+    public let logger: Logger
+    public let exitAfterCompletion: Bool
+    private let listener: TCPListener
+    private let sessions = Mutex<[UInt64: SourceSession]>([:])
+    private let connections = Mutex<[ObjectIdentifier: TCPConnection]>([:])
+    private let threads = Mutex<[PThread]>([])
+    private let done: EventFD
+    private let stopping = Atomic<Bool>(false)
+
+    public var port: Int { listener.port }
+
+    public init(memory: SourceMemory, listen endpoint: Endpoint, exitAfterCompletion: Bool, logger: Logger) throws(TransportError) {
+        self.memory = memory
+        self.logger = logger
+        self.exitAfterCompletion = exitAfterCompletion
+        listener = try TCPListener(endpoint)
+        do { done = try EventFD() } catch { throw .system(error) }
+    }
+
+    /// Starts the accept thread.
+    public func start() {
+        let t = PThread(name: "src-accept") { [self] in acceptLoop() }
+        threads.withLock { $0.append(t) }
+    }
+
+    /// Blocks until a session completed (with `exitAfterCompletion`) or `stop()`.
+    public func waitUntilDone() {
+        while cpc_poll1(done.fd.raw, Int16(POLLIN), 1000) == 0 {}
+    }
+
+    /// Shuts the listener and every connection, then joins all threads.
+    public func stop() {
+        guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        listener.shutdown()
+        connections.withLock { for c in $0.values { c.shutdown() } }
+        let all = threads.withLock { $0 }
+        for t in all { t.join() }
+        done.signal()
+    }
+
+    private func acceptLoop() {
+        let maxBody = 1 << 16
+        while !stopping.load(ordering: .relaxed) {
+            let conn: TCPConnection?
+            do { conn = try listener.accept(maxBody: maxBody) } catch {
+                logger.error("accept failed: \(error)")
+                continue
+            }
+            guard let conn else { return }
+            let key = ObjectIdentifier(conn)
+            connections.withLock { $0[key] = conn }
+            let t = PThread(name: "src-conn") { [self] in
+                serve(conn)
+                stats.bytesSent.add(conn.bytesSent, ordering: .relaxed)
+                stats.bytesReceived.add(conn.bytesReceived, ordering: .relaxed)
+                connections.withLock { _ = $0.removeValue(forKey: key) }
+                conn.close()
+            }
+            threads.withLock { $0.append(t) }
+        }
+    }
+
+    /// Serves one connection until it closes. Bad input from the peer gets an
+    /// error frame and closes this connection only.
+    func serve(_ conn: TCPConnection) {
+        do {
+            try serveFrames(conn)
+        } catch {
+            switch error {
+            case .closed:
+                logger.debug("peer \(conn.peer) closed")
+            case .wire(let w):
+                stats.rejectedConnections.add(1, ordering: .relaxed)
+                logger.warning("closing \(conn.peer): \(w)")
+                try? conn.send(.error(ErrorMessage(code: .protocolViolation, message: w.description)))
+            case .protocolViolation(let s):
+                stats.rejectedConnections.add(1, ordering: .relaxed)
+                logger.warning("closing \(conn.peer): \(s)")
+                try? conn.send(.error(ErrorMessage(code: .protocolViolation, message: s)))
+            default:
+                if !stopping.load(ordering: .relaxed) { logger.warning("connection \(conn.peer) failed: \(error)") }
+            }
+        }
+    }
+
+    private func serveFrames(_ conn: TCPConnection) throws(TransportError) {
+        let first = try conn.receive(timeoutMs: 30_000)
+        guard case .hello(let hello) = first else {
+            throw .protocolViolation("first frame must be hello, got \(first.type)")
+        }
+        let session: SourceSession
+        switch hello.role {
+        case .main:
+            guard hello.sessionID == 0 else {
+                stats.rejectedConnections.add(1, ordering: .relaxed)
+                try conn.send(.error(ErrorMessage(code: .unknownSession, message: "session resume is not supported by this source")))
+                return
+            }
+            var rng = SystemRandomNumberGenerator()
+            session = SourceSession(id: rng.next() | 1, pages: memory.table.totalPages)
+            sessions.withLock { $0[session.id] = session }
+            _ = cpc_set_sched_idle()  // background batches: never ahead of demand replies
+        case .urgent:
+            guard let s = sessions.withLock({ $0[hello.sessionID] }) else {
+                stats.rejectedConnections.add(1, ordering: .relaxed)
+                try conn.send(.error(ErrorMessage(code: .unknownSession, message: "unknown session \(hello.sessionID)")))
+                return
+            }
+            session = s
+        }
+        let pageSize = memory.table.pageSize
+        conn.pageSize = pageSize
+        try conn.send(.welcome(Welcome(pageSize: UInt32(pageSize), sessionID: session.id,
+                                       capabilities: [.zeroMap, .urgentChannel], regions: memory.table.regions,
+                                       digest: memory.digest, deviceStateSize: UInt64(memory.deviceState.count))))
+        logger.info("\(hello.role) channel from \(conn.peer) joined session \(session.id)")
+        while true {
+            let m = try conn.receive()
+            switch m {
+            case .pageRequest(let r):
+                try servePages(r, conn: conn, session: session)
+            case .zeroMapRequest(let z):
+                try conn.send(.zeroMap(try zeroMap(z)))
+            case .deviceStateRequest(let d):
+                let total = UInt64(memory.deviceState.count)
+                guard d.offset <= total else { throw .protocolViolation("device state offset \(d.offset) beyond \(total)") }
+                let n = Int(min(UInt64(d.maxLength), total - d.offset, 1 << 19))
+                let start = Int(d.offset)
+                try conn.send(.deviceState(DeviceState(totalSize: total, offset: d.offset, data: Array(memory.deviceState[start..<(start + n)]))))
+            case .complete(let c):
+                let matches = c.digest == memory.digest && c.pagesReceived == UInt64(memory.table.totalPages)
+                stats.lastDigestMatched.store(matches, ordering: .relaxed)
+                let twice = stats.pagesSentTwice.load(ordering: .relaxed)
+                try conn.send(.completeAck(CompleteAck(digestMatches: matches, pagesSentTwice: twice)))
+                if matches {
+                    logger.info("session \(session.id) complete: destination digest matches")
+                } else {
+                    logger.error("session \(session.id) complete but destination digest \(MemoryDigest.hex(c.digest)) != source \(MemoryDigest.hex(memory.digest))")
+                }
+                stats.completedSessions.add(1, ordering: .relaxed)
+                sessions.withLock { _ = $0.removeValue(forKey: session.id) }
+                if exitAfterCompletion { done.signal() }
+            default:
+                throw .protocolViolation("unexpected \(m.type) from destination")
+            }
+        }
+    }
+
+    private func servePages(_ r: PageRequest, conn: TCPConnection, session: SourceSession) throws(TransportError) {
+        let table = memory.table
+        do {
+            try table.validate(region: r.region, pageOffset: r.pageOffset, pageCount: UInt64(r.pageCount))
+        } catch {
+            stats.rejectedConnections.add(1, ordering: .relaxed)
+            try? conn.send(.error(ErrorMessage(code: .outOfRange, message: error.description)))
+            throw .closed("closed after out-of-range request: \(error)")
+        }
+        let pageSize = table.pageSize
+        let global = table.firstGlobalPage[Int(r.region)] + Int(r.pageOffset)
+        let count = Int(r.pageCount)
+        var allZero = true
+        for p in global..<(global + count) where !memory.isZero(globalPage: p) { allZero = false; break }
+        let dup = session.markSent(globalFirst: global, count: count)
+        if dup > 0 { stats.pagesSentTwice.add(UInt64(dup), ordering: .relaxed) }
+        switch r.pageClass {
+        case .demand: stats.demandPages.add(UInt64(count), ordering: .relaxed)
+        case .prefetch: stats.prefetchPages.add(UInt64(count), ordering: .relaxed)
+        case .background: stats.backgroundPages.add(UInt64(count), ordering: .relaxed)
+        }
+        let header = PageDataHeader(requestID: r.requestID, region: r.region, pageClass: r.pageClass, isZero: allZero,
+                                    pageOffset: r.pageOffset, pageCount: r.pageCount)
+        let regionBase = memory.mapping.base + Int(table.regions[Int(r.region)].sourceOffset)
+        let payload = allZero ? UnsafeRawBufferPointer(start: nil, count: 0)
+            : UnsafeRawBufferPointer(start: regionBase + Int(r.pageOffset) * pageSize, count: count * pageSize)
+        if allZero { stats.zeroReplies.add(1, ordering: .relaxed) }
+        let prefix = Codec.encodePageDataPrefix(header, payloadLength: payload.count)
+        let result: Result<Void, TransportError> = prefix.withUnsafeBytes { raw in
+            Result { () throws(TransportError) in try conn.send(raw, payload) }
+        }
+        try result.get()
+    }
+
+    private func zeroMap(_ z: ZeroMapRequest) throws(TransportError) -> ZeroMap {
+        let table = memory.table
+        guard z.pageCount >= 1, z.pageCount <= 1 << 22 else {
+            throw .protocolViolation("zero map request for \(z.pageCount) pages (1...\(1 << 22) allowed)")
+        }
+        do {
+            try table.validate(region: z.region, pageOffset: z.firstPage, pageCount: z.pageCount)
+        } catch { throw .protocolViolation(error.description) }
+        let global = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
+        var bits = [UInt8](repeating: 0, count: Int((z.pageCount + 7) / 8))
+        for i in 0..<Int(z.pageCount) where memory.isZero(globalPage: global + i) {
+            bits[i >> 3] |= 1 << UInt8(i & 7)
+        }
+        return ZeroMap(region: z.region, firstPage: z.firstPage, pageCount: z.pageCount, bits: bits)
+    }
+}

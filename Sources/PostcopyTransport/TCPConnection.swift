@@ -1,0 +1,218 @@
+import CPostcopy
+import PostcopyCore
+import PostcopyWire
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One non-blocking TCP connection with a frame receive buffer. Reads go into a
+/// linear buffer and frames are parsed in place, so a page payload is handed to
+/// the installer straight from the receive buffer (one copy: kernel → buffer).
+///
+/// Not thread-safe for concurrent reads or concurrent writes; one reader thread
+/// and one writer thread at a time (the destination's fault thread owns the
+/// urgent connection, the background thread owns the main one).
+public final class TCPConnection: @unchecked Sendable {
+    public let fd: OwnedFD
+    public let peer: String
+    /// Largest frame body this side accepts.
+    public private(set) var maxBody: Int
+    private var buffer: UnsafeMutableRawPointer
+    private var capacity: Int
+    private var start = 0
+    private var end = 0
+    private let sent = Atomic<UInt64>(0)
+    private let received = Atomic<UInt64>(0)
+    /// Page size once the handshake fixed it (makes page payload lengths exact).
+    public var pageSize: Int?
+
+    public init(fd: Int32, peer: String, maxBody: Int) {
+        self.fd = OwnedFD(fd)
+        self.peer = peer
+        self.maxBody = maxBody
+        capacity = Protocol.headerSize + maxBody + 64 * 1024
+        buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+    }
+
+    deinit {
+        fd.close()
+        buffer.deallocate()
+    }
+
+    /// Raises or lowers the frame limit once the handshake fixed the page size;
+    /// buffered bytes are kept.
+    public func setMaxBody(_ n: Int) {
+        let newCapacity = Protocol.headerSize + n + 64 * 1024
+        precondition(end - start <= newCapacity, "buffered data exceeds the new capacity")
+        let nb = UnsafeMutableRawPointer.allocate(byteCount: newCapacity, alignment: 4096)
+        nb.copyMemory(from: buffer + start, byteCount: end - start)
+        buffer.deallocate()
+        buffer = nb
+        end -= start
+        start = 0
+        capacity = newCapacity
+        maxBody = n
+    }
+
+    public static func connect(_ endpoint: Endpoint, timeoutMs: Int32 = 5000, maxBody: Int) throws(TransportError) -> TCPConnection {
+        var err = [CChar](repeating: 0, count: 256)
+        let r = cpc_tcp_connect(endpoint.host, String(endpoint.port), timeoutMs, &err, 256)
+        if r < 0 {
+            if r == -EHOSTUNREACH, err[0] != 0 {
+                throw .system(SystemError("resolve \(endpoint): \(String(decoding: err.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))", errno: -r))
+            }
+            throw .system(SystemError("connect to \(endpoint)", errno: -r))
+        }
+        return TCPConnection(fd: r, peer: endpoint.description, maxBody: maxBody)
+    }
+
+    public var bytesSent: UInt64 { sent.load(ordering: .relaxed) }
+    public var bytesReceived: UInt64 { received.load(ordering: .relaxed) }
+
+    /// Closes the socket; a thread blocked on it wakes with an error.
+    public func shutdown() { _ = cpc_shutdown(fd.raw) }
+    public func close() { fd.close() }
+
+    // MARK: sending
+
+    public func send(_ message: Message) throws(TransportError) {
+        let bytes = Codec.encode(message)
+        let result: Result<Void, TransportError> = bytes.withUnsafeBytes { raw in
+            Result { () throws(TransportError) in try send(raw, UnsafeRawBufferPointer(start: nil, count: 0)) }
+        }
+        try result.get()
+    }
+
+    /// Sends `a` then `b` as one write where possible (header + payload from guest memory).
+    public func send(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) throws(TransportError) {
+        var aOff = 0, bOff = 0
+        while aOff < a.count || bOff < b.count {
+            let r: Int
+            if aOff < a.count {
+                r = cpc_send2(fd.raw, a.baseAddress! + aOff, a.count - aOff, b.baseAddress.map { $0 + bOff }, b.count - bOff)
+            } else {
+                r = cpc_send(fd.raw, b.baseAddress! + bOff, b.count - bOff)
+            }
+            if r == -Int(EAGAIN) {
+                let p = cpc_poll1(fd.raw, Int16(POLLOUT), 30_000)
+                if p < 0 { throw .system(SystemError("poll(send) to \(peer)", errno: -p)) }
+                if p == 0 { throw .timedOut("sending to \(peer): peer not reading for 30 s") }
+                continue
+            }
+            if r < 0 {
+                if r == -Int(EPIPE) || r == -Int(ECONNRESET) { throw .closed("\(peer) while sending") }
+                throw .system(SystemError("send to \(peer)", errno: Int32(-r)))
+            }
+            var n = r
+            let fromA = min(n, a.count - aOff)
+            aOff += fromA
+            n -= fromA
+            bOff += n
+            sent.add(UInt64(r), ordering: .relaxed)
+        }
+    }
+
+    // MARK: receiving
+
+    /// Returns the next complete frame if one is buffered or readable now, else nil.
+    /// The returned message (and any payload it borrows) is valid until the next call.
+    public func tryReceive() throws(TransportError) -> Message? {
+        while true {
+            if let m = try parseBuffered() { return m }
+            if try fill() == false { return nil }
+        }
+    }
+
+    /// Blocks (up to `timeoutMs`, -1 forever) for the next frame.
+    public func receive(timeoutMs: Int32 = -1) throws(TransportError) -> Message {
+        let deadline = timeoutMs < 0 ? UInt64.max : nowNanoseconds() + UInt64(timeoutMs) * 1_000_000
+        while true {
+            if let m = try tryReceive() { return m }
+            let now = nowNanoseconds()
+            guard now < deadline else { throw .timedOut("waiting for a frame from \(peer)") }
+            let wait = deadline == .max ? Int32(1000) : Int32(min(1000, (deadline - now) / 1_000_000 + 1))
+            let p = cpc_poll1(fd.raw, Int16(POLLIN), wait)
+            if p < 0 { throw .system(SystemError("poll(recv) from \(peer)", errno: -p)) }
+        }
+    }
+
+    private func parseBuffered() throws(TransportError) -> Message? {
+        let avail = end - start
+        guard avail >= Protocol.headerSize else { return nil }
+        let header: FrameHeader
+        do {
+            header = try FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: avail), maxBody: maxBody)
+        } catch { throw .wire(error) }
+        let total = Protocol.headerSize + header.bodyLength
+        guard avail >= total else { return nil }
+        let body = UnsafeRawBufferPointer(start: buffer + start + Protocol.headerSize, count: header.bodyLength)
+        start += total
+        do {
+            let m = try Codec.decode(header, body: body, pageSize: pageSize)
+            if case .error(let e) = m { throw TransportError.peer(e) }
+            return m
+        } catch let e as WireError {
+            throw .wire(e)
+        } catch let e as TransportError {
+            throw e
+        } catch {
+            throw .protocolViolation("\(error)")
+        }
+    }
+
+    /// Reads what the socket has. Returns false when it would block.
+    private func fill() throws(TransportError) -> Bool {
+        if start == end { start = 0; end = 0 }
+        if capacity - end < 64 * 1024 || (start > 0 && capacity - end < Protocol.headerSize + maxBody - (end - start)) {
+            (buffer).copyMemory(from: buffer + start, byteCount: end - start)
+            end -= start
+            start = 0
+        }
+        let r = cpc_recv(fd.raw, buffer + end, capacity - end)
+        if r == -Int(EAGAIN) { return false }
+        if r == 0 { throw .closed(peer) }
+        if r < 0 {
+            if r == -Int(ECONNRESET) { throw .closed("\(peer) (connection reset)") }
+            throw .system(SystemError("recv from \(peer)", errno: Int32(-r)))
+        }
+        end += r
+        received.add(UInt64(r), ordering: .relaxed)
+        return true
+    }
+}
+
+/// A listening TCP socket.
+public final class TCPListener: Sendable {
+    public let fd: OwnedFD
+    public let port: Int
+
+    public init(_ endpoint: Endpoint) throws(TransportError) {
+        var err = [CChar](repeating: 0, count: 256)
+        var bound: Int32 = 0
+        let r = cpc_tcp_listen(endpoint.host, String(endpoint.port), 64, &bound, &err, 256)
+        if r < 0 { throw .system(SystemError("listen on \(endpoint)", errno: -r)) }
+        fd = OwnedFD(r)
+        port = Int(bound)
+    }
+
+    /// Blocks for the next connection; returns nil once the listener was shut down.
+    public func accept(maxBody: Int) throws(TransportError) -> TCPConnection? {
+        var peer = [CChar](repeating: 0, count: 80)
+        while true {
+            let raw = fd.raw
+            if raw < 0 { return nil }
+            let r = cpc_tcp_accept(raw, &peer, 80)
+            if r >= 0 {
+                return TCPConnection(fd: r, peer: String(decoding: peer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), maxBody: maxBody)
+            }
+            if r == -EINVAL || r == -EBADF { return nil }  // shut down
+            if r == -ECONNABORTED || r == -EMFILE || r == -ENFILE { continue }
+            throw .system(SystemError("accept", errno: -r))
+        }
+    }
+
+    public func shutdown() {
+        _ = cpc_shutdown(fd.raw)
+    }
+}

@@ -1,0 +1,146 @@
+import PostcopyCore
+import PostcopyWire
+import Synchronization
+
+/// The TCP transport: a `.main` connection for control and background pages and
+/// an `.urgent` connection for demand pages (QEMU's postcopy-preempt idea), so a
+/// demand reply never waits behind a background batch in a socket buffer.
+public final class TCPTransport: Transport, @unchecked Sendable {
+    public let name = "tcp"
+    /// Largest demand (plus prefetch) request the urgent channel carries.
+    public static let maxDemandPages = 64
+    public let endpoint: Endpoint
+    private let maxBatchPages: Int
+    private var main: TCPConnection?
+    private var info: SessionInfo?
+    private var channels: [TCPPageChannel] = []
+
+    public init(endpoint: Endpoint, maxBatchPages: Int) {
+        self.endpoint = endpoint
+        self.maxBatchPages = maxBatchPages
+    }
+
+    /// Largest frame the handshake may bring (a region table of up to 1024 named regions).
+    static let handshakeMaxBody = 1 << 20
+
+    private func handshake(_ role: ChannelRole, sessionID: UInt64) throws(TransportError) -> (TCPConnection, Welcome) {
+        let c = try TCPConnection.connect(endpoint, maxBody: Self.handshakeMaxBody)
+        try c.send(.hello(Hello(role: role, capabilities: [.zeroMap, .urgentChannel], sessionID: sessionID)))
+        let reply = try c.receive(timeoutMs: 30_000)
+        guard case .welcome(let w) = reply else { throw .protocolViolation("expected welcome, got \(reply.type)") }
+        c.pageSize = Int(w.pageSize)
+        // From now on a frame is at most one batch of pages (or a 1 MiB control chunk).
+        let pages = role == .urgent ? Self.maxDemandPages : maxBatchPages
+        c.setMaxBody(max(Self.handshakeMaxBody, PageDataHeader.encodedSize + pages * Int(w.pageSize)))
+        return (c, w)
+    }
+
+    public func connect() throws(TransportError) -> SessionInfo {
+        let (c, w) = try handshake(.main, sessionID: 0)
+        main = c
+        let i = SessionInfo(welcome: w)
+        info = i
+        return i
+    }
+
+    public func openChannel(_ kind: ChannelKind) throws(TransportError) -> PageChannel {
+        guard let info, let main else { throw .protocolViolation("openChannel before connect") }
+        let ch: TCPPageChannel
+        switch kind {
+        case .background:
+            ch = TCPPageChannel(connection: main, table: info.table)
+        case .demand:
+            let (c, w) = try handshake(.urgent, sessionID: info.welcome.sessionID)
+            guard w.sessionID == info.welcome.sessionID, w.regions == info.welcome.regions else {
+                throw .protocolViolation("urgent channel joined a different session")
+            }
+            ch = TCPPageChannel(connection: c, table: info.table)
+        }
+        channels.append(ch)
+        return ch
+    }
+
+    private func control(_ m: Message) throws(TransportError) -> Message {
+        guard let main else { throw .protocolViolation("control call before connect") }
+        try main.send(m)
+        return try main.receive(timeoutMs: 60_000)
+    }
+
+    public func fetchZeroMap(region: UInt16, firstPage: UInt64, pageCount: UInt64) throws(TransportError) -> ZeroMap {
+        let r = try control(.zeroMapRequest(ZeroMapRequest(region: region, firstPage: firstPage, pageCount: pageCount)))
+        guard case .zeroMap(let z) = r, z.region == region, z.firstPage == firstPage, z.pageCount == pageCount else {
+            throw .protocolViolation("zero map reply does not match the request")
+        }
+        return z
+    }
+
+    public func fetchDeviceState(size: UInt64) throws(TransportError) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(Int(size))
+        while UInt64(out.count) < size {
+            let r = try control(.deviceStateRequest(DeviceStateRequest(offset: UInt64(out.count), maxLength: 1 << 19)))
+            guard case .deviceState(let d) = r, d.offset == UInt64(out.count), d.totalSize == size, !d.data.isEmpty else {
+                throw .protocolViolation("device state reply does not match the request")
+            }
+            out += d.data
+        }
+        return out
+    }
+
+    public func complete(_ c: Complete) throws(TransportError) -> CompleteAck {
+        let r = try control(.complete(c))
+        guard case .completeAck(let a) = r else { throw .protocolViolation("expected completeAck, got \(r.type)") }
+        return a
+    }
+
+    public var bytesOnWire: (sent: UInt64, received: UInt64) {
+        var s: UInt64 = 0, r: UInt64 = 0
+        var conns = channels.map { $0.connection }
+        if let main { conns.append(main) }
+        var seen = Set<ObjectIdentifier>()
+        for c in conns where seen.insert(ObjectIdentifier(c)).inserted {
+            s += c.bytesSent
+            r += c.bytesReceived
+        }
+        return (s, r)
+    }
+
+    public func close() {
+        for c in channels { c.connection.shutdown() }
+        main?.shutdown()
+    }
+}
+
+/// A page channel on one TCP connection: requests out, page frames in.
+final class TCPPageChannel: PageChannel, @unchecked Sendable {
+    let connection: TCPConnection
+    let table: RegionTable
+
+    init(connection: TCPConnection, table: RegionTable) {
+        self.connection = connection
+        self.table = table
+    }
+
+    var pollDescriptor: Int32 { connection.fd.raw }
+    var bytesSent: UInt64 { connection.bytesSent }
+    var bytesReceived: UInt64 { connection.bytesReceived }
+
+    func submit(_ request: PageRequest) throws(TransportError) {
+        try connection.send(.pageRequest(request))
+    }
+
+    func drainCompletions(_ body: (PageDataHeader, UnsafeRawBufferPointer) throws(TransportError) -> Void) throws(TransportError) -> Int {
+        var n = 0
+        while let m = try connection.tryReceive() {
+            guard case .pageData(let h, let payload) = m else {
+                throw .protocolViolation("expected page data, got \(m.type)")
+            }
+            do {
+                try table.validate(region: h.region, pageOffset: h.pageOffset, pageCount: UInt64(h.pageCount))
+            } catch { throw .wire(error) }
+            try body(h, payload)
+            n += 1
+        }
+        return n
+    }
+}

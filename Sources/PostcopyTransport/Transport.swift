@@ -1,0 +1,72 @@
+import PostcopyCore
+import PostcopyWire
+
+/// What the destination learned from the handshake.
+public struct SessionInfo: Sendable {
+    public var welcome: Welcome
+    public var table: RegionTable
+    public init(welcome: Welcome) {
+        self.welcome = welcome
+        table = RegionTable(pageSize: Int(welcome.pageSize), regions: welcome.regions)
+    }
+}
+
+/// One prioritized fetch channel. The destination submits page requests and
+/// drains completions; the channel never decides what to fetch. Over TCP this is
+/// one connection answered by the source; over RDMA it will be one QP issuing
+/// one-sided READs (the source CPU does nothing per page).
+public protocol PageChannel: AnyObject, Sendable {
+    /// Readable when completions may be ready (for the caller's epoll set).
+    var pollDescriptor: Int32 { get }
+    /// Queues a fetch. Must not block for long: callers bound their own window.
+    func submit(_ request: PageRequest) throws(TransportError)
+    /// Delivers every completion available now, without blocking. The payload
+    /// (empty when the pages are zero) is valid only during the callback.
+    /// Returns how many completions were delivered.
+    func drainCompletions(_ body: (PageDataHeader, UnsafeRawBufferPointer) throws(TransportError) -> Void) throws(TransportError) -> Int
+    /// Bytes this channel put on and took off the wire (headers included).
+    var bytesSent: UInt64 { get }
+    var bytesReceived: UInt64 { get }
+}
+
+/// Priority of a channel: demand pages must never queue behind background data.
+public enum ChannelKind: Sendable {
+    case demand
+    case background
+}
+
+/// A connection to a source, however pages travel. The destination calls
+/// `connect` once, then `openChannel` for each priority, the control calls
+/// (zero map, device state) before streaming, and `complete` at the end.
+public protocol Transport: AnyObject, Sendable {
+    var name: String { get }
+    func connect() throws(TransportError) -> SessionInfo
+    func openChannel(_ kind: ChannelKind) throws(TransportError) -> PageChannel
+    func fetchZeroMap(region: UInt16, firstPage: UInt64, pageCount: UInt64) throws(TransportError) -> ZeroMap
+    func fetchDeviceState(size: UInt64) throws(TransportError) -> [UInt8]
+    func complete(_ c: Complete) throws(TransportError) -> CompleteAck
+    /// Bytes put on and taken off the wire so far, every channel and header included.
+    var bytesOnWire: (sent: UInt64, received: UInt64) { get }
+    func close()
+}
+
+/// Which transport to use, as the CLI's `--transport` names it.
+public enum TransportKind: String, Sendable, CaseIterable {
+    case tcp
+    case rdma
+    case auto
+}
+
+/// Chooses a transport for `kind`. RDMA is not built yet: `.rdma` fails with a
+/// clear reason and `.auto` picks TCP and says why.
+public func selectTransport(_ kind: TransportKind, endpoint: Endpoint, maxBatchPages: Int) throws(TransportError) -> (Transport, reason: String) {
+    switch kind {
+    case .tcp:
+        return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages), "tcp requested")
+    case .rdma:
+        throw .unavailable("the RDMA transport is not part of this build yet (libibverbs/librdmacm support is tracked separately); use --transport tcp")
+    case .auto:
+        return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages),
+                "auto: RDMA transport not built into this binary, using TCP")
+    }
+}

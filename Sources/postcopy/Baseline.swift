@@ -1,0 +1,49 @@
+import ArgumentParser
+import CPostcopy
+import Foundation
+import Histogram
+import PostcopyCore
+
+struct BaselineCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "baseline",
+        abstract: "Measure a baseline in this process: tcp-rtt (raw loopback 4 KiB round trip) or uffd-fault (local userfaultfd fault service).",
+        discussion: "Benchmarks report the project's latencies as ratios against these, measured in the same run.")
+
+    @Argument(help: "tcp-rtt or uffd-fault")
+    var which: String
+
+    @Option(name: .long, help: "Number of samples.")
+    var samples: Int = 20_000
+
+    @Flag(name: .long, help: "JSON output.")
+    var json = false
+
+    func validate() throws {
+        guard ["tcp-rtt", "uffd-fault"].contains(which) else { throw ValidationError("baseline must be tcp-rtt or uffd-fault") }
+        guard (100...10_000_000).contains(samples) else { throw ValidationError("--samples must be 100...10000000") }
+    }
+
+    func run() throws {
+        var out = [UInt64](repeating: 0, count: samples)
+        let n = out.withUnsafeMutableBufferPointer { p in
+            which == "tcp-rtt" ? cpc_baseline_tcp_rtt(Int32(samples), p.baseAddress) : cpc_baseline_uffd_fault(Int32(samples), p.baseAddress)
+        }
+        guard n > 0 else { throw fail("\(which) baseline failed: \(SystemError(which, errno: -n))") }
+        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        h.autoResize = true
+        // The first 1% warms caches and the connection; it is not part of the result.
+        for v in out[(Int(n) / 100)..<Int(n)] { _ = h.record(max(v, 1)) }
+        let s = LatencySummary(h)
+        if json {
+            emitJSON(BaselineReport(baseline: which, latency: s))
+        } else {
+            print("\(which): p50 \(formatDuration(ns: s.p50Ns))  p99 \(formatDuration(ns: s.p99Ns))  max \(formatDuration(ns: s.maxNs))  (\(s.count) samples)")
+        }
+    }
+}
+
+struct BaselineReport: Codable {
+    var baseline: String
+    var latency: LatencySummary
+}

@@ -1,0 +1,353 @@
+import ArgumentParser
+import CPostcopy
+import Foundation
+import Logging
+import PostcopyCore
+import PostcopyDestination
+import PostcopySource
+import PostcopyTransport
+import PostcopyWire
+
+@main
+struct Postcopy: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "postcopy",
+        abstract: "Postcopy live-migration page transport (userfaultfd destination, page-serving source).",
+        discussion: """
+            A source serves guest RAM from a memory file; a destination registers guest RAM with
+            userfaultfd, resumes at once, pulls every page the guest touches on demand and streams
+            the rest in the background. Integrity is checked on every run (digest of all RAM).
+
+            Typical run on one machine:
+              postcopy make-memory /dev/shm/guest.ram --size 1G
+              postcopy source --memory /dev/shm/guest.ram --listen 127.0.0.1:7070 &
+              postcopy dest --connect 127.0.0.1:7070 --touch random --threads 4
+            """,
+        subcommands: [SourceCommand.self, DestCommand.self, MakeMemoryCommand.self, BaselineCommand.self])
+}
+
+struct CommonOptions: ParsableArguments {
+    @Option(name: .long, help: "Transport: tcp, rdma or auto (auto picks RDMA when available, else TCP, and says why).")
+    var transport: String = "auto"
+
+    @Flag(name: .long, help: "Print the result as one JSON object on stdout (logs stay on stderr).")
+    var json = false
+
+    @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "warning"
+
+    func validateCommon() throws {
+        guard TransportKind(rawValue: transport) != nil else {
+            throw ValidationError("--transport must be tcp, rdma or auto (got '\(transport)')")
+        }
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
+        }
+    }
+
+    func makeLogger(_ label: String) -> Logger {
+        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+        var l = Logger(label: label)
+        l.logLevel = Logger.Level(rawValue: logLevel) ?? .warning
+        return l
+    }
+}
+
+func emitJSON<T: Encodable>(_ value: T) {
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    if let d = try? enc.encode(value), let s = String(data: d, encoding: .utf8) { print(s) }
+}
+
+func fail(_ message: String) -> ExitCode {
+    FileHandle.standardError.write(("error: " + message + "\n").data(using: .utf8)!)
+    return ExitCode(1)
+}
+
+// MARK: - source
+
+struct SourceCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "source",
+        abstract: "Serve guest RAM from a memory file to one destination.",
+        discussion: """
+            Maps the memory file read-only (never copied into the heap), computes its zero-page map
+            and digest, listens, and serves page requests: demand pages on the urgent connection,
+            background batches on the main one (at SCHED_IDLE). Exits after the destination confirms
+            completion, unless --serve-forever.
+            """)
+
+    @Option(name: .long, help: "Guest memory file: a /dev/shm object, a memfd path (/proc/PID/fd/N) or a regular file.")
+    var memory: String
+
+    @Option(name: .long, help: "Address to listen on, HOST:PORT (port 0 picks a free port, printed on stdout).")
+    var listen: String = "127.0.0.1:7070"
+
+    @Option(name: .long, help: "Device-state blob to hand to the destination (optional).")
+    var deviceState: String?
+
+    @Flag(name: .long, help: "Keep serving new sessions after one completes.")
+    var serveForever = false
+
+    @OptionGroup var common: CommonOptions
+
+    func validate() throws {
+        try common.validateCommon()
+        guard Endpoint(parsing: listen) != nil else { throw ValidationError("--listen must be HOST:PORT (got '\(listen)')") }
+    }
+
+    func run() throws {
+        let logger = common.makeLogger("postcopy.source")
+        let kind = TransportKind(rawValue: common.transport)!
+        if kind == .rdma {
+            throw fail("the RDMA transport is not part of this build yet; use --transport tcp")
+        }
+        let t0 = nowNanoseconds()
+        let cpu0 = processCPUNanoseconds()
+        let mem: SourceMemory
+        do {
+            let file = try MemoryFile.open(memory)
+            var blob: [UInt8] = []
+            if let deviceState {
+                blob = Array(try Data(contentsOf: URL(fileURLWithPath: deviceState)))
+            }
+            mem = try SourceMemory(file: file, pageSize: Int(getpagesize()), deviceState: blob)
+        } catch {
+            throw fail("cannot serve \(memory): \(error)")
+        }
+        let server: PageServer
+        do {
+            server = try PageServer(memory: mem, listen: Endpoint(parsing: listen)!, exitAfterCompletion: !serveForever, logger: logger)
+        } catch {
+            throw fail("\(error)")
+        }
+        let scanSeconds = Double(nowNanoseconds() - t0) / 1e9
+        let rss = ResidentMemorySampler(excluding: [mem.mapping.range])
+        server.start()
+        // Scripts wait for this line before starting the destination.
+        let banner = "listening on port \(server.port) (\(formatBytes(Double(mem.mapping.length))), \(mem.zeroPages) zero pages, digest \(MemoryDigest.hex(mem.digest)))\n"
+        FileHandle.standardOutput.write(banner.data(using: .utf8)!)
+        server.waitUntilDone()
+        server.stop()
+        let s = server.stats
+        let report = SourceReport(
+            memoryBytes: mem.mapping.length, pageSize: mem.table.pageSize, zeroPages: mem.zeroPages,
+            digest: MemoryDigest.hex(mem.digest), scanSeconds: scanSeconds,
+            demandPages: s.demandPages.load(ordering: .relaxed), prefetchPages: s.prefetchPages.load(ordering: .relaxed),
+            backgroundPages: s.backgroundPages.load(ordering: .relaxed), pagesSentTwice: s.pagesSentTwice.load(ordering: .relaxed),
+            bytesSent: s.bytesSent.load(ordering: .relaxed), bytesReceived: s.bytesReceived.load(ordering: .relaxed),
+            rejectedConnections: s.rejectedConnections.load(ordering: .relaxed),
+            completedSessions: s.completedSessions.load(ordering: .relaxed),
+            destinationDigestMatched: s.lastDigestMatched.load(ordering: .relaxed),
+            rssOutsideGuestMaxBytes: rss.finish(excluding: [mem.mapping.range]),
+            cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9)
+        if common.json {
+            emitJSON(report)
+        } else {
+            print("""
+                source done: \(report.completedSessions) session(s), digest \(report.destinationDigestMatched ? "confirmed by destination" : "NOT confirmed")
+                  pages served: demand \(report.demandPages), background \(report.backgroundPages), sent twice \(report.pagesSentTwice)
+                  bytes sent \(formatBytes(Double(report.bytesSent))), resident outside guest RAM (max) \(formatBytes(Double(report.rssOutsideGuestMaxBytes))), CPU \(fixed(report.cpuSeconds, 3)) s
+                """)
+        }
+        if report.completedSessions > 0 && !report.destinationDigestMatched { throw ExitCode(3) }
+    }
+}
+
+struct SourceReport: Codable {
+    var memoryBytes: Int, pageSize: Int, zeroPages: Int, digest: String, scanSeconds: Double
+    var demandPages: UInt64, prefetchPages: UInt64, backgroundPages: UInt64, pagesSentTwice: UInt64
+    var bytesSent: UInt64, bytesReceived: UInt64, rejectedConnections: UInt64, completedSessions: UInt64
+    var destinationDigestMatched: Bool, rssOutsideGuestMaxBytes: Int, cpuSeconds: Double
+
+    enum CodingKeys: String, CodingKey {
+        case memoryBytes = "memory_bytes", pageSize = "page_size", zeroPages = "zero_pages", digest, scanSeconds = "scan_seconds"
+        case demandPages = "demand_pages", prefetchPages = "prefetch_pages", backgroundPages = "background_pages"
+        case pagesSentTwice = "pages_sent_twice", bytesSent = "bytes_sent", bytesReceived = "bytes_received"
+        case rejectedConnections = "rejected_connections", completedSessions = "completed_sessions"
+        case destinationDigestMatched = "destination_digest_matched", rssOutsideGuestMaxBytes = "rss_outside_guest_max_bytes"
+        case cpuSeconds = "cpu_seconds"
+    }
+}
+
+// MARK: - dest
+
+struct DestCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dest",
+        abstract: "Receive a guest's RAM by postcopy: fault pages in on demand, stream the rest.",
+        discussion: """
+            Maps guest RAM, registers it with userfaultfd (MISSING mode) and, with --touch, runs
+            threads that read every page the way a guest would. Demand faults are fetched on their
+            own connection ahead of the background stream. At the end the RAM digest is compared with
+            the source's; a mismatch exits with status 3.
+            """)
+
+    @Option(name: .long, help: "Source address, HOST:PORT.")
+    var connect: String
+
+    @Option(name: .long, help: "How the built-in guest touches pages: random, sequential or none.")
+    var touch: String = "random"
+
+    @Option(name: .long, help: "Guest threads touching pages.")
+    var threads: Int = 4
+
+    @Option(name: .long, help: "Background streaming: on, or off (demand faults only; for latency measurements).")
+    var background: String = "on"
+
+    @Option(name: .long, help: "Pages per background request.")
+    var batchPages: Int = 64
+
+    @Option(name: .long, help: "Background requests in flight at most.")
+    var window: Int = 4
+
+    @Option(name: .long, help: "Seed of the random touch order.")
+    var seed: UInt64 = 1
+
+    @Option(name: .long, help: "Write the device state received from the source to this file.")
+    var deviceStateOut: String?
+
+    @Flag(name: .long, help: "No progress bar, even on a terminal.")
+    var noProgress = false
+
+    @OptionGroup var common: CommonOptions
+
+    func validate() throws {
+        try common.validateCommon()
+        guard Endpoint(parsing: connect) != nil else { throw ValidationError("--connect must be HOST:PORT (got '\(connect)')") }
+        guard TouchMode(rawValue: touch) != nil else { throw ValidationError("--touch must be random, sequential or none") }
+        guard ["on", "off"].contains(background) else { throw ValidationError("--background must be on or off") }
+        guard (1...1024).contains(threads) else { throw ValidationError("--threads must be 1...1024") }
+        guard (1...Int(PostcopyWire.Protocol.maxPagesPerRequest)).contains(batchPages) else {
+            throw ValidationError("--batch-pages must be 1...\(PostcopyWire.Protocol.maxPagesPerRequest)")
+        }
+        guard (1...64).contains(window) else { throw ValidationError("--window must be 1...64") }
+        if background == "off" && touch == "none" {
+            throw ValidationError("--background off with --touch none would never finish: nothing would fetch the pages")
+        }
+    }
+
+    func run() throws {
+        let logger = common.makeLogger("postcopy.dest")
+        if let reason = Userfaultfd.unavailableReason() { throw fail(reason) }
+        var options = DestinationOptions()
+        options.touch = TouchMode(rawValue: touch)!
+        options.threads = threads
+        options.seed = seed
+        options.deviceStateOut = deviceStateOut
+        options.engine.background = background == "on"
+        options.engine.batchPages = batchPages
+        options.engine.window = window
+        let (transport, reason): (Transport, String)
+        do {
+            (transport, reason) = try selectTransport(TransportKind(rawValue: common.transport)!, endpoint: Endpoint(parsing: connect)!,
+                                                      maxBatchPages: batchPages)
+        } catch {
+            throw fail("\(error)")
+        }
+        if !common.json { FileHandle.standardError.write("transport: \(transport.name) (\(reason))\n".data(using: .utf8)!) }
+        let dest = StandaloneDestination(options: options, logger: logger)
+        let progress = (!noProgress && !common.json && isatty(2) != 0) ? ProgressBar(dest) : nil
+        let report: DestinationReport
+        do {
+            report = try dest.run(transport: transport, transportReason: reason)
+        } catch {
+            progress?.finish()
+            throw fail("migration failed: \(error)")
+        }
+        progress?.finish()
+        if common.json {
+            emitJSON(report)
+        } else {
+            printSummary(report)
+        }
+        if !report.digestMatch || !report.sourceConfirmedDigest { throw ExitCode(3) }
+    }
+
+    func printSummary(_ r: DestinationReport) {
+        let fl = r.faultLatency, gl = r.guestTouchLatency
+        let rate = r.timeToFullCopySeconds > 0 ? Double(r.nonZeroPages * r.pageSize) / r.timeToFullCopySeconds : 0
+        print("""
+            postcopy migration of \(formatBytes(Double(r.guestBytes))) over \(r.transport): \(r.digestMatch ? "INTEGRITY OK" : "INTEGRITY MISMATCH") (digest \(r.destinationDigest), source \(r.sourceDigest))
+              total time          \(fixed(r.totalSeconds, 3)) s (handshake \(fixed(r.handshakeSeconds, 3)) s, full copy \(fixed(r.timeToFullCopySeconds, 3)) s = \(formatBytes(rate))/s, verify \(fixed(r.digestSeconds, 3)) s)
+              pages               \(r.totalPages) total: \(r.demandPages) demanded, \(r.backgroundPages) streamed, \(r.zeroPages) zero (never sent; \(r.zeroPagesFaulted) faulted)
+              faults              \(r.faults) (\(r.faultsCoalesced) coalesced onto in-flight pages)
+              bytes on the wire   \(formatBytes(Double(r.bytesReceived))) in, \(formatBytes(Double(r.bytesSent))) out (\(fixed(r.wireOverhead, 4)) × non-zero RAM)
+              fault service       p50 \(formatDuration(ns: fl.p50Ns))  p99 \(formatDuration(ns: fl.p99Ns))  max \(formatDuration(ns: fl.maxNs))  (\(fl.count) faults)
+              guest-seen faults   p50 \(formatDuration(ns: gl.p50Ns))  p99 \(formatDuration(ns: gl.p99Ns))  max \(formatDuration(ns: gl.maxNs))  (\(gl.count) touches that faulted)
+              memory              \(formatBytes(Double(r.rssOutsideGuestMaxBytes))) resident outside guest RAM (max); CPU \(fixed(r.cpuSeconds, 3)) s
+            """)
+    }
+}
+
+/// A one-line progress bar on stderr, redrawn every 200 ms.
+final class ProgressBar: @unchecked Sendable {
+    private let thread: PThread
+    private let stopFlag = StopFlag()
+
+    final class StopFlag: @unchecked Sendable {
+        let lock = NSLockLite()
+        var stopped = false
+    }
+
+    init(_ dest: StandaloneDestination) {
+        let flag = stopFlag
+        thread = PThread(name: "progress", priority: .idle) {
+            let t0 = nowNanoseconds()
+            while !flag.lock.withLock({ flag.stopped }) {
+                usleep(200_000)
+                guard let (c, total) = dest.live.withLock({ $0 }) else { continue }
+                let done = c.settledPages.load(ordering: .relaxed)
+                let frac = total == 0 ? 1 : Double(done) / Double(total)
+                let width = 30
+                let filled = Int(frac * Double(width))
+                let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+                let secs = Double(nowNanoseconds() - t0) / 1e9
+                let line = "\r[\(bar)] \(fixed(frac * 100, 1))%  demand \(c.demandPages.load(ordering: .relaxed))  background \(c.backgroundPages.load(ordering: .relaxed))  \(fixed(secs, 1)) s "
+                FileHandle.standardError.write(line.data(using: .utf8)!)
+            }
+            FileHandle.standardError.write("\r\u{1B}[K".data(using: .utf8)!)
+        }
+    }
+
+    func finish() {
+        stopFlag.lock.withLock { stopFlag.stopped = true }
+        thread.join()
+    }
+}
+
+// MARK: - make-memory
+
+struct MakeMemoryCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "make-memory",
+        abstract: "Create a guest memory file with a deterministic pattern (for demos and tests).")
+
+    @Argument(help: "Path of the file to create (for example /dev/shm/guest.ram).")
+    var path: String
+
+    @Option(name: .long, help: "Size, e.g. 64M, 1G.")
+    var size: String = "256M"
+
+    @Option(name: .long, help: "Percentage of pages left all-zero.")
+    var zeroPercent: Int = 25
+
+    @Option(name: .long, help: "Pattern seed.")
+    var seed: UInt64 = 42
+
+    func validate() throws {
+        guard let n = parseByteSize(size), n > 0, n % Int(getpagesize()) == 0 else {
+            throw ValidationError("--size must be a positive multiple of the page size (e.g. 64M, 1G)")
+        }
+        guard (0...100).contains(zeroPercent) else { throw ValidationError("--zero-percent must be 0...100") }
+    }
+
+    func run() throws {
+        do {
+            try MemoryFile.create(path: path, size: parseByteSize(size)!, pageSize: Int(getpagesize()), zeroPercent: zeroPercent, seed: seed)
+        } catch {
+            throw fail("\(error)")
+        }
+        print("created \(path): \(size), \(zeroPercent)% zero pages")
+    }
+}
