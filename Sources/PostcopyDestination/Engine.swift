@@ -86,10 +86,11 @@ public final class PostcopyEngine: @unchecked Sendable {
         self.background = background
         shutdown = try EventFD()
         completion = try EventFD()
-        let pages = PageStates(count: table.totalPages)
+        let pages = PageStates(count: session.table.totalPages)
+        let firstGlobal = session.table.firstGlobalPage
         zeroPagesAtStart = pages.lock.withLock {
             for z in zeroMaps {
-                let first = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
+                let first = firstGlobal[Int(z.region)] + Int(z.firstPage)
                 for i in 0..<Int(z.pageCount) where z.isZero(i) { pages.set(first + i, .zero) }
             }
             return pages.settled
