@@ -1,3 +1,4 @@
+import CPostcopy
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -31,25 +32,26 @@ public enum ResidentMemory {
 public final class ResidentMemorySampler: Sendable {
     private final class Shared: Sendable {
         let maxBytes = Atomic<Int>(0)
-        let stop = Atomic<Bool>(false)
+        let stop: EventFD?
+        init() { stop = try? EventFD() }
     }
     private let shared = Shared()
     private let thread: PThread
 
-    public init(excluding: [Range<UInt64>], intervalMs: Int = 50) {
+    /// Walking smaps costs about a millisecond per GiB mapped, so sample seldom.
+    public init(excluding: [Range<UInt64>], intervalMs: Int = 500) {
         let shared = self.shared
         thread = PThread(name: "rss-sampler", priority: .idle) {
-            while !shared.stop.load(ordering: .relaxed) {
+            repeat {
                 let v = ResidentMemory.bytesOutside(excluding)
                 if v > shared.maxBytes.load(ordering: .relaxed) { shared.maxBytes.store(v, ordering: .relaxed) }
-                usleep(useconds_t(intervalMs * 1000))
-            }
+            } while cpc_poll1(shared.stop?.fd.raw ?? -1, 1, Int32(intervalMs)) == 0
         }
     }
 
     /// Stops sampling (one last sample) and returns the maximum seen.
     public func finish(excluding: [Range<UInt64>]) -> Int {
-        shared.stop.store(true, ordering: .relaxed)
+        shared.stop?.signal()
         thread.join()
         return max(shared.maxBytes.load(ordering: .relaxed), ResidentMemory.bytesOutside(excluding))
     }

@@ -31,8 +31,10 @@ public final class TCPConnection: @unchecked Sendable {
         self.fd = OwnedFD(fd)
         self.peer = peer
         self.maxBody = maxBody
-        capacity = Protocol.headerSize + maxBody + 64 * 1024
+        capacity = Self.frameOrigin + Protocol.headerSize + maxBody
         buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+        start = Self.frameOrigin
+        end = Self.frameOrigin
     }
 
     deinit {
@@ -43,14 +45,14 @@ public final class TCPConnection: @unchecked Sendable {
     /// Raises or lowers the frame limit once the handshake fixed the page size;
     /// buffered bytes are kept.
     public func setMaxBody(_ n: Int) {
-        let newCapacity = Protocol.headerSize + n + 64 * 1024
-        precondition(end - start <= newCapacity, "buffered data exceeds the new capacity")
+        let newCapacity = Self.frameOrigin + Protocol.headerSize + n
+        precondition(end - start <= newCapacity - Self.frameOrigin, "buffered data exceeds the new capacity")
         let nb = UnsafeMutableRawPointer.allocate(byteCount: newCapacity, alignment: 4096)
         nb.copyMemory(from: buffer + start, byteCount: end - start)
         buffer.deallocate()
         buffer = nb
-        end -= start
-        start = 0
+        end = Self.frameOrigin + (end - start)
+        start = Self.frameOrigin
         capacity = newCapacity
         maxBody = n
     }
@@ -161,15 +163,33 @@ public final class TCPConnection: @unchecked Sendable {
         }
     }
 
-    /// Reads what the socket has. Returns false when it would block.
+    /// Where a frame starts in the buffer: 32 bytes (frame header + page-data
+    /// header) before a page boundary, so page payloads land page-aligned.
+    /// UFFDIO_COPY then copies whole cache lines from an aligned source.
+    static let frameOrigin = 4096 - (Protocol.headerSize + PageDataHeader.encodedSize)
+
+    /// Reads from the socket without running past the current frame once its
+    /// length is known, and at most one page reply's worth before that; so the
+    /// buffer is (nearly) always empty between frames and each frame starts at
+    /// `frameOrigin`. Returns false when the socket would block.
     private func fill() throws(TransportError) -> Bool {
-        if start == end { start = 0; end = 0 }
-        if capacity - end < 64 * 1024 || (start > 0 && capacity - end < Protocol.headerSize + maxBody - (end - start)) {
-            (buffer).copyMemory(from: buffer + start, byteCount: end - start)
-            end -= start
-            start = 0
+        if start == end {
+            start = Self.frameOrigin
+            end = Self.frameOrigin
+        } else if start != Self.frameOrigin {
+            // A few bytes of the next frame were read with the previous one.
+            (buffer + Self.frameOrigin).copyMemory(from: buffer + start, byteCount: end - start)
+            end = Self.frameOrigin + (end - start)
+            start = Self.frameOrigin
         }
-        let r = cpc_recv(fd.raw, buffer + end, capacity - end)
+        let avail = end - start
+        var want = Protocol.headerSize + PageDataHeader.encodedSize + (pageSize ?? 4096)
+        if avail >= Protocol.headerSize,
+           let h = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: avail), maxBody: maxBody) {
+            want = Protocol.headerSize + h.bodyLength
+        }
+        let room = min(capacity - end, max(want - avail, 1))
+        let r = cpc_recv(fd.raw, buffer + end, room)
         if r == -Int(EAGAIN) { return false }
         if r == 0 { throw .closed(peer) }
         if r < 0 {
