@@ -23,6 +23,8 @@ public struct DestinationOptions: Sendable {
     public var seed: UInt64 = 1
     /// Where to write the device state received from the source (nil: keep in memory only).
     public var deviceStateOut: String?
+    /// Called with guest RAM (one buffer per region) after completion, before it is unmapped.
+    public var inspect: (@Sendable ([UnsafeRawBufferPointer]) -> Void)?
     public init() {}
 }
 
@@ -186,6 +188,7 @@ public final class StandaloneDestination: Sendable {
         let d0 = nowNanoseconds()
         let digest = MemoryDigest.compute(regions: mappings.map { UnsafeRawBufferPointer($0.bytes) })
         let d1 = nowNanoseconds()
+        options.inspect?(mappings.map { $0.bytes })
         let ack: CompleteAck
         do { ack = try transport.complete(Complete(pagesReceived: UInt64(table.totalPages), digest: digest)) } catch { throw .transport(error) }
         let wire = transport.bytesOnWire
@@ -213,7 +216,7 @@ public final class StandaloneDestination: Sendable {
             digestMatch: digest == info.welcome.digest, sourceConfirmedDigest: ack.digestMatches,
             pagesSentTwice: ack.pagesSentTwice, rssOutsideGuestMaxBytes: rssMax,
             cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, uffdOrigin: uffd.origin)
-        _ = mappings  // guest RAM stays mapped until the report is built
+        withExtendedLifetime(mappings) {}  // guest RAM stays mapped until the report is built
         return report
     }
 }
