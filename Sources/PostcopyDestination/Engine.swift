@@ -65,6 +65,8 @@ public final class PostcopyEngine: @unchecked Sendable {
     private let completion: EventFD
     private let lastDemandPage = Atomic<Int>(-1)
     private let nextRequestID = Atomic<UInt64>(1)
+    /// Requests in flight by id: a reply must match one exactly.
+    private let inflight = Mutex<[UInt64: PageRequest]>([:])
     private let failure = Mutex<TransportError?>(nil)
     private var threads: [PThread] = []
     private let pageSize: Int
@@ -205,10 +207,15 @@ public final class PostcopyEngine: @unchecked Sendable {
     }
 
     private func handleCompletion(_ h: PageDataHeader, _ payload: UnsafeRawBufferPointer) throws(TransportError) {
-        let first = table.firstGlobalPage[Int(h.region)] + Int(h.pageOffset)
-        let count = Int(h.pageCount)
         // Only pages we asked for may be installed: a peer cannot make us fill
         // (or overwrite) anything else.
+        let request = inflight.withLock { $0.removeValue(forKey: h.requestID) }
+        guard let request, request.region == h.region, request.pageOffset == h.pageOffset,
+              request.pageCount == h.pageCount, request.pageClass == h.pageClass else {
+            throw .protocolViolation("reply \(h.requestID) (pages \(h.pageOffset)..<\(h.pageOffset + UInt64(h.pageCount)) of region \(h.region)) matches no request in flight: not requested")
+        }
+        let first = table.firstGlobalPage[Int(h.region)] + Int(h.pageOffset)
+        let count = Int(h.pageCount)
         let expected: PageStates.State = h.pageClass == .background ? .inflightBackground : .inflightDemand
         let ok = pages.lock.withLock {
             (first..<(first + count)).allSatisfy { pages.state($0) == expected }
@@ -221,6 +228,13 @@ public final class PostcopyEngine: @unchecked Sendable {
         case .background: counters.backgroundPages.add(UInt64(count), ordering: .relaxed)
         default: counters.demandPages.add(UInt64(count), ordering: .relaxed)
         }
+    }
+
+    private func submit(_ channel: PageChannel, region: Int, page: Int, count: Int, class cls: PageClass) throws(TransportError) {
+        let r = PageRequest(requestID: nextRequestID.wrappingAdd(1, ordering: .relaxed).oldValue, region: UInt16(region),
+                            pageClass: cls, pageOffset: UInt64(page), pageCount: UInt32(count))
+        inflight.withLock { $0[r.requestID] = r }
+        try channel.submit(r)
     }
 
     // MARK: fault thread
@@ -280,9 +294,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 case .fetch:
                     lastDemandPage.store(p, ordering: .relaxed)
                     let (region, page) = table.locate(globalPage: p)
-                    let id = nextRequestID.wrappingAdd(1, ordering: .relaxed).oldValue
-                    try demand.submit(PageRequest(requestID: id, region: UInt16(region), pageClass: .demand,
-                                                  pageOffset: UInt64(page), pageCount: 1))
+                    try submit(demand, region: region, page: page, count: 1, class: .demand)
                 case .zero:
                     counters.zeroFaults.add(1, ordering: .relaxed)
                     try install(globalFirst: p, count: 1, payload: nil)
@@ -336,9 +348,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 }
                 cursor = run.0 + run.1
                 let (region, page) = table.locate(globalPage: run.0)
-                let id = nextRequestID.wrappingAdd(1, ordering: .relaxed).oldValue
-                try background.submit(PageRequest(requestID: id, region: UInt16(region), pageClass: .background,
-                                                  pageOffset: UInt64(page), pageCount: UInt32(run.1)))
+                try submit(background, region: region, page: page, count: run.1, class: .background)
                 outstanding += 1
             }
             if exhausted && outstanding == 0 { return }

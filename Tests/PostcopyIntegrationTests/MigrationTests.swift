@@ -1,0 +1,81 @@
+import CPostcopy
+import Foundation
+import PostcopyCore
+import PostcopyDestination
+import PostcopySource
+import PostcopyTransport
+import PostcopyWire
+import Testing
+
+/// End-to-end migrations with the real kernel userfaultfd over loopback TCP.
+@Suite("migration over loopback TCP", .serialized, .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable (reason printed above)"))
+struct MigrationTests {
+    @Test(.timeLimit(.minutes(3)))
+    func randomTouchesFromFourThreadsEveryByteEqual() throws {
+        let mem = try TempMemory(size: 32 << 20, zeroPercent: 20)
+        let server = try startServer(mem, deviceState: Array("vcpu-state".utf8))
+        defer { server.stop() }
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        let r = try runDestination(port: server.port, touch: .random, threads: 4, compare: cmp)
+        #expect(cmp.firstDifference == nil, "first differing byte at \(String(describing: cmp.firstDifference))")
+        #expect(r.digestMatch && r.sourceConfirmedDigest)
+        #expect(r.faults > 0, "the guest threads must really fault")
+        #expect(r.demandPages + r.backgroundPages == UInt64(r.nonZeroPages))
+        #expect(r.pagesSentTwice == 0)
+        #expect(r.deviceStateBytes == 10)
+        #expect(r.faultLatency.count > 0 && r.faultLatency.p50Ns > 0)
+        #expect(r.wireOverhead < 1.02, "wire overhead \(r.wireOverhead)")
+        #expect(server.stats.pagesSentTwice.load(ordering: .relaxed) == 0)
+    }
+
+    @Test(.timeLimit(.minutes(3)))
+    func demandOnlyEveryPageFaultedIn() throws {
+        let mem = try TempMemory(size: 8 << 20, zeroPercent: 30, seed: 99)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        let r = try runDestination(port: server.port, touch: .sequential, threads: 2, background: false, compare: cmp)
+        #expect(cmp.firstDifference == nil)
+        #expect(r.digestMatch)
+        #expect(r.backgroundPages == 0)
+        #expect(r.demandPages == UInt64(r.nonZeroPages), "every non-zero page came by demand")
+        #expect(r.zeroPagesFaulted == UInt64(r.zeroPages), "every zero page was filled by UFFDIO_ZEROPAGE")
+        #expect(r.guestTouchLatency.count == UInt64(r.totalPages))
+    }
+
+    @Test(.timeLimit(.minutes(3)))
+    func backgroundOnlyNoGuestTouches() throws {
+        let mem = try TempMemory(size: 16 << 20, zeroPercent: 0, seed: 3)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        let r = try runDestination(port: server.port, touch: .none, threads: 1, compare: cmp)
+        #expect(cmp.firstDifference == nil)
+        #expect(r.faults == 0 && r.demandPages == 0)
+        #expect(r.backgroundPages == UInt64(r.totalPages))
+    }
+
+    @Test(.timeLimit(.minutes(3)))
+    func allZeroMemoryTransfersNoPages() throws {
+        let mem = try TempMemory(size: 4 << 20, zeroPercent: 100)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        let r = try runDestination(port: server.port, touch: .random, threads: 2, compare: cmp)
+        #expect(cmp.firstDifference == nil)
+        #expect(r.zeroPages == r.totalPages)
+        #expect(r.demandPages == 0 && r.backgroundPages == 0)
+    }
+
+    @Test(.timeLimit(.minutes(3)))
+    func oneSourceServesConsecutiveSessions() throws {
+        let mem = try TempMemory(size: 4 << 20)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        for _ in 0..<3 {
+            let r = try runDestination(port: server.port, touch: .random, threads: 2)
+            #expect(r.digestMatch && r.pagesSentTwice == 0)
+        }
+        #expect(server.stats.completedSessions.load(ordering: .relaxed) == 3)
+    }
+}
