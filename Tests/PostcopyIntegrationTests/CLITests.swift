@@ -1,0 +1,108 @@
+import Foundation
+import PostcopyDestination
+import Testing
+
+/// The `postcopy` executable next to this test binary (swift build puts both in one folder).
+let postcopyBinary: String? = {
+    if let p = ProcessInfo.processInfo.environment["POSTCOPY_BIN"] { return p }
+    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+    var dir = exe.deletingLastPathComponent()
+    for _ in 0..<4 {
+        let candidate = dir.appendingPathComponent("postcopy").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    print("SKIP CLI tests: no postcopy binary beside \(exe.path); run `swift build` first or set POSTCOPY_BIN")
+    return nil
+}()
+
+struct RunResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+/// Runs the binary to completion.
+func runCLI(_ args: [String]) throws -> RunResult {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: postcopyBinary!)
+    p.arguments = args
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    let e = err.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return RunResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+}
+
+@Suite("postcopy CLI", .serialized, .enabled(if: postcopyBinary != nil, "postcopy binary not built"))
+struct CLITests {
+    @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
+    func sourceAndDestProcessesMigrateAndReportJSON() throws {
+        let mem = "/dev/shm/postcopy-cli-test-\(getpid()).ram"
+        defer { unlink(mem) }
+        let made = try runCLI(["make-memory", mem, "--size", "16M", "--zero-percent", "20"])
+        #expect(made.status == 0, "\(made.stderr)")
+
+        let source = Process()
+        source.executableURL = URL(fileURLWithPath: postcopyBinary!)
+        source.arguments = ["source", "--memory", mem, "--listen", "127.0.0.1:0", "--json", "--transport", "tcp"]
+        let out = Pipe()
+        source.standardOutput = out
+        try source.run()
+        // First line: "listening on port N (...)".
+        var banner = Data()
+        while !banner.contains(UInt8(ascii: "\n")) {
+            let chunk = out.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            banner.append(chunk)
+        }
+        let line = String(decoding: banner, as: UTF8.self)
+        let port = line.split(separator: " ").dropFirst(3).first.flatMap { Int($0) }
+        #expect(port != nil, "banner: \(line)")
+        guard let port else { source.terminate(); return }
+
+        let dest = try runCLI(["dest", "--connect", "127.0.0.1:\(port)", "--touch", "random", "--threads", "4", "--json", "--transport", "tcp"])
+        #expect(dest.status == 0, "dest failed: \(dest.stderr)")
+        let report = try JSONSerialization.jsonObject(with: Data(dest.stdout.utf8)) as? [String: Any]
+        #expect(report?["digest_match"] as? Bool == true)
+        #expect(report?["source_confirmed_digest"] as? Bool == true)
+        #expect((report?["faults"] as? Int ?? 0) > 0)
+        #expect((report?["wire_overhead"] as? Double ?? 9) < 1.02)
+        let latency = report?["fault_latency"] as? [String: Any]
+        #expect((latency?["p50_ns"] as? Int ?? 0) > 0)
+
+        let rest = out.fileHandleForReading.readDataToEndOfFile()
+        source.waitUntilExit()
+        #expect(source.terminationStatus == 0)
+        let srcReport = try JSONSerialization.jsonObject(with: rest) as? [String: Any]
+        #expect(srcReport?["destination_digest_matched"] as? Bool == true)
+        #expect(srcReport?["pages_sent_twice"] as? Int == 0)
+    }
+
+    @Test func rdmaIsReportedUnavailableClearly() throws {
+        let r = try runCLI(["dest", "--connect", "127.0.0.1:1", "--transport", "rdma"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("RDMA"), "stderr: \(r.stderr)")
+    }
+
+    @Test func badArgumentsExplainThemselves() throws {
+        var r = try runCLI(["dest", "--connect", "nonsense"])
+        #expect(r.status == 64)
+        #expect(r.stderr.contains("HOST:PORT"))
+        r = try runCLI(["dest", "--connect", "127.0.0.1:1", "--touch", "sideways"])
+        #expect(r.status == 64)
+        r = try runCLI(["source", "--memory", "/nonexistent/guest.ram", "--listen", "127.0.0.1:0"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("/nonexistent/guest.ram"))
+    }
+
+    @Test(.enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
+    func connectionRefusedIsAClearError() throws {
+        let r = try runCLI(["dest", "--connect", "127.0.0.1:1", "--transport", "tcp"])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("connect to 127.0.0.1:1"), "stderr: \(r.stderr)")
+    }
+}
