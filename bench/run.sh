@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Demand-fault latency and full-copy benchmarks of the postcopy core, each as a
+# ratio against baselines measured in the same run:
+#   (a) raw loopback TCP 4 KiB request/response round trip
+#   (b) local userfaultfd fault service (fault -> UFFDIO_COPY from memory -> resume)
+#   (c) this project's demand fault over TCP, as the guest thread sees it
+# Prints c/(a+b) at p50, and the demand p99 while the background stream runs
+# against the idle demand p50. Results: bench/results/latest.json.
+#
+# Usage: bench/run.sh            (about a minute)
+# Env:   IDLE_SIZE (64M)  BG_SIZE (1G)  COPY_RUNS (3)  PORT (7390)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IDLE_SIZE=${IDLE_SIZE:-64M}
+BG_SIZE=${BG_SIZE:-1G}
+COPY_RUNS=${COPY_RUNS:-3}
+PORT=${PORT:-7390}
+OUT=bench/results
+mkdir -p "$OUT"
+swift build -c release --product postcopy >&2
+B=.build/release/postcopy
+SMALL=/dev/shm/postcopy-bench-small.$$
+BIG=/dev/shm/postcopy-bench-big.$$
+FULL=/dev/shm/postcopy-bench-full.$$
+SRC_PID=
+cleanup() { [ -n "$SRC_PID" ] && kill "$SRC_PID" 2>/dev/null; rm -f "$SMALL" "$BIG" "$FULL" "$OUT"/.src.*; }
+trap cleanup EXIT
+
+"$B" make-memory "$SMALL" --size "$IDLE_SIZE" --zero-percent 0 >&2
+"$B" make-memory "$BIG" --size "$BG_SIZE" --zero-percent 10 >&2
+"$B" make-memory "$FULL" --size "$BG_SIZE" --zero-percent 0 >&2
+
+# migrate NAME MEMORY DEST-ARGS...: one source + one destination, JSON of both kept.
+migrate() {
+    local name=$1 mem=$2; shift 2
+    "$B" source --memory "$mem" --listen "127.0.0.1:$PORT" --transport tcp --json > "$OUT/.src.$name" &
+    SRC_PID=$!
+    for _ in $(seq 100); do grep -q "listening on port" "$OUT/.src.$name" 2>/dev/null && break; sleep 0.1; done
+    "$B" dest --connect "127.0.0.1:$PORT" --transport tcp --json "$@" > "$OUT/dest-$name.json"
+    wait "$SRC_PID"; SRC_PID=
+    tail -n +2 "$OUT/.src.$name" > "$OUT/source-$name.json"
+    echo "  $name done" >&2
+}
+
+echo "baselines..." >&2
+"$B" baseline tcp-rtt --samples 20000 --json > "$OUT/baseline-tcp-rtt.json"
+"$B" baseline uffd-fault --samples 20000 --json > "$OUT/baseline-uffd-fault.json"
+echo "migrations..." >&2
+# (c) idle: no background stream, one guest thread, every page a demand fault.
+migrate idle "$SMALL" --background off --touch sequential --threads 1 --no-progress
+# demand under a full-speed background stream: one guest thread touching at random.
+migrate background "$BIG" --touch random --threads 1 --no-progress
+# the acceptance run: 4 guest threads, random order.
+migrate random4 "$BIG" --touch random --threads 4 --no-progress
+# full copy with no guest activity: background stream alone.
+for i in $(seq "$COPY_RUNS"); do migrate "copy$i" "$FULL" --touch none --no-progress; done
+
+python3 - "$OUT" "$COPY_RUNS" <<'PY'
+import json, os, platform, sys, statistics
+out, runs = sys.argv[1], int(sys.argv[2])
+ld = lambda n: json.load(open(os.path.join(out, n)))
+a = ld("baseline-tcp-rtt.json")["latency"]; b = ld("baseline-uffd-fault.json")["latency"]
+idle = ld("dest-idle.json"); bg = ld("dest-background.json"); r4 = ld("dest-random4.json"); s4 = ld("source-random4.json")
+copies = [ld(f"dest-copy{i}.json") for i in range(1, runs + 1)]
+c = idle["guest_touch_latency"]; cb = bg["guest_touch_latency"]
+us = lambda ns: ns / 1000.0
+ratio_p50 = c["p50_ns"] / (a["p50_ns"] + b["p50_ns"])
+bg_ratio = cb["p99_ns"] / c["p50_ns"]
+copy_times = [x["time_to_full_copy_seconds"] for x in copies]
+nonzero_gib = copies[0]["non_zero_pages"] * copies[0]["page_size"] / 2**30
+guest = r4["guest_bytes"]
+rss_limit = 64 * 2**20 + guest // 1000
+res = {
+  "machine": {"kernel": platform.release(), "cores": os.cpu_count()},
+  "baseline_tcp_rtt": a, "baseline_uffd_fault": b,
+  "demand_idle_guest_latency": c, "demand_under_background_guest_latency": cb,
+  "background_run": {"background_pages": bg["background_pages"], "demand_pages": bg["demand_pages"],
+                     "time_to_full_copy_seconds": bg["time_to_full_copy_seconds"]},
+  "ratio_c_over_a_plus_b_p50": ratio_p50, "ratio_bg_p99_over_idle_p50": bg_ratio,
+  "full_copy_seconds": copy_times, "full_copy_non_zero_gib": nonzero_gib,
+  "random4": {"digest_match": r4["digest_match"], "wire_overhead": r4["wire_overhead"],
+              "dest_rss_outside_guest_max_bytes": r4["rss_outside_guest_max_bytes"],
+              "source_rss_outside_guest_max_bytes": s4["rss_outside_guest_max_bytes"],
+              "rss_limit_bytes": rss_limit, "time_to_full_copy_seconds": r4["time_to_full_copy_seconds"],
+              "demand_pages": r4["demand_pages"], "background_pages": r4["background_pages"],
+              "source_cpu_seconds": s4["cpu_seconds"], "dest_cpu_seconds": r4["cpu_seconds"]},
+}
+json.dump(res, open(os.path.join(out, "latest.json"), "w"), indent=2)
+print(f"kernel {platform.release()}, {os.cpu_count()} cores")
+print(f"(a) raw TCP 4 KiB round trip    p50 {us(a['p50_ns']):8.1f} µs   p99 {us(a['p99_ns']):8.1f} µs")
+print(f"(b) local uffd fault service    p50 {us(b['p50_ns']):8.1f} µs   p99 {us(b['p99_ns']):8.1f} µs")
+print(f"(c) demand fault over TCP, idle p50 {us(c['p50_ns']):8.1f} µs   p99 {us(c['p99_ns']):8.1f} µs   ({c['count']} faults)")
+print(f"    demand fault under bg stream p50 {us(cb['p50_ns']):8.1f} µs   p99 {us(cb['p99_ns']):8.1f} µs   ({cb['count']} faults, "
+      f"{bg['background_pages']} pages streamed meanwhile in {bg['time_to_full_copy_seconds']:.3f} s)")
+print(f"c / (a + b) at p50:                {ratio_p50:.2f}   (target <= 1.5)")
+print(f"demand p99 under bg / idle p50:    {bg_ratio:.2f}   (target <= 5)")
+print(f"full copy of {nonzero_gib:.2f} GiB non-zero: " + ", ".join(f"{t:.3f} s" for t in copy_times) + f"  (median {statistics.median(copy_times):.3f} s)")
+print(f"1 GiB, 4 threads random: digest {'match' if r4['digest_match'] else 'MISMATCH'}, wire {r4['wire_overhead']:.4f} x non-zero RAM, "
+      f"RSS outside guest RAM: dest {r4['rss_outside_guest_max_bytes']/2**20:.1f} MiB, source {s4['rss_outside_guest_max_bytes']/2**20:.1f} MiB (limit {rss_limit/2**20:.1f} MiB)")
+ok = r4["digest_match"] and idle["digest_match"] and bg["digest_match"] and all(x["digest_match"] for x in copies)
+sys.exit(0 if ok else 3)
+PY

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole test suite. Needs the Swift 6 toolchain (swift on PATH)
+# and root (or access to /dev/userfaultfd) for the integration tests; without
+# userfaultfd those tests are skipped and say why.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v swift >/dev/null; then
+    echo "error: swift (6.0 or newer) is not on PATH" >&2
+    exit 2
+fi
+# The TCP core needs no system packages beyond the toolchain.
+swift build --build-tests
+swift test
