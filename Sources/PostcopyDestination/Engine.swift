@@ -29,6 +29,8 @@ public struct EngineConfig: Sendable {
     /// Background requests kept in flight at most (bounds what a demand reply can
     /// wait behind in the kernel and what the background installer holds).
     public var window = 4
+    /// Background bytes per second at most (0: as fast as the window allows).
+    public var backgroundRate: Int = 0
     public init() {}
 }
 
@@ -324,8 +326,20 @@ public final class PostcopyEngine: @unchecked Sendable {
         var outstanding = 0
         var exhausted = false
         var tokens: [UInt64] = []
+        var requestedBytes = 0
+        let started = nowNanoseconds()
         while true {
+            var waitMs: Int32 = -1
             while !exhausted, outstanding < config.window {
+                if config.backgroundRate > 0 {
+                    // Token bucket: the next batch may start once the rate allows it.
+                    let allowed = Double(config.backgroundRate) * Double(nowNanoseconds() - started) / 1e9
+                    let next = Double(requestedBytes + config.batchPages * pageSize)
+                    if next > allowed {
+                        waitMs = Int32(min(1000, ((next - allowed) / Double(config.backgroundRate) * 1000).rounded(.up)))
+                        break
+                    }
+                }
                 // Locality: restart the scan just after the most recent demand fault.
                 let last = lastDemandPage.load(ordering: .relaxed)
                 if last != followed {
@@ -349,10 +363,11 @@ public final class PostcopyEngine: @unchecked Sendable {
                 cursor = run.0 + run.1
                 let (region, page) = table.locate(globalPage: run.0)
                 try submit(background, region: region, page: page, count: run.1, class: .background)
+                requestedBytes += run.1 * pageSize
                 outstanding += 1
             }
             if exhausted && outstanding == 0 { return }
-            do { try epoll.wait(&tokens, timeoutMs: -1) } catch { throw .system(error) }
+            do { try epoll.wait(&tokens, timeoutMs: outstanding > 0 ? -1 : waitMs) } catch { throw .system(error) }
             if tokens.contains(3) { return }
             outstanding -= try background.drainCompletions { (h, payload) throws(TransportError) in
                 try handleCompletion(h, payload)

@@ -186,7 +186,7 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "Source address, HOST:PORT.")
     var connect: String
 
-    @Option(name: .long, help: "How the built-in guest touches pages: random, sequential or none.")
+    @Option(name: .long, help: "How the built-in guest touches pages: random, sequential, shared (every thread every page, same order) or none.")
     var touch: String = "random"
 
     @Option(name: .long, help: "Guest threads touching pages.")
@@ -200,6 +200,9 @@ struct DestCommand: ParsableCommand {
 
     @Option(name: .long, help: "Background requests in flight at most.")
     var window: Int = 4
+
+    @Option(name: .long, help: "Cap on the background stream, e.g. 200M (bytes per second); 0 = no cap.")
+    var backgroundRate: String = "0"
 
     @Option(name: .long, help: "Seed of the random touch order.")
     var seed: UInt64 = 1
@@ -215,13 +218,14 @@ struct DestCommand: ParsableCommand {
     func validate() throws {
         try common.validateCommon()
         guard Endpoint(parsing: connect) != nil else { throw ValidationError("--connect must be HOST:PORT (got '\(connect)')") }
-        guard TouchMode(rawValue: touch) != nil else { throw ValidationError("--touch must be random, sequential or none") }
+        guard TouchMode(rawValue: touch) != nil else { throw ValidationError("--touch must be random, sequential, shared or none") }
         guard ["on", "off"].contains(background) else { throw ValidationError("--background must be on or off") }
         guard (1...1024).contains(threads) else { throw ValidationError("--threads must be 1...1024") }
         guard (1...Int(PostcopyWire.Protocol.maxPagesPerRequest)).contains(batchPages) else {
             throw ValidationError("--batch-pages must be 1...\(PostcopyWire.Protocol.maxPagesPerRequest)")
         }
         guard (1...64).contains(window) else { throw ValidationError("--window must be 1...64") }
+        guard parseByteSize(backgroundRate) != nil else { throw ValidationError("--background-rate must be a byte count per second such as 200M or 0") }
         if background == "off" && touch == "none" {
             throw ValidationError("--background off with --touch none would never finish: nothing would fetch the pages")
         }
@@ -238,6 +242,7 @@ struct DestCommand: ParsableCommand {
         options.engine.background = background == "on"
         options.engine.batchPages = batchPages
         options.engine.window = window
+        options.engine.backgroundRate = parseByteSize(backgroundRate)!
         let (transport, reason): (Transport, String)
         do {
             (transport, reason) = try selectTransport(TransportKind(rawValue: common.transport)!, endpoint: Endpoint(parsing: connect)!,

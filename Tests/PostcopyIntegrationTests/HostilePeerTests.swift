@@ -126,6 +126,8 @@ struct HostileSourceTests {
                     case .pageRequest(let r):
                         let bytes = pageReply(r)
                         try bytes.withUnsafeBytes { try c.send($0, UnsafeRawBufferPointer(start: nil, count: 0)) }
+                    case .complete:
+                        try c.send(.completeAck(CompleteAck(digestMatches: false, pagesSentTwice: 0)))
                     default:
                         return
                     }
@@ -159,6 +161,18 @@ struct HostileSourceTests {
         } catch {
             #expect("\(error)".contains(text), "error was: \(error)")
         }
+    }
+
+    /// Well-formed pages whose digest does not match what the source announced:
+    /// the run completes but reports the mismatch (the CLI exits 3 on it).
+    @Test(.timeLimit(.minutes(1)))
+    func digestMismatchIsReported() throws {
+        let fake = try FakeSource(pages: 64) { r in Self.pageData(r) }
+        defer { fake.stop() }
+        let r = try runDestination(port: fake.port, touch: .random, threads: 2)
+        #expect(r.digestMatch == false)
+        #expect(r.sourceConfirmedDigest == false)
+        #expect(r.sourceDigest != r.destinationDigest)
     }
 
     @Test(.timeLimit(.minutes(1)))

@@ -44,6 +44,22 @@ struct MigrationTests {
     }
 
     @Test(.timeLimit(.minutes(3)))
+    func concurrentFaultsOnOnePageFetchItOnce() throws {
+        let mem = try TempMemory(size: 4 << 20, zeroPercent: 10, seed: 5)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        // Demand only, 4 threads touching the same pages in the same order.
+        let r = try runDestination(port: server.port, touch: .shared, threads: 4, background: false, compare: cmp)
+        #expect(cmp.firstDifference == nil)
+        #expect(r.digestMatch)
+        #expect(r.pagesSentTwice == 0, "a page was fetched twice")
+        #expect(r.demandPages == UInt64(r.nonZeroPages))
+        #expect(r.faults >= UInt64(r.totalPages))
+        #expect(r.touchedPages == 4 * r.totalPages)
+    }
+
+    @Test(.timeLimit(.minutes(3)))
     func backgroundOnlyNoGuestTouches() throws {
         let mem = try TempMemory(size: 16 << 20, zeroPercent: 0, seed: 3)
         let server = try startServer(mem)
