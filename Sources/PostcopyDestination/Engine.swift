@@ -31,6 +31,8 @@ public struct EngineConfig: Sendable {
     public var window = 4
     /// Background bytes per second at most (0: as fast as the window allows).
     public var backgroundRate: Int = 0
+    /// Scheduling of the background thread (see `ThreadPriority` for why normal is the default).
+    public var backgroundPriority: ThreadPriority = .normal
     public init() {}
 }
 
@@ -47,10 +49,9 @@ public final class EngineCounters: Sendable {
 }
 
 /// The destination engine: a fault thread serving userfaultfd faults on the
-/// demand channel, a background thread streaming the rest at SCHED_IDLE, one
-/// page table they share. Demand always goes first: it has its own channel,
-/// its own thread at normal priority, and background keeps at most `window`
-/// batches in flight.
+/// demand channel, a background thread streaming the rest, one page table they
+/// share. Demand always goes first: it has its own channel and its own thread,
+/// and background keeps at most `window` batches in flight.
 public final class PostcopyEngine: @unchecked Sendable {
     public let uffd: Userfaultfd
     public let regions: [GuestRegion]
@@ -110,7 +111,9 @@ public final class PostcopyEngine: @unchecked Sendable {
         if pages.lock.withLock({ pages.isComplete }) { streamEnd = streamStart; completion.signal() }
         threads.append(PThread(name: "uffd-fault") { [self] in guarded { () throws(TransportError) in try faultLoop() } })
         if config.background, background != nil {
-            threads.append(PThread(name: "bg-stream", priority: .idle) { [self] in guarded { () throws(TransportError) in try backgroundLoop() } })
+            threads.append(PThread(name: "bg-stream", priority: config.backgroundPriority) { [self] in
+                guarded { () throws(TransportError) in try backgroundLoop() }
+            })
         }
     }
 

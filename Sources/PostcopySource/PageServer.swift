@@ -80,14 +80,17 @@ final class SourceSession: Sendable {
     }
 }
 
-/// The source page server. Each accepted connection gets its own thread: the
-/// urgent (demand) connection at normal priority, the main connection (control
-/// and background batches) at SCHED_IDLE so bulk sends never delay a demand reply.
+/// The source page server. Each accepted connection gets its own thread, so a
+/// demand reply (urgent connection) never waits behind a background batch being
+/// written on the main connection; the main connection's thread runs at
+/// `backgroundPriority`.
 public final class PageServer: Sendable {
     public let memory: SourceMemory
     public let stats = SourceStats()
     public let logger: Logger
     public let exitAfterCompletion: Bool
+    /// Priority of the thread serving a main connection (control + background batches).
+    public let backgroundPriority: ThreadPriority
     private let listener: TCPListener
     private let sessions = Mutex<[UInt64: SourceSession]>([:])
     private let connections = Mutex<[ObjectIdentifier: TCPConnection]>([:])
@@ -97,8 +100,10 @@ public final class PageServer: Sendable {
 
     public var port: Int { listener.port }
 
-    public init(memory: SourceMemory, listen endpoint: Endpoint, exitAfterCompletion: Bool, logger: Logger) throws(TransportError) {
+    public init(memory: SourceMemory, listen endpoint: Endpoint, exitAfterCompletion: Bool,
+                backgroundPriority: ThreadPriority = .normal, logger: Logger) throws(TransportError) {
         self.memory = memory
+        self.backgroundPriority = backgroundPriority
         self.logger = logger
         self.exitAfterCompletion = exitAfterCompletion
         listener = try TCPListener(endpoint)
@@ -187,7 +192,7 @@ public final class PageServer: Sendable {
             var rng = SystemRandomNumberGenerator()
             session = SourceSession(id: rng.next() | 1, pages: memory.table.totalPages)
             sessions.withLock { $0[session.id] = session }
-            _ = cpc_set_sched_idle()  // background batches: never ahead of demand replies
+            backgroundPriority.applyToCurrentThread()
         case .urgent:
             guard let s = sessions.withLock({ $0[hello.sessionID] }) else {
                 stats.rejectedConnections.add(1, ordering: .relaxed)

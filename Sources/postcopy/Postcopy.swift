@@ -36,9 +36,15 @@ struct CommonOptions: ParsableArguments {
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "warning"
 
+    @Option(name: .long, help: "Scheduling of background streaming threads: normal, low (nice 10) or idle (SCHED_IDLE).")
+    var backgroundPriority: String = "normal"
+
     func validateCommon() throws {
         guard TransportKind(rawValue: transport) != nil else {
             throw ValidationError("--transport must be tcp, rdma or auto (got '\(transport)')")
+        }
+        guard ThreadPriority(rawValue: backgroundPriority) != nil else {
+            throw ValidationError("--background-priority must be normal, low or idle")
         }
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
@@ -73,7 +79,7 @@ struct SourceCommand: ParsableCommand {
         discussion: """
             Maps the memory file read-only (never copied into the heap), computes its zero-page map
             and digest, listens, and serves page requests: demand pages on the urgent connection,
-            background batches on the main one (at SCHED_IDLE). Exits after the destination confirms
+            background batches on the main one, each on its own thread. Exits after the destination confirms
             completion, unless --serve-forever.
             """)
 
@@ -117,7 +123,8 @@ struct SourceCommand: ParsableCommand {
         }
         let server: PageServer
         do {
-            server = try PageServer(memory: mem, listen: Endpoint(parsing: listen)!, exitAfterCompletion: !serveForever, logger: logger)
+            server = try PageServer(memory: mem, listen: Endpoint(parsing: listen)!, exitAfterCompletion: !serveForever,
+                                  backgroundPriority: ThreadPriority(rawValue: common.backgroundPriority)!, logger: logger)
         } catch {
             throw fail("\(error)")
         }
@@ -243,6 +250,7 @@ struct DestCommand: ParsableCommand {
         options.engine.batchPages = batchPages
         options.engine.window = window
         options.engine.backgroundRate = parseByteSize(backgroundRate)!
+        options.engine.backgroundPriority = ThreadPriority(rawValue: common.backgroundPriority)!
         let (transport, reason): (Transport, String)
         do {
             (transport, reason) = try selectTransport(TransportKind(rawValue: common.transport)!, endpoint: Endpoint(parsing: connect)!,
