@@ -10,4 +10,5 @@ if ! command -v swift >/dev/null; then
 fi
 # The TCP core needs no system packages beyond the toolchain.
 swift build --build-tests
-swift test
+# A hung test (a guest thread parked on a fault nobody serves) must fail CI, not stall it.
+timeout --signal=KILL 1200 swift test

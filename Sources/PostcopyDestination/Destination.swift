@@ -185,7 +185,7 @@ public final class StandaloneDestination: Sendable {
         }
         engine.stop()
         // Every page is in: give the memory back to the ordinary fault path.
-        do { for r in regions { try uffd.unregister(r.range) } } catch { throw .system(error) }
+        do { for r in regions { try uffd.unregisterAndWake(r.range) } } catch { throw .system(error) }
         let touchLatency = touch.join()
 
         let d0 = nowNanoseconds()

@@ -260,9 +260,29 @@ public final class PostcopyEngine: @unchecked Sendable {
             if tokens.contains(3) { return }
             if tokens.contains(1) { try readFaults(msgs) }
             if tokens.contains(2) {
-                _ = try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
+                demandInFlight -= try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
             }
+            try submitDeferredDemand()
         }
+    }
+
+    /// Demand requests waiting for room, oldest first (fault thread only).
+    private var deferredDemand: [Int] = []
+    private var demandInFlight = 0
+    /// Demand requests in flight at most. Replies (a page each) must fit in the
+    /// socket buffers while the fault thread is busy sending, or both sides could
+    /// block on a full buffer; a guest rarely has more vCPUs faulting at once.
+    static let maxDemandInFlight = 64
+
+    private func submitDeferredDemand() throws(TransportError) {
+        var sent = 0
+        while sent < deferredDemand.count, demandInFlight < Self.maxDemandInFlight {
+            let (region, page) = table.locate(globalPage: deferredDemand[sent])
+            try submit(demand, region: region, page: page, count: 1, class: .demand)
+            demandInFlight += 1
+            sent += 1
+        }
+        deferredDemand.removeFirst(sent)
     }
 
     private func readFaults(_ msgs: UnsafeMutablePointer<uffd_msg>) throws(TransportError) {
@@ -298,8 +318,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 switch action {
                 case .fetch:
                     lastDemandPage.store(p, ordering: .relaxed)
-                    let (region, page) = table.locate(globalPage: p)
-                    try submit(demand, region: region, page: page, count: 1, class: .demand)
+                    deferredDemand.append(p)
                 case .zero:
                     counters.zeroFaults.add(1, ordering: .relaxed)
                     try install(globalFirst: p, count: 1, payload: nil)

@@ -83,6 +83,21 @@ struct MigrationTests {
         #expect(r.demandPages == 0 && r.backgroundPages == 0)
     }
 
+    /// Guest threads still faulting when the last page lands must all be woken
+    /// (zero pages are settled without being installed, so late faults on them
+    /// race with the unregister). Many short runs make the race likely.
+    @Test(.timeLimit(.minutes(3)))
+    func lateFaultsAfterCompletionNeverPark() throws {
+        let mem = try TempMemory(size: 2 << 20, zeroPercent: 50, seed: 11)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        for _ in 0..<40 {
+            let r = try runDestination(port: server.port, touch: .random, threads: 4)
+            #expect(r.digestMatch)
+            #expect(r.touchedPages == r.totalPages)
+        }
+    }
+
     @Test(.timeLimit(.minutes(3)))
     func oneSourceServesConsecutiveSessions() throws {
         let mem = try TempMemory(size: 4 << 20)
