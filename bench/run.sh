@@ -35,7 +35,7 @@ migrate() {
     local name=$1 mem=$2; shift 2
     "$B" source --memory "$mem" --listen "127.0.0.1:$PORT" --transport tcp --json > "$OUT/.src.$name" &
     SRC_PID=$!
-    for _ in $(seq 100); do grep -q "listening on port" "$OUT/.src.$name" 2>/dev/null && break; sleep 0.1; done
+    for _ in $(seq 100); do grep -q '"listening"' "$OUT/.src.$name" 2>/dev/null && break; sleep 0.1; done
     "$B" dest --connect "127.0.0.1:$PORT" --transport tcp --json "$@" > "$OUT/dest-$name.json"
     wait "$SRC_PID"; SRC_PID=
     tail -n +2 "$OUT/.src.$name" > "$OUT/source-$name.json"

@@ -59,9 +59,10 @@ struct CommonOptions: ParsableArguments {
     }
 }
 
+/// Prints one JSON object on one line (JSON Lines: a script reads line by line).
 func emitJSON<T: Encodable>(_ value: T) {
     let enc = JSONEncoder()
-    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    enc.outputFormatting = [.sortedKeys]
     if let d = try? enc.encode(value), let s = String(data: d, encoding: .utf8) { print(s) }
 }
 
@@ -131,8 +132,14 @@ struct SourceCommand: ParsableCommand {
         let scanSeconds = Double(nowNanoseconds() - t0) / 1e9
         let rss = ResidentMemorySampler(excluding: [mem.mapping.range])
         server.start()
-        // Scripts wait for this line before starting the destination.
-        let banner = "listening on port \(server.port) (\(formatBytes(Double(mem.mapping.length))), \(mem.zeroPages) zero pages, digest \(MemoryDigest.hex(mem.digest)))\n"
+        // Scripts wait for this line before starting the destination (with --json,
+        // it is the first JSON line; the report follows as the second).
+        let banner: String
+        if common.json {
+            banner = "{\"event\":\"listening\",\"port\":\(server.port),\"memory_bytes\":\(mem.mapping.length),\"zero_pages\":\(mem.zeroPages),\"digest\":\"\(MemoryDigest.hex(mem.digest))\"}\n"
+        } else {
+            banner = "listening on port \(server.port) (\(formatBytes(Double(mem.mapping.length))), \(mem.zeroPages) zero pages, digest \(MemoryDigest.hex(mem.digest)))\n"
+        }
         FileHandle.standardOutput.write(banner.data(using: .utf8)!)
         server.waitUntilDone()
         server.stop()

@@ -52,16 +52,17 @@ struct CLITests {
         let out = Pipe()
         source.standardOutput = out
         try source.run()
-        // First line: "listening on port N (...)".
+        // First JSON line: {"event":"listening","port":N,...}.
         var banner = Data()
         while !banner.contains(UInt8(ascii: "\n")) {
             let chunk = out.fileHandleForReading.availableData
             if chunk.isEmpty { break }
             banner.append(chunk)
         }
-        let line = String(decoding: banner, as: UTF8.self)
-        let port = line.split(separator: " ").dropFirst(3).first.flatMap { Int($0) }
-        #expect(port != nil, "banner: \(line)")
+        let listening = try? JSONSerialization.jsonObject(with: banner) as? [String: Any]
+        #expect(listening?["event"] as? String == "listening")
+        let port = listening?["port"] as? Int
+        #expect(port != nil, "banner: \(String(decoding: banner, as: UTF8.self))")
         guard let port else { source.terminate(); return }
 
         let dest = try runCLI(["dest", "--connect", "127.0.0.1:\(port)", "--touch", "random", "--threads", "4", "--json", "--transport", "tcp"])
