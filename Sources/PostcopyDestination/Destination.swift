@@ -23,6 +23,8 @@ public struct DestinationOptions: Sendable {
     public var engine = EngineConfig()
     public var touch: TouchMode = .random
     public var threads = 4
+    /// Guest compute between two touches, in microseconds (busy, like a vCPU running).
+    public var thinkMicroseconds = 0
     public var seed: UInt64 = 1
     /// Where to write the device state received from the source (nil: keep in memory only).
     public var deviceStateOut: String?
@@ -174,6 +176,7 @@ public final class StandaloneDestination: Sendable {
         // The guest stand-in: threads touching every page (reads, so the digest
         // still compares against the source's RAM at pause).
         let touch = GuestToucher(mode: options.touch, threads: options.threads, seed: options.seed,
+                                 thinkNanoseconds: UInt64(options.thinkMicroseconds) * 1000,
                                  regions: regions, pageSize: table.pageSize, engine: engine)
         touch.start()
         var waitError: TransportError?
@@ -244,13 +247,15 @@ final class GuestToucher: @unchecked Sendable {
     private let mode: TouchMode
     private let threadCount: Int
     private let seed: UInt64
+    private let thinkNanoseconds: UInt64
     private let addresses: [UInt64]
     private let engine: PostcopyEngine
     private var threads: [PThread] = []
     private let merged = Mutex<(Histogram<UInt64>, Int)>((Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three), 0))
 
-    init(mode: TouchMode, threads: Int, seed: UInt64, regions: [GuestRegion], pageSize: Int, engine: PostcopyEngine) {
+    init(mode: TouchMode, threads: Int, seed: UInt64, thinkNanoseconds: UInt64, regions: [GuestRegion], pageSize: Int, engine: PostcopyEngine) {
         self.mode = mode
+        self.thinkNanoseconds = thinkNanoseconds
         threadCount = max(1, threads)
         self.seed = seed
         self.engine = engine
@@ -283,6 +288,10 @@ final class GuestToucher: @unchecked Sendable {
                     _ = cpc_touch_read(UnsafeRawPointer(bitPattern: UInt(a))!)
                     let dt = nowNanoseconds() - t0
                     if record, engine.pageFaulted(address: a) { _ = h.record(max(dt, 1)) }
+                    if thinkNanoseconds > 0 {
+                        let until = nowNanoseconds() + thinkNanoseconds
+                        while nowNanoseconds() < until {}
+                    }
                 }
                 let hist = h
                 merged.withLock { $0.0.add(hist); $0.1 += slice.count }

@@ -25,7 +25,7 @@ public struct EngineConfig: Sendable {
     /// Stream pages the guest has not asked for (off: demand only, for benchmarks).
     public var background = true
     /// Pages per background request.
-    public var batchPages = 64
+    public var batchPages = 128
     /// Background requests kept in flight at most (bounds what a demand reply can
     /// wait behind in the kernel and what the background installer holds).
     public var window = 4

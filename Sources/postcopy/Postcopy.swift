@@ -206,11 +206,14 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "Guest threads touching pages.")
     var threads: Int = 4
 
+    @Option(name: .long, help: "Guest compute between two touches, in microseconds (a busy loop, like a running vCPU).")
+    var thinkUs: Int = 0
+
     @Option(name: .long, help: "Background streaming: on, or off (demand faults only; for latency measurements).")
     var background: String = "on"
 
     @Option(name: .long, help: "Pages per background request.")
-    var batchPages: Int = 64
+    var batchPages: Int = 128
 
     @Option(name: .long, help: "Background requests in flight at most.")
     var window: Int = 4
@@ -238,6 +241,7 @@ struct DestCommand: ParsableCommand {
         guard (1...Int(PostcopyWire.Protocol.maxPagesPerRequest)).contains(batchPages) else {
             throw ValidationError("--batch-pages must be 1...\(PostcopyWire.Protocol.maxPagesPerRequest)")
         }
+        guard (0...1_000_000).contains(thinkUs) else { throw ValidationError("--think-us must be 0...1000000") }
         guard (1...64).contains(window) else { throw ValidationError("--window must be 1...64") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("--background-rate must be a byte count per second such as 200M or 0") }
         if background == "off" && touch == "none" {
@@ -251,6 +255,7 @@ struct DestCommand: ParsableCommand {
         var options = DestinationOptions()
         options.touch = TouchMode(rawValue: touch)!
         options.threads = threads
+        options.thinkMicroseconds = thinkUs
         options.seed = seed
         options.deviceStateOut = deviceStateOut
         options.engine.background = background == "on"
