@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 SIZE=${1:-1G}
 THREADS=${2:-4}
 PORT=${PORT:-7070}
+# A fresh machine of this project's kind has the toolchain in /opt/swift.
+[ -x /opt/swift/usr/bin/swift ] && ! command -v swift >/dev/null && export PATH="/opt/swift/usr/bin:$PATH"
 if ! command -v swift >/dev/null; then
     echo "error: swift (6.0 or newer) is not on PATH" >&2
     exit 2

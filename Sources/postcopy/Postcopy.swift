@@ -14,8 +14,8 @@ struct Postcopy: ParsableCommand {
         commandName: "postcopy",
         abstract: "Postcopy live-migration page transport (userfaultfd destination, page-serving source).",
         discussion: """
-            A source serves guest RAM from a memory file; a destination registers guest RAM with
-            userfaultfd, resumes at once, pulls every page the guest touches on demand and streams
+            A source serves guest RAM from a memory file; a destination registers guest RAM with \
+            userfaultfd, resumes at once, pulls every page the guest touches on demand and streams \
             the rest in the background. Integrity is checked on every run (digest of all RAM).
 
             Typical run on one machine:
@@ -78,9 +78,9 @@ struct SourceCommand: ParsableCommand {
         commandName: "source",
         abstract: "Serve guest RAM from a memory file to one destination.",
         discussion: """
-            Maps the memory file read-only (never copied into the heap), computes its zero-page map
-            and digest, listens, and serves page requests: demand pages on the urgent connection,
-            background batches on the main one, each on its own thread. Exits after the destination confirms
+            Maps the memory file read-only (never copied into the heap), computes its zero-page map \
+            and digest, listens, and serves page requests: demand pages on the urgent connection, \
+            background batches on the main one, each on its own thread. Exits after the destination confirms \
             completion, unless --serve-forever.
             """)
 
@@ -191,9 +191,9 @@ struct DestCommand: ParsableCommand {
         commandName: "dest",
         abstract: "Receive a guest's RAM by postcopy: fault pages in on demand, stream the rest.",
         discussion: """
-            Maps guest RAM, registers it with userfaultfd (MISSING mode) and, with --touch, runs
-            threads that read every page the way a guest would. Demand faults are fetched on their
-            own connection ahead of the background stream. At the end the RAM digest is compared with
+            Maps guest RAM, registers it with userfaultfd (MISSING mode) and, with --touch, runs \
+            threads that read every page the way a guest would. Demand faults are fetched on their \
+            own connection ahead of the background stream. At the end the RAM digest is compared with \
             the source's; a mismatch exits with status 3.
             """)
 
