@@ -49,7 +49,7 @@ public final class ResidentMemorySampler: Sendable {
         }
     }
 
-    /// Stops sampling (one last sample) and returns the maximum seen.
+    /// Stops sampling (one last sample) and returns the maximum seen. May be called again.
     public func finish(excluding: [Range<UInt64>]) -> Int {
         shared.stop?.signal()
         thread.join()

@@ -140,6 +140,7 @@ public final class StandaloneDestination: Sendable {
         } catch { throw .system(error) }
         let guestRanges = mappings.map { $0.range }
         let rss = ResidentMemorySampler(excluding: guestRanges)
+        defer { _ = rss.finish(excluding: guestRanges) }  // also on every error path
 
         // Control: zero map and device state before anything streams.
         var zeroMaps: [ZeroMap] = []

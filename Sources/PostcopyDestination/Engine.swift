@@ -76,7 +76,16 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// Pages known zero from the zero map (never transferred).
     public let zeroPagesAtStart: Int
     public private(set) var streamStart: UInt64 = 0
-    public private(set) var streamEnd: UInt64 = 0
+    private let completedAt = Atomic<UInt64>(0)
+    /// When the last page was settled (0 until then).
+    public var streamEnd: UInt64 { completedAt.load(ordering: .acquiring) }
+
+    /// Records the first completion only: a zero page the guest faults on after
+    /// completion is briefly unsettled and settles again.
+    private func markComplete(at t: UInt64) {
+        _ = completedAt.compareExchange(expected: 0, desired: t, ordering: .acquiringAndReleasing)
+        completion.signal()
+    }
 
     public init(uffd: Userfaultfd, regions: [GuestRegion], session: SessionInfo, zeroMaps: [ZeroMap],
                 demand: PageChannel, background: PageChannel?, config: EngineConfig, logger: Logger) throws(SystemError) {
@@ -108,7 +117,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// Starts the fault thread (and the background thread when enabled).
     public func start() {
         streamStart = nowNanoseconds()
-        if pages.lock.withLock({ pages.isComplete }) { streamEnd = streamStart; completion.signal() }
+        if pages.lock.withLock({ pages.isComplete }) { markComplete(at: streamStart) }
         threads.append(PThread(name: "uffd-fault") { [self] in guarded { () throws(TransportError) in try faultLoop() } })
         if config.background, background != nil {
             threads.append(PThread(name: "bg-stream", priority: config.backgroundPriority) { [self] in
@@ -205,10 +214,7 @@ public final class PostcopyEngine: @unchecked Sendable {
             return pages.isComplete
         }
         for l in latencies { faultLatency.record(nanoseconds: l) }
-        if complete {
-            streamEnd = now
-            completion.signal()
-        }
+        if complete { markComplete(at: now) }
     }
 
     private func handleCompletion(_ h: PageDataHeader, _ payload: UnsafeRawBufferPointer) throws(TransportError) {

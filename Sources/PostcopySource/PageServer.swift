@@ -94,6 +94,7 @@ public final class PageServer: Sendable {
     private let listener: TCPListener
     private let sessions = Mutex<[UInt64: SourceSession]>([:])
     private let connections = Mutex<[ObjectIdentifier: TCPConnection]>([:])
+    private let acceptThread = Mutex<PThread?>(nil)
     private let threads = Mutex<[PThread]>([])
     private let done: EventFD
     private let stopping = Atomic<Bool>(false)
@@ -113,7 +114,7 @@ public final class PageServer: Sendable {
     /// Starts the accept thread.
     public func start() {
         let t = PThread(name: "src-accept") { [self] in acceptLoop() }
-        threads.withLock { $0.append(t) }
+        acceptThread.withLock { $0 = t }
     }
 
     /// Blocks until a session completed (with `exitAfterCompletion`) or `stop()`.
@@ -125,6 +126,8 @@ public final class PageServer: Sendable {
     public func stop() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
         listener.shutdown()
+        // No connection can be added once the accept thread is gone.
+        acceptThread.withLock { $0 }?.join()
         connections.withLock { for c in $0.values { c.shutdown() } }
         let all = threads.withLock { $0 }
         for t in all { t.join() }
@@ -192,7 +195,6 @@ public final class PageServer: Sendable {
             var rng = SystemRandomNumberGenerator()
             session = SourceSession(id: rng.next() | 1, pages: memory.table.totalPages)
             sessions.withLock { $0[session.id] = session }
-            backgroundPriority.applyToCurrentThread()
         case .urgent:
             guard let s = sessions.withLock({ $0[hello.sessionID] }) else {
                 stats.rejectedConnections.add(1, ordering: .relaxed)
@@ -200,6 +202,12 @@ public final class PageServer: Sendable {
                 return
             }
             session = s
+        }
+        // The main connection owns the session: when it goes, so does the session
+        // (completion removes it earlier). Resume is the recovery issue's work.
+        defer { if hello.role == .main { sessions.withLock { _ = $0.removeValue(forKey: session.id) } } }
+        if hello.role == .main {
+            backgroundPriority.applyToCurrentThread()
         }
         let pageSize = memory.table.pageSize
         conn.pageSize = pageSize
