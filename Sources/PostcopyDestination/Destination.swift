@@ -135,7 +135,7 @@ public final class StandaloneDestination: Sendable {
                 let m = try MemoryMapping.anonymous(length: Int(r.size))
                 try uffd.registerMissing(m.range)
                 mappings.append(m)
-                regions.append(GuestRegion(base: m.address, size: m.length))
+                regions.append(GuestRegion(base: m.address, size: m.length, sourceFirstPage: table.firstGlobalPage[regions.count]))
             }
         } catch { throw .system(error) }
         let guestRanges = mappings.map { $0.range }

@@ -9,15 +9,49 @@ import Synchronization
 import Glibc
 #endif
 
-/// Where one source region lives in this process.
-public struct GuestRegion: Sendable {
+/// Where a run of source pages lives in the address space the uffd serves:
+/// `size` bytes at `base` hold source pages `sourceFirstPage...` (global numbering).
+/// Standalone, one per source region; with a VMM, one per region it handed over.
+public struct GuestRegion: Sendable, Equatable {
     public var base: UInt64
     public var size: Int
-    public init(base: UInt64, size: Int) {
+    public var sourceFirstPage: Int
+    public init(base: UInt64, size: Int, sourceFirstPage: Int) {
         self.base = base
         self.size = size
+        self.sourceFirstPage = sourceFirstPage
     }
     public var range: Range<UInt64> { base..<(base + UInt64(size)) }
+
+    /// Why `regions` cannot serve `table`, or nil: they must tile the source's
+    /// pages exactly (sorted, no gap, no overlap in either space, page-aligned).
+    public static func layoutProblem(_ regions: [GuestRegion], table: RegionTable) -> String? {
+        let ps = table.pageSize
+        var next = 0
+        for r in regions.sorted(by: { $0.sourceFirstPage < $1.sourceFirstPage }) {
+            guard r.size > 0 else { return "a region of size 0 at 0x\(String(r.base, radix: 16))" }
+            guard r.size % ps == 0, r.base % UInt64(ps) == 0 else {
+                return "region at 0x\(String(r.base, radix: 16)) (\(r.size) bytes) is not aligned to the \(ps)-byte page size"
+            }
+            guard r.sourceFirstPage == next else {
+                return r.sourceFirstPage < next
+                    ? "regions overlap in the source memory at byte offset \(r.sourceFirstPage * ps)"
+                    : "no region covers source memory bytes \(next * ps)..<\(r.sourceFirstPage * ps)"
+            }
+            next += r.size / ps
+            guard next <= table.totalPages else {
+                return "region at 0x\(String(r.base, radix: 16)) ends at byte \(next * ps), beyond the source memory of \(table.totalPages * ps) bytes"
+            }
+        }
+        guard next == table.totalPages else {
+            return "regions cover \(next * ps) bytes but the source memory has \(table.totalPages * ps)"
+        }
+        let byAddress = regions.sorted { $0.base < $1.base }
+        for (a, b) in zip(byAddress, byAddress.dropFirst()) where a.range.overlaps(b.range) {
+            return "regions overlap in the address space at 0x\(String(b.base, radix: 16))"
+        }
+        return nil
+    }
 }
 
 /// Scheduling knobs of the engine.
@@ -46,6 +80,7 @@ public final class EngineCounters: Sendable {
     public let settledPages = Atomic<Int>(0)
     public let eexist = Atomic<UInt64>(0)
     public let eagain = Atomic<UInt64>(0)
+    public let removedRanges = Atomic<UInt64>(0)
 }
 
 /// The destination engine: a fault thread serving userfaultfd faults on the
@@ -89,9 +124,11 @@ public final class PostcopyEngine: @unchecked Sendable {
 
     public init(uffd: Userfaultfd, regions: [GuestRegion], session: SessionInfo, zeroMaps: [ZeroMap],
                 demand: PageChannel, background: PageChannel?, config: EngineConfig, logger: Logger) throws(SystemError) {
-        precondition(regions.count == session.table.regions.count)
+        if let problem = GuestRegion.layoutProblem(regions, table: session.table) {
+            throw SystemError("guest memory layout: \(problem)", errno: EINVAL)
+        }
         self.uffd = uffd
-        self.regions = regions
+        self.regions = regions.sorted { $0.sourceFirstPage < $1.sourceFirstPage }
         table = session.table
         pageSize = table.pageSize
         self.config = config
@@ -139,6 +176,8 @@ public final class PostcopyEngine: @unchecked Sendable {
         threads.removeAll()
     }
 
+    deinit { msgs.deallocate() }
+
     /// Whether a uffd fault was seen for the page at `address` (for guest-side latency).
     public func pageFaulted(address: UInt64) -> Bool {
         guard let p = globalPage(address) else { return false }
@@ -154,55 +193,88 @@ public final class PostcopyEngine: @unchecked Sendable {
     }
 
     private func globalPage(_ address: UInt64) -> Int? {
-        for (i, r) in regions.enumerated() where r.range.contains(address) {
-            return table.firstGlobalPage[i] + Int((address - r.base) / UInt64(pageSize))
+        for r in regions where r.range.contains(address) {
+            return r.sourceFirstPage + Int((address - r.base) / UInt64(pageSize))
         }
         return nil
     }
 
+    /// The guest region holding global page p (regions are sorted by source page).
+    private func region(ofGlobal p: Int) -> GuestRegion {
+        var lo = 0, hi = regions.count - 1
+        while lo < hi {
+            let mid = (lo + hi + 1) / 2
+            if regions[mid].sourceFirstPage <= p { lo = mid } else { hi = mid - 1 }
+        }
+        return regions[lo]
+    }
+
     private func address(ofGlobal p: Int) -> UInt64 {
-        let (region, page) = table.locate(globalPage: p)
-        return regions[region].base + UInt64(page * pageSize)
+        let r = region(ofGlobal: p)
+        return r.base + UInt64((p - r.sourceFirstPage) * pageSize)
     }
 
     // MARK: installing
 
-    /// Installs pages [first, first+count) (global, one region) from `payload`
-    /// (nil = zeros) and settles them; EEXIST means already present (wake),
-    /// EAGAIN retries what is left.
-    private func install(globalFirst first: Int, count: Int, payload: UnsafeRawBufferPointer?) throws(TransportError) {
-        let dst = address(ofGlobal: first)
-        let len = count * pageSize
-        var done = 0
+    /// Installs pages [first, first+count) (global, one guest region) from
+    /// `payload` (nil = zeros) and settles them. Only pages still in `expected`
+    /// state are filled: a page the VMM removed meanwhile (UFFD_EVENT_REMOVE) is
+    /// skipped, never filled from the source. EEXIST means already present (wake);
+    /// EAGAIN (partial copy, or a remove pending) retries what is left after the
+    /// fault thread has read the pending events.
+    private func install(globalFirst first: Int, count: Int, payload: UnsafeRawBufferPointer?,
+                         expected: PageStates.State, onFaultThread: Bool) throws(TransportError) {
+        var i = 0
         var spins = 0
-        while done < len {
+        while i < count {
+            // The run of pages from i that may still be filled.
+            let run: Int = pages.lock.withLock {
+                while i < count, pages.state(first + i) != expected {
+                    pages.forgetRemovedInflight(first + i)
+                    i += 1
+                }
+                var n = 0
+                while i + n < count, pages.state(first + i + n) == expected { n += 1 }
+                return n
+            }
+            if run == 0 { break }
+            let dst = address(ofGlobal: first + i)
+            let len = run * pageSize
             let r: Userfaultfd.FillResult
             do {
                 if let payload {
-                    r = try uffd.copy(to: dst + UInt64(done), from: payload.baseAddress! + done, length: len - done)
+                    r = try uffd.copy(to: dst, from: payload.baseAddress! + i * pageSize, length: len)
                 } else {
-                    r = try uffd.zeropage(at: dst + UInt64(done), length: len - done)
+                    r = try uffd.zeropage(at: dst, length: len)
                 }
             } catch { throw .system(error) }
+            var filled = 0
             switch r {
             case .done:
-                done = len
+                filled = run
             case .exists(let n):
                 counters.eexist.add(1, ordering: .relaxed)
-                // Skip past the page that is already there; wake anyone waiting on it.
-                done += n
-                uffd.wake(dst + UInt64(done), length: pageSize)
-                done += pageSize
+                // Pages before the present one are in; wake anyone waiting on it.
+                filled = n / pageSize + 1
+                uffd.wake(dst + UInt64(n / pageSize * pageSize), length: pageSize)
             case .again(let n):
                 counters.eagain.add(1, ordering: .relaxed)
-                done += n
-                if n == 0 {
+                filled = n / pageSize
+                if filled == 0 {
                     spins += 1
-                    if spins > 100_000 { throw .system(SystemError("UFFDIO_COPY kept returning EAGAIN", errno: EAGAIN)) }
-                    sched_yield()
+                    if spins > 1_000_000 { throw .system(SystemError("UFFDIO_COPY kept returning EAGAIN", errno: EAGAIN)) }
+                    // A remove is pending: its event must be read before the
+                    // kernel finishes it, and only the fault thread reads events.
+                    if onFaultThread { try readEvents() } else { sched_yield() }
                 }
             }
+            if filled > 0 { settle(first + i, filled) }
+            i += filled
         }
+    }
+
+    /// Marks pages present, records the service latency of faults waiting on them.
+    private func settle(_ first: Int, _ count: Int) {
         let now = nowNanoseconds()
         var latencies: [UInt64] = []
         let complete: Bool = pages.lock.withLock {
@@ -229,12 +301,13 @@ public final class PostcopyEngine: @unchecked Sendable {
         let count = Int(h.pageCount)
         let expected: PageStates.State = h.pageClass == .background ? .inflightBackground : .inflightDemand
         let ok = pages.lock.withLock {
-            (first..<(first + count)).allSatisfy { pages.state($0) == expected }
+            (first..<(first + count)).allSatisfy { pages.state($0) == expected || pages.wasRemovedInflight($0) }
         }
         guard ok else {
             throw .protocolViolation("pages \(h.pageOffset)..<\(h.pageOffset + UInt64(h.pageCount)) of region \(h.region) were not requested as \(h.pageClass)")
         }
-        try install(globalFirst: first, count: count, payload: h.isZero ? nil : payload)
+        try install(globalFirst: first, count: count, payload: h.isZero ? nil : payload, expected: expected,
+                    onFaultThread: h.pageClass != .background)
         switch h.pageClass {
         case .background: counters.backgroundPages.add(UInt64(count), ordering: .relaxed)
         default: counters.demandPages.add(UInt64(count), ordering: .relaxed)
@@ -258,21 +331,23 @@ public final class PostcopyEngine: @unchecked Sendable {
             try epoll.add(demand.pollDescriptor, token: 2)
             try epoll.add(shutdown.fd.raw, token: 3)
         } catch { throw .system(error) }
-        let msgs = UnsafeMutablePointer<uffd_msg>.allocate(capacity: 64)
-        defer { msgs.deallocate() }
         var tokens: [UInt64] = []
         while true {
             do { try epoll.wait(&tokens, timeoutMs: -1) } catch { throw .system(error) }
             if tokens.contains(3) { return }
-            if tokens.contains(1) { try readFaults(msgs) }
+            if tokens.contains(1) { try readEvents() }
             if tokens.contains(2) {
                 demandInFlight -= try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
             }
+            try fillDeferredZeroPages()
             try submitDeferredDemand()
         }
     }
 
-    /// Demand requests waiting for room, oldest first (fault thread only).
+    /// Fault-thread-only state: the uffd message buffer, demand requests waiting
+    /// for room (oldest first), zero pages faulted on and not yet filled.
+    private let msgs = UnsafeMutablePointer<uffd_msg>.allocate(capacity: 64)
+    private var deferredZero: [Int] = []
     private var deferredDemand: [Int] = []
     private var demandInFlight = 0
     /// Demand requests in flight at most. Replies (a page each) must fit in the
@@ -291,13 +366,49 @@ public final class PostcopyEngine: @unchecked Sendable {
         deferredDemand.removeFirst(sent)
     }
 
-    private func readFaults(_ msgs: UnsafeMutablePointer<uffd_msg>) throws(TransportError) {
+    private func fillDeferredZeroPages() throws(TransportError) {
+        while let p = deferredZero.popLast() {
+            counters.zeroFaults.add(1, ordering: .relaxed)
+            try install(globalFirst: p, count: 1, payload: nil, expected: .inflightDemand, onFaultThread: true)
+        }
+    }
+
+    /// UFFD_EVENT_REMOVE: the VMM discarded [start, end) (MADV_DONTNEED: balloon,
+    /// hot-unplug). Those pages must never again be filled from the source; touched
+    /// later they read as zero. In-flight fetches for them are dropped on arrival,
+    /// and threads parked on them are woken to fault again (and get a zero page).
+    private func handleRemove(start: UInt64, end: UInt64) {
+        var lo = start & ~UInt64(pageSize - 1)
+        var touched: [(UInt64, Int)] = []
+        while lo < end {
+            guard let p = globalPage(lo) else { lo += UInt64(pageSize); continue }
+            let r = region(ofGlobal: p)
+            let last = min(end, r.base + UInt64(r.size))
+            let n = Int((last - lo + UInt64(pageSize) - 1) / UInt64(pageSize))
+            pages.lock.withLock {
+                for q in p..<(p + n) { pages.markRemoved(q) }
+                counters.settledPages.store(pages.settled, ordering: .relaxed)
+            }
+            touched.append((lo, n * pageSize))
+            lo += UInt64(n * pageSize)
+        }
+        counters.removedRanges.add(1, ordering: .relaxed)
+        for (a, len) in touched { uffd.wake(a, length: len) }
+        if pages.lock.withLock({ pages.isComplete }) { markComplete(at: nowNanoseconds()) }
+    }
+
+    private func readEvents() throws(TransportError) {
         while true {
             let n: Int
             do { n = try uffd.readEvents(msgs, max: 64) } catch { throw .system(error) }
             if n == 0 { return }
             let now = nowNanoseconds()
-            for i in 0..<n where msgs[i].event == CPC_UFFD_EVENT_PAGEFAULT {
+            for i in 0..<n {
+                if msgs[i].event == CPC_UFFD_EVENT_REMOVE {
+                    handleRemove(start: msgs[i].arg.remove.start, end: msgs[i].arg.remove.end)
+                    continue
+                }
+                guard msgs[i].event == CPC_UFFD_EVENT_PAGEFAULT else { continue }
                 let addr = msgs[i].arg.pagefault.address & ~UInt64(pageSize - 1)
                 guard let p = globalPage(addr) else {
                     logger.error("fault at 0x\(String(addr, radix: 16)) outside guest memory; ignored")
@@ -326,8 +437,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                     lastDemandPage.store(p, ordering: .relaxed)
                     deferredDemand.append(p)
                 case .zero:
-                    counters.zeroFaults.add(1, ordering: .relaxed)
-                    try install(globalFirst: p, count: 1, payload: nil)
+                    deferredZero.append(p)
                 case .wake:
                     // Installed between the fault and now; the copy already woke
                     // the range, but a wake is cheap and never loses a waiter.
@@ -377,7 +487,8 @@ public final class PostcopyEngine: @unchecked Sendable {
                 guard let run = pages.lock.withLock({ () -> (Int, Int)? in
                     guard let first = pages.nextMissing(from: cursor) else { return nil }
                     let (region, page) = table.locate(globalPage: first)
-                    let regionEnd = first - page + table.pageCount(region: region)
+                    let g = self.region(ofGlobal: first)
+                    let regionEnd = min(first - page + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize)
                     var n = 0
                     while n < config.batchPages, first + n < regionEnd, pages.state(first + n) == .missing {
                         pages.set(first + n, .inflightBackground)

@@ -60,6 +60,20 @@ final class PageStates: @unchecked Sendable {
         if waiting[p] == nil { waiting[p] = t }
     }
 
+    /// Pages the VMM removed while a fetch for them was in flight: the reply
+    /// for them is dropped, not treated as a protocol violation.
+    private var removedInflight: Set<Int> = []
+
+    /// UFFD_EVENT_REMOVE for page p: from now on it is zero (never fetched).
+    func markRemoved(_ p: Int) {
+        let s = state(p)
+        if s == .inflightDemand || s == .inflightBackground { removedInflight.insert(p) }
+        set(p, .zero)
+    }
+
+    func wasRemovedInflight(_ p: Int) -> Bool { removedInflight.contains(p) }
+    func forgetRemovedInflight(_ p: Int) { removedInflight.remove(p) }
+
     /// Removes and returns the first-fault time if a guest waited on page p.
     func takeWaiter(_ p: Int) -> UInt64? { waiting.removeValue(forKey: p) }
 
