@@ -42,11 +42,18 @@ let package = Package(
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
                 .product(name: "Logging", package: "swift-log"),
             ]),
+        // VMM handoff: Firecracker's external page-fault handler protocol.
+        .target(
+            name: "PostcopyHandoff",
+            dependencies: [
+                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyDestination",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         .executableTarget(
             name: "postcopy",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
-                "PostcopySource", "PostcopyDestination",
+                "PostcopySource", "PostcopyDestination", "PostcopyHandoff",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -55,7 +62,7 @@ let package = Package(
             name: "PostcopyIntegrationTests",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
-                "PostcopySource", "PostcopyDestination",
+                "PostcopySource", "PostcopyDestination", "PostcopyHandoff",
                 .product(name: "Logging", package: "swift-log"),
             ]),
     ],

@@ -163,6 +163,12 @@ public final class PostcopyEngine: @unchecked Sendable {
         }
     }
 
+    /// Readable once the engine completed or failed (for a caller's poll set).
+    public var completionDescriptor: Int32 { completion.fd.raw }
+
+    /// The error that stopped the engine, if one did.
+    public var failureReason: TransportError? { failure.withLock { $0 } }
+
     /// Blocks until every page is present (or zero) or the engine failed.
     public func waitForCompletion(tick: (() -> Void)? = nil) throws(TransportError) {
         while cpc_poll1(completion.fd.raw, Int16(POLLIN), 200) == 0 { tick?() }
@@ -332,15 +338,22 @@ public final class PostcopyEngine: @unchecked Sendable {
             try epoll.add(shutdown.fd.raw, token: 3)
         } catch { throw .system(error) }
         var tokens: [UInt64] = []
+        var demandAttached = true
         while true {
             do { try epoll.wait(&tokens, timeoutMs: -1) } catch { throw .system(error) }
             if tokens.contains(3) { return }
             if tokens.contains(1) { try readEvents() }
-            if tokens.contains(2) {
+            if demandAttached && tokens.contains(2) {
                 demandInFlight -= try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
             }
             try fillDeferredZeroPages()
             try submitDeferredDemand()
+            if demandAttached, streamEnd != 0, demandInFlight == 0, deferredDemand.isEmpty {
+                // Every page is in: nothing more comes from the source. The thread
+                // stays to serve late faults on zero pages and REMOVE events.
+                epoll.remove(demand.pollDescriptor)
+                demandAttached = false
+            }
         }
     }
 

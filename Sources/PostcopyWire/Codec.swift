@@ -78,7 +78,8 @@ public enum Codec {
             w.raw(d.data)
         case .complete(let c):
             w.u64(c.pagesReceived)
-            w.u64(c.digest)
+            w.u8(c.digest == nil ? 0 : 1)
+            w.u64(c.digest ?? 0)
         case .completeAck(let a):
             w.u8(a.digestMatches ? 1 : 0)
             w.u64(a.pagesSentTwice)
@@ -204,7 +205,11 @@ public enum Codec {
             }
             message = .deviceState(DeviceState(totalSize: total, offset: offset, data: try r.bytes(r.remaining, "deviceState.data")))
         case .complete:
-            message = .complete(Complete(pagesReceived: try r.u64("complete.pagesReceived"), digest: try r.u64("complete.digest")))
+            let pages = try r.u64("complete.pagesReceived")
+            let has = try r.u8("complete.hasDigest")
+            guard has <= 1 else { throw .invalid(field: "complete.hasDigest", reason: "\(has)") }
+            let digest = try r.u64("complete.digest")
+            message = .complete(Complete(pagesReceived: pages, digest: has == 1 ? digest : nil))
         case .completeAck:
             let m = try r.u8("completeAck.digestMatches")
             guard m <= 1 else { throw .invalid(field: "completeAck.digestMatches", reason: "\(m)") }

@@ -219,11 +219,13 @@ public struct DeviceState: Sendable, Equatable {
     }
 }
 
-/// Sent by the destination once every page is in.
+/// Sent by the destination once every page is in. `digest` is nil when the
+/// destination cannot read guest memory (a page-fault handler serving a VMM's
+/// uffd only installs pages; the VMM checks integrity itself).
 public struct Complete: Sendable, Equatable {
     public var pagesReceived: UInt64
-    public var digest: UInt64
-    public init(pagesReceived: UInt64, digest: UInt64) {
+    public var digest: UInt64?
+    public init(pagesReceived: UInt64, digest: UInt64?) {
         self.pagesReceived = pagesReceived
         self.digest = digest
     }

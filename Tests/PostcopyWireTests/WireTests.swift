@@ -45,6 +45,7 @@ private func allSampleFrames() -> [[UInt8]] {
             Codec.encode(.deviceStateRequest(DeviceStateRequest(offset: 3, maxLength: 100))),
             Codec.encode(.deviceState(DeviceState(totalSize: 10, offset: 4, data: [1, 2, 3]))),
             Codec.encode(.complete(Complete(pagesReceived: 99, digest: 1234))),
+            Codec.encode(.complete(Complete(pagesReceived: 99, digest: nil))),
             Codec.encode(.completeAck(CompleteAck(digestMatches: true, pagesSentTwice: 0))),
         ]
     }
@@ -93,8 +94,8 @@ struct WireCodecTests {
 
     @Test func littleEndianOnTheWire() {
         let bytes = Codec.encode(.complete(Complete(pagesReceived: 0x0102_0304_0506_0708, digest: 0)))
-        // header: magic "PC" = 0x4350 little-endian, type 10, flags 0, length 16
-        #expect(Array(bytes[0..<8]) == [0x50, 0x43, 10, 0, 16, 0, 0, 0])
+        // header: magic "PC" = 0x4350 little-endian, type 10, flags 0, length 17
+        #expect(Array(bytes[0..<8]) == [0x50, 0x43, 10, 0, 17, 0, 0, 0])
         #expect(Array(bytes[8..<16]) == [8, 7, 6, 5, 4, 3, 2, 1])
     }
 

@@ -1,0 +1,226 @@
+import CPostcopy
+import Foundation
+import Logging
+import PostcopyCore
+import PostcopyDestination
+import PostcopyTransport
+import PostcopyWire
+import Synchronization
+
+/// What one VMM session did, reported when it ends.
+public struct HandoffSessionReport: Sendable, Codable {
+    public var vmmPid: Int32
+    public var regions: Int
+    public var guestBytes: Int
+    public var completed: Bool
+    public var error: String?
+    public var faults: UInt64
+    public var demandPages: UInt64
+    public var backgroundPages: UInt64
+    public var zeroPagesFaulted: UInt64
+    public var removeEvents: UInt64
+    public var timeToFullCopySeconds: Double?
+    public var faultLatency: LatencySummary
+
+    enum CodingKeys: String, CodingKey {
+        case vmmPid = "vmm_pid", regions, guestBytes = "guest_bytes", completed, error, faults
+        case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted"
+        case removeEvents = "remove_events", timeToFullCopySeconds = "time_to_full_copy_seconds", faultLatency = "fault_latency"
+    }
+}
+
+/// Counters of a handoff daemon.
+public final class HandoffStats: Sendable {
+    public let accepted = Atomic<UInt64>(0)
+    public let rejected = Atomic<UInt64>(0)
+    public let completed = Atomic<UInt64>(0)
+    public let ended = Atomic<UInt64>(0)
+    public let lastRejection = Mutex<String?>(nil)
+    public let reports = Mutex<[HandoffSessionReport]>([])
+}
+
+/// The destination daemon's VMM socket, speaking Firecracker's protocol for
+/// external page-fault handlers: a VMM connects, sends in one `sendmsg` a JSON
+/// array of its regions with its userfaultfd as the single SCM_RIGHTS fd, and
+/// keeps the socket open while it runs. Each VMM gets its own source session and
+/// engine; a bad message or a VMM going away ends only that VMM's session.
+public final class HandoffServer: Sendable {
+    public let path: String
+    public let source: Endpoint
+    public let engineConfig: EngineConfig
+    public let logger: Logger
+    public let stats = HandoffStats()
+    private let listenFD: OwnedFD
+    private let stopping = Atomic<Bool>(false)
+    private let acceptThread = Mutex<PThread?>(nil)
+    private let sessions = Mutex<[PThread]>([])
+    private let sessionEnded: EventFD
+
+    public init(path: String, source: Endpoint, engineConfig: EngineConfig, logger: Logger) throws(HandoffError) {
+        self.path = path
+        self.source = source
+        self.engineConfig = engineConfig
+        self.logger = logger
+        let fd = cpc_unix_listen(path, 16)
+        guard fd >= 0 else { throw .system(SystemError("listen on unix socket \(path)", errno: -fd)) }
+        listenFD = OwnedFD(fd)
+        do { sessionEnded = try EventFD() } catch { throw .system(error) }
+    }
+
+    public func start() {
+        let t = PThread(name: "handoff-accept") { [self] in
+            while !stopping.load(ordering: .relaxed) {
+                let c = cpc_unix_accept(listenFD.raw)
+                if c < 0 {
+                    if c == -EINVAL || c == -EBADF || stopping.load(ordering: .relaxed) { return }
+                    continue
+                }
+                stats.accepted.add(1, ordering: .relaxed)
+                let conn = OwnedFD(c)
+                let s = PThread(name: "handoff-vmm") { [self] in
+                    serveVMM(conn)
+                    conn.close()
+                    stats.ended.add(1, ordering: .relaxed)
+                    sessionEnded.signal()
+                }
+                sessions.withLock { $0.append(s) }
+            }
+        }
+        acceptThread.withLock { $0 = t }
+    }
+
+    /// Blocks until `count` VMM sessions have ended (0: until `stop()`).
+    public func wait(sessions count: UInt64) {
+        while !stopping.load(ordering: .relaxed) {
+            if count > 0 && stats.ended.load(ordering: .relaxed) >= count { return }
+            _ = cpc_poll1(sessionEnded.fd.raw, Int16(POLLIN), 500)
+            sessionEnded.drain()
+        }
+    }
+
+    public func stop() {
+        guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        _ = cpc_shutdown(listenFD.raw)
+        acceptThread.withLock { $0 }?.join()
+        listenFD.close()
+        unlink(path)
+        sessionEnded.signal()
+        for s in sessions.withLock({ $0 }) { s.join() }
+    }
+
+    private func reject(_ pid: Int32, _ error: HandoffError) {
+        stats.rejected.add(1, ordering: .relaxed)
+        stats.lastRejection.withLock { $0 = error.description }
+        logger.error("VMM pid \(pid): handoff refused: \(error)")
+    }
+
+    /// Reads the one handoff message: JSON bytes and the fds that came with it.
+    private func receiveHandoff(_ conn: OwnedFD) throws(HandoffError) -> ([UInt8], Int32) {
+        var buf = [UInt8](repeating: 0, count: HandoffMessage.maxBytes)
+        var fds = [Int32](repeating: -1, count: 4)
+        var nfds: Int32 = 0, ctrunc: Int32 = 0
+        // The VMM sends right after connecting; a silent peer is not a VMM.
+        guard cpc_poll1(conn.raw, Int16(POLLIN), 10_000) > 0 else {
+            throw .malformedJSON("no handoff message within 10 s")
+        }
+        let n = buf.withUnsafeMutableBytes { b in
+            fds.withUnsafeMutableBufferPointer { f in
+                cpc_recv_with_fds(conn.raw, b.baseAddress, b.count, f.baseAddress, 4, &nfds, &ctrunc)
+            }
+        }
+        let received = Array(fds.prefix(Int(min(nfds, 4))))
+        func closeAll() { for fd in received { close(fd) } }
+        if n < 0 { closeAll(); throw .system(SystemError("recvmsg from VMM", errno: Int32(-n))) }
+        if n == 0 { closeAll(); throw .malformedJSON("the VMM closed the socket without sending its regions") }
+        if nfds > 1 || ctrunc != 0 { closeAll(); throw .tooManyFileDescriptors(Int(nfds)) }
+        guard nfds == 1 else { throw .noFileDescriptor }
+        return (Array(buf.prefix(n)), received[0])
+    }
+
+    private func serveVMM(_ conn: OwnedFD) {
+        let pid = cpc_peer_pid(conn.raw)
+        let json: [UInt8]
+        let uffdFD: Int32
+        do {
+            (json, uffdFD) = try receiveHandoff(conn)
+        } catch {
+            reject(pid, error)
+            return
+        }
+        let uffd = Userfaultfd(adopting: uffdFD)
+        let regions: [VMMRegion]
+        do {
+            regions = try HandoffMessage.parse(json, hostPageSize: Int(getpagesize()))
+        } catch {
+            reject(pid, error)
+            return
+        }
+        let transport = TCPTransport(endpoint: source, maxBatchPages: engineConfig.batchPages)
+        defer { transport.close() }
+        let engine: PostcopyEngine
+        do {
+            let info = try transport.connect()
+            let table = info.table
+            let ps = UInt64(table.pageSize)
+            let guest = regions.map {
+                GuestRegion(base: $0.base, size: Int($0.size), sourceFirstPage: Int($0.offset / ps))
+            }
+            if let problem = GuestRegion.layoutProblem(guest, table: table) { throw HandoffError.layout(problem) }
+            var zeroMaps: [ZeroMap] = []
+            for i in 0..<table.regions.count {
+                let pages = UInt64(table.pageCount(region: i))
+                var first: UInt64 = 0
+                while first < pages {
+                    let n = min(pages - first, 1 << 22)
+                    zeroMaps.append(try transport.fetchZeroMap(region: UInt16(i), firstPage: first, pageCount: n))
+                    first += n
+                }
+            }
+            let demand = try transport.openChannel(.demand)
+            let background = try transport.openChannel(.background)
+            engine = try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: zeroMaps,
+                                        demand: demand, background: background, config: engineConfig, logger: logger)
+        } catch let e as HandoffError {
+            reject(pid, e)
+            return
+        } catch {
+            reject(pid, .source("\(error)"))
+            return
+        }
+        logger.info("VMM pid \(pid): serving \(regions.count) region(s), \(formatBytes(Double(regions.reduce(0) { $0 + $1.size })))")
+        engine.start()
+        var completed = false
+        var failure: String?
+        // Serve until the VMM goes away (its socket closes); after completion the
+        // engine keeps serving late zero-page faults and REMOVE events.
+        while !stopping.load(ordering: .relaxed) {
+            let ready = cpc_poll1(conn.raw, Int16(POLLIN), 50)
+            if ready > 0 {
+                var b: UInt8 = 0
+                if recv(conn.raw, &b, 1, Int32(MSG_DONTWAIT)) <= 0 { break }  // EOF: the VMM is gone
+            }
+            if !completed, failure == nil, cpc_poll1(engine.completionDescriptor, Int16(POLLIN), 0) > 0 {
+                if let e = engine.failureReason {
+                    failure = e.description
+                    logger.error("VMM pid \(pid): postcopy failed: \(e); its vCPUs stay parked on missing pages")
+                } else {
+                    completed = true
+                    stats.completed.add(1, ordering: .relaxed)
+                    let ack = try? transport.complete(Complete(pagesReceived: UInt64(engine.table.totalPages), digest: nil))
+                    logger.info("VMM pid \(pid): every page is in (source acknowledged: \(ack != nil))")
+                }
+            }
+        }
+        engine.stop()
+        let c = engine.counters
+        let report = HandoffSessionReport(
+            vmmPid: pid, regions: regions.count, guestBytes: Int(regions.reduce(0) { $0 + $1.size }), completed: completed,
+            error: failure, faults: c.faults.load(ordering: .relaxed), demandPages: c.demandPages.load(ordering: .relaxed),
+            backgroundPages: c.backgroundPages.load(ordering: .relaxed), zeroPagesFaulted: c.zeroFaults.load(ordering: .relaxed),
+            removeEvents: c.removedRanges.load(ordering: .relaxed),
+            timeToFullCopySeconds: completed ? Double(engine.streamEnd - engine.streamStart) / 1e9 : nil,
+            faultLatency: engine.faultLatency.snapshot())
+        stats.reports.withLock { $0.append(report) }
+        logger.info("VMM pid \(pid) went away; its session is released")
+    }
+}
