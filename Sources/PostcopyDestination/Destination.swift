@@ -157,7 +157,7 @@ public final class StandaloneDestination: Sendable {
                     first += n
                 }
             }
-            deviceState = try transport.fetchDeviceState(size: info.welcome.deviceStateSize)
+            deviceState = try transport.fetchDeviceState(timeoutMs: 60_000)
             demand = try transport.openChannel(.demand)
             background = try transport.openChannel(.background)
         } catch { throw .transport(error) }

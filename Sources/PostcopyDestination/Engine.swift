@@ -122,8 +122,16 @@ public final class PostcopyEngine: @unchecked Sendable {
         completion.signal()
     }
 
+    /// Fetches the zero map on the background thread when it was not known at
+    /// start (the source guest had not paused yet): demand faults are served at
+    /// once meanwhile, the stream starts once it is in.
+    public typealias ZeroMapProvider = @Sendable () throws(TransportError) -> [ZeroMap]
+    private let zeroMapProvider: ZeroMapProvider?
+
     public init(uffd: Userfaultfd, regions: [GuestRegion], session: SessionInfo, zeroMaps: [ZeroMap],
+                zeroMapProvider: ZeroMapProvider? = nil,
                 demand: PageChannel, background: PageChannel?, config: EngineConfig, logger: Logger) throws(SystemError) {
+        self.zeroMapProvider = zeroMapProvider
         if let problem = GuestRegion.layoutProblem(regions, table: session.table) {
             throw SystemError("guest memory layout: \(problem)", errno: EINVAL)
         }
@@ -137,6 +145,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         self.background = background
         shutdown = try EventFD()
         completion = try EventFD()
+        backgroundDone = try EventFD()
         let pages = PageStates(count: session.table.totalPages)
         let firstGlobal = session.table.firstGlobalPage
         zeroPagesAtStart = pages.lock.withLock {
@@ -159,8 +168,20 @@ public final class PostcopyEngine: @unchecked Sendable {
         if config.background, background != nil {
             threads.append(PThread(name: "bg-stream", priority: config.backgroundPriority) { [self] in
                 guarded { () throws(TransportError) in try backgroundLoop() }
+                backgroundDone.signal()
             })
+        } else {
+            backgroundDone.signal()
         }
+    }
+
+    /// Signalled when the background thread has ended: every reply it asked for
+    /// arrived, so its channel (the main connection) is free for control calls.
+    private let backgroundDone: EventFD
+
+    /// Waits until the background thread has ended (true) or `timeoutMs` passed.
+    public func waitForBackgroundDone(timeoutMs: Int32) -> Bool {
+        cpc_poll1(backgroundDone.fd.raw, Int16(POLLIN), timeoutMs) > 0
     }
 
     /// Readable once the engine completed or failed (for a caller's poll set).
@@ -466,6 +487,20 @@ public final class PostcopyEngine: @unchecked Sendable {
 
     private func backgroundLoop() throws(TransportError) {
         guard let background else { return }
+        if let zeroMapProvider {
+            let maps = try zeroMapProvider()
+            let complete: Bool = pages.lock.withLock {
+                for z in maps {
+                    let first = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
+                    for i in 0..<Int(z.pageCount) where z.isZero(i) && pages.state(first + i) == .missing {
+                        pages.set(first + i, .zero)
+                    }
+                }
+                counters.settledPages.store(pages.settled, ordering: .relaxed)
+                return pages.isComplete
+            }
+            if complete { markComplete(at: nowNanoseconds()) }
+        }
         let epoll: Epoll
         do {
             epoll = try Epoll()

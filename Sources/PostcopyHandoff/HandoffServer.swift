@@ -166,19 +166,13 @@ public final class HandoffServer: Sendable {
                 GuestRegion(base: $0.base, size: Int($0.size), sourceFirstPage: Int($0.offset / ps))
             }
             if let problem = GuestRegion.layoutProblem(guest, table: table) { throw HandoffError.layout(problem) }
-            var zeroMaps: [ZeroMap] = []
-            for i in 0..<table.regions.count {
-                let pages = UInt64(table.pageCount(region: i))
-                var first: UInt64 = 0
-                while first < pages {
-                    let n = min(pages - first, 1 << 22)
-                    zeroMaps.append(try transport.fetchZeroMap(region: UInt16(i), firstPage: first, pageCount: n))
-                    first += n
-                }
-            }
             let demand = try transport.openChannel(.demand)
             let background = try transport.openChannel(.background)
-            engine = try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: zeroMaps,
+            // The source guest may still be running: the zero map exists only once
+            // it paused, so the background thread fetches it; faults are served now.
+            let t = transport
+            engine = try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: [],
+                                        zeroMapProvider: { () throws(TransportError) in try fetchZeroMaps(t, table) },
                                         demand: demand, background: background, config: engineConfig, logger: logger)
         } catch let e as HandoffError {
             reject(pid, e)
@@ -206,7 +200,10 @@ public final class HandoffServer: Sendable {
                 } else {
                     completed = true
                     stats.completed.add(1, ordering: .relaxed)
-                    let ack = try? transport.complete(Complete(pagesReceived: UInt64(engine.table.totalPages), digest: nil))
+                    // Replies for pages the VMM removed may still be on their way
+                    // on the main connection; it is free once the stream has ended.
+                    let idle = engine.waitForBackgroundDone(timeoutMs: 30_000)
+                    let ack = idle ? try? transport.complete(Complete(pagesReceived: UInt64(engine.table.totalPages), digest: nil)) : nil
                     logger.info("VMM pid \(pid): every page is in (source acknowledged: \(ack != nil))")
                 }
             }
@@ -223,4 +220,19 @@ public final class HandoffServer: Sendable {
         stats.reports.withLock { $0.append(report) }
         logger.info("VMM pid \(pid) went away; its session is released")
     }
+}
+
+/// The whole zero map, in chunks the source accepts.
+func fetchZeroMaps(_ transport: Transport, _ table: RegionTable) throws(TransportError) -> [ZeroMap] {
+    var maps: [ZeroMap] = []
+    for i in 0..<table.regions.count {
+        let pages = UInt64(table.pageCount(region: i))
+        var first: UInt64 = 0
+        while first < pages {
+            let n = min(pages - first, 1 << 22)
+            maps.append(try transport.fetchZeroMap(region: UInt16(i), firstPage: first, pageCount: n))
+            first += n
+        }
+    }
+    return maps
 }

@@ -8,40 +8,6 @@ import Synchronization
 import Glibc
 #endif
 
-/// What a source serves: guest RAM from a memory file (mapped, never copied into
-/// the heap), its zero-page map, its digest, and the device-state blob.
-public final class SourceMemory: Sendable {
-    public let mapping: MemoryMapping
-    public let table: RegionTable
-    /// One bit per page (global numbering), set when the page is all zeros.
-    public let zeroBits: [UInt8]
-    public let zeroPages: Int
-    public let digest: UInt64
-    public let deviceState: [UInt8]
-
-    /// Maps `file` read-only as one region and scans it (zero pages, digest).
-    public init(file: MemoryFile, pageSize: Int, deviceState: [UInt8]) throws(SystemError) {
-        guard file.size > 0, file.size % pageSize == 0 else {
-            throw SystemError("memory file \(file.path) is \(file.size) bytes, not a positive multiple of the page size \(pageSize)", errno: EINVAL)
-        }
-        mapping = try MemoryMapping.file(fd: file.fd.raw, length: file.size, writable: false)
-        table = RegionTable(pageSize: pageSize, regions: [RegionDescriptor(size: UInt64(file.size), sourceOffset: 0, name: "ram")])
-        let pages = file.size / pageSize
-        var bits = [UInt8](repeating: 0, count: (pages + 7) / 8)
-        var zeros = 0
-        for p in 0..<pages where cpc_is_zero(mapping.base + p * pageSize, pageSize) != 0 {
-            bits[p >> 3] |= 1 << UInt8(p & 7)
-            zeros += 1
-        }
-        zeroBits = bits
-        zeroPages = zeros
-        digest = MemoryDigest.compute(regions: [mapping.bytes])
-        self.deviceState = deviceState
-    }
-
-    func isZero(globalPage p: Int) -> Bool { zeroBits[p >> 3] & (1 << UInt8(p & 7)) != 0 }
-}
-
 /// Counters of one source, readable while it serves.
 public final class SourceStats: Sendable {
     public let demandPages = Atomic<UInt64>(0)
@@ -211,9 +177,14 @@ public final class PageServer: Sendable {
         }
         let pageSize = memory.table.pageSize
         conn.pageSize = pageSize
+        // Digest and device-state size are known here only once the guest paused
+        // and RAM was scanned; 0 means "not yet" (the replies to the later
+        // requests carry them).
+        let scan = memory.scanIfDone
         try conn.send(.welcome(Welcome(pageSize: UInt32(pageSize), sessionID: session.id,
                                        capabilities: [.zeroMap, .urgentChannel], regions: memory.table.regions,
-                                       digest: memory.digest, deviceStateSize: UInt64(memory.deviceState.count))))
+                                       digest: scan?.digest ?? 0,
+                                       deviceStateSize: UInt64(memory.waitForDeviceState(timeoutMs: 0)?.count ?? 0))))
         logger.info("\(hello.role) channel from \(conn.peer) joined session \(session.id)")
         while true {
             let m = try conn.receive()
@@ -223,13 +194,25 @@ public final class PageServer: Sendable {
             case .zeroMapRequest(let z):
                 try conn.send(.zeroMap(try zeroMap(z)))
             case .deviceStateRequest(let d):
-                let total = UInt64(memory.deviceState.count)
+                // Waits for the pause: a destination VMM asks ahead of time, like QEMU's -incoming.
+                guard let state = waitUntilFrozen(conn) else { return }
+                let total = UInt64(state.count)
                 guard d.offset <= total else { throw .protocolViolation("device state offset \(d.offset) beyond \(total)") }
                 let n = Int(min(UInt64(d.maxLength), total - d.offset, 1 << 19))
                 let start = Int(d.offset)
-                try conn.send(.deviceState(DeviceState(totalSize: total, offset: d.offset, data: Array(memory.deviceState[start..<(start + n)]))))
+                try conn.send(.deviceState(DeviceState(totalSize: total, offset: d.offset, data: Array(state[start..<(start + n)]))))
+            case .pageDigestRequest(let r):
+                let table = memory.table
+                do { try table.validate(region: r.region, pageOffset: r.firstPage, pageCount: UInt64(r.pageCount)) } catch {
+                    throw .protocolViolation(error.description)
+                }
+                guard waitUntilFrozen(conn) != nil, let scan = waitForScan() else { return }
+                let first = table.firstGlobalPage[Int(r.region)] + Int(r.firstPage)
+                try conn.send(.pageDigests(PageDigests(region: r.region, firstPage: r.firstPage,
+                                                       digests: Array(scan.pageDigests[first..<(first + Int(r.pageCount))]))))
             case .complete(let c):
-                let matches = c.digest == memory.digest && c.pagesReceived == UInt64(memory.table.totalPages)
+                let sourceDigest = waitForScan()?.digest ?? 0
+                let matches = c.digest == sourceDigest && c.pagesReceived == UInt64(memory.table.totalPages)
                 stats.lastDigestMatched.store(matches, ordering: .relaxed)
                 let twice = stats.pagesSentTwice.load(ordering: .relaxed)
                 try conn.send(.completeAck(CompleteAck(digestMatches: matches, pagesSentTwice: twice)))
@@ -237,7 +220,7 @@ public final class PageServer: Sendable {
                     if matches {
                         logger.info("session \(session.id) complete: destination digest matches")
                     } else {
-                        logger.error("session \(session.id) complete but destination digest \(MemoryDigest.hex(d)) != source \(MemoryDigest.hex(memory.digest))")
+                        logger.error("session \(session.id) complete but destination digest \(MemoryDigest.hex(d)) != source \(MemoryDigest.hex(sourceDigest))")
                     }
                 } else {
                     logger.info("session \(session.id) complete: \(c.pagesReceived) pages in (the destination's VMM checks integrity)")
@@ -251,7 +234,28 @@ public final class PageServer: Sendable {
         }
     }
 
+    /// The RAM scan (after the pause); nil when the server stops first.
+    private func waitForScan() -> MemoryScan? {
+        while !stopping.load(ordering: .relaxed) {
+            if let s = memory.waitForScan(timeoutMs: 200) { return s }
+        }
+        return nil
+    }
+
+    /// Waits for the guest to pause; nil when the server stops or the peer leaves first.
+    private func waitUntilFrozen(_ conn: TCPConnection) -> [UInt8]? {
+        while !stopping.load(ordering: .relaxed) {
+            if let s = memory.waitForDeviceState(timeoutMs: 200) { return s }
+            // A peer that hung up while waiting is not worth waiting for.
+            if cpc_poll1(conn.fd.raw, Int16(POLLIN), 0) > 0, (try? conn.tryReceive()) == nil { return nil }
+        }
+        return nil
+    }
+
     private func servePages(_ r: PageRequest, conn: TCPConnection, session: SourceSession) throws(TransportError) {
+        guard memory.isFrozen else {
+            throw .protocolViolation("page request before the guest paused (its RAM is still changing)")
+        }
         let table = memory.table
         do {
             try table.validate(region: r.region, pageOffset: r.pageOffset, pageCount: UInt64(r.pageCount))
@@ -263,8 +267,7 @@ public final class PageServer: Sendable {
         let pageSize = table.pageSize
         let global = table.firstGlobalPage[Int(r.region)] + Int(r.pageOffset)
         let count = Int(r.pageCount)
-        var allZero = true
-        for p in global..<(global + count) where !memory.isZero(globalPage: p) { allZero = false; break }
+        let allZero = memory.allZero(globalFirst: global, count: count)
         let dup = session.markSent(globalFirst: global, count: count)
         if dup > 0 { stats.pagesSentTwice.add(UInt64(dup), ordering: .relaxed) }
         switch r.pageClass {
@@ -293,9 +296,10 @@ public final class PageServer: Sendable {
         do {
             try table.validate(region: z.region, pageOffset: z.firstPage, pageCount: z.pageCount)
         } catch { throw .protocolViolation(error.description) }
+        guard let scan = waitForScan() else { throw .closed("source stopping") }
         let global = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
         var bits = [UInt8](repeating: 0, count: Int((z.pageCount + 7) / 8))
-        for i in 0..<Int(z.pageCount) where memory.isZero(globalPage: global + i) {
+        for i in 0..<Int(z.pageCount) where scan.zeroBits[(global + i) >> 3] & (1 << UInt8((global + i) & 7)) != 0 {
             bits[i >> 3] |= 1 << UInt8(i & 7)
         }
         return ZeroMap(region: z.region, firstPage: z.firstPage, pageCount: z.pageCount, bits: bits)

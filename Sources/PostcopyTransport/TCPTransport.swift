@@ -60,31 +60,45 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         return ch
     }
 
-    private func control(_ m: Message) throws(TransportError) -> Message {
+    private func control(_ m: Message, timeoutMs: Int32 = 60_000) throws(TransportError) -> Message {
         guard let main else { throw .protocolViolation("control call before connect") }
         try main.send(m)
-        return try main.receive(timeoutMs: 60_000)
+        return try main.receive(timeoutMs: timeoutMs)
     }
 
     public func fetchZeroMap(region: UInt16, firstPage: UInt64, pageCount: UInt64) throws(TransportError) -> ZeroMap {
-        let r = try control(.zeroMapRequest(ZeroMapRequest(region: region, firstPage: firstPage, pageCount: pageCount)))
+        // Answered once the source guest paused and RAM was scanned: no timeout.
+        let r = try control(.zeroMapRequest(ZeroMapRequest(region: region, firstPage: firstPage, pageCount: pageCount)), timeoutMs: -1)
         guard case .zeroMap(let z) = r, z.region == region, z.firstPage == firstPage, z.pageCount == pageCount else {
             throw .protocolViolation("zero map reply does not match the request")
         }
         return z
     }
 
-    public func fetchDeviceState(size: UInt64) throws(TransportError) -> [UInt8] {
+    public func fetchDeviceState(timeoutMs: Int32) throws(TransportError) -> [UInt8] {
         var out: [UInt8] = []
-        out.reserveCapacity(Int(size))
-        while UInt64(out.count) < size {
-            let r = try control(.deviceStateRequest(DeviceStateRequest(offset: UInt64(out.count), maxLength: 1 << 19)))
-            guard case .deviceState(let d) = r, d.offset == UInt64(out.count), d.totalSize == size, !d.data.isEmpty else {
+        var total: UInt64 = 1
+        var first = true
+        while UInt64(out.count) < total {
+            let r = try control(.deviceStateRequest(DeviceStateRequest(offset: UInt64(out.count), maxLength: 1 << 19)),
+                                timeoutMs: first ? timeoutMs : 60_000)
+            guard case .deviceState(let d) = r, d.offset == UInt64(out.count), first || d.totalSize == total,
+                  !d.data.isEmpty || d.totalSize == 0 else {
                 throw .protocolViolation("device state reply does not match the request")
             }
+            total = d.totalSize
+            first = false
             out += d.data
         }
         return out
+    }
+
+    public func fetchPageDigests(region: UInt16, firstPage: UInt64, pageCount: UInt32) throws(TransportError) -> [UInt64] {
+        let r = try control(.pageDigestRequest(PageDigestRequest(region: region, firstPage: firstPage, pageCount: pageCount)))
+        guard case .pageDigests(let d) = r, d.region == region, d.firstPage == firstPage, d.digests.count == Int(pageCount) else {
+            throw .protocolViolation("page digest reply does not match the request")
+        }
+        return d.digests
     }
 
     public func complete(_ c: Complete) throws(TransportError) -> CompleteAck {

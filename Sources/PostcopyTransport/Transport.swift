@@ -43,7 +43,10 @@ public protocol Transport: AnyObject, Sendable {
     func connect() throws(TransportError) -> SessionInfo
     func openChannel(_ kind: ChannelKind) throws(TransportError) -> PageChannel
     func fetchZeroMap(region: UInt16, firstPage: UInt64, pageCount: UInt64) throws(TransportError) -> ZeroMap
-    func fetchDeviceState(size: UInt64) throws(TransportError) -> [UInt8]
+    /// The device state; waits (up to `timeoutMs`) until the source guest paused.
+    func fetchDeviceState(timeoutMs: Int32) throws(TransportError) -> [UInt8]
+    /// xxh64 of each page, as the source's RAM was at pause.
+    func fetchPageDigests(region: UInt16, firstPage: UInt64, pageCount: UInt32) throws(TransportError) -> [UInt64]
     func complete(_ c: Complete) throws(TransportError) -> CompleteAck
     /// Bytes put on and taken off the wire so far, every channel and header included.
     var bytesOnWire: (sent: UInt64, received: UInt64) { get }

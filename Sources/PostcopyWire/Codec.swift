@@ -83,6 +83,15 @@ public enum Codec {
         case .completeAck(let a):
             w.u8(a.digestMatches ? 1 : 0)
             w.u64(a.pagesSentTwice)
+        case .pageDigestRequest(let r):
+            w.u16(r.region)
+            w.u64(r.firstPage)
+            w.u32(r.pageCount)
+        case .pageDigests(let d):
+            w.u16(d.region)
+            w.u64(d.firstPage)
+            w.u32(UInt32(d.digests.count))
+            for x in d.digests { w.u64(x) }
         }
         endFrame(&w)
         return w.bytes
@@ -214,6 +223,25 @@ public enum Codec {
             let m = try r.u8("completeAck.digestMatches")
             guard m <= 1 else { throw .invalid(field: "completeAck.digestMatches", reason: "\(m)") }
             message = .completeAck(CompleteAck(digestMatches: m == 1, pagesSentTwice: try r.u64("completeAck.pagesSentTwice")))
+        case .pageDigestRequest:
+            let region = try r.u16("pageDigestRequest.region")
+            let first = try r.u64("pageDigestRequest.firstPage")
+            let count = try r.u32("pageDigestRequest.pageCount")
+            guard count >= 1, count <= PageDigests.maxPages else {
+                throw .invalid(field: "pageDigestRequest.pageCount", reason: "\(count) pages (1...\(PageDigests.maxPages) allowed)")
+            }
+            message = .pageDigestRequest(PageDigestRequest(region: region, firstPage: first, pageCount: count))
+        case .pageDigests:
+            let region = try r.u16("pageDigests.region")
+            let first = try r.u64("pageDigests.firstPage")
+            let count = try r.u32("pageDigests.count")
+            guard count <= PageDigests.maxPages, r.remaining == Int(count) * 8 else {
+                throw .invalid(field: "pageDigests", reason: "\(r.remaining) bytes for \(count) digests")
+            }
+            var d: [UInt64] = []
+            d.reserveCapacity(Int(count))
+            for _ in 0..<count { d.append(try r.u64("pageDigests.digest")) }
+            message = .pageDigests(PageDigests(region: region, firstPage: first, digests: d))
         }
         try r.expectEnd("message body")
         return message

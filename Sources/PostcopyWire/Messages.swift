@@ -40,6 +40,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case deviceState = 9
     case complete = 10
     case completeAck = 11
+    case pageDigestRequest = 12
+    case pageDigests = 13
 }
 
 /// Which connection of a session this is. Demand pages travel on `.urgent`, so
@@ -240,6 +242,31 @@ public struct CompleteAck: Sendable, Equatable {
     }
 }
 
+/// Asks for the xxh64 of `pageCount` pages (at most `PageDigests.maxPages`).
+public struct PageDigestRequest: Sendable, Equatable {
+    public var region: UInt16
+    public var firstPage: UInt64
+    public var pageCount: UInt32
+    public init(region: UInt16, firstPage: UInt64, pageCount: UInt32) {
+        self.region = region
+        self.firstPage = firstPage
+        self.pageCount = pageCount
+    }
+}
+
+/// xxh64 of each page of a range, as the source's RAM was when the guest paused.
+public struct PageDigests: Sendable, Equatable {
+    public static let maxPages: UInt32 = 65536
+    public var region: UInt16
+    public var firstPage: UInt64
+    public var digests: [UInt64]
+    public init(region: UInt16, firstPage: UInt64, digests: [UInt64]) {
+        self.region = region
+        self.firstPage = firstPage
+        self.digests = digests
+    }
+}
+
 /// Every message of the protocol. `pageData` borrows its payload from the frame.
 public enum Message {
     case hello(Hello)
@@ -253,6 +280,8 @@ public enum Message {
     case deviceState(DeviceState)
     case complete(Complete)
     case completeAck(CompleteAck)
+    case pageDigestRequest(PageDigestRequest)
+    case pageDigests(PageDigests)
 
     public var type: MessageType {
         switch self {
@@ -267,6 +296,8 @@ public enum Message {
         case .deviceState: .deviceState
         case .complete: .complete
         case .completeAck: .completeAck
+        case .pageDigestRequest: .pageDigestRequest
+        case .pageDigests: .pageDigests
         }
     }
 }

@@ -130,23 +130,24 @@ struct SourceCommand: ParsableCommand {
             throw fail("\(error)")
         }
         let scanSeconds = Double(nowNanoseconds() - t0) / 1e9
+        let scan = mem.waitForScan()!  // the file source is frozen and scanned at start
         let rss = ResidentMemorySampler(excluding: [mem.mapping.range])
         server.start()
         // Scripts wait for this line before starting the destination (with --json,
         // it is the first JSON line; the report follows as the second).
         let banner: String
         if common.json {
-            banner = "{\"event\":\"listening\",\"port\":\(server.port),\"memory_bytes\":\(mem.mapping.length),\"zero_pages\":\(mem.zeroPages),\"digest\":\"\(MemoryDigest.hex(mem.digest))\"}\n"
+            banner = "{\"event\":\"listening\",\"port\":\(server.port),\"memory_bytes\":\(mem.mapping.length),\"zero_pages\":\(scan.zeroPages),\"digest\":\"\(MemoryDigest.hex(scan.digest))\"}\n"
         } else {
-            banner = "listening on port \(server.port) (\(formatBytes(Double(mem.mapping.length))), \(mem.zeroPages) zero pages, digest \(MemoryDigest.hex(mem.digest)))\n"
+            banner = "listening on port \(server.port) (\(formatBytes(Double(mem.mapping.length))), \(scan.zeroPages) zero pages, digest \(MemoryDigest.hex(scan.digest)))\n"
         }
         FileHandle.standardOutput.write(banner.data(using: .utf8)!)
         server.waitUntilDone()
         server.stop()
         let s = server.stats
         let report = SourceReport(
-            memoryBytes: mem.mapping.length, pageSize: mem.table.pageSize, zeroPages: mem.zeroPages,
-            digest: MemoryDigest.hex(mem.digest), scanSeconds: scanSeconds,
+            memoryBytes: mem.mapping.length, pageSize: mem.table.pageSize, zeroPages: scan.zeroPages,
+            digest: MemoryDigest.hex(scan.digest), scanSeconds: scanSeconds,
             demandPages: s.demandPages.load(ordering: .relaxed), prefetchPages: s.prefetchPages.load(ordering: .relaxed),
             backgroundPages: s.backgroundPages.load(ordering: .relaxed), pagesSentTwice: s.pagesSentTwice.load(ordering: .relaxed),
             bytesSent: s.bytesSent.load(ordering: .relaxed), bytesReceived: s.bytesReceived.load(ordering: .relaxed),

@@ -128,6 +128,8 @@ struct HostileSourceTests {
                         try bytes.withUnsafeBytes { try c.send($0, UnsafeRawBufferPointer(start: nil, count: 0)) }
                     case .complete:
                         try c.send(.completeAck(CompleteAck(digestMatches: false, pagesSentTwice: 0)))
+                    case .deviceStateRequest:
+                        try c.send(.deviceState(DeviceState(totalSize: 0, offset: 0, data: [])))
                     default:
                         return
                     }

@@ -47,6 +47,8 @@ private func allSampleFrames() -> [[UInt8]] {
             Codec.encode(.complete(Complete(pagesReceived: 99, digest: 1234))),
             Codec.encode(.complete(Complete(pagesReceived: 99, digest: nil))),
             Codec.encode(.completeAck(CompleteAck(digestMatches: true, pagesSentTwice: 0))),
+            Codec.encode(.pageDigestRequest(PageDigestRequest(region: 0, firstPage: 4, pageCount: 3))),
+            Codec.encode(.pageDigests(PageDigests(region: 0, firstPage: 4, digests: [1, 2, .max]))),
         ]
     }
 }
