@@ -49,15 +49,20 @@ let package = Package(
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyDestination",
                 .product(name: "Logging", package: "swift-log"),
             ]),
+        // Reference guest: workloads on vCPU threads over guest RAM, pause/resume.
+        .target(
+            name: "PostcopyGuest",
+            dependencies: ["CPostcopy", "PostcopyCore", "PostcopyWire"]),
         .executableTarget(
             name: "postcopy",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
-                "PostcopySource", "PostcopyDestination", "PostcopyHandoff",
+                "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .testTarget(name: "PostcopyWireTests", dependencies: ["PostcopyWire"]),
+        .testTarget(name: "PostcopyGuestTests", dependencies: ["PostcopyGuest", "PostcopyCore"]),
         .testTarget(
             name: "PostcopyIntegrationTests",
             dependencies: [

@@ -55,8 +55,15 @@ public final class HandoffServer: Sendable {
     private let acceptThread = Mutex<PThread?>(nil)
     private let sessions = Mutex<[PThread]>([])
     private let sessionEnded: EventFD
+    /// Told when a VMM's memory is complete (pid, CLOCK_MONOTONIC ns of the last page) and when its session ends.
+    public let onComplete: (@Sendable (Int32, UInt64) -> Void)?
+    public let onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)?
 
-    public init(path: String, source: Endpoint, engineConfig: EngineConfig, logger: Logger) throws(HandoffError) {
+    public init(path: String, source: Endpoint, engineConfig: EngineConfig, logger: Logger,
+                onComplete: (@Sendable (Int32, UInt64) -> Void)? = nil,
+                onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)? = nil) throws(HandoffError) {
+        self.onComplete = onComplete
+        self.onSessionEnd = onSessionEnd
         self.path = path
         self.source = source
         self.engineConfig = engineConfig
@@ -205,6 +212,7 @@ public final class HandoffServer: Sendable {
                     let idle = engine.waitForBackgroundDone(timeoutMs: 30_000)
                     let ack = idle ? try? transport.complete(Complete(pagesReceived: UInt64(engine.table.totalPages), digest: nil)) : nil
                     logger.info("VMM pid \(pid): every page is in (source acknowledged: \(ack != nil))")
+                    onComplete?(pid, engine.streamEnd)
                 }
             }
         }
@@ -218,6 +226,7 @@ public final class HandoffServer: Sendable {
             timeToFullCopySeconds: completed ? Double(engine.streamEnd - engine.streamStart) / 1e9 : nil,
             faultLatency: engine.faultLatency.snapshot())
         stats.reports.withLock { $0.append(report) }
+        onSessionEnd?(report)
         logger.info("VMM pid \(pid) went away; its session is released")
     }
 }

@@ -88,6 +88,15 @@ public final class PageServer: Sendable {
         while cpc_poll1(done.fd.raw, Int16(POLLIN), 1000) == 0 {}
     }
 
+    /// Blocks until a session completed and every connection has closed (the
+    /// destination's VMM and daemon are both done with this source), or `stop()`.
+    public func waitUntilCompletedAndIdle() {
+        while !stopping.load(ordering: .relaxed) {
+            if stats.completedSessions.load(ordering: .relaxed) > 0 && connections.withLock({ $0.isEmpty }) { return }
+            usleep(20_000)
+        }
+    }
+
     /// Shuts the listener and every connection, then joins all threads.
     public func stop() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }

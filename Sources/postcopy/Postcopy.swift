@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import PostcopyCore
 import PostcopyDestination
+import PostcopyHandoff
 import PostcopySource
 import PostcopyTransport
 import PostcopyWire
@@ -23,7 +24,7 @@ struct Postcopy: ParsableCommand {
               postcopy source --memory /dev/shm/guest.ram --listen 127.0.0.1:7070 &
               postcopy dest --connect 127.0.0.1:7070 --touch random --threads 4
             """,
-        subcommands: [SourceCommand.self, DestCommand.self, MakeMemoryCommand.self, BaselineCommand.self])
+        subcommands: [MigrateCommand.self, SourceCommand.self, DestCommand.self, GuestCommand.self, MakeMemoryCommand.self, BaselineCommand.self])
 }
 
 struct CommonOptions: ParsableArguments {
@@ -201,6 +202,12 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "Source address, HOST:PORT.")
     var connect: String
 
+    @Option(name: .long, help: "Serve VMMs instead: listen on this Unix socket for Firecracker-style handoffs (regions JSON + userfaultfd).")
+    var handoff: String?
+
+    @Flag(name: .long, help: "With --handoff: exit once the first VMM's session has ended.")
+    var once = false
+
     @Option(name: .long, help: "How the built-in guest touches pages: random, sequential, shared (every thread every page, same order) or none.")
     var touch: String = "random"
 
@@ -252,6 +259,7 @@ struct DestCommand: ParsableCommand {
 
     func run() throws {
         let logger = common.makeLogger("postcopy.dest")
+        if let handoff { return try runHandoff(handoff, logger: logger) }
         if let reason = Userfaultfd.unavailableReason() { throw fail(reason) }
         var options = DestinationOptions()
         options.touch = TouchMode(rawValue: touch)!
@@ -259,11 +267,7 @@ struct DestCommand: ParsableCommand {
         options.thinkMicroseconds = thinkUs
         options.seed = seed
         options.deviceStateOut = deviceStateOut
-        options.engine.background = background == "on"
-        options.engine.batchPages = batchPages
-        options.engine.window = window
-        options.engine.backgroundRate = parseByteSize(backgroundRate)!
-        options.engine.backgroundPriority = ThreadPriority(rawValue: common.backgroundPriority)!
+        options.engine = engineConfig()
         let (transport, reason): (Transport, String)
         do {
             (transport, reason) = try selectTransport(TransportKind(rawValue: common.transport)!, endpoint: Endpoint(parsing: connect)!,
@@ -288,6 +292,52 @@ struct DestCommand: ParsableCommand {
             printSummary(report)
         }
         if !report.digestMatch || !report.sourceConfirmedDigest { throw ExitCode(3) }
+    }
+
+    func engineConfig() -> EngineConfig {
+        var c = EngineConfig()
+        c.background = background == "on"
+        c.batchPages = batchPages
+        c.window = window
+        c.backgroundRate = parseByteSize(backgroundRate)!
+        c.backgroundPriority = ThreadPriority(rawValue: common.backgroundPriority)!
+        return c
+    }
+
+    /// The page-fault daemon for VMMs (Firecracker's external handler protocol).
+    func runHandoff(_ path: String, logger: Logger) throws {
+        if common.transport == "rdma" { throw fail("the RDMA transport is not part of this build yet; use --transport tcp") }
+        let json = common.json
+        let server: HandoffServer
+        do {
+            server = try HandoffServer(
+                path: path, source: Endpoint(parsing: connect)!, engineConfig: engineConfig(), logger: logger,
+                onComplete: { pid, at in
+                    if json {
+                        emitEvent(["event": "complete", "vmm_pid": Int(pid), "completed_at_ns": at])
+                    } else {
+                        print("VMM pid \(pid): every page is in")
+                    }
+                },
+                onSessionEnd: { report in
+                    if json {
+                        if let d = try? JSONEncoder().encode(report), var o = (try? JSONSerialization.jsonObject(with: d)) as? [String: Any] {
+                            o["event"] = "session"
+                            emitEvent(o)
+                        }
+                    } else {
+                        let l = report.faultLatency
+                        print("VMM pid \(report.vmmPid) gone: \(report.completed ? "complete" : "INCOMPLETE") \(report.error ?? ""); faults \(report.faults), demand \(report.demandPages), background \(report.backgroundPages); fault service p50 \(formatDuration(ns: l.p50Ns)) p99 \(formatDuration(ns: l.p99Ns)) max \(formatDuration(ns: l.maxNs))")
+                    }
+                })
+        } catch {
+            throw fail("\(error)")
+        }
+        server.start()
+        if json { emitEvent(["event": "listening", "handoff": path]) } else { print("waiting for VMMs on \(path)") }
+        server.wait(sessions: once ? 1 : 0)
+        server.stop()
+        if once, server.stats.completed.load(ordering: .relaxed) == 0 { throw ExitCode(1) }
     }
 
     func printSummary(_ r: DestinationReport) {

@@ -1,0 +1,284 @@
+import CPostcopy
+import Foundation
+import PostcopyCore
+import Synchronization
+
+/// What the reference guest's vCPUs do.
+public enum Workload: String, Sendable, CaseIterable, Codable {
+    /// A key-value store laid out in guest RAM: 90% GET, 10% SET over zipf-
+    /// distributed keys (skew 0.99, YCSB's default); every value carries its own
+    /// checksum, verified on every GET.
+    case kv
+    /// Sequential scan: each vCPU reads its share of pages in order, round and round.
+    case scan
+    /// Uniform random page reads.
+    case random
+    /// Zipf-distributed page reads (skew 0.99): a hot set, like most real guests.
+    case zipf
+}
+
+/// Layout of the key-value store: page 0 is a header, then 256-byte slots
+/// (16 per page): key u64, version u64, checksum u64, length u32, pad u32, value.
+public enum KVLayout {
+    public static let slotSize = 256
+    public static let valueCapacity = slotSize - 32
+    public static let headerBytes = 4096
+    public static let magic: UInt64 = 0x4B56_5354_4F52_4531  // "KVSTORE1"
+
+    public static func slotCount(memoryBytes: Int) -> Int { (memoryBytes - headerBytes) / slotSize }
+
+    static func checksum(_ slot: UnsafeRawPointer, length: Int) -> UInt64 {
+        // key and version, then the value: the checksum field itself is left out.
+        var h = cpc_xxh64(slot, 16, 0x4B56)
+        h = cpc_xxh64(slot + 32, length, h)
+        return h
+    }
+
+    /// Writes a value into a slot; the checksum goes last.
+    static func set(_ slot: UnsafeMutableRawPointer, key: UInt64, rng: inout SplitMix64) {
+        let version = slot.load(fromByteOffset: 8, as: UInt64.self) &+ 1
+        let length = 64 + Int(rng.next() % UInt64(valueCapacity - 64))
+        slot.storeBytes(of: key, toByteOffset: 0, as: UInt64.self)
+        slot.storeBytes(of: version, toByteOffset: 8, as: UInt64.self)
+        slot.storeBytes(of: UInt32(length), toByteOffset: 24, as: UInt32.self)
+        var off = 0
+        while off < length {
+            let w = rng.next()
+            withUnsafeBytes(of: w) { b in
+                for i in 0..<min(8, length - off) { slot.storeBytes(of: b[i], toByteOffset: 32 + off + i, as: UInt8.self) }
+            }
+            off += 8
+        }
+        slot.storeBytes(of: checksum(UnsafeRawPointer(slot), length: length), toByteOffset: 16, as: UInt64.self)
+    }
+
+    /// Checks a slot: nil when empty, else whether its checksum holds.
+    static func verify(_ slot: UnsafeRawPointer, expectedKey: UInt64) -> Bool? {
+        let version = slot.load(fromByteOffset: 8, as: UInt64.self)
+        if version == 0 { return nil }
+        let length = Int(slot.load(fromByteOffset: 24, as: UInt32.self))
+        guard length <= valueCapacity, slot.load(as: UInt64.self) == expectedKey else { return false }
+        return checksum(slot, length: length) == slot.load(fromByteOffset: 16, as: UInt64.self)
+    }
+}
+
+/// One vCPU's architectural state: everything needed to continue exactly where it stopped.
+public struct VCPUState: Sendable, Codable, Equatable {
+    public var rng: UInt64
+    public var cursor: Int
+    public var ops: UInt64
+}
+
+/// The device state a paused guest hands over (vCPUs, workload, counters).
+public struct GuestDeviceState: Sendable, Codable, Equatable {
+    public var workload: Workload
+    public var memoryBytes: Int
+    public var vcpus: [VCPUState]
+    /// CLOCK_MONOTONIC when the pause began (downtime is measured from here).
+    public var pausedAtNs: UInt64
+    public var integrityFailures: UInt64
+
+    public func encoded() -> [UInt8] { Array((try? JSONEncoder().encode(self)) ?? Data()) }
+    public static func decode(_ bytes: [UInt8]) throws -> GuestDeviceState {
+        try JSONDecoder().decode(GuestDeviceState.self, from: Data(bytes))
+    }
+}
+
+/// Zipf sampler over 0..<n (Gray et al., as in YCSB): O(n) set-up, O(1) draws.
+struct Zipf: Sendable {
+    let n: Int, theta: Double, alpha: Double, zetan: Double, eta: Double
+    init(n: Int, theta: Double = 0.99) {
+        self.n = n
+        self.theta = theta
+        // zeta(n): the first terms exactly, the tail by its integral (Euler-Maclaurin
+        // midpoint), so set-up is O(1) even for millions of keys: a resume must not wait.
+        var z = 0.0
+        let exact = min(max(n, 1), 1000)
+        for i in 1...exact { z += 1 / pow(Double(i), theta) }
+        if n > exact { z += (pow(Double(n) + 0.5, 1 - theta) - pow(Double(exact) + 0.5, 1 - theta)) / (1 - theta) }
+        zetan = z
+        let zeta2 = 1 + 1 / pow(2, theta)
+        alpha = 1 / (1 - theta)
+        eta = (1 - pow(2 / Double(n), 1 - theta)) / (1 - zeta2 / zetan)
+    }
+    func next(_ u: Double) -> Int {
+        let uz = u * zetan
+        if uz < 1 { return 0 }
+        if uz < 1 + pow(0.5, theta) { return 1 }
+        return min(n - 1, Int(Double(n) * pow(eta * u - eta + 1, alpha)))
+    }
+}
+
+/// The reference guest: vCPU threads running a workload over guest RAM at
+/// `base`. It can pause at a safe point (between two operations), hand out its
+/// device state, and resume from one over other memory.
+public final class ReferenceGuest: @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    public let memoryBytes: Int
+    public let workload: Workload
+    public let pageSize = 4096
+    /// One slot per vCPU, written only by that vCPU's thread.
+    private let states: UnsafeMutableBufferPointer<VCPUState>
+    private let zipf: Zipf?
+    private let pauseFlag = Atomic<Bool>(false)
+    private let opsCounter = Atomic<UInt64>(0)
+    private let failures = Atomic<UInt64>(0)
+    private let parked = Atomic<Int>(0)
+    private let go: EventFD
+    private var threads: [PThread] = []
+    /// One byte per page, set before the guest writes the page (destination only).
+    public let dirty: UnsafeMutablePointer<UInt8>?
+    public var pages: Int { memoryBytes / pageSize }
+
+    /// A guest over `base`. `trackDirty` records every page the guest writes.
+    public init(base: UnsafeMutableRawPointer, memoryBytes: Int, workload: Workload, vcpus: [VCPUState], trackDirty: Bool) throws {
+        self.base = base
+        self.memoryBytes = memoryBytes
+        self.workload = workload
+        states = .allocate(capacity: vcpus.count)
+        _ = states.initialize(from: vcpus)
+        switch workload {
+        case .zipf: zipf = Zipf(n: memoryBytes / 4096)
+        case .kv: zipf = Zipf(n: max(1, KVLayout.slotCount(memoryBytes: memoryBytes) / max(vcpus.count, 1)))
+        default: zipf = nil
+        }
+        go = try EventFD()
+        if trackDirty {
+            let d = UnsafeMutablePointer<UInt8>.allocate(capacity: memoryBytes / 4096)
+            d.initialize(repeating: 0, count: memoryBytes / 4096)
+            dirty = d
+        } else {
+            dirty = nil
+        }
+    }
+
+    deinit {
+        dirty?.deallocate()
+        states.deallocate()
+    }
+
+    public static func freshVCPUs(_ n: Int, seed: UInt64) -> [VCPUState] {
+        (0..<n).map { VCPUState(rng: seed &+ UInt64($0) &* 0x9E37_79B9_7F4A_7C15, cursor: 0, ops: 0) }
+    }
+
+    /// Fills `fillPercent` of the key-value slots (the guest "boots" with data);
+    /// the rest of RAM stays zero.
+    public func populate(fillPercent: Int, seed: UInt64) {
+        base.storeBytes(of: KVLayout.magic, as: UInt64.self)
+        let slots = KVLayout.slotCount(memoryBytes: memoryBytes) * fillPercent / 100
+        nonisolated(unsafe) let b = base
+        let workers = (0..<2).map { w in
+            PThread(name: "populate") {
+                var rng = SplitMix64(seed: seed &+ UInt64(w))
+                var s = w
+                while s < slots {
+                    KVLayout.set(b + KVLayout.headerBytes + s * KVLayout.slotSize, key: UInt64(s), rng: &rng)
+                    s += 2
+                }
+            }
+        }
+        workers.forEach { $0.join() }
+    }
+
+    public var totalOps: UInt64 { opsCounter.load(ordering: .relaxed) }
+    public var integrityFailures: UInt64 { failures.load(ordering: .relaxed) }
+
+    /// Starts the vCPU threads; they wait for `release()` before the first operation.
+    public func start() {
+        let n = states.count
+        for t in 0..<n {
+            threads.append(PThread(name: "vcpu\(t)") { [self] in
+                while cpc_poll1(go.fd.raw, Int16(POLLIN), 1000) == 0 {}
+                var st = states[t]
+                run(t, n, &st)
+                states[t] = st
+                parked.add(1, ordering: .acquiringAndReleasing)
+            })
+        }
+    }
+
+    /// Lets the vCPUs run (the "first instruction"); returns CLOCK_MONOTONIC then.
+    @discardableResult
+    public func release() -> UInt64 {
+        let t = nowNanoseconds()
+        go.signal()
+        return t
+    }
+
+    /// Stops every vCPU at a safe point and returns the device state.
+    public func pause(pausedAt: UInt64) -> GuestDeviceState {
+        pauseFlag.store(true, ordering: .releasing)
+        for t in threads { t.join() }
+        return GuestDeviceState(workload: workload, memoryBytes: memoryBytes, vcpus: Array(states), pausedAtNs: pausedAt,
+                                integrityFailures: failures.load(ordering: .relaxed))
+    }
+
+    @inline(__always) private func markDirty(_ offset: Int) {
+        if let dirty { cpc_store_u8(dirty + offset / pageSize, 1) }
+    }
+
+    private func run(_ t: Int, _ n: Int, _ st: inout VCPUState) {
+        var rng = SplitMix64(seed: st.rng)
+        let slots = KVLayout.slotCount(memoryBytes: memoryBytes)
+        let mine = max(1, (slots - t + n - 1) / n)  // slots t, t+n, t+2n, ...
+        let pageCount = memoryBytes / pageSize
+        var local: UInt64 = 0
+        while !pauseFlag.load(ordering: .relaxed) {
+            for _ in 0..<64 {
+                switch workload {
+                case .kv:
+                    let u = Double(rng.next() >> 11) / Double(1 << 53)
+                    let s = t + min(zipf!.next(u), mine - 1) * n
+                    guard s < slots else { continue }
+                    let off = KVLayout.headerBytes + s * KVLayout.slotSize
+                    if rng.next() % 10 == 0 {
+                        markDirty(off)
+                        KVLayout.set(base + off, key: UInt64(s), rng: &rng)
+                    } else if KVLayout.verify(base + off, expectedKey: UInt64(s)) == false {
+                        failures.add(1, ordering: .relaxed)
+                    }
+                case .scan:
+                    let share = (pageCount + n - 1) / n
+                    let p = t * share + st.cursor % max(share, 1)
+                    if p < pageCount { _ = cpc_touch_read(base + p * pageSize) }
+                    st.cursor += 1
+                case .random:
+                    _ = cpc_touch_read(base + Int(rng.next() % UInt64(pageCount)) * pageSize)
+                case .zipf:
+                    let u = Double(rng.next() >> 11) / Double(1 << 53)
+                    _ = cpc_touch_read(base + zipf!.next(u) * pageSize)
+                }
+                local += 1
+            }
+            opsCounter.add(64, ordering: .relaxed)
+        }
+        st.ops &+= local
+        var tmp = rng
+        st.rng = tmp.next()  // continue from a fresh point of the same stream
+    }
+
+    /// After the run: checks every key-value slot's checksum.
+    public func verifyStore() -> (verified: Int, failed: Int) {
+        guard workload == .kv else { return (0, 0) }
+        var ok = 0, bad = 0
+        for s in 0..<KVLayout.slotCount(memoryBytes: memoryBytes) {
+            switch KVLayout.verify(base + KVLayout.headerBytes + s * KVLayout.slotSize, expectedKey: UInt64(s)) {
+            case true?: ok += 1
+            case false?: bad += 1
+            case nil: break
+            }
+        }
+        return (ok, bad)
+    }
+
+    /// Compares every page the guest has not written since resuming with the
+    /// source's page digests at pause.
+    public func verifyPages(against digests: [UInt64]) -> (verified: Int, writtenHere: Int, mismatched: Int) {
+        var ok = 0, written = 0, bad = 0
+        for p in 0..<min(pages, digests.count) {
+            if let dirty, cpc_load_u8(dirty + p) != 0 { written += 1; continue }
+            if cpc_xxh64(base + p * pageSize, pageSize, 0) == digests[p] { ok += 1 } else { bad += 1 }
+        }
+        return (ok, written, bad)
+    }
+}

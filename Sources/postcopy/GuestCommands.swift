@@ -1,0 +1,238 @@
+import ArgumentParser
+import CPostcopy
+import Foundation
+import Logging
+import PostcopyCore
+import PostcopyDestination
+import PostcopyGuest
+import PostcopyHandoff
+import PostcopySource
+import PostcopyTransport
+import PostcopyWire
+import Synchronization
+
+/// One JSON object per line on stdout, flushed at once (scripts and `migrate` read it live).
+func emitEvent(_ fields: [String: Any]) {
+    guard let d = try? JSONSerialization.data(withJSONObject: fields, options: [.sortedKeys]) else { return }
+    FileHandle.standardOutput.write(d + Data("\n".utf8))
+}
+
+/// Prints the guest's operations per second once a second until stopped.
+final class OpsReporter: @unchecked Sendable {
+    private let stop: EventFD
+    private let thread: PThread
+
+    init(side: String, json: Bool, ops: @escaping @Sendable () -> UInt64) throws {
+        let stop = try EventFD()
+        self.stop = stop
+        thread = PThread(name: "ops-report") {
+            var last = ops()
+            var lastT = nowNanoseconds()
+            while cpc_poll1(stop.fd.raw, Int16(POLLIN), 1000) == 0 {
+                let now = nowNanoseconds(), cur = ops()
+                let rate = Double(cur - last) / (Double(now - lastT) / 1e9)
+                if json {
+                    emitEvent(["event": "ops", "side": side, "t_ns": now, "ops_per_s": Int(rate)])
+                } else {
+                    FileHandle.standardError.write("[\(side)] \(Int(rate)) ops/s\n".data(using: .utf8)!)
+                }
+                last = cur
+                lastT = now
+            }
+        }
+    }
+
+    func finish() {
+        stop.signal()
+        thread.join()
+    }
+}
+
+struct GuestCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "guest",
+        abstract: "The reference guest: a workload on vCPU threads over guest RAM that can pause at the source and resume at the destination.",
+        subcommands: [GuestRunCommand.self, GuestResumeCommand.self])
+}
+
+struct GuestRunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run the guest at the source and serve its RAM; pause on a \"pause\" line on stdin.",
+        discussion: """
+            Boots the guest (fills the key-value store), runs the workload, and serves its RAM to \
+            destinations like `postcopy source` does. On a line "pause" on standard input (or after \
+            --pause-after seconds) the vCPUs stop at a safe point, the device state is published, and \
+            the guest's RAM is frozen and served until a destination completed and every connection closed.
+            """)
+
+    @Option(name: .long, help: "Guest RAM size, e.g. 256M, 1G.") var size: String = "1G"
+    @Option(name: .long, help: "Workload: kv, scan, random or zipf.") var workload: String = "kv"
+    @Option(name: .long, help: "vCPU threads.") var vcpus: Int = 2
+    @Option(name: .long, help: "Percentage of key-value slots filled at boot (the rest of RAM stays zero).") var fillPercent: Int = 75
+    @Option(name: .long, help: "Seed of the workload.") var seed: UInt64 = 1
+    @Option(name: .long, help: "Listen address for destinations, HOST:PORT (port 0: any; printed first).") var listen: String = "127.0.0.1:0"
+    @Option(name: .long, help: "Guest memory file (default: an anonymous memfd).") var memory: String?
+    @Option(name: .long, help: "Pause by itself after this many seconds (default: wait for \"pause\" on stdin).") var pauseAfter: Double?
+    @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
+
+    func validate() throws {
+        guard let n = parseByteSize(size), n >= 1 << 20, n % 4096 == 0 else { throw ValidationError("--size must be at least 1M and a multiple of 4 KiB") }
+        guard Workload(rawValue: workload) != nil else { throw ValidationError("--workload must be kv, scan, random or zipf") }
+        guard (1...256).contains(vcpus) else { throw ValidationError("--vcpus must be 1...256") }
+        guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }
+        guard Endpoint(parsing: listen) != nil else { throw ValidationError("--listen must be HOST:PORT") }
+    }
+
+    func run() throws {
+        var logger = Logger(label: "postcopy.guest")
+        logger.logLevel = .warning
+        let bytes = parseByteSize(size)!
+        let fd: Int32
+        if let memory {
+            fd = open(memory, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw fail("cannot create \(memory): \(SystemError("open", errno: errno))") }
+        } else {
+            fd = cpc_memfd_create("guest-ram", 1 /* MFD_CLOEXEC */)
+            guard fd >= 0 else { throw fail("memfd_create: \(SystemError("memfd_create", errno: -fd))") }
+        }
+        defer { close(fd) }
+        guard ftruncate(fd, off_t(bytes)) == 0 else { throw fail("cannot size guest memory: \(SystemError("ftruncate", errno: errno))") }
+        let ram = try MemoryMapping.file(fd: fd, length: bytes, writable: true)
+        let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: Workload(rawValue: workload)!,
+                                       vcpus: ReferenceGuest.freshVCPUs(vcpus, seed: seed), trackDirty: false)
+        guest.populate(fillPercent: fillPercent, seed: seed)
+        let memoryState = try SourceMemory(mapping: ram, pageSize: 4096)
+        let server: PageServer
+        do {
+            server = try PageServer(memory: memoryState, listen: Endpoint(parsing: listen)!, exitAfterCompletion: false, logger: logger)
+        } catch { throw fail("\(error)") }
+        server.start()
+        if json {
+            emitEvent(["event": "listening", "port": server.port, "memory_bytes": bytes])
+        } else {
+            print("guest running at the source, \(formatBytes(Double(bytes))), workload \(workload); serving on port \(server.port); type \"pause\" to switch over")
+        }
+        guest.start()
+        guest.release()
+        let reporter = try OpsReporter(side: "source", json: json) { guest.totalOps }
+        if let pauseAfter {
+            usleep(useconds_t(pauseAfter * 1e6))
+        } else {
+            while let line = readLine(), line.trimmingCharacters(in: .whitespaces) != "pause" {}
+        }
+        let pausedAt = nowNanoseconds()
+        let state = guest.pause(pausedAt: pausedAt)
+        memoryState.freeze(deviceState: state.encoded())
+        let frozenAt = nowNanoseconds()
+        reporter.finish()
+        if json {
+            emitEvent(["event": "paused", "paused_at_ns": pausedAt, "stop_ns": frozenAt - pausedAt, "ops": guest.totalOps])
+        } else {
+            print("paused: vCPUs stopped and device state published in \(formatDuration(ns: frozenAt - pausedAt)); serving RAM")
+        }
+        server.waitUntilCompletedAndIdle()
+        server.stop()
+        let s = server.stats
+        let report: [String: Any] = [
+            "event": "source_done", "demand_pages": s.demandPages.load(ordering: .relaxed),
+            "background_pages": s.backgroundPages.load(ordering: .relaxed), "pages_sent_twice": s.pagesSentTwice.load(ordering: .relaxed),
+            "bytes_sent": s.bytesSent.load(ordering: .relaxed), "cpu_seconds": Double(processCPUNanoseconds()) / 1e9,
+        ]
+        if json { emitEvent(report) } else { print("source done: \(report)") }
+    }
+}
+
+struct GuestResumeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "resume",
+        abstract: "Resume the guest at the destination over empty memory handed to a page-fault daemon.",
+        discussion: """
+            Plays a Firecracker-style VMM: maps fresh guest RAM, creates a userfaultfd (with \
+            UFFD_FEATURE_EVENT_REMOVE), registers the RAM, hands both to the daemon at --handoff, then \
+            waits for the source guest's device state and resumes the vCPUs at once: every page they \
+            touch is faulted in by the daemon. After --run-for seconds it stops and checks integrity: \
+            every key-value checksum, and every page it did not write against the source's page digests.
+            """)
+
+    @Option(name: .long, help: "The daemon's handoff socket.") var handoff: String
+    @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: String
+    @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
+    @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
+
+    func validate() throws {
+        guard Endpoint(parsing: source) != nil else { throw ValidationError("--source must be HOST:PORT") }
+        guard runFor > 0 else { throw ValidationError("--run-for must be positive") }
+    }
+
+    func run() throws {
+        if let reason = Userfaultfd.unavailableReason() { throw fail(reason) }
+        let control = TCPTransport(endpoint: Endpoint(parsing: source)!, maxBatchPages: 1)
+        let info: SessionInfo
+        do { info = try control.connect() } catch { throw fail("cannot reach the source: \(error)") }
+        let bytes = info.table.totalPages * info.table.pageSize
+        // Guest RAM and its uffd, exactly as Firecracker sets them up.
+        let ram = try MemoryMapping.anonymous(length: bytes)
+        let uffd = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE)
+        try uffd.registerMissing(ram.range)
+        let sock = cpc_unix_connect(handoff)
+        guard sock >= 0 else { throw fail("cannot reach the daemon at \(handoff): \(SystemError("connect", errno: -sock))") }
+        let vmmSocket = OwnedFD(sock)
+        let message = HandoffMessage.encode([VMMRegion(base: ram.address, size: UInt64(bytes), offset: 0, pageSize: 4096)])
+        var uffdFD = uffd.fd.raw
+        let sent = message.withUnsafeBytes { cpc_send_with_fds(sock, $0.baseAddress, $0.count, &uffdFD, 1) }
+        guard sent == message.count else { throw fail("handoff sendmsg failed: \(SystemError("sendmsg", errno: sent < 0 ? Int32(-sent) : EIO))") }
+        if json { emitEvent(["event": "ready", "memory_bytes": bytes]) } else { print("destination ready: waiting for the source to pause") }
+
+        // Like QEMU's -incoming: everything is set up; only the device state is missing.
+        let blob: [UInt8]
+        do { blob = try control.fetchDeviceState(timeoutMs: 3_600_000) } catch { throw fail("no device state from the source: \(error)") }
+        let state: GuestDeviceState
+        do { state = try GuestDeviceState.decode(blob) } catch { throw fail("device state is not a reference guest's: \(error)") }
+        guard state.memoryBytes == bytes else { throw fail("device state is for \(state.memoryBytes) bytes of RAM, the source serves \(bytes)") }
+        let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: state.workload, vcpus: state.vcpus, trackDirty: true)
+        guest.start()
+        let resumedAt = guest.release()
+        let downtime = resumedAt &- state.pausedAtNs
+        if json {
+            emitEvent(["event": "resumed", "resumed_at_ns": resumedAt, "downtime_ns": downtime])
+        } else {
+            print("resumed: downtime \(formatDuration(ns: downtime))")
+        }
+        // The source's page digests (ready once its RAM was scanned after the pause).
+        let digests = Mutex<[UInt64]?>(nil)
+        let pages = info.table.totalPages
+        let fetcher = PThread(name: "digests") {
+            var all: [UInt64] = []
+            var first = 0
+            while first < pages {
+                let n = min(pages - first, Int(PageDigests.maxPages))
+                guard let d = try? control.fetchPageDigests(region: 0, firstPage: UInt64(first), pageCount: UInt32(n)) else { return }
+                all += d
+                first += n
+            }
+            digests.withLock { $0 = all }
+        }
+        let reporter = try OpsReporter(side: "destination", json: json) { guest.totalOps }
+        usleep(useconds_t(runFor * 1e6))
+        _ = guest.pause(pausedAt: nowNanoseconds())
+        reporter.finish()
+        fetcher.join()
+        control.close()
+        let store = guest.verifyStore()
+        guard let sourceDigests = digests.withLock({ $0 }) else { throw fail("could not fetch the source's page digests") }
+        let pagesCheck = guest.verifyPages(against: sourceDigests)
+        let failures = guest.integrityFailures
+        let ok = store.failed == 0 && pagesCheck.mismatched == 0 && failures == 0
+        let result: [String: Any] = [
+            "event": "verified", "ok": ok, "kv_slots_verified": store.verified, "kv_slots_failed": store.failed,
+            "get_checksum_failures": failures, "pages_verified": pagesCheck.verified,
+            "pages_written_at_destination": pagesCheck.writtenHere, "pages_mismatched": pagesCheck.mismatched,
+            "ops": guest.totalOps,
+        ]
+        if json { emitEvent(result) } else { print("integrity: \(ok ? "OK" : "FAILED") \(result)") }
+        vmmSocket.close()  // the VMM goes away: the daemon releases its session
+        withExtendedLifetime((ram, uffd)) {}
+        if !ok { throw ExitCode(3) }
+    }
+}

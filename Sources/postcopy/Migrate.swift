@@ -1,0 +1,190 @@
+import ArgumentParser
+import CPostcopy
+import Foundation
+import PostcopyCore
+import Synchronization
+
+/// A child `postcopy` process whose JSON Lines are collected as they come.
+final class Child: @unchecked Sendable {
+    let name: String
+    let process = Process()
+    private let stdinPipe = Pipe()
+    private let lock = NSLockLite()
+    private var events: [[String: Any]] = []
+    private let stderrText = Mutex<String>("")
+    private var readers: [PThread] = []
+
+    init(_ name: String, _ args: [String]) throws {
+        self.name = name
+        process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        process.arguments = args
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = stdinPipe
+        try process.run()
+        let outHandle = out.fileHandleForReading, errHandle = err.fileHandleForReading
+        readers.append(PThread(name: "child-out") { [self] in
+            var buffer = Data()
+            while true {
+                let chunk = outHandle.availableData
+                if chunk.isEmpty { break }
+                buffer.append(chunk)
+                while let nl = buffer.firstIndex(of: UInt8(ascii: "\n")) {
+                    let line = buffer[buffer.startIndex..<nl]
+                    buffer = Data(buffer[(nl + 1)...])
+                    if let o = (try? JSONSerialization.jsonObject(with: line)) as? [String: Any] {
+                        lock.withLock { events.append(o) }
+                    }
+                }
+            }
+        })
+        readers.append(PThread(name: "child-err") { [self] in
+            let d = errHandle.readDataToEndOfFile()
+            stderrText.withLock { $0 += String(decoding: d, as: UTF8.self) }
+        })
+    }
+
+    func send(_ line: String) { stdinPipe.fileHandleForWriting.write(Data((line + "\n").utf8)) }
+
+    var all: [[String: Any]] { lock.withLock { events } }
+    func first(_ event: String) -> [String: Any]? { all.first { $0["event"] as? String == event } }
+    func waitFor(_ event: String, seconds: Double) -> [String: Any]? {
+        let deadline = nowNanoseconds() + UInt64(seconds * 1e9)
+        while nowNanoseconds() < deadline {
+            if let e = first(event) { return e }
+            if !process.isRunning, first(event) == nil { return nil }
+            usleep(2_000)
+        }
+        return nil
+    }
+
+    /// Waits for exit (killing after `seconds`); returns the status.
+    func finish(seconds: Double) -> Int32 {
+        let deadline = nowNanoseconds() + UInt64(seconds * 1e9)
+        while process.isRunning && nowNanoseconds() < deadline { usleep(10_000) }
+        if process.isRunning { process.terminate(); process.waitUntilExit() }
+        for r in readers { r.join() }
+        return process.terminationStatus
+    }
+
+    var errors: String { stderrText.withLock { $0 } }
+}
+
+struct MigrateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate",
+        abstract: "Live-migrate a running reference guest by postcopy on this machine, and report how it went.",
+        discussion: """
+            Starts the guest at the source (it runs its workload and serves its RAM), starts the \
+            destination daemon (Firecracker-style page-fault handler) and the destination guest ahead \
+            of time, waiting like QEMU's -incoming; after --before seconds it pauses the source guest: \
+            the device state goes over and the destination guest resumes at once on empty memory, \
+            faulting pages in on demand while the rest streams in the background. Reports downtime \
+            (pause at the source to first instruction at the destination), time to full copy, guest \
+            operations per second before, during and after postcopy, the fault-latency histogram, and \
+            integrity: every key-value checksum, and every page the guest did not write at the \
+            destination against the source's RAM at pause (pages written there are counted, not compared).
+            """)
+
+    @Option(name: .long, help: "Guest RAM size.") var size: String = "1G"
+    @Option(name: .long, help: "Workload: kv, scan, random or zipf.") var workload: String = "kv"
+    @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
+    @Option(name: .long, help: "Seconds the guest runs at the source before the switchover.") var before: Double = 3
+    @Option(name: .long, help: "Seconds the guest runs at the destination after the switchover.") var after: Double = 5
+    @Option(name: .long, help: "Background streaming cap at the destination (bytes/s, e.g. 500M; 0 = none).") var backgroundRate: String = "0"
+    @Flag(name: .long, help: "One JSON object on stdout instead of the summary.") var json = false
+
+    func validate() throws {
+        guard let n = parseByteSize(size), n >= 1 << 20 else { throw ValidationError("--size must be at least 1M") }
+        guard ["kv", "scan", "random", "zipf"].contains(workload) else { throw ValidationError("--workload must be kv, scan, random or zipf") }
+        guard before > 0, after > 0 else { throw ValidationError("--before and --after must be positive") }
+        guard parseByteSize(backgroundRate) != nil else { throw ValidationError("--background-rate must be a byte count such as 500M") }
+    }
+
+    func run() throws {
+        let socket = "/tmp/postcopy-migrate-\(getpid()).sock"
+        defer { unlink(socket) }
+        let say: (String) -> Void = { msg in if !json { FileHandle.standardError.write(Data((msg + "\n").utf8)) } }
+        say("booting a \(size) guest (\(workload), \(vcpus) vCPUs) at the source...")
+        let source = try Child("source guest", ["guest", "run", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
+                                                "--listen", "127.0.0.1:0", "--json"])
+        var children = [source]
+        func abort(_ why: String) -> ExitCode {
+            for c in children { _ = c.finish(seconds: 0) }
+            let detail = children.map { "\($0.name): \($0.errors.suffix(400))" }.joined(separator: "\n")
+            return fail("\(why)\n\(detail)")
+        }
+        guard let listening = source.waitFor("listening", seconds: 120), let port = listening["port"] as? Int else {
+            throw abort("the source guest did not start")
+        }
+        let bootedAt = nowNanoseconds()
+        say("source guest running, serving its RAM on 127.0.0.1:\(port); starting the destination daemon and guest")
+        let daemon = try Child("destination daemon", ["dest", "--handoff", socket, "--connect", "127.0.0.1:\(port)", "--once",
+                                                      "--json", "--transport", "tcp", "--background-rate", backgroundRate])
+        children.append(daemon)
+        guard daemon.waitFor("listening", seconds: 30) != nil else { throw abort("the destination daemon did not start") }
+        let dest = try Child("destination guest", ["guest", "resume", "--handoff", socket, "--source", "127.0.0.1:\(port)",
+                                                   "--run-for", "\(after)", "--json"])
+        children.append(dest)
+        guard dest.waitFor("ready", seconds: 60) != nil else { throw abort("the destination guest did not get ready") }
+        let wait = Double(bootedAt) / 1e9 + before - Double(nowNanoseconds()) / 1e9
+        if wait > 0 { usleep(useconds_t(wait * 1e6)) }
+        say("switching over: pausing the source guest")
+        source.send("pause")
+        guard let resumed = dest.waitFor("resumed", seconds: 60) else { throw abort("the destination guest did not resume") }
+        let downtime = resumed["downtime_ns"] as? Int ?? -1
+        say("destination guest resumed after \(formatDuration(ns: UInt64(max(downtime, 0)))) of downtime; running \(after) s")
+        let destStatus = dest.finish(seconds: after + 600)
+        let daemonStatus = daemon.finish(seconds: 60)
+        let sourceStatus = source.finish(seconds: 60)
+
+        let pausedAt = source.first("paused")?["paused_at_ns"] as? Int ?? 0
+        let resumedAt = resumed["resumed_at_ns"] as? Int ?? 0
+        let completedAt = daemon.first("complete")?["completed_at_ns"] as? Int
+        let session = daemon.first("session")
+        let verified = dest.first("verified")
+        func rates(_ c: Child, _ range: Range<Int>) -> [Int] {
+            c.all.filter { $0["event"] as? String == "ops" }.compactMap { e -> Int? in
+                guard let t = e["t_ns"] as? Int, range.contains(t) else { return nil }
+                return e["ops_per_s"] as? Int
+            }
+        }
+        func mean(_ v: [Int]) -> Int? { v.isEmpty ? nil : v.reduce(0, +) / v.count }
+        let beforeOps = rates(source, 0..<pausedAt)
+        let duringOps = rates(dest, resumedAt..<(completedAt ?? Int.max))
+        let afterOps = completedAt.map { rates(dest, $0..<Int.max) } ?? []
+        let latency = session?["fault_latency"] as? [String: Any] ?? [:]
+        let ok = destStatus == 0 && daemonStatus == 0 && sourceStatus == 0 && verified?["ok"] as? Bool == true
+            && session?["completed"] as? Bool == true
+        var result: [String: Any] = [
+            "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus, "transport": "tcp",
+            "downtime_ns": downtime, "ok": ok,
+            "ops_per_s_before": beforeOps, "ops_per_s_during": duringOps, "ops_per_s_after": afterOps,
+            "fault_latency": latency, "integrity": verified ?? [:],
+            "demand_pages": session?["demand_pages"] ?? 0, "background_pages": session?["background_pages"] ?? 0,
+            "faults": session?["faults"] ?? 0,
+            "exit_status": ["source": sourceStatus, "daemon": daemonStatus, "destination": destStatus],
+        ]
+        if let completedAt { result["time_to_full_copy_seconds"] = Double(completedAt - pausedAt) / 1e9 }
+        if json {
+            emitEvent(result)
+        } else {
+            let fmtOps: ([Int]) -> String = { v in mean(v).map { "\(fixed(Double($0) / 1e6, 2)) M" } ?? "n/a" }
+            let ns: (String) -> String = { k in formatDuration(ns: UInt64(latency[k] as? Int ?? 0)) }
+            print("""
+                postcopy migration of a running \(formatBytes(Double(parseByteSize(size)!))) guest (\(workload), \(vcpus) vCPUs) over tcp: \(ok ? "OK" : "FAILED")
+                  downtime            \(formatDuration(ns: UInt64(max(downtime, 0)))) (source pause to first instruction at the destination)
+                  time to full copy   \(completedAt.map { fixed(Double($0 - pausedAt) / 1e9, 3) + " s after the pause" } ?? "not reached")
+                  guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  (per second: \(beforeOps.map { "\($0 / 1000)k" }.joined(separator: " ")) | \(duringOps.map { "\($0 / 1000)k" }.joined(separator: " ")) | \(afterOps.map { "\($0 / 1000)k" }.joined(separator: " ")))
+                  pages               \(session?["demand_pages"] ?? 0) demanded, \(session?["background_pages"] ?? 0) streamed, \(session?["faults"] ?? 0) faults
+                  fault service       p50 \(ns("p50_ns"))  p90 \(ns("p90_ns"))  p99 \(ns("p99_ns"))  p99.9 \(ns("p999_ns"))  max \(ns("max_ns"))
+                  integrity           \(verified?["ok"] as? Bool == true ? "OK" : "FAILED"): \(verified?["kv_slots_verified"] ?? 0) key-value checksums hold (\(verified?["kv_slots_failed"] ?? "?") failed, \(verified?["get_checksum_failures"] ?? "?") failed GETs); \(verified?["pages_verified"] ?? 0) pages the guest did not write at the destination equal the source at pause (\(verified?["pages_mismatched"] ?? "?") differ; \(verified?["pages_written_at_destination"] ?? 0) written there are not compared)
+                """)
+        }
+        if !ok {
+            for c in children where !c.errors.isEmpty { FileHandle.standardError.write(Data("\(c.name): \(c.errors.suffix(2000))\n".utf8)) }
+            throw ExitCode(3)
+        }
+    }
+}
