@@ -126,8 +126,12 @@ public final class ReferenceGuest: @unchecked Sendable {
     private let parked = Atomic<Int>(0)
     private let go: EventFD
     private var threads: [PThread] = []
-    /// One byte per page, set before the guest writes the page (destination only).
+    /// One byte per page (destination only): 0 never written since resuming,
+    /// 1 its pre-write digest is being taken, 2 written (digest in `preWrite`).
     public let dirty: UnsafeMutablePointer<UInt8>?
+    /// xxh64 of each page just before the guest first wrote it at the
+    /// destination: the page as it arrived, i.e. as it was at the source at pause.
+    private let preWrite: UnsafeMutablePointer<UInt64>?
     public var pages: Int { memoryBytes / pageSize }
 
     /// A guest over `base`. `trackDirty` records every page the guest writes.
@@ -147,13 +151,18 @@ public final class ReferenceGuest: @unchecked Sendable {
             let d = UnsafeMutablePointer<UInt8>.allocate(capacity: memoryBytes / 4096)
             d.initialize(repeating: 0, count: memoryBytes / 4096)
             dirty = d
+            let h = UnsafeMutablePointer<UInt64>.allocate(capacity: memoryBytes / 4096)
+            h.initialize(repeating: 0, count: memoryBytes / 4096)
+            preWrite = h
         } else {
             dirty = nil
+            preWrite = nil
         }
     }
 
     deinit {
         dirty?.deallocate()
+        preWrite?.deallocate()
         states.deallocate()
     }
 
@@ -213,8 +222,19 @@ public final class ReferenceGuest: @unchecked Sendable {
                                 integrityFailures: failures.load(ordering: .relaxed))
     }
 
+    /// Before the first write to a page at the destination, digest it as it
+    /// arrived; other vCPUs writing the same page wait for that digest.
     @inline(__always) private func markDirty(_ offset: Int) {
-        if let dirty { cpc_store_u8(dirty + offset / pageSize, 1) }
+        guard let dirty, let preWrite else { return }
+        let p = offset / pageSize
+        let flag = dirty + p
+        if cpc_load_u8(flag) == 2 { return }
+        if cpc_cas_u8(flag, 0, 1) != 0 {
+            preWrite[p] = cpc_xxh64(base + p * pageSize, pageSize, 0)
+            cpc_store_u8(flag, 2)
+        } else {
+            while cpc_load_u8(flag) != 2 {}
+        }
     }
 
     private func run(_ t: Int, _ n: Int, _ st: inout VCPUState) {
@@ -271,14 +291,22 @@ public final class ReferenceGuest: @unchecked Sendable {
         return (ok, bad)
     }
 
-    /// Compares every page the guest has not written since resuming with the
-    /// source's page digests at pause.
-    public func verifyPages(against digests: [UInt64]) -> (verified: Int, writtenHere: Int, mismatched: Int) {
-        var ok = 0, written = 0, bad = 0
+    /// Compares every page with the source's page digests at pause: a page the
+    /// guest has not written since resuming as it is now, a written one by the
+    /// digest taken just before its first write at the destination.
+    public func verifyPages(against digests: [UInt64]) -> (verified: Int, verifiedBeforeWrite: Int, mismatched: Int) {
+        var ok = 0, beforeWrite = 0, bad = 0
         for p in 0..<min(pages, digests.count) {
-            if let dirty, cpc_load_u8(dirty + p) != 0 { written += 1; continue }
-            if cpc_xxh64(base + p * pageSize, pageSize, 0) == digests[p] { ok += 1 } else { bad += 1 }
+            let h: UInt64
+            if let dirty, let preWrite, cpc_load_u8(dirty + p) == 2 {
+                h = preWrite[p]
+                beforeWrite += 1
+            } else {
+                h = cpc_xxh64(base + p * pageSize, pageSize, 0)
+            }
+            if h == digests[p] { ok += 1 } else { bad += 1 }
         }
-        return (ok, written, bad)
+        if digests.count != pages { bad += abs(pages - digests.count) }
+        return (ok, beforeWrite, bad)
     }
 }

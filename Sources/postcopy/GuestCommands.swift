@@ -22,13 +22,13 @@ final class OpsReporter: @unchecked Sendable {
     private let stop: EventFD
     private let thread: PThread
 
-    init(side: String, json: Bool, ops: @escaping @Sendable () -> UInt64) throws {
+    init(side: String, json: Bool, intervalMs: Int32 = 1000, ops: @escaping @Sendable () -> UInt64) throws {
         let stop = try EventFD()
         self.stop = stop
         thread = PThread(name: "ops-report") {
             var last = ops()
             var lastT = nowNanoseconds()
-            while cpc_poll1(stop.fd.raw, Int16(POLLIN), 1000) == 0 {
+            while cpc_poll1(stop.fd.raw, Int16(POLLIN), intervalMs) == 0 {
                 let now = nowNanoseconds(), cur = ops()
                 let rate = Double(cur - last) / (Double(now - lastT) / 1e9)
                 if json {
@@ -74,6 +74,7 @@ struct GuestRunCommand: ParsableCommand {
     @Option(name: .long, help: "Listen address for destinations, HOST:PORT (port 0: any; printed first).") var listen: String = "127.0.0.1:0"
     @Option(name: .long, help: "Guest memory file (default: an anonymous memfd).") var memory: String?
     @Option(name: .long, help: "Pause by itself after this many seconds (default: wait for \"pause\" on stdin).") var pauseAfter: Double?
+    @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
 
     func validate() throws {
@@ -115,7 +116,7 @@ struct GuestRunCommand: ParsableCommand {
         }
         guest.start()
         guest.release()
-        let reporter = try OpsReporter(side: "source", json: json) { guest.totalOps }
+        let reporter = try OpsReporter(side: "source", json: json, intervalMs: reportMs) { guest.totalOps }
         if let pauseAfter {
             usleep(useconds_t(pauseAfter * 1e6))
         } else {
@@ -158,6 +159,7 @@ struct GuestResumeCommand: ParsableCommand {
     @Option(name: .long, help: "The daemon's handoff socket.") var handoff: String
     @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: String
     @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
+    @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
 
     func validate() throws {
@@ -213,7 +215,7 @@ struct GuestResumeCommand: ParsableCommand {
             }
             digests.withLock { $0 = all }
         }
-        let reporter = try OpsReporter(side: "destination", json: json) { guest.totalOps }
+        let reporter = try OpsReporter(side: "destination", json: json, intervalMs: reportMs) { guest.totalOps }
         usleep(useconds_t(runFor * 1e6))
         _ = guest.pause(pausedAt: nowNanoseconds())
         reporter.finish()
@@ -227,7 +229,7 @@ struct GuestResumeCommand: ParsableCommand {
         let result: [String: Any] = [
             "event": "verified", "ok": ok, "kv_slots_verified": store.verified, "kv_slots_failed": store.failed,
             "get_checksum_failures": failures, "pages_verified": pagesCheck.verified,
-            "pages_written_at_destination": pagesCheck.writtenHere, "pages_mismatched": pagesCheck.mismatched,
+            "pages_verified_before_first_write": pagesCheck.verifiedBeforeWrite, "pages_mismatched": pagesCheck.mismatched,
             "ops": guest.totalOps,
         ]
         if json { emitEvent(result) } else { print("integrity: \(ok ? "OK" : "FAILED") \(result)") }

@@ -108,7 +108,7 @@ struct MigrateCommand: ParsableCommand {
         let say: (String) -> Void = { msg in if !json { FileHandle.standardError.write(Data((msg + "\n").utf8)) } }
         say("booting a \(size) guest (\(workload), \(vcpus) vCPUs) at the source...")
         let source = try Child("source guest", ["guest", "run", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
-                                                "--listen", "127.0.0.1:0", "--json"])
+                                                "--listen", "127.0.0.1:0", "--json", "--report-ms", "100"])
         var children = [source]
         func abort(_ why: String) -> ExitCode {
             for c in children { _ = c.finish(seconds: 0) }
@@ -125,7 +125,7 @@ struct MigrateCommand: ParsableCommand {
         children.append(daemon)
         guard daemon.waitFor("listening", seconds: 30) != nil else { throw abort("the destination daemon did not start") }
         let dest = try Child("destination guest", ["guest", "resume", "--handoff", socket, "--source", "127.0.0.1:\(port)",
-                                                   "--run-for", "\(after)", "--json"])
+                                                   "--run-for", "\(after)", "--json", "--report-ms", "100"])
         children.append(dest)
         guard dest.waitFor("ready", seconds: 60) != nil else { throw abort("the destination guest did not get ready") }
         let wait = Double(bootedAt) / 1e9 + before - Double(nowNanoseconds()) / 1e9
@@ -171,15 +171,17 @@ struct MigrateCommand: ParsableCommand {
             emitEvent(result)
         } else {
             let fmtOps: ([Int]) -> String = { v in mean(v).map { "\(fixed(Double($0) / 1e6, 2)) M" } ?? "n/a" }
+            let perSecond: ([Int]) -> String = { v in v.map { "\(fixed(Double($0) / 1e6, 1))" }.joined(separator: " ") }
             let ns: (String) -> String = { k in formatDuration(ns: UInt64(latency[k] as? Int ?? 0)) }
             print("""
                 postcopy migration of a running \(formatBytes(Double(parseByteSize(size)!))) guest (\(workload), \(vcpus) vCPUs) over tcp: \(ok ? "OK" : "FAILED")
                   downtime            \(formatDuration(ns: UInt64(max(downtime, 0)))) (source pause to first instruction at the destination)
                   time to full copy   \(completedAt.map { fixed(Double($0 - pausedAt) / 1e9, 3) + " s after the pause" } ?? "not reached")
-                  guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  (per second: \(beforeOps.map { "\($0 / 1000)k" }.joined(separator: " ")) | \(duringOps.map { "\($0 / 1000)k" }.joined(separator: " ")) | \(afterOps.map { "\($0 / 1000)k" }.joined(separator: " ")))
+                  guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  
+                                      M ops/s every 100 ms: before [\(perSecond(Array(beforeOps.suffix(10))))] during [\(perSecond(duringOps))] after [\(perSecond(Array(afterOps.prefix(10))))]
                   pages               \(session?["demand_pages"] ?? 0) demanded, \(session?["background_pages"] ?? 0) streamed, \(session?["faults"] ?? 0) faults
                   fault service       p50 \(ns("p50_ns"))  p90 \(ns("p90_ns"))  p99 \(ns("p99_ns"))  p99.9 \(ns("p999_ns"))  max \(ns("max_ns"))
-                  integrity           \(verified?["ok"] as? Bool == true ? "OK" : "FAILED"): \(verified?["kv_slots_verified"] ?? 0) key-value checksums hold (\(verified?["kv_slots_failed"] ?? "?") failed, \(verified?["get_checksum_failures"] ?? "?") failed GETs); \(verified?["pages_verified"] ?? 0) pages the guest did not write at the destination equal the source at pause (\(verified?["pages_mismatched"] ?? "?") differ; \(verified?["pages_written_at_destination"] ?? 0) written there are not compared)
+                  integrity           \(verified?["ok"] as? Bool == true ? "OK" : "FAILED"): \(verified?["kv_slots_verified"] ?? 0) key-value checksums hold (\(verified?["kv_slots_failed"] ?? "?") failed, \(verified?["get_checksum_failures"] ?? "?") failed GETs); \(verified?["pages_verified"] ?? 0) pages equal the source's RAM at pause, \(verified?["pages_mismatched"] ?? "?") differ (\(verified?["pages_verified_before_first_write"] ?? 0) of them written at the destination were digested just before their first write)
                 """)
         }
         if !ok {

@@ -107,3 +107,26 @@ struct CLITests {
         #expect(r.stderr.contains("connect to 127.0.0.1:1"), "stderr: \(r.stderr)")
     }
 }
+
+@Suite("postcopy migrate", .serialized, .enabled(if: postcopyBinary != nil, "postcopy binary not built"))
+struct MigrateCLITests {
+    /// The whole live migration of a running guest, as the README runs it, small.
+    @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
+    func runningGuestMigratesWithIntegrity() throws {
+        for workload in ["kv", "zipf"] {
+            let r = try runCLI(["migrate", "--size", "32M", "--before", "1", "--after", "1", "--workload", workload, "--json"])
+            #expect(r.status == 0, "migrate failed: \(r.stderr)")
+            let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+            #expect(o?["ok"] as? Bool == true)
+            #expect((o?["downtime_ns"] as? Int ?? -1) > 0)
+            #expect((o?["time_to_full_copy_seconds"] as? Double ?? -1) > 0)
+            let integrity = o?["integrity"] as? [String: Any]
+            #expect(integrity?["pages_mismatched"] as? Int == 0)
+            #expect(integrity?["pages_verified"] as? Int == (32 << 20) / 4096)
+            if workload == "kv" { #expect((integrity?["kv_slots_verified"] as? Int ?? 0) > 0) }
+            let before = o?["ops_per_s_before"] as? [Int] ?? []
+            let later = (o?["ops_per_s_during"] as? [Int] ?? []) + (o?["ops_per_s_after"] as? [Int] ?? [])
+            #expect(before.count > 0 && later.count > 0, "ops/s reported before \(before), later \(later)")
+        }
+    }
+}

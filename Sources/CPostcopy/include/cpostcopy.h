@@ -139,6 +139,10 @@ void cpc_fill_random(void *p, size_t len, uint64_t seed);
 /// Atomic byte access for flags shared between the fault thread and guest threads.
 static inline uint8_t cpc_load_u8(const uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void cpc_store_u8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+/// Compare-and-swap of a byte; 1 if it was `expected` and is now `desired`.
+static inline int cpc_cas_u8(uint8_t *p, uint8_t expected, uint8_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
 /// Index of the first byte equal to `value` in p[from..<n], or -1.
 long cpc_find_byte(const uint8_t *p, long from, long n, uint8_t value);
 
