@@ -10,11 +10,6 @@
 #   e.g. scripts/demo.sh --size 4G --vcpus 2 --workload zipf --after 10
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# A fresh machine of this project's kind has the toolchain in /opt/swift.
-[ -x /opt/swift/usr/bin/swift ] && ! command -v swift >/dev/null && export PATH="/opt/swift/usr/bin:$PATH"
-if ! command -v swift >/dev/null; then
-    echo "error: swift (6.0 or newer) is not on PATH" >&2
-    exit 2
-fi
+source scripts/lib.sh
 swift build -c release --product postcopy
 exec .build/release/postcopy migrate "$@"

@@ -4,12 +4,7 @@
 # userfaultfd those tests are skipped and say why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# A fresh machine of this project's kind has the toolchain in /opt/swift.
-[ -x /opt/swift/usr/bin/swift ] && ! command -v swift >/dev/null && export PATH="/opt/swift/usr/bin:$PATH"
-if ! command -v swift >/dev/null; then
-    echo "error: swift (6.0 or newer) is not on PATH" >&2
-    exit 2
-fi
+source scripts/lib.sh
 # The TCP core needs no system packages beyond the toolchain.
 swift build --build-tests
 # A hung test (a guest thread parked on a fault nobody serves) must fail CI, not stall it.

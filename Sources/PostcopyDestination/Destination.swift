@@ -143,20 +143,12 @@ public final class StandaloneDestination: Sendable {
         defer { _ = rss.finish(excluding: guestRanges) }  // also on every error path
 
         // Control: zero map and device state before anything streams.
-        var zeroMaps: [ZeroMap] = []
+        let zeroMaps: [ZeroMap]
         let deviceState: [UInt8]
         let demand: PageChannel
         let background: PageChannel
         do {
-            for (i, _) in table.regions.enumerated() {
-                let pages = UInt64(table.pageCount(region: i))
-                var first: UInt64 = 0
-                while first < pages {
-                    let n = min(pages - first, 1 << 22)
-                    zeroMaps.append(try transport.fetchZeroMap(region: UInt16(i), firstPage: first, pageCount: n))
-                    first += n
-                }
-            }
+            zeroMaps = try transport.fetchWholeZeroMap(table)
             deviceState = try transport.fetchDeviceState(timeoutMs: 60_000)
             demand = try transport.openChannel(.demand)
             background = try transport.openChannel(.background)

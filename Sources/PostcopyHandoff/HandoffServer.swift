@@ -179,7 +179,7 @@ public final class HandoffServer: Sendable {
             // it paused, so the background thread fetches it; faults are served now.
             let t = transport
             engine = try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: [],
-                                        zeroMapProvider: { () throws(TransportError) in try fetchZeroMaps(t, table) },
+                                        zeroMapProvider: { () throws(TransportError) in try t.fetchWholeZeroMap(table) },
                                         demand: demand, background: background, config: engineConfig, logger: logger)
         } catch let e as HandoffError {
             reject(pid, e)
@@ -229,19 +229,4 @@ public final class HandoffServer: Sendable {
         onSessionEnd?(report)
         logger.info("VMM pid \(pid) went away; its session is released")
     }
-}
-
-/// The whole zero map, in chunks the source accepts.
-func fetchZeroMaps(_ transport: Transport, _ table: RegionTable) throws(TransportError) -> [ZeroMap] {
-    var maps: [ZeroMap] = []
-    for i in 0..<table.regions.count {
-        let pages = UInt64(table.pageCount(region: i))
-        var first: UInt64 = 0
-        while first < pages {
-            let n = min(pages - first, 1 << 22)
-            maps.append(try transport.fetchZeroMap(region: UInt16(i), firstPage: first, pageCount: n))
-            first += n
-        }
-    }
-    return maps
 }

@@ -53,6 +53,23 @@ public protocol Transport: AnyObject, Sendable {
     func close()
 }
 
+extension Transport {
+    /// The zero map of every region, in chunks the source accepts.
+    public func fetchWholeZeroMap(_ table: RegionTable) throws(TransportError) -> [ZeroMap] {
+        var maps: [ZeroMap] = []
+        for i in 0..<table.regions.count {
+            let pages = UInt64(table.pageCount(region: i))
+            var first: UInt64 = 0
+            while first < pages {
+                let n = min(pages - first, 1 << 22)
+                maps.append(try fetchZeroMap(region: UInt16(i), firstPage: first, pageCount: n))
+                first += n
+            }
+        }
+        return maps
+    }
+}
+
 /// Which transport to use, as the CLI's `--transport` names it.
 public enum TransportKind: String, Sendable, CaseIterable {
     case tcp

@@ -48,6 +48,19 @@ final class OpsReporter: @unchecked Sendable {
     }
 }
 
+/// Size, workload and vCPUs of the reference guest (shared by `guest run` and `migrate`).
+struct GuestShape: ParsableArguments {
+    @Option(name: .long, help: "Guest RAM size, e.g. 256M, 1G.") var size: String = "1G"
+    @Option(name: .long, help: "Workload: kv, scan, random or zipf.") var workload: String = "kv"
+    @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
+
+    func validateShape() throws {
+        guard let n = parseByteSize(size), n >= 1 << 20, n % 4096 == 0 else { throw ValidationError("--size must be at least 1M and a multiple of 4 KiB") }
+        guard Workload(rawValue: workload) != nil else { throw ValidationError("--workload must be kv, scan, random or zipf") }
+        guard (1...256).contains(vcpus) else { throw ValidationError("--vcpus must be 1...256") }
+    }
+}
+
 struct GuestCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "guest",
@@ -66,9 +79,7 @@ struct GuestRunCommand: ParsableCommand {
             the guest's RAM is frozen and served until a destination completed and every connection closed.
             """)
 
-    @Option(name: .long, help: "Guest RAM size, e.g. 256M, 1G.") var size: String = "1G"
-    @Option(name: .long, help: "Workload: kv, scan, random or zipf.") var workload: String = "kv"
-    @Option(name: .long, help: "vCPU threads.") var vcpus: Int = 2
+    @OptionGroup var shape: GuestShape
     @Option(name: .long, help: "Percentage of key-value slots filled at boot (the rest of RAM stays zero).") var fillPercent: Int = 75
     @Option(name: .long, help: "Seed of the workload.") var seed: UInt64 = 1
     @Option(name: .long, help: "Listen address for destinations, HOST:PORT (port 0: any; printed first).") var listen: String = "127.0.0.1:0"
@@ -78,9 +89,7 @@ struct GuestRunCommand: ParsableCommand {
     @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
 
     func validate() throws {
-        guard let n = parseByteSize(size), n >= 1 << 20, n % 4096 == 0 else { throw ValidationError("--size must be at least 1M and a multiple of 4 KiB") }
-        guard Workload(rawValue: workload) != nil else { throw ValidationError("--workload must be kv, scan, random or zipf") }
-        guard (1...256).contains(vcpus) else { throw ValidationError("--vcpus must be 1...256") }
+        try shape.validateShape()
         guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }
         guard Endpoint(parsing: listen) != nil else { throw ValidationError("--listen must be HOST:PORT") }
     }
@@ -88,7 +97,7 @@ struct GuestRunCommand: ParsableCommand {
     func run() throws {
         var logger = Logger(label: "postcopy.guest")
         logger.logLevel = .warning
-        let bytes = parseByteSize(size)!
+        let bytes = parseByteSize(shape.size)!
         let fd: Int32
         if let memory {
             fd = open(memory, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
@@ -100,8 +109,8 @@ struct GuestRunCommand: ParsableCommand {
         defer { close(fd) }
         guard ftruncate(fd, off_t(bytes)) == 0 else { throw fail("cannot size guest memory: \(SystemError("ftruncate", errno: errno))") }
         let ram = try MemoryMapping.file(fd: fd, length: bytes, writable: true)
-        let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: Workload(rawValue: workload)!,
-                                       vcpus: ReferenceGuest.freshVCPUs(vcpus, seed: seed), trackDirty: false)
+        let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: Workload(rawValue: shape.workload)!,
+                                       vcpus: ReferenceGuest.freshVCPUs(shape.vcpus, seed: seed), trackDirty: false)
         guest.populate(fillPercent: fillPercent, seed: seed)
         let memoryState = try SourceMemory(mapping: ram, pageSize: 4096)
         let server: PageServer
@@ -112,7 +121,7 @@ struct GuestRunCommand: ParsableCommand {
         if json {
             emitEvent(["event": "listening", "port": server.port, "memory_bytes": bytes])
         } else {
-            print("guest running at the source, \(formatBytes(Double(bytes))), workload \(workload); serving on port \(server.port); type \"pause\" to switch over")
+            print("guest running at the source, \(formatBytes(Double(bytes))), workload \(shape.workload); serving on port \(server.port); type \"pause\" to switch over")
         }
         guest.start()
         guest.release()

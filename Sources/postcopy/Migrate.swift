@@ -2,6 +2,7 @@ import ArgumentParser
 import CPostcopy
 import Foundation
 import PostcopyCore
+import PostcopyGuest
 import Synchronization
 
 /// A child `postcopy` process whose JSON Lines are collected as they come.
@@ -83,26 +84,24 @@ struct MigrateCommand: ParsableCommand {
             faulting pages in on demand while the rest streams in the background. Reports downtime \
             (pause at the source to first instruction at the destination), time to full copy, guest \
             operations per second before, during and after postcopy, the fault-latency histogram, and \
-            integrity: every key-value checksum, and every page the guest did not write at the \
-            destination against the source's RAM at pause (pages written there are counted, not compared).
+            integrity: every key-value checksum, and every page against the source's RAM at pause (a \
+            page the guest writes at the destination is digested just before its first write).
             """)
 
-    @Option(name: .long, help: "Guest RAM size.") var size: String = "1G"
-    @Option(name: .long, help: "Workload: kv, scan, random or zipf.") var workload: String = "kv"
-    @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
+    @OptionGroup var shape: GuestShape
     @Option(name: .long, help: "Seconds the guest runs at the source before the switchover.") var before: Double = 3
     @Option(name: .long, help: "Seconds the guest runs at the destination after the switchover.") var after: Double = 5
     @Option(name: .long, help: "Background streaming cap at the destination (bytes/s, e.g. 500M; 0 = none).") var backgroundRate: String = "0"
     @Flag(name: .long, help: "One JSON object on stdout instead of the summary.") var json = false
 
     func validate() throws {
-        guard let n = parseByteSize(size), n >= 1 << 20 else { throw ValidationError("--size must be at least 1M") }
-        guard ["kv", "scan", "random", "zipf"].contains(workload) else { throw ValidationError("--workload must be kv, scan, random or zipf") }
+        try shape.validateShape()
         guard before > 0, after > 0 else { throw ValidationError("--before and --after must be positive") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("--background-rate must be a byte count such as 500M") }
     }
 
     func run() throws {
+        let (size, workload, vcpus) = (shape.size, shape.workload, shape.vcpus)
         let socket = "/tmp/postcopy-migrate-\(getpid()).sock"
         defer { unlink(socket) }
         let say: (String) -> Void = { msg in if !json { FileHandle.standardError.write(Data((msg + "\n").utf8)) } }
