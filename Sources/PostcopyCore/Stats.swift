@@ -5,6 +5,7 @@ import Synchronization
 /// safe to record from several threads; each thread may also keep its own and merge.
 public final class LatencyRecorder: Sendable {
     private let hist: Mutex<Histogram<UInt64>>
+    private let total = Atomic<UInt64>(0)
 
     public init() {
         var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
@@ -14,6 +15,7 @@ public final class LatencyRecorder: Sendable {
 
     public func record(nanoseconds: UInt64) {
         hist.withLock { _ = $0.record(max(nanoseconds, 1)) }
+        total.add(nanoseconds, ordering: .relaxed)
     }
 
     public func merge(_ other: Histogram<UInt64>) {
@@ -23,6 +25,27 @@ public final class LatencyRecorder: Sendable {
     public func snapshot() -> LatencySummary {
         hist.withLock { LatencySummary($0) }
     }
+
+    /// A copy of the histogram (to merge per-thread recorders at the end).
+    public func histogram() -> Histogram<UInt64> { hist.withLock { $0 } }
+
+    /// Sum of every recorded value (for faults: the total time guest threads waited).
+    public var totalNanoseconds: UInt64 { total.load(ordering: .relaxed) }
+
+    /// Merges per-thread recorders into one histogram.
+    public static func merged(_ recorders: [LatencyRecorder]) -> Histogram<UInt64> {
+        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        h.autoResize = true
+        for r in recorders { h.add(r.histogram()) }
+        return h
+    }
+}
+
+/// Points of a latency CDF, [percentile, nanoseconds], read off a histogram (for plots).
+public func latencyCDF(_ h: Histogram<UInt64>) -> [[Double]] {
+    guard h.totalCount > 0 else { return [] }
+    let points: [Double] = [0, 1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97, 99, 99.5, 99.9, 99.99, 100]
+    return points.map { [$0, Double(h.valueAtPercentile($0))] }
 }
 
 /// Percentiles taken from recorded data (never constants).

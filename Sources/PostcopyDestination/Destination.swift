@@ -209,7 +209,7 @@ public final class StandaloneDestination: Sendable {
             handshakeSeconds: Double(handshakeDone - t0) / 1e9,
             timeToFullCopySeconds: Double(engine.streamEnd - engine.streamStart) / 1e9,
             digestSeconds: Double(d1 - d0) / 1e9, totalSeconds: Double(nowNanoseconds() - t0) / 1e9,
-            faultLatency: engine.faultLatency.snapshot(), guestTouchLatency: touchLatency.summary,
+            faultLatency: engine.faultLatency, guestTouchLatency: touchLatency.summary,
             touchedPages: touchLatency.pages, deviceStateBytes: deviceState.count,
             sourceDigest: MemoryDigest.hex(info.welcome.digest), destinationDigest: MemoryDigest.hex(digest),
             digestMatch: digest == info.welcome.digest, sourceConfirmedDigest: ack.digestMatches,

@@ -81,6 +81,8 @@ public final class EngineCounters: Sendable {
     public let eexist = Atomic<UInt64>(0)
     public let eagain = Atomic<UInt64>(0)
     public let removedRanges = Atomic<UInt64>(0)
+    /// Pages the zero map says are zero (never transferred).
+    public let zeroPagesKnown = Atomic<Int>(0)
 }
 
 /// The destination engine: a fault thread serving userfaultfd faults on the
@@ -92,8 +94,17 @@ public final class PostcopyEngine: @unchecked Sendable {
     public let regions: [GuestRegion]
     public let table: RegionTable
     public let counters = EngineCounters()
-    /// Service latency of each demand fault: uffd message read → page installed.
-    public let faultLatency = LatencyRecorder()
+    /// Service latency of each demand fault (uffd message read → page installed),
+    /// one recorder per installing thread (fault thread, background thread),
+    /// merged when read.
+    private let latencyOnFaultThread = LatencyRecorder()
+    private let latencyOnBackgroundThread = LatencyRecorder()
+    public var faultLatencyHistogram: Histogram<UInt64> {
+        LatencyRecorder.merged([latencyOnFaultThread, latencyOnBackgroundThread])
+    }
+    public var faultLatency: LatencySummary { LatencySummary(faultLatencyHistogram) }
+    /// Total time guest threads waited on faults (QEMU's blocktime, summed over vCPUs).
+    public var stallNanoseconds: UInt64 { latencyOnFaultThread.totalNanoseconds + latencyOnBackgroundThread.totalNanoseconds }
     let pages: PageStates
     private let config: EngineConfig
     private let logger: Logger
@@ -157,6 +168,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         }
         self.pages = pages
         counters.settledPages.store(zeroPagesAtStart, ordering: .relaxed)
+        counters.zeroPagesKnown.store(zeroPagesAtStart, ordering: .relaxed)
     }
 
 
@@ -295,13 +307,13 @@ public final class PostcopyEngine: @unchecked Sendable {
                     if onFaultThread { try readEvents() } else { sched_yield() }
                 }
             }
-            if filled > 0 { settle(first + i, filled) }
+            if filled > 0 { settle(first + i, filled, recorder: onFaultThread ? latencyOnFaultThread : latencyOnBackgroundThread) }
             i += filled
         }
     }
 
     /// Marks pages present, records the service latency of faults waiting on them.
-    private func settle(_ first: Int, _ count: Int) {
+    private func settle(_ first: Int, _ count: Int, recorder: LatencyRecorder) {
         let now = nowNanoseconds()
         var latencies: [UInt64] = []
         let complete: Bool = pages.lock.withLock {
@@ -312,7 +324,7 @@ public final class PostcopyEngine: @unchecked Sendable {
             counters.settledPages.store(pages.settled, ordering: .relaxed)
             return pages.isComplete
         }
-        for l in latencies { faultLatency.record(nanoseconds: l) }
+        for l in latencies { recorder.record(nanoseconds: l) }
         if complete { markComplete(at: now) }
     }
 
@@ -494,6 +506,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                     let first = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
                     for i in 0..<Int(z.pageCount) where z.isZero(i) && pages.state(first + i) == .missing {
                         pages.set(first + i, .zero)
+                        counters.zeroPagesKnown.add(1, ordering: .relaxed)
                     }
                 }
                 counters.settledPages.store(pages.settled, ordering: .relaxed)

@@ -21,11 +21,24 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var removeEvents: UInt64
     public var timeToFullCopySeconds: Double?
     public var faultLatency: LatencySummary
+    /// [percentile, ns] points of the fault-latency CDF.
+    public var faultLatencyCDF: [[Double]]
+    /// Total time the guest's threads waited on faults (blocktime summed over vCPUs).
+    public var stallSeconds: Double
+    public var zeroPages: Int
+    public var bytesSent: UInt64
+    public var bytesReceived: UInt64
+    /// CPU time of the daemon process while this session ran.
+    public var cpuSeconds: Double
+    /// Pages present over time: [CLOCK_MONOTONIC ns, demand pages, background pages, settled pages].
+    public var progress: [[UInt64]]
 
     enum CodingKeys: String, CodingKey {
         case vmmPid = "vmm_pid", regions, guestBytes = "guest_bytes", completed, error, faults
         case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted"
         case removeEvents = "remove_events", timeToFullCopySeconds = "time_to_full_copy_seconds", faultLatency = "fault_latency"
+        case faultLatencyCDF = "fault_latency_cdf", stallSeconds = "stall_seconds", zeroPages = "zero_pages"
+        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", cpuSeconds = "cpu_seconds", progress
     }
 }
 
@@ -189,12 +202,20 @@ public final class HandoffServer: Sendable {
             return
         }
         logger.info("VMM pid \(pid): serving \(regions.count) region(s), \(formatBytes(Double(regions.reduce(0) { $0 + $1.size })))")
+        let cpu0 = processCPUNanoseconds()
         engine.start()
         var completed = false
         var failure: String?
+        var progress: [[UInt64]] = []
+        func sample() {
+            let c = engine.counters
+            progress.append([nowNanoseconds(), c.demandPages.load(ordering: .relaxed), c.backgroundPages.load(ordering: .relaxed),
+                             UInt64(c.settledPages.load(ordering: .relaxed))])
+        }
         // Serve until the VMM goes away (its socket closes); after completion the
         // engine keeps serving late zero-page faults and REMOVE events.
         while !stopping.load(ordering: .relaxed) {
+            if !completed { sample() }
             let ready = cpc_poll1(conn.raw, Int16(POLLIN), 50)
             if ready > 0 {
                 var b: UInt8 = 0
@@ -206,6 +227,7 @@ public final class HandoffServer: Sendable {
                     logger.error("VMM pid \(pid): postcopy failed: \(e); its vCPUs stay parked on missing pages")
                 } else {
                     completed = true
+                    sample()
                     stats.completed.add(1, ordering: .relaxed)
                     // Replies for pages the VMM removed may still be on their way
                     // on the main connection; it is free once the stream has ended.
@@ -218,13 +240,18 @@ public final class HandoffServer: Sendable {
         }
         engine.stop()
         let c = engine.counters
+        let wire = transport.bytesOnWire
+        let hist = engine.faultLatencyHistogram
         let report = HandoffSessionReport(
             vmmPid: pid, regions: regions.count, guestBytes: Int(regions.reduce(0) { $0 + $1.size }), completed: completed,
             error: failure, faults: c.faults.load(ordering: .relaxed), demandPages: c.demandPages.load(ordering: .relaxed),
             backgroundPages: c.backgroundPages.load(ordering: .relaxed), zeroPagesFaulted: c.zeroFaults.load(ordering: .relaxed),
             removeEvents: c.removedRanges.load(ordering: .relaxed),
             timeToFullCopySeconds: completed ? Double(engine.streamEnd - engine.streamStart) / 1e9 : nil,
-            faultLatency: engine.faultLatency.snapshot())
+            faultLatency: LatencySummary(hist), faultLatencyCDF: latencyCDF(hist),
+            stallSeconds: Double(engine.stallNanoseconds) / 1e9, zeroPages: c.zeroPagesKnown.load(ordering: .relaxed),
+            bytesSent: wire.sent, bytesReceived: wire.received, cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9,
+            progress: progress)
         stats.reports.withLock { $0.append(report) }
         onSessionEnd?(report)
         logger.info("VMM pid \(pid) went away; its session is released")

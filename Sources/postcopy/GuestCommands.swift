@@ -133,6 +133,7 @@ struct GuestRunCommand: ParsableCommand {
         }
         let pausedAt = nowNanoseconds()
         let state = guest.pause(pausedAt: pausedAt)
+        let cpuAtPause = processCPUNanoseconds()  // from here on, the process only serves RAM
         memoryState.freeze(deviceState: state.encoded())
         let frozenAt = nowNanoseconds()
         reporter.finish()
@@ -147,7 +148,7 @@ struct GuestRunCommand: ParsableCommand {
         let report: [String: Any] = [
             "event": "source_done", "demand_pages": s.demandPages.load(ordering: .relaxed),
             "background_pages": s.backgroundPages.load(ordering: .relaxed), "pages_sent_twice": s.pagesSentTwice.load(ordering: .relaxed),
-            "bytes_sent": s.bytesSent.load(ordering: .relaxed), "cpu_seconds": Double(processCPUNanoseconds()) / 1e9,
+            "bytes_sent": s.bytesSent.load(ordering: .relaxed), "cpu_seconds": Double(processCPUNanoseconds() - cpuAtPause) / 1e9,
         ]
         if json { emitEvent(report) } else { print("source done: \(report)") }
     }
@@ -165,7 +166,8 @@ struct GuestResumeCommand: ParsableCommand {
             every key-value checksum, and every page it did not write against the source's page digests.
             """)
 
-    @Option(name: .long, help: "The daemon's handoff socket.") var handoff: String
+    @Option(name: .long, help: "The daemon's handoff socket (not needed with --stop-and-copy).") var handoff: String?
+    @Flag(name: .long, help: "Baseline: copy all RAM while paused, then resume (no userfaultfd, no daemon).") var stopAndCopy = false
     @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: String
     @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
@@ -174,25 +176,56 @@ struct GuestResumeCommand: ParsableCommand {
     func validate() throws {
         guard Endpoint(parsing: source) != nil else { throw ValidationError("--source must be HOST:PORT") }
         guard runFor > 0 else { throw ValidationError("--run-for must be positive") }
+        guard stopAndCopy || handoff != nil else { throw ValidationError("--handoff is required unless --stop-and-copy") }
+    }
+
+    /// Stop-and-copy: every page over the main connection, in batches, into plain memory.
+    func copyAll(_ transport: TCPTransport, _ table: RegionTable, into ram: MemoryMapping) throws -> UInt64 {
+        let channel = try transport.openChannel(.background)
+        let batch = 256, window = 4
+        var next = 0, outstanding = 0, id: UInt64 = 1
+        var copied: UInt64 = 0
+        while next < table.totalPages || outstanding > 0 {
+            while next < table.totalPages && outstanding < window {
+                let n = min(batch, table.totalPages - next)
+                try channel.submit(PageRequest(requestID: id, region: 0, pageClass: .background, pageOffset: UInt64(next), pageCount: UInt32(n)))
+                id += 1
+                next += n
+                outstanding += 1
+            }
+            _ = cpc_poll1(channel.pollDescriptor, Int16(POLLIN), 1000)
+            outstanding -= try channel.drainCompletions { (h, payload) throws(TransportError) in
+                if !h.isZero {
+                    (ram.base + Int(h.pageOffset) * table.pageSize).copyMemory(from: payload.baseAddress!, byteCount: payload.count)
+                    copied += UInt64(payload.count)
+                }
+            }
+        }
+        return copied
     }
 
     func run() throws {
         if let reason = Userfaultfd.unavailableReason() { throw fail(reason) }
-        let control = TCPTransport(endpoint: Endpoint(parsing: source)!, maxBatchPages: 1)
+        let control = TCPTransport(endpoint: Endpoint(parsing: source)!, maxBatchPages: 256)
         let info: SessionInfo
         do { info = try control.connect() } catch { throw fail("cannot reach the source: \(error)") }
         let bytes = info.table.totalPages * info.table.pageSize
-        // Guest RAM and its uffd, exactly as Firecracker sets them up.
         let ram = try MemoryMapping.anonymous(length: bytes)
-        let uffd = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE)
-        try uffd.registerMissing(ram.range)
-        let sock = cpc_unix_connect(handoff)
-        guard sock >= 0 else { throw fail("cannot reach the daemon at \(handoff): \(SystemError("connect", errno: -sock))") }
-        let vmmSocket = OwnedFD(sock)
-        let message = HandoffMessage.encode([VMMRegion(base: ram.address, size: UInt64(bytes), offset: 0, pageSize: 4096)])
-        var uffdFD = uffd.fd.raw
-        let sent = message.withUnsafeBytes { cpc_send_with_fds(sock, $0.baseAddress, $0.count, &uffdFD, 1) }
-        guard sent == message.count else { throw fail("handoff sendmsg failed: \(SystemError("sendmsg", errno: sent < 0 ? Int32(-sent) : EIO))") }
+        var uffd: Userfaultfd?
+        var vmmSocket: OwnedFD?
+        if let handoff, !stopAndCopy {
+            // Guest RAM and its uffd, exactly as Firecracker sets them up.
+            let u = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE)
+            try u.registerMissing(ram.range)
+            uffd = u
+            let sock = cpc_unix_connect(handoff)
+            guard sock >= 0 else { throw fail("cannot reach the daemon at \(handoff): \(SystemError("connect", errno: -sock))") }
+            vmmSocket = OwnedFD(sock)
+            let message = HandoffMessage.encode([VMMRegion(base: ram.address, size: UInt64(bytes), offset: 0, pageSize: 4096)])
+            var uffdFD = u.fd.raw
+            let sent = message.withUnsafeBytes { cpc_send_with_fds(sock, $0.baseAddress, $0.count, &uffdFD, 1) }
+            guard sent == message.count else { throw fail("handoff sendmsg failed: \(SystemError("sendmsg", errno: sent < 0 ? Int32(-sent) : EIO))") }
+        }
         if json { emitEvent(["event": "ready", "memory_bytes": bytes]) } else { print("destination ready: waiting for the source to pause") }
 
         // Like QEMU's -incoming: everything is set up; only the device state is missing.
@@ -201,6 +234,12 @@ struct GuestResumeCommand: ParsableCommand {
         let state: GuestDeviceState
         do { state = try GuestDeviceState.decode(blob) } catch { throw fail("device state is not a reference guest's: \(error)") }
         guard state.memoryBytes == bytes else { throw fail("device state is for \(state.memoryBytes) bytes of RAM, the source serves \(bytes)") }
+        if stopAndCopy {
+            let c0 = nowNanoseconds()
+            let copied: UInt64
+            do { copied = try copyAll(control, info.table, into: ram) } catch { throw fail("stop-and-copy failed: \(error)") }
+            if json { emitEvent(["event": "copied", "bytes": copied, "copy_ns": nowNanoseconds() - c0]) }
+        }
         let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: state.workload, vcpus: state.vcpus, trackDirty: true)
         guest.start()
         let resumedAt = guest.release()
@@ -242,7 +281,7 @@ struct GuestResumeCommand: ParsableCommand {
             "ops": guest.totalOps,
         ]
         if json { emitEvent(result) } else { print("integrity: \(ok ? "OK" : "FAILED") \(result)") }
-        vmmSocket.close()  // the VMM goes away: the daemon releases its session
+        vmmSocket?.close()  // the VMM goes away: the daemon releases its session
         withExtendedLifetime((ram, uffd)) {}
         if !ok { throw ExitCode(3) }
     }

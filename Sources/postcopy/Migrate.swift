@@ -92,10 +92,14 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Seconds the guest runs at the source before the switchover.") var before: Double = 3
     @Option(name: .long, help: "Seconds the guest runs at the destination after the switchover.") var after: Double = 5
     @Option(name: .long, help: "Background streaming cap at the destination (bytes/s, e.g. 500M; 0 = none).") var backgroundRate: String = "0"
+    @Option(name: .long, help: "postcopy, or stop-and-copy (the baseline: copy all RAM while paused, then resume).") var mode: String = "postcopy"
+    @Option(name: .long, help: "Transport: tcp (rdma is not built yet).") var transport: String = "tcp"
     @Flag(name: .long, help: "One JSON object on stdout instead of the summary.") var json = false
 
     func validate() throws {
         try shape.validateShape()
+        guard ["postcopy", "stop-and-copy"].contains(mode) else { throw ValidationError("--mode must be postcopy or stop-and-copy") }
+        guard ["tcp", "rdma", "auto"].contains(transport) else { throw ValidationError("--transport must be tcp, rdma or auto") }
         guard before > 0, after > 0 else { throw ValidationError("--before and --after must be positive") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("--background-rate must be a byte count such as 500M") }
     }
@@ -118,13 +122,20 @@ struct MigrateCommand: ParsableCommand {
             throw abort("the source guest did not start")
         }
         let bootedAt = nowNanoseconds()
-        say("source guest running, serving its RAM on 127.0.0.1:\(port); starting the destination daemon and guest")
-        let daemon = try Child("destination daemon", ["dest", "--handoff", socket, "--connect", "127.0.0.1:\(port)", "--once",
-                                                      "--json", "--transport", "tcp", "--background-rate", backgroundRate])
-        children.append(daemon)
-        guard daemon.waitFor("listening", seconds: 30) != nil else { throw abort("the destination daemon did not start") }
-        let dest = try Child("destination guest", ["guest", "resume", "--handoff", socket, "--source", "127.0.0.1:\(port)",
-                                                   "--run-for", "\(after)", "--json", "--report-ms", "100"])
+        let postcopy = mode == "postcopy"
+        var daemon: Child?
+        if postcopy {
+            say("source guest running, serving its RAM on 127.0.0.1:\(port); starting the destination daemon and guest")
+            let d = try Child("destination daemon", ["dest", "--handoff", socket, "--connect", "127.0.0.1:\(port)", "--once",
+                                                     "--json", "--transport", transport, "--background-rate", backgroundRate])
+            children.append(d)
+            guard d.waitFor("listening", seconds: 30) != nil else { throw abort("the destination daemon did not start") }
+            daemon = d
+        } else {
+            say("source guest running, serving its RAM on 127.0.0.1:\(port); starting the destination guest (stop-and-copy)")
+        }
+        let dest = try Child("destination guest", ["guest", "resume", "--source", "127.0.0.1:\(port)", "--run-for", "\(after)",
+                                                   "--json", "--report-ms", "100"] + (postcopy ? ["--handoff", socket] : ["--stop-and-copy"]))
         children.append(dest)
         guard dest.waitFor("ready", seconds: 60) != nil else { throw abort("the destination guest did not get ready") }
         let wait = Double(bootedAt) / 1e9 + before - Double(nowNanoseconds()) / 1e9
@@ -135,13 +146,15 @@ struct MigrateCommand: ParsableCommand {
         let downtime = resumed["downtime_ns"] as? Int ?? -1
         say("destination guest resumed after \(formatDuration(ns: UInt64(max(downtime, 0)))) of downtime; running \(after) s")
         let destStatus = dest.finish(seconds: after + 600)
-        let daemonStatus = daemon.finish(seconds: 60)
+        let daemonStatus = daemon?.finish(seconds: 60) ?? 0
         let sourceStatus = source.finish(seconds: 60)
 
         let pausedAt = source.first("paused")?["paused_at_ns"] as? Int ?? 0
         let resumedAt = resumed["resumed_at_ns"] as? Int ?? 0
-        let completedAt = daemon.first("complete")?["completed_at_ns"] as? Int
-        let session = daemon.first("session")
+        // Stop-and-copy has every page in at the first instruction.
+        let completedAt = postcopy ? daemon?.first("complete")?["completed_at_ns"] as? Int : resumed["resumed_at_ns"] as? Int
+        let session = daemon?.first("session")
+        let sourceDone = source.first("source_done")
         let verified = dest.first("verified")
         func rates(_ c: Child, _ range: Range<Int>) -> [Int] {
             c.all.filter { $0["event"] as? String == "ops" }.compactMap { e -> Int? in
@@ -155,10 +168,34 @@ struct MigrateCommand: ParsableCommand {
         let afterOps = completedAt.map { rates(dest, $0..<Int.max) } ?? []
         let latency = session?["fault_latency"] as? [String: Any] ?? [:]
         let ok = destStatus == 0 && daemonStatus == 0 && sourceStatus == 0 && verified?["ok"] as? Bool == true
-            && session?["completed"] as? Bool == true
+            && (!postcopy || session?["completed"] as? Bool == true)
+        var reasons: [String] = []
+        if !ok {
+            for c in children where c.process.terminationStatus != 0 {
+                let lastLine = c.errors.split(separator: "\n").last.map(String.init) ?? "exit status \(c.process.terminationStatus)"
+                reasons.append("\(c.name): \(lastLine)")
+            }
+            if verified?["ok"] as? Bool != true { reasons.append("integrity check failed or did not run") }
+        }
+        let rel: (Int) -> Double = { Double($0 - pausedAt) / 1e9 }
+        let opsSeries: (Child, String) -> [[Double]] = { c, side in
+            c.all.filter { $0["event"] as? String == "ops" }.compactMap { e in
+                guard let t = e["t_ns"] as? Int, let r = e["ops_per_s"] as? Int else { return nil }
+                return [rel(t), Double(r)]
+            }
+        }
+        let progress = (session?["progress"] as? [[Int]] ?? []).map { p in [rel(p[0]), Double(p[1]), Double(p[2]), Double(p[3])] }
         var result: [String: Any] = [
-            "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus, "transport": "tcp",
-            "downtime_ns": downtime, "ok": ok,
+            "mode": mode, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus, "transport": transport,
+            "background_rate": parseByteSize(backgroundRate)!, "before_seconds": before, "after_seconds": after,
+            "downtime_ns": downtime, "ok": ok, "reasons": reasons,
+            "ops_series_source": opsSeries(source, "source"), "ops_series_destination": opsSeries(dest, "destination"),
+            "progress": progress, "fault_latency_cdf": session?["fault_latency_cdf"] ?? [],
+            "stall_seconds": session?["stall_seconds"] ?? 0, "zero_pages": session?["zero_pages"] ?? 0,
+            "bytes_received": session?["bytes_received"] ?? sourceDone?["bytes_sent"] ?? 0,
+            "bytes_sent": session?["bytes_sent"] ?? 0,
+            "source_cpu_seconds": sourceDone?["cpu_seconds"] ?? 0, "daemon_cpu_seconds": session?["cpu_seconds"] ?? 0,
+            "prefetch_pages": 0,
             "ops_per_s_before": beforeOps, "ops_per_s_during": duringOps, "ops_per_s_after": afterOps,
             "fault_latency": latency, "integrity": verified ?? [:],
             "demand_pages": session?["demand_pages"] ?? 0, "background_pages": session?["background_pages"] ?? 0,
