@@ -252,6 +252,7 @@ struct GuestResumeCommand: ParsableCommand {
         // The source's page digests (ready once its RAM was scanned after the pause).
         let digests = Mutex<[UInt64]?>(nil)
         let pages = info.table.totalPages
+        let copyMode = stopAndCopy
         let fetcher = PThread(name: "digests") {
             var all: [UInt64] = []
             var first = 0
@@ -262,6 +263,8 @@ struct GuestResumeCommand: ParsableCommand {
                 first += n
             }
             digests.withLock { $0 = all }
+            // Stop-and-copy has no daemon: this guest tells the source it has every page.
+            if copyMode { _ = try? control.complete(Complete(pagesReceived: UInt64(pages), digest: nil)) }
         }
         let reporter = try OpsReporter(side: "destination", json: json, intervalMs: reportMs) { guest.totalOps }
         usleep(useconds_t(runFor * 1e6))

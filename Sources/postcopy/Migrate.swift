@@ -210,7 +210,7 @@ struct MigrateCommand: ParsableCommand {
             let perSecond: ([Int]) -> String = { v in v.map { "\(fixed(Double($0) / 1e6, 1))" }.joined(separator: " ") }
             let ns: (String) -> String = { k in formatDuration(ns: UInt64(latency[k] as? Int ?? 0)) }
             print("""
-                postcopy migration of a running \(formatBytes(Double(parseByteSize(size)!))) guest (\(workload), \(vcpus) vCPUs) over tcp: \(ok ? "OK" : "FAILED")
+                \(mode) migration of a running \(formatBytes(Double(parseByteSize(size)!))) guest (\(workload), \(vcpus) vCPUs) over tcp: \(ok ? "OK" : "FAILED")
                   downtime            \(formatDuration(ns: UInt64(max(downtime, 0)))) (source pause to first instruction at the destination)
                   time to full copy   \(completedAt.map { fixed(Double($0 - pausedAt) / 1e9, 3) + " s after the pause" } ?? "not reached")
                   guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  
