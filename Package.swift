@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "postcopy", targets: ["postcopy"]),
+        .executable(name: "postcopy-bench", targets: ["postcopy-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -60,6 +61,13 @@ let package = Package(
                 "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+            ]),
+        // Benchmark driver: runs `postcopy migrate` and the baselines, tables, JSON, SVG plots.
+        .executableTarget(
+            name: "postcopy-bench",
+            dependencies: [
+                "PostcopyCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "PostcopyWireTests", dependencies: ["PostcopyWire"]),
         .testTarget(name: "PostcopyGuestTests", dependencies: ["PostcopyGuest", "PostcopyCore"]),

@@ -1,0 +1,234 @@
+import ArgumentParser
+import Foundation
+import PostcopyCore
+import Synchronization
+
+/// Runs `postcopy` (the binary next to this one) to completion; stdout parsed as JSON.
+func runPostcopy(_ args: [String]) throws -> (status: Int32, json: [String: Any]?, stderr: String) {
+    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent().appendingPathComponent("postcopy")
+    let p = Process()
+    p.executableURL = exe
+    p.arguments = args
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    // Drain stderr concurrently so a chatty child never blocks on a full pipe.
+    let errData = Mutex<Data>(Data())
+    let errHandle = err.fileHandleForReading
+    let done = DispatchSemaphore(value: 0)
+    DispatchQueue.global().async {
+        let d = errHandle.readDataToEndOfFile()
+        errData.withLock { $0 = d }
+        done.signal()
+    }
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    done.wait()
+    let lastLine = o.split(separator: UInt8(ascii: "\n")).last.map { Data($0) } ?? Data()
+    let json = (try? JSONSerialization.jsonObject(with: lastLine)) as? [String: Any]
+    return (p.terminationStatus, json, String(decoding: errData.withLock { $0 }, as: UTF8.self))
+}
+
+@main
+struct PostcopyBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "postcopy-bench",
+        abstract: "Run complete migrations of the reference guest and report them next to baselines measured in the same run.",
+        discussion: """
+            For every combination of --transports, --sizes, --workloads and --modes (repeated --repeat \
+            times) it runs `postcopy migrate` and collects: fault service latency percentiles (one \
+            histogram per daemon thread, merged), downtime, time to full copy, demand / prefetch / \
+            background / zero pages, bytes on the wire and per guest page, source and destination \
+            CPU time, guest ops/s before, during and after, and the total guest stall time. Baselines \
+            in the same run: raw TCP 4 KiB round trip and local userfaultfd fault (for the fault \
+            latency ratio), and stop-and-copy (for downtime and total time). Prints a table, or the \
+            JSON document (schema in bench/README.md) with --json; --plot DIR writes SVG charts. Exits \
+            non-zero, with the reason, when any migration fails.
+            """)
+
+    @Option(name: .long, help: "Guest sizes, comma-separated.") var sizes: String = "1G,4G"
+    @Option(name: .long, help: "Workloads: kv, scan, random, zipf (comma-separated).") var workloads: String = "kv"
+    @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
+    @Option(name: .long, help: "Migration modes: postcopy, stop-and-copy (comma-separated).") var modes: String = "postcopy,stop-and-copy"
+    @Option(name: .long, help: "Transports: tcp, rdma (comma-separated).") var transports: String = "tcp"
+    @Option(name: .long, help: "Background streaming cap (bytes/s, e.g. 500M; 0 = none).") var backgroundRate: String = "0"
+    @Option(name: .long, help: "Runs of each combination.") var `repeat`: Int = 1
+    @Option(name: .long, help: "Seconds the guest runs before the switchover.") var before: Double = 2
+    @Option(name: .long, help: "Seconds the guest runs at the destination.") var after: Double = 3
+    @Option(name: .long, help: "Write SVG charts into this directory.") var plot: String?
+    @Flag(name: .long, help: "Print the JSON document instead of the table.") var json = false
+
+    func list(_ s: String) -> [String] { s.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty } }
+
+    func validate() throws {
+        for s in list(sizes) where parseByteSize(s) == nil { throw ValidationError("bad size '\(s)'") }
+        for w in list(workloads) where !["kv", "scan", "random", "zipf"].contains(w) { throw ValidationError("bad workload '\(w)'") }
+        for m in list(modes) where !["postcopy", "stop-and-copy"].contains(m) { throw ValidationError("bad mode '\(m)'") }
+        for t in list(transports) where !["tcp", "rdma"].contains(t) { throw ValidationError("bad transport '\(t)'") }
+        guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1") }
+        guard parseByteSize(backgroundRate) != nil else { throw ValidationError("bad --background-rate") }
+    }
+
+    func say(_ s: String) { FileHandle.standardError.write(Data((s + "\n").utf8)) }
+
+    func run() throws {
+        var uts = utsname()
+        uname(&uts)
+        let kernel = withUnsafeBytes(of: uts.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let machine: [String: Any] = ["kernel": kernel, "cores": ProcessInfo.processInfo.activeProcessorCount,
+                                      "memory_bytes": ProcessInfo.processInfo.physicalMemory]
+        say("baselines: raw TCP 4 KiB round trip, local userfaultfd fault...")
+        var baselines: [String: Any] = [:]
+        for b in ["tcp-rtt", "uffd-fault"] {
+            let r = try runPostcopy(["baseline", b, "--json"])
+            guard r.status == 0, let lat = r.json?["latency"] as? [String: Any] else {
+                throw fail("baseline \(b) failed: \(r.stderr)")
+            }
+            baselines[b.replacingOccurrences(of: "-", with: "_")] = lat
+        }
+        let a = (baselines["tcp_rtt"] as? [String: Any])?["p50_ns"] as? Int ?? 0
+        let b = (baselines["uffd_fault"] as? [String: Any])?["p50_ns"] as? Int ?? 0
+
+        var runs: [[String: Any]] = []
+        var failures: [String] = []
+        for transport in list(transports) {
+            for size in list(sizes) {
+                for workload in list(workloads) {
+                    for mode in list(modes) {
+                        for i in 1...`repeat` {
+                            say("\(transport) \(size) \(workload) \(mode) run \(i)/\(`repeat`)...")
+                            let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)", "--mode", mode,
+                                        "--transport", transport, "--background-rate", backgroundRate,
+                                        "--before", "\(before)", "--after", "\(after)", "--json"]
+                            let r = try runPostcopy(args)
+                            var run = r.json ?? [:]
+                            run["config"] = ["size": size, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus,
+                                             "mode": mode, "transport": transport, "background_rate": parseByteSize(backgroundRate)!,
+                                             "before_seconds": before, "after_seconds": after, "repeat_index": i]
+                            if r.status != 0 || run["ok"] as? Bool != true {
+                                let why = (run["reasons"] as? [String])?.joined(separator: "; ") ?? ""
+                                let detail = why.isEmpty ? String(r.stderr.split(separator: "\n").prefix(3).joined(separator: " | ")) : why
+                                failures.append("\(transport) \(size) \(workload) \(mode) run \(i): exit \(r.status): \(detail)")
+                                run["ok"] = false
+                            }
+                            runs.append(run)
+                        }
+                    }
+                }
+            }
+        }
+        // Ratios against the baselines of this run.
+        for i in runs.indices {
+            guard let cfg = runs[i]["config"] as? [String: Any] else { continue }
+            if cfg["mode"] as? String == "postcopy", let p50 = (runs[i]["fault_latency"] as? [String: Any])?["p50_ns"] as? Int, a + b > 0 {
+                runs[i]["fault_p50_over_tcp_rtt_plus_uffd_fault"] = Double(p50) / Double(a + b)
+            }
+            let peer = runs.first {
+                let c = $0["config"] as? [String: Any]
+                return c?["mode"] as? String == "stop-and-copy" && c?["size"] as? String == cfg["size"] as? String
+                    && c?["workload"] as? String == cfg["workload"] as? String && c?["transport"] as? String == cfg["transport"] as? String
+                    && $0["ok"] as? Bool == true
+            }
+            if cfg["mode"] as? String == "postcopy", let d = runs[i]["downtime_ns"] as? Int, let sd = peer?["downtime_ns"] as? Int, sd > 0 {
+                runs[i]["downtime_over_stop_and_copy"] = Double(d) / Double(sd)
+            }
+            if let bytes = runs[i]["bytes_received"] as? Int, let mem = cfg["memory_bytes"] as? Int, mem > 0 {
+                runs[i]["bytes_per_guest_page"] = Double(bytes) / Double(mem / 4096)
+            }
+        }
+        let config: [String: Any] = ["sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "modes": list(modes),
+                                     "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!,
+                                     "repeat": `repeat`, "before_seconds": before, "after_seconds": after]
+        let doc: [String: Any] = ["schema_version": 1, "tool": "postcopy-bench", "started_at": ISO8601DateFormatter().string(from: Date()),
+                                  "machine": machine, "config": config, "baselines": baselines, "runs": runs, "failures": failures]
+        if let plot { try writePlots(runs, to: plot) }
+        if json {
+            let d = try JSONSerialization.data(withJSONObject: doc, options: [.sortedKeys, .prettyPrinted])
+            FileHandle.standardOutput.write(d + Data("\n".utf8))
+        } else {
+            printTable(runs, a: a, b: b, machine: machine)
+        }
+        if !failures.isEmpty {
+            say("FAILED: " + failures.joined(separator: "\n        "))
+            throw ExitCode(1)
+        }
+    }
+
+    func printTable(_ runs: [[String: Any]], a: Int, b: Int, machine: [String: Any]) {
+        let us: (Any?) -> String = { v in (v as? Int).map { fixed(Double($0) / 1000, 1) + " µs" } ?? "-" }
+        print("postcopy-bench: kernel \(machine["kernel"] ?? "?"), \(machine["cores"] ?? "?") cores; baselines p50: raw TCP 4 KiB round trip \(us(a)), local uffd fault \(us(b))")
+        let header = ["transport", "size", "workload", "mode", "downtime", "vs s&c", "full copy", "fault p50", "p50/(tcp+uffd)", "p99", "p99.9", "max", "stall", "ops/s before", "during", "after", "demand", "bg", "zero", "B/page", "src CPU", "dst CPU"]
+        var rows: [[String]] = [header]
+        for r in runs {
+            let c = r["config"] as? [String: Any] ?? [:]
+            let l = r["fault_latency"] as? [String: Any] ?? [:]
+            let mean: (String) -> String = { k in
+                let v = r[k] as? [Int] ?? []
+                return v.isEmpty ? "-" : fixed(Double(v.reduce(0, +) / v.count) / 1e6, 2) + "M"
+            }
+            let ok = r["ok"] as? Bool == true
+            rows.append([
+                "\(c["transport"] ?? "")", "\(c["size"] ?? "")", "\(c["workload"] ?? "")", "\(c["mode"] ?? "")" + (ok ? "" : " FAILED"),
+                (r["downtime_ns"] as? Int).map { formatDuration(ns: UInt64(max($0, 0))) } ?? "-",
+                (r["downtime_over_stop_and_copy"] as? Double).map { fixed($0, 3) + "x" } ?? "-",
+                (r["time_to_full_copy_seconds"] as? Double).map { fixed($0, 3) + " s" } ?? "-",
+                us(l["p50_ns"]), (r["fault_p50_over_tcp_rtt_plus_uffd_fault"] as? Double).map { fixed($0, 2) } ?? "-",
+                us(l["p99_ns"]), us(l["p999_ns"]), us(l["max_ns"]),
+                c["mode"] as? String == "postcopy" ? (r["stall_seconds"] as? Double).map { fixed($0, 3) + " s" } ?? "-" : "-",
+                mean("ops_per_s_before"), mean("ops_per_s_during"), mean("ops_per_s_after"),
+                "\(r["demand_pages"] ?? "-")", "\(r["background_pages"] ?? "-")", "\(r["zero_pages"] ?? "-")",
+                (r["bytes_per_guest_page"] as? Double).map { fixed($0, 0) } ?? "-",
+                (r["source_cpu_seconds"] as? Double).map { fixed($0, 2) + " s" } ?? "-",
+                (r["daemon_cpu_seconds"] as? Double).map { fixed($0, 2) + " s" } ?? "-",
+            ])
+        }
+        let widths = header.indices.map { i in rows.map { $0[i].count }.max() ?? 0 }
+        for row in rows {
+            print(row.enumerated().map { $0.element.padding(toLength: widths[$0.offset], withPad: " ", startingAt: 0) }.joined(separator: "  "))
+        }
+    }
+
+    func writePlots(_ runs: [[String: Any]], to dir: String) throws {
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let okRuns = runs.filter { $0["ok"] as? Bool == true }
+        func label(_ r: [String: Any]) -> String {
+            let c = r["config"] as? [String: Any] ?? [:]
+            return "\(c["transport"] ?? "") \(c["size"] ?? "") \(c["workload"] ?? "")"
+        }
+        let post = okRuns.filter { ($0["config"] as? [String: Any])?["mode"] as? String == "postcopy" }
+        // 1. Fault-latency CDF per transport (and size).
+        let cdf = LineChart(
+            title: "Fault service latency (CDF)", xLabel: "latency (µs, log scale)", yLabel: "faults served within (%)",
+            series: post.map { r in
+                .init(name: label(r), points: (r["fault_latency_cdf"] as? [[Double]] ?? []).map { ($0[1] / 1000, $0[0]) })
+            }, logX: true)
+        try cdf.render().write(toFile: "\(dir)/fault-latency-cdf.svg", atomically: true, encoding: .utf8)
+        // 2. Pages present over time, demand vs background.
+        var pagesSeries: [LineChart.Series] = []
+        for r in post {
+            let p = (r["progress"] as? [[Double]] ?? []).filter { $0[0] >= -0.1 }  // from just before the pause
+            pagesSeries.append(.init(name: "\(label(r)) background", points: p.map { ($0[0], $0[2]) }))
+            pagesSeries.append(.init(name: "\(label(r)) demand", points: p.map { ($0[0], $0[1]) }, dashed: true))
+        }
+        try LineChart(title: "Pages present at the destination", xLabel: "seconds since the pause", yLabel: "pages",
+                      series: pagesSeries, markers: [(0, "pause")]).render().write(toFile: "\(dir)/pages-present.svg", atomically: true, encoding: .utf8)
+        // 3. Guest throughput across the switchover.
+        var tput: [LineChart.Series] = []
+        for r in okRuns {
+            let c = r["config"] as? [String: Any] ?? [:]
+            let src = r["ops_series_source"] as? [[Double]] ?? []
+            let dst = r["ops_series_destination"] as? [[Double]] ?? []
+            let pts = (src + dst).map { ($0[0], $0[1] / 1e6) }.sorted { $0.0 < $1.0 }
+            tput.append(.init(name: "\(label(r)) \(c["mode"] ?? "")", points: pts, dashed: c["mode"] as? String == "stop-and-copy"))
+        }
+        try LineChart(title: "Guest throughput across the switchover", xLabel: "seconds since the pause", yLabel: "guest operations (millions per second)",
+                      series: tput, markers: [(0, "pause")]).render().write(toFile: "\(dir)/guest-throughput.svg", atomically: true, encoding: .utf8)
+        say("plots written to \(dir): fault-latency-cdf.svg, pages-present.svg, guest-throughput.svg")
+    }
+}
+
+func fail(_ message: String) -> ExitCode {
+    FileHandle.standardError.write(Data(("error: " + message + "\n").utf8))
+    return ExitCode(1)
+}
