@@ -72,6 +72,9 @@ let package = Package(
         .testTarget(name: "PostcopyWireTests", dependencies: ["PostcopyWire"]),
         .testTarget(name: "PostcopyGuestTests", dependencies: ["PostcopyGuest", "PostcopyCore"]),
         .testTarget(
+            name: "PostcopyCoreTests",
+            dependencies: ["PostcopyCore", .product(name: "Histogram", package: "hdrhistogram-swift")]),
+        .testTarget(
             name: "PostcopyIntegrationTests",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <netdb.h>
@@ -159,6 +160,12 @@ int cpc_set_thread_name(const char *name) {
     strncpy(buf, name, 15);
     buf[15] = 0;
     return -pthread_setname_np(pthread_self(), buf);
+}
+
+void cpc_unblock_signals(void) {
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, NULL);
 }
 
 int cpc_memfd_create(const char *name, unsigned int flags) { return neg_errno(memfd_create(name, flags)); }

@@ -64,7 +64,13 @@ final class Child: @unchecked Sendable {
     func finish(seconds: Double) -> Int32 {
         let deadline = nowNanoseconds() + UInt64(seconds * 1e9)
         while process.isRunning && nowNanoseconds() < deadline { usleep(10_000) }
-        if process.isRunning { process.terminate(); process.waitUntilExit() }
+        if process.isRunning {
+            process.terminate()
+            let grace = nowNanoseconds() + 3_000_000_000
+            while process.isRunning && nowNanoseconds() < grace { usleep(10_000) }
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            process.waitUntilExit()
+        }
         for r in readers { r.join() }
         return process.terminationStatus
     }

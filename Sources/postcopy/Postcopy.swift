@@ -25,6 +25,12 @@ struct Postcopy: ParsableCommand {
               postcopy dest --connect 127.0.0.1:7070 --touch random --threads 4
             """,
         subcommands: [MigrateCommand.self, SourceCommand.self, DestCommand.self, GuestCommand.self, MakeMemoryCommand.self, BaselineCommand.self])
+
+    static func main() {
+        // Children spawned by Foundation's Process can inherit a blocked SIGTERM.
+        cpc_unblock_signals()
+        Self.main(nil)
+    }
 }
 
 struct CommonOptions: ParsableArguments {

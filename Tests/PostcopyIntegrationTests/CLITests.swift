@@ -1,5 +1,7 @@
 import Foundation
+import PostcopyCore
 import PostcopyDestination
+import Synchronization
 import Testing
 
 /// The `postcopy` executable next to this test binary (swift build puts both in one folder).
@@ -129,4 +131,81 @@ struct MigrateCLITests {
             #expect(before.count > 0 && later.count > 0, "ops/s reported before \(before), later \(later)")
         }
     }
+}
+
+@Suite("postcopy-bench", .serialized, .enabled(if: postcopyBinary != nil, "postcopy binary not built"))
+struct BenchCLITests {
+    var bench: String { URL(fileURLWithPath: postcopyBinary!).deletingLastPathComponent().appendingPathComponent("postcopy-bench").path }
+
+    func runBench(_ args: [String]) throws -> RunResult {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: bench)
+        p.arguments = args
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let e = Mutex<Data>(Data())
+        let h = err.fileHandleForReading
+        let t = PThreadBox { e.withLock { $0 = h.readDataToEndOfFile() } }
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        t.join()
+        return RunResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e.withLock { $0 }, as: UTF8.self))
+    }
+
+    @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
+    func jsonSchemaAndPlots() throws {
+        let dir = "/tmp/postcopy-bench-test-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let r = try runBench(["--sizes", "16M", "--modes", "postcopy,stop-and-copy", "--before", "0.5", "--after", "0.5", "--json", "--plot", dir])
+        #expect(r.status == 0, "bench failed: \(r.stderr)")
+        let doc = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        #expect(doc?["schema_version"] as? Int == 1)
+        let machine = doc?["machine"] as? [String: Any]
+        #expect((machine?["cores"] as? Int ?? 0) > 0 && !(machine?["kernel"] as? String ?? "").isEmpty)
+        let baselines = doc?["baselines"] as? [String: Any]
+        for b in ["tcp_rtt", "uffd_fault"] {
+            #expect(((baselines?[b] as? [String: Any])?["p50_ns"] as? Int ?? 0) > 0, "baseline \(b)")
+        }
+        let runs = doc?["runs"] as? [[String: Any]] ?? []
+        #expect(runs.count == 2)
+        for run in runs {
+            let cfg = run["config"] as? [String: Any]
+            #expect(run["ok"] as? Bool == true)
+            #expect(cfg?["memory_bytes"] as? Int == 16 << 20)
+            #expect((run["downtime_ns"] as? Int ?? 0) > 0)
+            #expect((run["time_to_full_copy_seconds"] as? Double ?? 0) > 0)
+            #expect((run["bytes_per_guest_page"] as? Double ?? 0) > 0)
+            if cfg?["mode"] as? String == "postcopy" {
+                let l = run["fault_latency"] as? [String: Any] ?? [:]
+                let p50 = l["p50_ns"] as? Int ?? 0, p99 = l["p99_ns"] as? Int ?? 0, mx = l["max_ns"] as? Int ?? 0
+                #expect(p50 > 0 && p50 <= p99 && p99 <= mx, "percentiles \(l)")
+                #expect((l["count"] as? Int ?? 0) <= (run["faults"] as? Int ?? 0), "one latency per served fault at most")
+                #expect(run["fault_p50_over_tcp_rtt_plus_uffd_fault"] as? Double != nil)
+                #expect(run["downtime_over_stop_and_copy"] as? Double != nil)
+                #expect(!(run["progress"] as? [[Double]] ?? []).isEmpty)
+            }
+        }
+        for f in ["fault-latency-cdf.svg", "pages-present.svg", "guest-throughput.svg"] {
+            let svg = (try? String(contentsOfFile: "\(dir)/\(f)", encoding: .utf8)) ?? ""
+            #expect(svg.hasPrefix("<svg") && svg.contains("seconds since the pause") || svg.contains("latency (µs"), "\(f)")
+            #expect(svg.contains("16M"), "\(f) has a legend naming the run")
+        }
+    }
+
+    @Test(.timeLimit(.minutes(2)))
+    func aFailedMigrationFailsTheBenchWithTheReason() throws {
+        let r = try runBench(["--sizes", "8M", "--modes", "postcopy", "--transports", "rdma", "--before", "0.5", "--after", "0.5"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("FAILED"), "stderr: \(r.stderr)")
+        #expect(r.stderr.contains("RDMA"), "the reason is given: \(r.stderr)")
+    }
+}
+
+/// A pthread that runs one closure (Foundation's Thread is avoided in tests).
+final class PThreadBox: @unchecked Sendable {
+    private let t: PThread
+    init(_ body: @escaping @Sendable () -> Void) { t = PThread(name: "test-reader", body) }
+    func join() { t.join() }
 }

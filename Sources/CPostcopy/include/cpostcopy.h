@@ -81,6 +81,9 @@ int cpc_set_sched_idle(void);
 /// Sets the calling thread's nice value (per-thread on Linux). Returns 0 or -errno.
 int cpc_set_thread_nice(int nice);
 int cpc_set_thread_name(const char *name);
+/// Unblocks every signal in the calling thread (a process spawned by a parent
+/// whose thread blocked SIGTERM would otherwise ignore being told to stop).
+void cpc_unblock_signals(void);
 /// memfd_create wrapper. Returns fd or -errno.
 int cpc_memfd_create(const char *name, unsigned int flags);
 /// Monotonic clock in nanoseconds.

@@ -1,0 +1,48 @@
+import Histogram
+import Testing
+@testable import PostcopyCore
+
+@Suite("core model")
+struct CoreTests {
+    /// Percentiles are read off what was recorded: a known distribution gives
+    /// known percentiles, and a different one gives different ones.
+    @Test func percentilesComeFromRecordedData() {
+        let r = LatencyRecorder()
+        for us in 1...1000 { r.record(nanoseconds: UInt64(us) * 1000) }
+        let s = r.snapshot()
+        #expect(s.count == 1000)
+        #expect((499_000...501_000).contains(s.p50Ns), "p50 \(s.p50Ns)")
+        #expect((989_000...991_000).contains(s.p99Ns), "p99 \(s.p99Ns)")
+        #expect((999_000...1_001_000).contains(s.maxNs))
+        #expect(r.totalNanoseconds == 500_500_000)
+        let other = LatencyRecorder()
+        for _ in 0..<10 { other.record(nanoseconds: 7_000) }
+        #expect(other.snapshot().p50Ns != s.p50Ns)
+        // Merging per-thread recorders keeps every sample.
+        let merged = LatencySummary(LatencyRecorder.merged([r, other]))
+        #expect(merged.count == 1010)
+        let cdf = latencyCDF(LatencyRecorder.merged([r]))
+        #expect(cdf.first?[0] == 0 && cdf.last?[0] == 100)
+        #expect(zip(cdf, cdf.dropFirst()).allSatisfy { $0[1] <= $1[1] }, "a CDF never goes down")
+        #expect(LatencySummary(Histogram<UInt64>(highestTrackableValue: 1000, numberOfSignificantValueDigits: .three)).count == 0)
+    }
+
+    @Test func byteSizes() {
+        #expect(parseByteSize("4096") == 4096)
+        #expect(parseByteSize("64K") == 64 << 10)
+        #expect(parseByteSize("1G") == 1 << 30)
+        #expect(parseByteSize("1GiB") == 1 << 30)
+        #expect(parseByteSize("2m") == 2 << 20)
+        #expect(parseByteSize("-1") == nil)
+        #expect(parseByteSize("lots") == nil)
+        #expect(parseByteSize("99999999999T") == nil)
+    }
+
+    @Test func digestSeesEveryByte() throws {
+        let m = try MemoryMapping.anonymous(length: 3 << 20)
+        let d0 = MemoryDigest.compute(regions: [m.bytes])
+        #expect(MemoryDigest.compute(regions: [m.bytes], threads: 1) == d0)
+        (m.base + (3 << 20) - 1).storeBytes(of: 1, as: UInt8.self)
+        #expect(MemoryDigest.compute(regions: [m.bytes]) != d0)
+    }
+}
