@@ -132,6 +132,7 @@ public final class ReferenceGuest: @unchecked Sendable {
     /// xxh64 of each page just before the guest first wrote it at the
     /// destination: the page as it arrived, i.e. as it was at the source at pause.
     private let preWrite: UnsafeMutablePointer<UInt64>?
+    private let tracking: MemoryMapping?
     public var pages: Int { memoryBytes / pageSize }
 
     /// A guest over `base`. `trackDirty` records every page the guest writes.
@@ -148,23 +149,21 @@ public final class ReferenceGuest: @unchecked Sendable {
         }
         go = try EventFD()
         if trackDirty {
-            let d = UnsafeMutablePointer<UInt8>.allocate(capacity: memoryBytes / 4096)
-            d.initialize(repeating: 0, count: memoryBytes / 4096)
-            dirty = d
-            let h = UnsafeMutablePointer<UInt64>.allocate(capacity: memoryBytes / 4096)
-            h.initialize(repeating: 0, count: memoryBytes / 4096)
-            preWrite = h
+            // Zero-filled lazily by the kernel: resuming must not wait for a memset
+            // proportional to RAM size.
+            let pages = memoryBytes / 4096
+            let digestsAt = (pages + 7) & ~7
+            tracking = try MemoryMapping.anonymous(length: digestsAt + pages * 8)
+            dirty = tracking!.base.bindMemory(to: UInt8.self, capacity: pages)
+            preWrite = (tracking!.base + digestsAt).bindMemory(to: UInt64.self, capacity: pages)
         } else {
+            tracking = nil
             dirty = nil
             preWrite = nil
         }
     }
 
-    deinit {
-        dirty?.deallocate()
-        preWrite?.deallocate()
-        states.deallocate()
-    }
+    deinit { states.deallocate() }
 
     public static func freshVCPUs(_ n: Int, seed: UInt64) -> [VCPUState] {
         (0..<n).map { VCPUState(rng: seed &+ UInt64($0) &* 0x9E37_79B9_7F4A_7C15, cursor: 0, ops: 0) }

@@ -188,11 +188,16 @@ public final class HandoffServer: Sendable {
             if let problem = GuestRegion.layoutProblem(guest, table: table) { throw HandoffError.layout(problem) }
             let demand = try transport.openChannel(.demand)
             let background = try transport.openChannel(.background)
-            // The source guest may still be running: the zero map exists only once
-            // it paused, so the background thread fetches it; faults are served now.
+            // The source guest may still be running: the background stream waits
+            // for its pause (the device state being published), then streams at
+            // once; the source flags all-zero batches itself, so no zero map (and
+            // no wait for the source's scan of RAM) is needed. Faults are served now.
             let t = transport
             engine = try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: [],
-                                        zeroMapProvider: { () throws(TransportError) in try t.fetchWholeZeroMap(table) },
+                                        zeroMapProvider: { () throws(TransportError) in
+                                            _ = try t.fetchDeviceState(timeoutMs: -1)
+                                            return []
+                                        },
                                         demand: demand, background: background, config: engineConfig, logger: logger)
         } catch let e as HandoffError {
             reject(pid, e)

@@ -57,6 +57,7 @@ struct PostcopyBench: ParsableCommand {
     @Option(name: .long, help: "Seconds the guest runs before the switchover.") var before: Double = 2
     @Option(name: .long, help: "Seconds the guest runs at the destination.") var after: Double = 3
     @Option(name: .long, help: "Write SVG charts into this directory.") var plot: String?
+    @Option(name: .long, help: "Also write the JSON document to this file.") var output: String?
     @Flag(name: .long, help: "Print the JSON document instead of the table.") var json = false
 
     func list(_ s: String) -> [String] { s.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty } }
@@ -143,8 +144,9 @@ struct PostcopyBench: ParsableCommand {
         let doc: [String: Any] = ["schema_version": 1, "tool": "postcopy-bench", "started_at": ISO8601DateFormatter().string(from: Date()),
                                   "machine": machine, "config": config, "baselines": baselines, "runs": runs, "failures": failures]
         if let plot { try writePlots(runs, to: plot) }
+        let d = try JSONSerialization.data(withJSONObject: doc, options: [.sortedKeys, .prettyPrinted])
+        if let output { try (d + Data("\n".utf8)).write(to: URL(fileURLWithPath: output)) }
         if json {
-            let d = try JSONSerialization.data(withJSONObject: doc, options: [.sortedKeys, .prettyPrinted])
             FileHandle.standardOutput.write(d + Data("\n".utf8))
         } else {
             printTable(runs, a: a, b: b, machine: machine)
