@@ -77,6 +77,7 @@ public struct GuestDeviceState: Sendable, Codable, Equatable {
     /// CLOCK_MONOTONIC when the pause began (downtime is measured from here).
     public var pausedAtNs: UInt64
     public var integrityFailures: UInt64
+    public var zipfSkew: Double = 0.99
 
     public func encoded() -> [UInt8] { Array((try? JSONEncoder().encode(self)) ?? Data()) }
     public static func decode(_ bytes: [UInt8]) throws -> GuestDeviceState {
@@ -88,6 +89,7 @@ public struct GuestDeviceState: Sendable, Codable, Equatable {
 struct Zipf: Sendable {
     let n: Int, theta: Double, alpha: Double, zetan: Double, eta: Double
     init(n: Int, theta: Double = 0.99) {
+        let theta = min(max(theta, 0.01), 0.999)  // the generator needs 0 < theta < 1
         self.n = n
         self.theta = theta
         // zeta(n): the first terms exactly, the tail by its integral (Euler-Maclaurin
@@ -136,15 +138,20 @@ public final class ReferenceGuest: @unchecked Sendable {
     public var pages: Int { memoryBytes / pageSize }
 
     /// A guest over `base`. `trackDirty` records every page the guest writes.
-    public init(base: UnsafeMutableRawPointer, memoryBytes: Int, workload: Workload, vcpus: [VCPUState], trackDirty: Bool) throws {
+    /// Skew of the zipf distributions (kv keys, zipf page touches).
+    public let zipfSkew: Double
+
+    public init(base: UnsafeMutableRawPointer, memoryBytes: Int, workload: Workload, vcpus: [VCPUState], trackDirty: Bool,
+                zipfSkew: Double = 0.99) throws {
+        self.zipfSkew = zipfSkew
         self.base = base
         self.memoryBytes = memoryBytes
         self.workload = workload
         states = .allocate(capacity: vcpus.count)
         _ = states.initialize(from: vcpus)
         switch workload {
-        case .zipf: zipf = Zipf(n: memoryBytes / 4096)
-        case .kv: zipf = Zipf(n: max(1, KVLayout.slotCount(memoryBytes: memoryBytes) / max(vcpus.count, 1)))
+        case .zipf: zipf = Zipf(n: memoryBytes / 4096, theta: zipfSkew)
+        case .kv: zipf = Zipf(n: max(1, KVLayout.slotCount(memoryBytes: memoryBytes) / max(vcpus.count, 1)), theta: zipfSkew)
         default: zipf = nil
         }
         go = try EventFD()
@@ -218,7 +225,7 @@ public final class ReferenceGuest: @unchecked Sendable {
         pauseFlag.store(true, ordering: .releasing)
         for t in threads { t.join() }
         return GuestDeviceState(workload: workload, memoryBytes: memoryBytes, vcpus: Array(states), pausedAtNs: pausedAt,
-                                integrityFailures: failures.load(ordering: .relaxed))
+                                integrityFailures: failures.load(ordering: .relaxed), zipfSkew: zipfSkew)
     }
 
     /// Before the first write to a page at the destination, digest it as it

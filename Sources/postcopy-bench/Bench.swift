@@ -50,6 +50,7 @@ struct PostcopyBench: ParsableCommand {
     @Option(name: .long, help: "Guest sizes, comma-separated.") var sizes: String = "1G,4G"
     @Option(name: .long, help: "Workloads: kv, scan, random, zipf (comma-separated).") var workloads: String = "kv"
     @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
+    @Option(name: .long, help: "Skew of the zipf distributions (kv keys, zipf page touches), 0.01-0.999.") var zipfSkew: Double = 0.99
     @Option(name: .long, help: "Migration modes: postcopy, stop-and-copy (comma-separated).") var modes: String = "postcopy,stop-and-copy"
     @Option(name: .long, help: "Transports: tcp, rdma (comma-separated).") var transports: String = "tcp"
     @Option(name: .long, help: "Background streaming cap (bytes/s, e.g. 500M; 0 = none).") var backgroundRate: String = "0"
@@ -69,6 +70,7 @@ struct PostcopyBench: ParsableCommand {
         for t in list(transports) where !["tcp", "rdma"].contains(t) { throw ValidationError("bad transport '\(t)'") }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("bad --background-rate") }
+        guard zipfSkew > 0, zipfSkew < 1 else { throw ValidationError("--zipf-skew must be between 0 and 1 (exclusive)") }
     }
 
     func say(_ s: String) { FileHandle.standardError.write(Data((s + "\n").utf8)) }
@@ -100,11 +102,13 @@ struct PostcopyBench: ParsableCommand {
                         for i in 1...`repeat` {
                             say("\(transport) \(size) \(workload) \(mode) run \(i)/\(`repeat`)...")
                             let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)", "--mode", mode,
+                                        "--zipf-skew", "\(zipfSkew)",
                                         "--transport", transport, "--background-rate", backgroundRate,
                                         "--before", "\(before)", "--after", "\(after)", "--json"]
                             let r = try runPostcopy(args)
                             var run = r.json ?? [:]
                             run["config"] = ["size": size, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus,
+                                             "zipf_skew": zipfSkew,
                                              "mode": mode, "transport": transport, "background_rate": parseByteSize(backgroundRate)!,
                                              "before_seconds": before, "after_seconds": after, "repeat_index": i]
                             if r.status != 0 || run["ok"] as? Bool != true {
@@ -138,7 +142,7 @@ struct PostcopyBench: ParsableCommand {
                 runs[i]["bytes_per_guest_page"] = Double(bytes) / Double(mem / 4096)
             }
         }
-        let config: [String: Any] = ["sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "modes": list(modes),
+        let config: [String: Any] = ["sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "zipf_skew": zipfSkew, "modes": list(modes),
                                      "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!,
                                      "repeat": `repeat`, "before_seconds": before, "after_seconds": after]
         let doc: [String: Any] = ["schema_version": 1, "tool": "postcopy-bench", "started_at": ISO8601DateFormatter().string(from: Date()),

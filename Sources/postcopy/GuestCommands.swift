@@ -53,11 +53,13 @@ struct GuestShape: ParsableArguments {
     @Option(name: .long, help: "Guest RAM size, e.g. 256M, 1G.") var size: String = "1G"
     @Option(name: .long, help: "Workload: kv, scan, random or zipf.") var workload: String = "kv"
     @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
+    @Option(name: .long, help: "Skew of the zipf distributions (kv keys, zipf page touches), 0.01-0.999.") var zipfSkew: Double = 0.99
 
     func validateShape() throws {
         guard let n = parseByteSize(size), n >= 1 << 20, n % 4096 == 0 else { throw ValidationError("--size must be at least 1M and a multiple of 4 KiB") }
         guard Workload(rawValue: workload) != nil else { throw ValidationError("--workload must be kv, scan, random or zipf") }
         guard (1...256).contains(vcpus) else { throw ValidationError("--vcpus must be 1...256") }
+        guard zipfSkew > 0, zipfSkew < 1 else { throw ValidationError("--zipf-skew must be between 0 and 1 (exclusive)") }
     }
 }
 
@@ -110,7 +112,8 @@ struct GuestRunCommand: ParsableCommand {
         guard ftruncate(fd, off_t(bytes)) == 0 else { throw fail("cannot size guest memory: \(SystemError("ftruncate", errno: errno))") }
         let ram = try MemoryMapping.file(fd: fd, length: bytes, writable: true)
         let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: Workload(rawValue: shape.workload)!,
-                                       vcpus: ReferenceGuest.freshVCPUs(shape.vcpus, seed: seed), trackDirty: false)
+                                       vcpus: ReferenceGuest.freshVCPUs(shape.vcpus, seed: seed), trackDirty: false,
+                                       zipfSkew: shape.zipfSkew)
         guest.populate(fillPercent: fillPercent, seed: seed)
         let memoryState = try SourceMemory(mapping: ram, pageSize: 4096)
         let server: PageServer
@@ -231,6 +234,7 @@ struct GuestResumeCommand: ParsableCommand {
         // Like QEMU's -incoming: everything is set up; only the device state is missing.
         let blob: [UInt8]
         do { blob = try control.fetchDeviceState(timeoutMs: 3_600_000) } catch { throw fail("no device state from the source: \(error)") }
+        let receivedAt = nowNanoseconds()
         let state: GuestDeviceState
         do { state = try GuestDeviceState.decode(blob) } catch { throw fail("device state is not a reference guest's: \(error)") }
         guard state.memoryBytes == bytes else { throw fail("device state is for \(state.memoryBytes) bytes of RAM, the source serves \(bytes)") }
@@ -240,12 +244,14 @@ struct GuestResumeCommand: ParsableCommand {
             do { copied = try copyAll(control, info.table, into: ram) } catch { throw fail("stop-and-copy failed: \(error)") }
             if json { emitEvent(["event": "copied", "bytes": copied, "copy_ns": nowNanoseconds() - c0]) }
         }
-        let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: state.workload, vcpus: state.vcpus, trackDirty: true)
+        let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: state.workload, vcpus: state.vcpus, trackDirty: true,
+                                       zipfSkew: state.zipfSkew)
         guest.start()
         let resumedAt = guest.release()
         let downtime = resumedAt &- state.pausedAtNs
         if json {
-            emitEvent(["event": "resumed", "resumed_at_ns": resumedAt, "downtime_ns": downtime])
+            emitEvent(["event": "resumed", "resumed_at_ns": resumedAt, "downtime_ns": downtime,
+                       "device_state_received_ns": receivedAt &- state.pausedAtNs, "restore_ns": resumedAt - receivedAt])
         } else {
             print("resumed: downtime \(formatDuration(ns: downtime))")
         }

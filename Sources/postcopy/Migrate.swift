@@ -117,6 +117,7 @@ struct MigrateCommand: ParsableCommand {
         let say: (String) -> Void = { msg in if !json { FileHandle.standardError.write(Data((msg + "\n").utf8)) } }
         say("booting a \(size) guest (\(workload), \(vcpus) vCPUs) at the source...")
         let source = try Child("source guest", ["guest", "run", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
+                                                "--zipf-skew", "\(shape.zipfSkew)",
                                                 "--listen", "127.0.0.1:0", "--json", "--report-ms", "100"])
         var children = [source]
         func abort(_ why: String) -> ExitCode {
@@ -193,8 +194,12 @@ struct MigrateCommand: ParsableCommand {
         let progress = (session?["progress"] as? [[Int]] ?? []).map { p in [rel(p[0]), Double(p[1]), Double(p[2]), Double(p[3])] }
         var result: [String: Any] = [
             "mode": mode, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus, "transport": transport,
+            "zipf_skew": shape.zipfSkew,
             "background_rate": parseByteSize(backgroundRate)!, "before_seconds": before, "after_seconds": after,
             "downtime_ns": downtime, "ok": ok, "reasons": reasons,
+            "downtime_breakdown_ns": ["device_state_received": resumed["device_state_received_ns"] ?? 0,
+                                      "restore": resumed["restore_ns"] ?? 0,
+                                      "source_stop": source.first("paused")?["stop_ns"] ?? 0],
             "ops_series_source": opsSeries(source, "source"), "ops_series_destination": opsSeries(dest, "destination"),
             "progress": progress, "fault_latency_cdf": session?["fault_latency_cdf"] ?? [],
             "stall_seconds": session?["stall_seconds"] ?? 0, "zero_pages": session?["zero_pages"] ?? 0,
