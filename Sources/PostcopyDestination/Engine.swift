@@ -83,6 +83,8 @@ public final class EngineCounters: Sendable {
     public let removedRanges = Atomic<UInt64>(0)
     /// Pages the zero map says are zero (never transferred).
     public let zeroPagesKnown = Atomic<Int>(0)
+    /// Pages the source flagged as zero in a reply (no payload sent).
+    public let zeroPagesReceived = Atomic<UInt64>(0)
 }
 
 /// The destination engine: a fault thread serving userfaultfd faults on the
@@ -347,9 +349,14 @@ public final class PostcopyEngine: @unchecked Sendable {
         }
         try install(globalFirst: first, count: count, payload: h.isZero ? nil : payload, expected: expected,
                     onFaultThread: h.pageClass != .background)
-        switch h.pageClass {
-        case .background: counters.backgroundPages.add(UInt64(count), ordering: .relaxed)
-        default: counters.demandPages.add(UInt64(count), ordering: .relaxed)
+        if h.isZero {
+            // The source found these all zero (it had no zero map yet): filled
+            // with UFFDIO_ZEROPAGE, no payload crossed the wire.
+            counters.zeroPagesReceived.add(UInt64(count), ordering: .relaxed)
+        } else if h.pageClass == .background {
+            counters.backgroundPages.add(UInt64(count), ordering: .relaxed)
+        } else {
+            counters.demandPages.add(UInt64(count), ordering: .relaxed)
         }
     }
 

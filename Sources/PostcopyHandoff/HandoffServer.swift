@@ -254,7 +254,7 @@ public final class HandoffServer: Sendable {
             removeEvents: c.removedRanges.load(ordering: .relaxed),
             timeToFullCopySeconds: completed ? Double(engine.streamEnd - engine.streamStart) / 1e9 : nil,
             faultLatency: LatencySummary(hist), faultLatencyCDF: latencyCDF(hist),
-            stallSeconds: Double(engine.stallNanoseconds) / 1e9, zeroPages: c.zeroPagesKnown.load(ordering: .relaxed),
+            stallSeconds: Double(engine.stallNanoseconds) / 1e9, zeroPages: c.zeroPagesKnown.load(ordering: .relaxed) + Int(c.zeroPagesReceived.load(ordering: .relaxed)),
             bytesSent: wire.sent, bytesReceived: wire.received, cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9,
             progress: progress)
         stats.reports.withLock { $0.append(report) }
