@@ -81,6 +81,7 @@ struct LineChart {
 
     private func fmt(_ v: Double) -> String {
         let a = abs(v)
+        if a < 1e-9 { return "0" }
         if a >= 1e9 { return String(format: "%.1fG", v / 1e9) }
         if a >= 1e6 { return String(format: "%.1fM", v / 1e6) }
         if a >= 1e4 { return String(format: "%.0fk", v / 1e3) }
