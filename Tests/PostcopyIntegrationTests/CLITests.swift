@@ -24,20 +24,26 @@ struct RunResult {
     var stderr: String
 }
 
-/// Runs the binary to completion.
-func runCLI(_ args: [String]) throws -> RunResult {
+/// Runs a binary to completion, reading its stderr concurrently (a full pipe never blocks it).
+func runProcess(_ path: String, _ args: [String]) throws -> RunResult {
     let p = Process()
-    p.executableURL = URL(fileURLWithPath: postcopyBinary!)
+    p.executableURL = URL(fileURLWithPath: path)
     p.arguments = args
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err
     try p.run()
+    let e = Mutex<Data>(Data())
+    let h = err.fileHandleForReading
+    let reader = PThread(name: "test-stderr") { e.withLock { $0 = h.readDataToEndOfFile() } }
     let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
     p.waitUntilExit()
-    return RunResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    reader.join()
+    return RunResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e.withLock { $0 }, as: UTF8.self))
 }
+
+/// Runs `postcopy` to completion.
+func runCLI(_ args: [String]) throws -> RunResult { try runProcess(postcopyBinary!, args) }
 
 @Suite("postcopy CLI", .serialized, .enabled(if: postcopyBinary != nil, "postcopy binary not built"))
 struct CLITests {
@@ -137,22 +143,7 @@ struct MigrateCLITests {
 struct BenchCLITests {
     var bench: String { URL(fileURLWithPath: postcopyBinary!).deletingLastPathComponent().appendingPathComponent("postcopy-bench").path }
 
-    func runBench(_ args: [String]) throws -> RunResult {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: bench)
-        p.arguments = args
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let e = Mutex<Data>(Data())
-        let h = err.fileHandleForReading
-        let t = PThreadBox { e.withLock { $0 = h.readDataToEndOfFile() } }
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        t.join()
-        return RunResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e.withLock { $0 }, as: UTF8.self))
-    }
+    func runBench(_ args: [String]) throws -> RunResult { try runProcess(bench, args) }
 
     @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
     func jsonSchemaAndPlots() throws {
@@ -201,11 +192,4 @@ struct BenchCLITests {
         #expect(r.stderr.contains("FAILED"), "stderr: \(r.stderr)")
         #expect(r.stderr.contains("RDMA"), "the reason is given: \(r.stderr)")
     }
-}
-
-/// A pthread that runs one closure (Foundation's Thread is avoided in tests).
-final class PThreadBox: @unchecked Sendable {
-    private let t: PThread
-    init(_ body: @escaping @Sendable () -> Void) { t = PThread(name: "test-reader", body) }
-    func join() { t.join() }
 }
