@@ -20,6 +20,13 @@ public final class MemoryMapping: @unchecked Sendable {
         return MemoryMapping(base: p, length: length)
     }
 
+    /// Anonymous memory backed by 2 MiB hugetlbfs pages (needs vm.nr_hugepages).
+    public static func anonymousHuge(length: Int) throws(SystemError) -> MemoryMapping {
+        let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
+        guard let p, p != MAP_FAILED else { throw SystemError("mmap(MAP_HUGETLB, \(length) bytes)", errno: Glibc.errno) }
+        return MemoryMapping(base: p, length: length)
+    }
+
     /// Maps a memory file (a /dev/shm object, memfd or regular file) shared.
     public static func file(fd: Int32, length: Int, offset: Int = 0, writable: Bool) throws(SystemError) -> MemoryMapping {
         let prot = writable ? (PROT_READ | PROT_WRITE) : PROT_READ

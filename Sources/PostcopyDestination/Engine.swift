@@ -67,6 +67,10 @@ public struct EngineConfig: Sendable {
     public var backgroundRate: Int = 0
     /// Scheduling of the background thread (see `ThreadPriority` for why normal is the default).
     public var backgroundPriority: ThreadPriority = .normal
+    /// Page size of the guest memory the uffd serves: the source's page size, or
+    /// 2 MiB for hugetlbfs-backed VMM memory (installed 2 MiB at a time: one
+    /// fault fetches the 512 source pages of its huge page).
+    public var guestPageSize: Int = 0
     public init() {}
 }
 
@@ -121,6 +125,12 @@ public final class PostcopyEngine: @unchecked Sendable {
     private let failure = Mutex<TransportError?>(nil)
     private var threads: [PThread] = []
     private let pageSize: Int
+    /// Source pages per guest page (1, or 512 for 2 MiB guest pages). Every state
+    /// change covers whole guest pages, so all pages of one share a state.
+    private let unitPages: Int
+    private var unitBytes: Int { unitPages * pageSize }
+    /// A zeroed guest page to copy from where UFFDIO_ZEROPAGE does not exist (hugetlbfs).
+    private let zeroUnit: MemoryMapping?
     /// Pages known zero from the zero map (never transferred).
     public let zeroPagesAtStart: Int
     public private(set) var streamStart: UInt64 = 0
@@ -152,6 +162,15 @@ public final class PostcopyEngine: @unchecked Sendable {
         self.regions = regions.sorted { $0.sourceFirstPage < $1.sourceFirstPage }
         table = session.table
         pageSize = table.pageSize
+        let guestPage = config.guestPageSize == 0 ? table.pageSize : config.guestPageSize
+        guard guestPage % table.pageSize == 0, guestPage / table.pageSize <= Int(Protocol.maxPagesPerRequest) else {
+            throw SystemError("guest page size \(guestPage) is not a multiple of the source page size \(table.pageSize)", errno: EINVAL)
+        }
+        unitPages = guestPage / table.pageSize
+        for r in regions where r.base % UInt64(guestPage) != 0 || r.size % guestPage != 0 || r.sourceFirstPage % unitPages != 0 {
+            throw SystemError("guest region at 0x\(String(r.base, radix: 16)) is not aligned to its \(guestPage)-byte pages", errno: EINVAL)
+        }
+        zeroUnit = unitPages > 1 ? try MemoryMapping.anonymous(length: guestPage) : nil
         self.config = config
         self.logger = logger
         self.demand = demand
@@ -161,11 +180,13 @@ public final class PostcopyEngine: @unchecked Sendable {
         backgroundDone = try EventFD()
         let pages = PageStates(count: session.table.totalPages)
         let firstGlobal = session.table.firstGlobalPage
+        let unit = unitPages
         zeroPagesAtStart = pages.lock.withLock {
             for z in zeroMaps {
                 let first = firstGlobal[Int(z.region)] + Int(z.firstPage)
                 for i in 0..<Int(z.pageCount) where z.isZero(i) { pages.set(first + i, .zero) }
             }
+            PostcopyEngine.keepUnitsUniform(pages, unitPages: unit)
             return pages.settled
         }
         self.pages = pages
@@ -285,6 +306,9 @@ public final class PostcopyEngine: @unchecked Sendable {
             do {
                 if let payload {
                     r = try uffd.copy(to: dst, from: payload.baseAddress! + i * pageSize, length: len)
+                } else if let zeroUnit {
+                    // hugetlbfs has no UFFDIO_ZEROPAGE: copy one zeroed guest page.
+                    r = try uffd.copy(to: dst, from: zeroUnit.base, length: unitBytes)
                 } else {
                     r = try uffd.zeropage(at: dst, length: len)
                 }
@@ -292,15 +316,15 @@ public final class PostcopyEngine: @unchecked Sendable {
             var filled = 0
             switch r {
             case .done:
-                filled = run
+                filled = payload == nil && zeroUnit != nil ? unitPages : run
             case .exists(let n):
                 counters.eexist.add(1, ordering: .relaxed)
                 // Pages before the present one are in; wake anyone waiting on it.
-                filled = n / pageSize + 1
-                uffd.wake(dst + UInt64(n / pageSize * pageSize), length: pageSize)
+                filled = n / unitBytes * unitPages + unitPages
+                uffd.wake(dst + UInt64(n / unitBytes * unitBytes), length: unitBytes)
             case .again(let n):
                 counters.eagain.add(1, ordering: .relaxed)
-                filled = n / pageSize
+                filled = n / unitBytes * unitPages
                 if filled == 0 {
                     spins += 1
                     if spins > 1_000_000 { throw .system(SystemError("UFFDIO_COPY kept returning EAGAIN", errno: EAGAIN)) }
@@ -412,7 +436,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         var sent = 0
         while sent < deferredDemand.count, demandInFlight < Self.maxDemandInFlight {
             let (region, page) = table.locate(globalPage: deferredDemand[sent])
-            try submit(demand, region: region, page: page, count: 1, class: .demand)
+            try submit(demand, region: region, page: page, count: unitPages, class: .demand)
             demandInFlight += 1
             sent += 1
         }
@@ -422,7 +446,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     private func fillDeferredZeroPages() throws(TransportError) {
         while let p = deferredZero.popLast() {
             counters.zeroFaults.add(1, ordering: .relaxed)
-            try install(globalFirst: p, count: 1, payload: nil, expected: .inflightDemand, onFaultThread: true)
+            try install(globalFirst: p, count: unitPages, payload: nil, expected: .inflightDemand, onFaultThread: true)
         }
     }
 
@@ -431,7 +455,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// later they read as zero. In-flight fetches for them are dropped on arrival,
     /// and threads parked on them are woken to fault again (and get a zero page).
     private func handleRemove(start: UInt64, end: UInt64) {
-        var lo = start & ~UInt64(pageSize - 1)
+        var lo = start & ~UInt64(unitBytes - 1)
         var touched: [(UInt64, Int)] = []
         while lo < end {
             guard let p = globalPage(lo) else { lo += UInt64(pageSize); continue }
@@ -462,7 +486,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                     continue
                 }
                 guard msgs[i].event == CPC_UFFD_EVENT_PAGEFAULT else { continue }
-                let addr = msgs[i].arg.pagefault.address & ~UInt64(pageSize - 1)
+                let addr = msgs[i].arg.pagefault.address & ~UInt64(unitBytes - 1)
                 guard let p = globalPage(addr) else {
                     logger.error("fault at 0x\(String(addr, radix: 16)) outside guest memory; ignored")
                     continue
@@ -473,10 +497,10 @@ public final class PostcopyEngine: @unchecked Sendable {
                     pages.markFaulted(p, at: now)
                     switch pages.state(p) {
                     case .missing:
-                        pages.set(p, .inflightDemand)
+                        for q in p..<(p + unitPages) { pages.set(q, .inflightDemand) }
                         return .fetch
                     case .zero:
-                        pages.set(p, .inflightDemand)
+                        for q in p..<(p + unitPages) { pages.set(q, .inflightDemand) }
                         return .zero
                     case .present:
                         _ = pages.takeWaiter(p)
@@ -494,7 +518,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 case .wake:
                     // Installed between the fault and now; the copy already woke
                     // the range, but a wake is cheap and never loses a waiter.
-                    uffd.wake(addr, length: pageSize)
+                    uffd.wake(addr, length: unitBytes)
                 case .wait:
                     counters.faultsCoalesced.add(1, ordering: .relaxed)
                 }
@@ -503,6 +527,20 @@ public final class PostcopyEngine: @unchecked Sendable {
     }
 
     // MARK: background thread
+
+    /// A guest page is zero only if all its source pages are; otherwise it is
+    /// fetched whole. Called with `pages.lock` held.
+    private static func keepUnitsUniform(_ pages: PageStates, unitPages: Int) {
+        guard unitPages > 1 else { return }
+        var u = 0
+        while u < pages.count {
+            let end = min(u + unitPages, pages.count)
+            if (u..<end).contains(where: { pages.state($0) != .zero }) {
+                for p in u..<end where pages.state(p) == .zero { pages.set(p, .missing) }
+            }
+            u = end
+        }
+    }
 
     private func backgroundLoop() throws(TransportError) {
         guard let background else { return }
@@ -513,9 +551,12 @@ public final class PostcopyEngine: @unchecked Sendable {
                     let first = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
                     for i in 0..<Int(z.pageCount) where z.isZero(i) && pages.state(first + i) == .missing {
                         pages.set(first + i, .zero)
-                        counters.zeroPagesKnown.add(1, ordering: .relaxed)
                     }
                 }
+                Self.keepUnitsUniform(pages, unitPages: unitPages)
+                var zeros = 0
+                for p in 0..<pages.count where pages.state(p) == .zero { zeros += 1 }
+                counters.zeroPagesKnown.store(zeros, ordering: .relaxed)
                 counters.settledPages.store(pages.settled, ordering: .relaxed)
                 return pages.isComplete
             }
@@ -540,7 +581,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 if config.backgroundRate > 0 {
                     // Token bucket: the next batch may start once the rate allows it.
                     let allowed = Double(config.backgroundRate) * Double(nowNanoseconds() - started) / 1e9
-                    let next = Double(requestedBytes + config.batchPages * pageSize)
+                    let next = Double(requestedBytes + max(config.batchPages, unitPages) * pageSize)
                     if next > allowed {
                         waitMs = Int32(min(1000, ((next - allowed) / Double(config.backgroundRate) * 1000).rounded(.up)))
                         break
@@ -550,17 +591,19 @@ public final class PostcopyEngine: @unchecked Sendable {
                 let last = lastDemandPage.load(ordering: .relaxed)
                 if last != followed {
                     followed = last
-                    if last + 1 < table.totalPages { cursor = last + 1 }
+                    if last + unitPages < table.totalPages { cursor = last + unitPages }
                 }
                 guard let run = pages.lock.withLock({ () -> (Int, Int)? in
-                    guard let first = pages.nextMissing(from: cursor) else { return nil }
+                    guard let found = pages.nextMissing(from: cursor) else { return nil }
+                    let first = found / unitPages * unitPages  // whole guest pages share a state
                     let (region, page) = table.locate(globalPage: first)
                     let g = self.region(ofGlobal: first)
                     let regionEnd = min(first - page + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize)
                     var n = 0
-                    while n < config.batchPages, first + n < regionEnd, pages.state(first + n) == .missing {
-                        pages.set(first + n, .inflightBackground)
-                        n += 1
+                    let batch = max(config.batchPages / unitPages, 1) * unitPages
+                    while n < batch, first + n < regionEnd, pages.state(first + n) == .missing {
+                        for q in (first + n)..<(first + n + unitPages) { pages.set(q, .inflightBackground) }
+                        n += unitPages
                     }
                     return (first, n)
                 }) else {

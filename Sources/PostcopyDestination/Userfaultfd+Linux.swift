@@ -42,13 +42,14 @@ public final class Userfaultfd: Sendable {
         features = granted
     }
 
-    /// UFFDIO_REGISTER in MISSING mode; checks COPY, ZEROPAGE and WAKE are allowed on the range.
-    public func registerMissing(_ range: Range<UInt64>) throws(SystemError) {
+    /// UFFDIO_REGISTER in MISSING mode; checks COPY, ZEROPAGE and WAKE are allowed
+    /// on the range (hugetlbfs has no ZEROPAGE: pass `hugetlb`).
+    public func registerMissing(_ range: Range<UInt64>, hugetlb: Bool = false) throws(SystemError) {
         var ioctls: UInt64 = 0
         _ = try sysCall("UFFDIO_REGISTER(MISSING) 0x\(String(range.lowerBound, radix: 16))+\(range.count)") {
             cpc_uffd_register(fd.raw, range.lowerBound, UInt64(range.count), CPC_UFFDIO_REGISTER_MODE_MISSING, &ioctls)
         }
-        let needed = CPC_IOCTL_BIT_COPY | CPC_IOCTL_BIT_ZEROPAGE | CPC_IOCTL_BIT_WAKE
+        let needed = CPC_IOCTL_BIT_COPY | CPC_IOCTL_BIT_WAKE | (hugetlb ? 0 : CPC_IOCTL_BIT_ZEROPAGE)
         guard ioctls & needed == needed else {
             throw SystemError("UFFDIO_REGISTER: range does not allow COPY/ZEROPAGE/WAKE (ioctls 0x\(String(ioctls, radix: 16)))", errno: ENOTSUP)
         }

@@ -39,7 +39,6 @@ public enum HandoffError: Error, Sendable, CustomStringConvertible {
         case .tooManyFileDescriptors(let n): return "handoff message carried \(n) file descriptors (expected exactly one, the userfaultfd)"
         case .invalidRegion(let s): return "invalid region: \(s)"
         case .unsupportedPageSize(let p):
-            if p == 2 << 20 { return "page size 2 MiB (hugetlbfs) is valid but not supported by this daemon yet; use 4 KiB pages" }
             return "page size \(p) is neither 4 KiB nor 2 MiB"
         case .layout(let s): return "regions do not match the source memory: \(s)"
         case .source(let s): return "source: \(s)"
@@ -85,8 +84,10 @@ public enum HandoffMessage {
             guard let ps = r.page_size ?? r.page_size_kib else {
                 throw .malformedJSON("region \(i) has neither \"page_size\" nor \"page_size_kib\"")
             }
-            guard ps == 4096 || ps == 2 << 20 else { throw .unsupportedPageSize(ps) }
-            guard ps == UInt64(hostPageSize) else { throw .unsupportedPageSize(ps) }
+            guard ps == UInt64(hostPageSize) || ps == 2 << 20 else { throw .unsupportedPageSize(ps) }
+            if let first = out.first, first.pageSize != ps {
+                throw .invalidRegion("region \(i) has page size \(ps) but region 0 has \(first.pageSize): one page size per VM")
+            }
             guard r.size > 0 else { throw .invalidRegion("region \(i) has size 0") }
             guard r.size % ps == 0, r.base_host_virt_addr % ps == 0, r.offset % ps == 0 else {
                 throw .invalidRegion("region \(i) (base 0x\(String(r.base_host_virt_addr, radix: 16)), size \(r.size), offset \(r.offset)) is not aligned to its page size \(ps)")

@@ -175,7 +175,13 @@ public final class HandoffServer: Sendable {
             reject(pid, error)
             return
         }
-        let transport = TCPTransport(endpoint: source, maxBatchPages: engineConfig.batchPages)
+        // 2 MiB (hugetlbfs) guest pages are fetched and installed whole.
+        let guestPage = Int(regions[0].pageSize)
+        var config = engineConfig
+        config.guestPageSize = guestPage
+        let unitPages = max(guestPage / Int(getpagesize()), 1)
+        let transport = TCPTransport(endpoint: source, maxBatchPages: max(config.batchPages, unitPages),
+                                     maxDemandPages: max(64, unitPages))
         defer { transport.close() }
         let engine: PostcopyEngine
         do {
@@ -198,7 +204,7 @@ public final class HandoffServer: Sendable {
                                             _ = try t.fetchDeviceState(timeoutMs: -1)
                                             return []
                                         },
-                                        demand: demand, background: background, config: engineConfig, logger: logger)
+                                        demand: demand, background: background, config: config, logger: logger)
         } catch let e as HandoffError {
             reject(pid, e)
             return

@@ -8,16 +8,17 @@ import Synchronization
 public final class TCPTransport: Transport, @unchecked Sendable {
     public let name = "tcp"
     /// Largest demand (plus prefetch) request the urgent channel carries.
-    public static let maxDemandPages = 64
+    public let maxDemandPages: Int
     public let endpoint: Endpoint
     private let maxBatchPages: Int
     private var main: TCPConnection?
     private var info: SessionInfo?
     private var channels: [TCPPageChannel] = []
 
-    public init(endpoint: Endpoint, maxBatchPages: Int) {
+    public init(endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64) {
         self.endpoint = endpoint
         self.maxBatchPages = maxBatchPages
+        self.maxDemandPages = maxDemandPages
     }
 
     /// Largest frame the handshake may bring (a region table of up to 1024 named regions).
@@ -30,7 +31,7 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         guard case .welcome(let w) = reply else { throw .protocolViolation("expected welcome, got \(reply.type)") }
         c.pageSize = Int(w.pageSize)
         // From now on a frame is at most one batch of pages (or a 1 MiB control chunk).
-        let pages = role == .urgent ? Self.maxDemandPages : maxBatchPages
+        let pages = role == .urgent ? maxDemandPages : maxBatchPages
         c.setMaxBody(max(Self.handshakeMaxBody, PageDataHeader.encodedSize + pages * Int(w.pageSize)))
         return (c, w)
     }

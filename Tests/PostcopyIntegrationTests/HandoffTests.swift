@@ -19,17 +19,18 @@ final class TestVMM: @unchecked Sendable {
     let uffd: Userfaultfd
     var socket: OwnedFD?
 
-    /// Guest memory of `size` bytes split into regions of `splits` bytes each (the last takes the rest).
-    init(size: Int, splits: [Int] = []) throws {
+    /// Guest memory of `size` bytes split into regions of `splits` bytes each (the
+    /// last takes the rest); `huge`: 2 MiB hugetlbfs pages, as Firecracker's huge_pages "2M".
+    init(size: Int, splits: [Int] = [], huge: Bool = false) throws {
         uffd = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE)
         var maps: [MemoryMapping] = []
         var regs: [VMMRegion] = []
         var offset = 0
         for len in splits + [size - splits.reduce(0, +)] {
-            let m = try MemoryMapping.anonymous(length: len)
-            try uffd.registerMissing(m.range)
+            let m = huge ? try MemoryMapping.anonymousHuge(length: len) : try MemoryMapping.anonymous(length: len)
+            try uffd.registerMissing(m.range, hugetlb: huge)
             maps.append(m)
-            regs.append(VMMRegion(base: m.address, size: UInt64(len), offset: UInt64(offset), pageSize: 4096))
+            regs.append(VMMRegion(base: m.address, size: UInt64(len), offset: UInt64(offset), pageSize: huge ? 2 << 20 : 4096))
             offset += len
         }
         mappings = maps
@@ -150,7 +151,8 @@ struct HandoffTests {
             ("two fds", nil, 2, "2 file descriptors"),
             ("zero-size region", "[\(region(base, 0, 0)),\(region(base + size, size, 0))]", 1, "size 0"),
             ("page size 8 KiB", "[\(region(base, size, 0, ps: 8192))]", 1, "neither 4 KiB nor 2 MiB"),
-            ("page size 2 MiB", "[\(region(base, size, 0, ps: 2 << 20))]", 1, "2 MiB"),
+            ("page size 1 GiB", "[\(region(base, size, 0, ps: 1 << 30))]", 1, "neither 4 KiB nor 2 MiB"),
+            ("mixed page sizes", "[\(region(base, size / 2, 0)),\(region(base + size, size / 2, size / 2, ps: 2 << 20))]", 1, "one page size per VM"),
             ("misaligned base", "[\(region(base + 100, size, 0))]", 1, "aligned"),
             ("overlapping regions", "[\(region(base, size / 2, 0)),\(region(base + 4096, size / 2, size / 2))]", 1, "overlap"),
             ("beyond the source memory", "[\(region(base, size * 2, 0))]", 1, "beyond the source memory"),
@@ -224,6 +226,69 @@ struct HandoffTests {
         second.touchAll(threads: 2)
         #expect(waitFor("second completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
         #expect(second.contents() == Array(mem.mapping.bytes))
+    }
+}
+
+/// Reserves `count` free 2 MiB huge pages (root); nil if possible, else why not.
+func reserveHugePages(_ count: Int) -> String? {
+    func read(_ path: String) -> Int { Int((try? String(contentsOfFile: path, encoding: .utf8))?.filter(\.isNumber) ?? "") ?? 0 }
+    let total = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
+    let free = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
+    if read(free) >= count { return nil }
+    let want = read(total) + count - read(free)
+    try? "\(want)\n".write(toFile: total, atomically: false, encoding: .utf8)
+    return read(free) >= count ? nil : "could not reserve \(count) huge pages of 2 MiB (free: \(read(free)))"
+}
+
+@Suite("VMM handoff with 2 MiB pages", .serialized, .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
+struct HugePageHandoffTests {
+    @Test(.timeLimit(.minutes(2)))
+    func hugetlbGuestMigratesWholeHugePages() throws {
+        if let why = reserveHugePages(8) {
+            print("SKIP hugetlbGuestMigratesWholeHugePages: \(why)")
+            return
+        }
+        let size = 8 << 20
+        let mem = try TempMemory(size: size, zeroPercent: 30, seed: 31)
+        let source = try startServer(mem)
+        defer { source.stop() }
+        let daemon = try startHandoff(port: source.port)
+        defer { daemon.stop() }
+        let vmm = try TestVMM(size: size, splits: [2 << 20], huge: true)
+        try vmm.handOver(daemon.path)
+        vmm.touchAll(threads: 2)
+        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
+        #expect(vmm.contents() == Array(mem.mapping.bytes), "guest memory differs from the source")
+        vmm.goAway()
+        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
+        let r = daemon.stats.reports.withLock { $0.first }
+        #expect(r?.completed == true)
+        // Whole huge pages: every demand fetch is 512 source pages.
+        #expect((r?.demandPages ?? 1) % 512 == 0, "demand pages \(r?.demandPages ?? 0)")
+        #expect(source.stats.pagesSentTwice.load(ordering: .relaxed) == 0)
+    }
+
+    /// All-zero huge pages: hugetlbfs has no UFFDIO_ZEROPAGE, so they are filled
+    /// by copying a zeroed 2 MiB page.
+    @Test(.timeLimit(.minutes(2)))
+    func zeroHugePagesAreFilledWithoutZeropage() throws {
+        if let why = reserveHugePages(2) {
+            print("SKIP zeroHugePagesAreFilledWithoutZeropage: \(why)")
+            return
+        }
+        let mem = try TempMemory(size: 4 << 20, zeroPercent: 100)
+        let source = try startServer(mem)
+        defer { source.stop() }
+        let daemon = try startHandoff(port: source.port)
+        defer { daemon.stop() }
+        let vmm = try TestVMM(size: 4 << 20, huge: true)
+        try vmm.handOver(daemon.path)
+        vmm.touchAll(threads: 2)
+        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
+        #expect(vmm.contents().allSatisfy { $0 == 0 })
+        vmm.goAway()
+        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
+        #expect(daemon.stats.reports.withLock { $0.first?.error } == nil)
     }
 }
 
