@@ -145,9 +145,9 @@ public final class PostcopyEngine: @unchecked Sendable {
         completion.signal()
     }
 
-    /// Fetches the zero map on the background thread when it was not known at
-    /// start (the source guest had not paused yet): demand faults are served at
-    /// once meanwhile, the stream starts once it is in.
+    /// Runs on the background thread before it streams: fetches the zero map when
+    /// it was not known at start, or just waits until the source can serve pages
+    /// (its guest paused) and returns none. Demand faults are served meanwhile.
     public typealias ZeroMapProvider = @Sendable () throws(TransportError) -> [ZeroMap]
     private let zeroMapProvider: ZeroMapProvider?
 

@@ -95,6 +95,20 @@ func waitFor(_ what: String, timeoutMs: Int = 30_000, _ cond: () -> Bool) -> Boo
     return false
 }
 
+/// Hands `vmm` over, touches every page from `threads` threads, waits for the
+/// daemon to complete, checks every byte, lets the VMM go and returns its report.
+func migrateThroughDaemon(_ vmm: TestVMM, _ daemon: HandoffServer, expected: [UInt8], threads: Int = 2) throws -> HandoffSessionReport? {
+    let ended = daemon.stats.ended.load(ordering: .relaxed)
+    let completed = daemon.stats.completed.load(ordering: .relaxed)
+    try vmm.handOver(daemon.path)
+    vmm.touchAll(threads: threads)
+    #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == completed + 1 })
+    #expect(vmm.contents() == expected, "guest memory differs from the source")
+    vmm.goAway()
+    #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == ended + 1 })
+    return daemon.stats.reports.withLock { $0.last }
+}
+
 func socketPath() -> String { "/tmp/postcopy-handoff-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock" }
 
 func startHandoff(port: Int, rate: Int = 0) throws -> HandoffServer {
@@ -116,13 +130,7 @@ struct HandoffTests {
         let daemon = try startHandoff(port: source.port)
         defer { daemon.stop() }
         let vmm = try TestVMM(size: 8 << 20, splits: [3 << 20])
-        try vmm.handOver(daemon.path)
-        vmm.touchAll(threads: 4)
-        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
-        #expect(vmm.contents() == Array(mem.mapping.bytes), "guest memory differs from the source")
-        vmm.goAway()
-        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
-        let r = daemon.stats.reports.withLock { $0.first }
+        let r = try migrateThroughDaemon(vmm, daemon, expected: Array(mem.mapping.bytes), threads: 4)
         #expect(r?.completed == true)
         #expect(r?.regions == 2)
         #expect((r?.faults ?? 0) > 0)
@@ -255,13 +263,7 @@ struct HugePageHandoffTests {
         let daemon = try startHandoff(port: source.port)
         defer { daemon.stop() }
         let vmm = try TestVMM(size: size, splits: [2 << 20], huge: true)
-        try vmm.handOver(daemon.path)
-        vmm.touchAll(threads: 2)
-        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
-        #expect(vmm.contents() == Array(mem.mapping.bytes), "guest memory differs from the source")
-        vmm.goAway()
-        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
-        let r = daemon.stats.reports.withLock { $0.first }
+        let r = try migrateThroughDaemon(vmm, daemon, expected: Array(mem.mapping.bytes))
         #expect(r?.completed == true)
         // Whole huge pages: every demand fetch is 512 source pages.
         #expect((r?.demandPages ?? 1) % 512 == 0, "demand pages \(r?.demandPages ?? 0)")
@@ -282,13 +284,8 @@ struct HugePageHandoffTests {
         let daemon = try startHandoff(port: source.port)
         defer { daemon.stop() }
         let vmm = try TestVMM(size: 4 << 20, huge: true)
-        try vmm.handOver(daemon.path)
-        vmm.touchAll(threads: 2)
-        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
-        #expect(vmm.contents().allSatisfy { $0 == 0 })
-        vmm.goAway()
-        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
-        #expect(daemon.stats.reports.withLock { $0.first?.error } == nil)
+        let r = try migrateThroughDaemon(vmm, daemon, expected: [UInt8](repeating: 0, count: 4 << 20))
+        #expect(r?.completed == true && r?.error == nil)
     }
 }
 
