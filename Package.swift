@@ -12,6 +12,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // Kernel interfaces (userfaultfd ioctls, eventfd, gettid, scheduling) and the
@@ -28,7 +29,9 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // Transport protocol and its TCP implementation.
-        .target(name: "PostcopyTransport", dependencies: ["CPostcopy", "PostcopyWire", "PostcopyCore"]),
+        .target(
+            name: "PostcopyTransport",
+            dependencies: ["CPostcopy", "PostcopyWire", "PostcopyCore", .product(name: "Crypto", package: "swift-crypto")]),
         // Source page server.
         .target(
             name: "PostcopySource",

@@ -72,9 +72,13 @@ public final class HandoffServer: Sendable {
     public let onComplete: (@Sendable (Int32, UInt64) -> Void)?
     public let onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)?
 
-    public init(path: String, source: Endpoint, engineConfig: EngineConfig, logger: Logger,
+    /// Shared key for the source (see `Authentication`), or nil.
+    public let authKey: [UInt8]?
+
+    public init(path: String, source: Endpoint, engineConfig: EngineConfig, authKey: [UInt8]? = nil, logger: Logger,
                 onComplete: (@Sendable (Int32, UInt64) -> Void)? = nil,
                 onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)? = nil) throws(HandoffError) {
+        self.authKey = authKey
         self.onComplete = onComplete
         self.onSessionEnd = onSessionEnd
         self.path = path
@@ -181,7 +185,7 @@ public final class HandoffServer: Sendable {
         config.guestPageSize = guestPage
         let unitPages = max(guestPage / Int(getpagesize()), 1)
         let transport = TCPTransport(endpoint: source, maxBatchPages: max(config.batchPages, unitPages),
-                                     maxDemandPages: max(64, unitPages))
+                                     maxDemandPages: max(64, unitPages), authKey: authKey)
         defer { transport.close() }
         let engine: PostcopyEngine
         do {

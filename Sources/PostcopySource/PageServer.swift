@@ -67,8 +67,13 @@ public final class PageServer: Sendable {
 
     public var port: Int { listener.port }
 
+    /// Shared key: when set, a peer must prove it (and this source proves it)
+    /// before it learns anything but an error.
+    public let authKey: [UInt8]?
+
     public init(memory: SourceMemory, listen endpoint: Endpoint, exitAfterCompletion: Bool,
-                backgroundPriority: ThreadPriority = .normal, logger: Logger) throws(TransportError) {
+                backgroundPriority: ThreadPriority = .normal, authKey: [UInt8]? = nil, logger: Logger) throws(TransportError) {
+        self.authKey = authKey
         self.memory = memory
         self.backgroundPriority = backgroundPriority
         self.logger = logger
@@ -159,6 +164,9 @@ public final class PageServer: Sendable {
         guard case .hello(let hello) = first else {
             throw .protocolViolation("first frame must be hello, got \(first.type)")
         }
+        if let key = authKey {
+            guard try authenticate(conn, hello: hello, key: key) else { return }
+        }
         let session: SourceSession
         switch hello.role {
         case .main:
@@ -241,6 +249,30 @@ public final class PageServer: Sendable {
                 throw .protocolViolation("unexpected \(m.type) from destination")
             }
         }
+    }
+
+    /// Challenge-response on the shared key (see `Authentication`). False, after
+    /// an error frame to the peer, when it fails: the caller closes the connection.
+    private func authenticate(_ conn: TCPConnection, hello: Hello, key: [UInt8]) throws(TransportError) -> Bool {
+        func refuse(_ why: String) throws(TransportError) -> Bool {
+            stats.rejectedConnections.add(1, ordering: .relaxed)
+            logger.warning("refusing \(conn.peer): \(why)")
+            try conn.send(.error(ErrorMessage(code: .authenticationFailed, message: why)))
+            return false
+        }
+        guard let nonce = hello.extensions.first(where: { $0.type == ExtensionType.clientNonce })?.value,
+              nonce.count == Authentication.nonceBytes else {
+            return try refuse("this source requires authentication with its shared key")
+        }
+        let serverNonce = Authentication.nonce()
+        try conn.send(.authChallenge(AuthChallenge(serverNonce: serverNonce,
+                                                   proof: Authentication.sourceProof(key: key, clientNonce: nonce, serverNonce: serverNonce))))
+        let reply = try conn.receive(timeoutMs: 30_000)
+        guard case .authResponse(let r) = reply,
+              Authentication.equal(r.proof, Authentication.destinationProof(key: key, clientNonce: nonce, serverNonce: serverNonce)) else {
+            return try refuse("authentication failed: wrong key")
+        }
+        return true
     }
 
     /// The RAM scan (after the pause); nil when the server stops first.

@@ -15,7 +15,11 @@ public final class TCPTransport: Transport, @unchecked Sendable {
     private var info: SessionInfo?
     private var channels: [TCPPageChannel] = []
 
-    public init(endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64) {
+    /// Shared key; when set, the source must prove it and this side proves it too.
+    private let authKey: [UInt8]?
+
+    public init(endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64, authKey: [UInt8]? = nil) {
+        self.authKey = authKey
         self.endpoint = endpoint
         self.maxBatchPages = maxBatchPages
         self.maxDemandPages = maxDemandPages
@@ -26,8 +30,23 @@ public final class TCPTransport: Transport, @unchecked Sendable {
 
     private func handshake(_ role: ChannelRole, sessionID: UInt64) throws(TransportError) -> (TCPConnection, Welcome) {
         let c = try TCPConnection.connect(endpoint, maxBody: Self.handshakeMaxBody)
-        try c.send(.hello(Hello(role: role, capabilities: [.zeroMap, .urgentChannel], sessionID: sessionID)))
-        let reply = try c.receive(timeoutMs: 30_000)
+        let nonce = authKey.map { _ in Authentication.nonce() }
+        try c.send(.hello(Hello(role: role, capabilities: nonce == nil ? [.zeroMap, .urgentChannel] : [.zeroMap, .urgentChannel, .authentication],
+                                sessionID: sessionID,
+                                extensions: nonce.map { [HandshakeExtension(type: ExtensionType.clientNonce, value: $0)] } ?? [])))
+        var reply = try c.receive(timeoutMs: 30_000)
+        if case .authChallenge(let challenge) = reply {
+            guard let authKey, let nonce else {
+                throw .unavailable("the source at \(endpoint) requires authentication: give the shared key with --key-file")
+            }
+            guard Authentication.equal(challenge.proof, Authentication.sourceProof(key: authKey, clientNonce: nonce, serverNonce: challenge.serverNonce)) else {
+                throw .protocolViolation("the source at \(endpoint) could not prove the shared key; refusing it")
+            }
+            try c.send(.authResponse(AuthResponse(proof: Authentication.destinationProof(key: authKey, clientNonce: nonce, serverNonce: challenge.serverNonce))))
+            reply = try c.receive(timeoutMs: 30_000)
+        } else if authKey != nil {
+            throw .protocolViolation("the source at \(endpoint) did not authenticate; refusing to take pages from it")
+        }
         guard case .welcome(let w) = reply else { throw .protocolViolation("expected welcome, got \(reply.type)") }
         c.pageSize = Int(w.pageSize)
         // From now on a frame is at most one batch of pages (or a 1 MiB control chunk).

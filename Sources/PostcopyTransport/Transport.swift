@@ -79,14 +79,14 @@ public enum TransportKind: String, Sendable, CaseIterable {
 
 /// Chooses a transport for `kind`. RDMA is not built yet: `.rdma` fails with a
 /// clear reason and `.auto` picks TCP and says why.
-public func selectTransport(_ kind: TransportKind, endpoint: Endpoint, maxBatchPages: Int) throws(TransportError) -> (Transport, reason: String) {
+public func selectTransport(_ kind: TransportKind, endpoint: Endpoint, maxBatchPages: Int, authKey: [UInt8]? = nil) throws(TransportError) -> (Transport, reason: String) {
     switch kind {
     case .tcp:
-        return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages), "tcp requested")
+        return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, authKey: authKey), "tcp requested")
     case .rdma:
         throw .unavailable("the RDMA transport is not part of this build yet (libibverbs/librdmacm support is tracked separately); use --transport tcp")
     case .auto:
-        return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages),
+        return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, authKey: authKey),
                 "auto: RDMA transport not built into this binary, using TCP")
     }
 }

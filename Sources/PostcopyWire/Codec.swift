@@ -92,6 +92,11 @@ public enum Codec {
             w.u64(d.firstPage)
             w.u32(UInt32(d.digests.count))
             for x in d.digests { w.u64(x) }
+        case .authChallenge(let c):
+            w.raw(c.serverNonce.prefix(32))
+            w.raw(c.proof.prefix(32))
+        case .authResponse(let r):
+            w.raw(r.proof.prefix(32))
         }
         endFrame(&w)
         return w.bytes
@@ -242,6 +247,11 @@ public enum Codec {
             d.reserveCapacity(Int(count))
             for _ in 0..<count { d.append(try r.u64("pageDigests.digest")) }
             message = .pageDigests(PageDigests(region: region, firstPage: first, digests: d))
+        case .authChallenge:
+            message = .authChallenge(AuthChallenge(serverNonce: try r.bytes(32, "authChallenge.serverNonce"),
+                                                   proof: try r.bytes(32, "authChallenge.proof")))
+        case .authResponse:
+            message = .authResponse(AuthResponse(proof: try r.bytes(32, "authResponse.proof")))
         }
         try r.expectEnd("message body")
         return message

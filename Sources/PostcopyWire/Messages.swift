@@ -42,6 +42,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case completeAck = 11
     case pageDigestRequest = 12
     case pageDigests = 13
+    case authChallenge = 14
+    case authResponse = 15
 }
 
 /// Which connection of a session this is. Demand pages travel on `.urgent`, so
@@ -126,6 +128,7 @@ public enum ErrorCode: UInt16, Sendable {
     case unknownSession = 4
     case internalError = 5
     case shuttingDown = 6
+    case authenticationFailed = 7
 }
 
 public struct ErrorMessage: Sendable, Equatable {
@@ -267,6 +270,29 @@ public struct PageDigests: Sendable, Equatable {
     }
 }
 
+/// Handshake extension types.
+public enum ExtensionType {
+    /// The destination's 32-byte nonce for mutual authentication.
+    public static let clientNonce: UInt16 = 1
+}
+
+/// The source proves it holds the shared key and challenges the destination:
+/// `proof` = HMAC-SHA256(key, "postcopy source" ‖ clientNonce ‖ serverNonce).
+public struct AuthChallenge: Sendable, Equatable {
+    public var serverNonce: [UInt8]
+    public var proof: [UInt8]
+    public init(serverNonce: [UInt8], proof: [UInt8]) {
+        self.serverNonce = serverNonce
+        self.proof = proof
+    }
+}
+
+/// The destination's proof: HMAC-SHA256(key, "postcopy destination" ‖ serverNonce ‖ clientNonce).
+public struct AuthResponse: Sendable, Equatable {
+    public var proof: [UInt8]
+    public init(proof: [UInt8]) { self.proof = proof }
+}
+
 /// Every message of the protocol. `pageData` borrows its payload from the frame.
 public enum Message {
     case hello(Hello)
@@ -282,6 +308,8 @@ public enum Message {
     case completeAck(CompleteAck)
     case pageDigestRequest(PageDigestRequest)
     case pageDigests(PageDigests)
+    case authChallenge(AuthChallenge)
+    case authResponse(AuthResponse)
 
     public var type: MessageType {
         switch self {
@@ -298,6 +326,8 @@ public enum Message {
         case .completeAck: .completeAck
         case .pageDigestRequest: .pageDigestRequest
         case .pageDigests: .pageDigests
+        case .authChallenge: .authChallenge
+        case .authResponse: .authResponse
         }
     }
 }

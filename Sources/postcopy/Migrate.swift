@@ -3,6 +3,7 @@ import CPostcopy
 import Foundation
 import PostcopyCore
 import PostcopyGuest
+import PostcopyTransport
 import Synchronization
 
 /// A child `postcopy` process whose JSON Lines are collected as they come.
@@ -114,11 +115,20 @@ struct MigrateCommand: ParsableCommand {
         let (size, workload, vcpus) = (shape.size, shape.workload, shape.vcpus)
         let socket = "/tmp/postcopy-migrate-\(getpid()).sock"
         defer { unlink(socket) }
+        // A fresh shared key for this migration: guest RAM is secret, so source,
+        // daemon and destination guest authenticate each other before any page moves.
+        let keyFile = "/tmp/postcopy-migrate-\(getpid()).key"
+        defer { unlink(keyFile) }
+        let keyFD = open(keyFile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard keyFD >= 0 else { throw fail("cannot create \(keyFile): \(SystemError("open", errno: errno))") }
+        let keyText = Authentication.nonce().map { String($0, radix: 16) }.joined() + "\n"
+        _ = keyText.withCString { write(keyFD, $0, strlen($0)) }
+        close(keyFD)
         let say: (String) -> Void = { msg in if !json { FileHandle.standardError.write(Data((msg + "\n").utf8)) } }
         say("booting a \(size) guest (\(workload), \(vcpus) vCPUs) at the source...")
         let source = try Child("source guest", ["guest", "run", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
                                                 "--zipf-skew", "\(shape.zipfSkew)",
-                                                "--listen", "127.0.0.1:0", "--json", "--report-ms", "100"])
+                                                "--listen", "127.0.0.1:0", "--json", "--report-ms", "100", "--key-file", keyFile])
         var children = [source]
         func abort(_ why: String) -> ExitCode {
             for c in children { _ = c.finish(seconds: 0) }
@@ -134,7 +144,7 @@ struct MigrateCommand: ParsableCommand {
         if postcopy {
             say("source guest running, serving its RAM on 127.0.0.1:\(port); starting the destination daemon and guest")
             let d = try Child("destination daemon", ["dest", "--handoff", socket, "--connect", "127.0.0.1:\(port)", "--once",
-                                                     "--json", "--transport", transport, "--background-rate", backgroundRate])
+                                                     "--json", "--transport", transport, "--background-rate", backgroundRate, "--key-file", keyFile])
             children.append(d)
             guard d.waitFor("listening", seconds: 30) != nil else { throw abort("the destination daemon did not start") }
             daemon = d
@@ -142,7 +152,8 @@ struct MigrateCommand: ParsableCommand {
             say("source guest running, serving its RAM on 127.0.0.1:\(port); starting the destination guest (stop-and-copy)")
         }
         let dest = try Child("destination guest", ["guest", "resume", "--source", "127.0.0.1:\(port)", "--run-for", "\(after)",
-                                                   "--json", "--report-ms", "100"] + (postcopy ? ["--handoff", socket] : ["--stop-and-copy"]))
+                                                   "--json", "--report-ms", "100", "--key-file", keyFile]
+                                                   + (postcopy ? ["--handoff", socket] : ["--stop-and-copy"]))
         children.append(dest)
         guard dest.waitFor("ready", seconds: 60) != nil else { throw abort("the destination guest did not get ready") }
         let wait = Double(bootedAt) / 1e9 + before - Double(nowNanoseconds()) / 1e9

@@ -46,6 +46,15 @@ struct CommonOptions: ParsableArguments {
     @Option(name: .long, help: "Scheduling of background streaming threads: normal, low (nice 10) or idle (SCHED_IDLE).")
     var backgroundPriority: String = "normal"
 
+    @Option(name: .long, help: "Shared key file (mode 600, at least 16 bytes): both sides must prove it before any page or state is exchanged.")
+    var keyFile: String?
+
+    /// The shared key, or nil without --key-file.
+    func loadKey() throws -> [UInt8]? {
+        guard let keyFile else { return nil }
+        do { return try Authentication.loadKey(keyFile) } catch { throw fail("\(error)") }
+    }
+
     func validateCommon() throws {
         guard TransportKind(rawValue: transport) != nil else {
             throw ValidationError("--transport must be tcp, rdma or auto (got '\(transport)')")
@@ -129,10 +138,12 @@ struct SourceCommand: ParsableCommand {
         } catch {
             throw fail("cannot serve \(memory): \(error)")
         }
+        let key = try common.loadKey()
         let server: PageServer
         do {
             server = try PageServer(memory: mem, listen: Endpoint(parsing: listen)!, exitAfterCompletion: !serveForever,
-                                  backgroundPriority: ThreadPriority(rawValue: common.backgroundPriority)!, logger: logger)
+                                  backgroundPriority: ThreadPriority(rawValue: common.backgroundPriority)!,
+                                  authKey: key, logger: logger)
         } catch {
             throw fail("\(error)")
         }
@@ -274,10 +285,11 @@ struct DestCommand: ParsableCommand {
         options.seed = seed
         options.deviceStateOut = deviceStateOut
         options.engine = engineConfig()
+        let key = try common.loadKey()
         let (transport, reason): (Transport, String)
         do {
             (transport, reason) = try selectTransport(TransportKind(rawValue: common.transport)!, endpoint: Endpoint(parsing: connect)!,
-                                                      maxBatchPages: batchPages)
+                                                      maxBatchPages: batchPages, authKey: key)
         } catch {
             throw fail("\(error)")
         }
@@ -314,10 +326,11 @@ struct DestCommand: ParsableCommand {
     func runHandoff(_ path: String, logger: Logger) throws {
         if common.transport == "rdma" { throw fail("the RDMA transport is not part of this build yet; use --transport tcp") }
         let json = common.json
+        let key = try common.loadKey()
         let server: HandoffServer
         do {
             server = try HandoffServer(
-                path: path, source: Endpoint(parsing: connect)!, engineConfig: engineConfig(), logger: logger,
+                path: path, source: Endpoint(parsing: connect)!, engineConfig: engineConfig(), authKey: key, logger: logger,
                 onComplete: { pid, at in
                     if json {
                         emitEvent(["event": "complete", "vmm_pid": Int(pid), "completed_at_ns": at])

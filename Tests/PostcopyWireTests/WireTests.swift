@@ -49,6 +49,8 @@ private func allSampleFrames() -> [[UInt8]] {
             Codec.encode(.completeAck(CompleteAck(digestMatches: true, pagesSentTwice: 0))),
             Codec.encode(.pageDigestRequest(PageDigestRequest(region: 0, firstPage: 4, pageCount: 3))),
             Codec.encode(.pageDigests(PageDigests(region: 0, firstPage: 4, digests: [1, 2, .max]))),
+            Codec.encode(.authChallenge(AuthChallenge(serverNonce: [UInt8](repeating: 7, count: 32), proof: [UInt8](repeating: 9, count: 32)))),
+            Codec.encode(.authResponse(AuthResponse(proof: [UInt8](repeating: 3, count: 32)))),
         ]
     }
 }
