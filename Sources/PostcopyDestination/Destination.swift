@@ -70,6 +70,8 @@ public struct DestinationReport: Sendable, Codable {
     public var rssOutsideGuestMaxBytes: Int
     public var cpuSeconds: Double
     public var uffdOrigin: String
+    /// How long each reconnect after a broken connection took (empty: none).
+    public var recoveryNs: [UInt64]
 
     enum CodingKeys: String, CodingKey {
         case transport, transportReason = "transport_reason", sessionID = "session_id", pageSize = "page_size"
@@ -83,6 +85,7 @@ public struct DestinationReport: Sendable, Codable {
         case deviceStateBytes = "device_state_bytes", sourceDigest = "source_digest", destinationDigest = "destination_digest"
         case digestMatch = "digest_match", sourceConfirmedDigest = "source_confirmed_digest", pagesSentTwice = "pages_sent_twice"
         case rssOutsideGuestMaxBytes = "rss_outside_guest_max_bytes", cpuSeconds = "cpu_seconds", uffdOrigin = "uffd_origin"
+        case recoveryNs = "recovery_ns"
     }
 }
 
@@ -107,6 +110,7 @@ public final class StandaloneDestination: Sendable {
     public let options: DestinationOptions
     /// Live counters once the engine runs (for a progress bar).
     public let live = Mutex<(EngineCounters, Int)?>(nil)
+    public let debugEngine = Mutex<PostcopyEngine?>(nil)
 
     public init(options: DestinationOptions, logger: Logger) {
         self.options = options
@@ -161,9 +165,12 @@ public final class StandaloneDestination: Sendable {
         let engine: PostcopyEngine
         do {
             engine = try PostcopyEngine(uffd: uffd, regions: regions, session: info, zeroMaps: zeroMaps,
-                                        demand: demand, background: background, config: options.engine, logger: logger)
+                                        demand: demand, background: background,
+                                        reconnect: { () throws(TransportError) in try transport.reconnect() },
+                                        config: options.engine, logger: logger)
         } catch { throw .system(error) }
         live.withLock { $0 = (engine.counters, table.totalPages) }
+        debugEngine.withLock { $0 = engine }
         engine.start()
 
         // The guest stand-in: threads touching every page (reads, so the digest
@@ -189,7 +196,16 @@ public final class StandaloneDestination: Sendable {
         let d1 = nowNanoseconds()
         options.inspect?(mappings.map { $0.bytes })
         let ack: CompleteAck
-        do { ack = try transport.complete(Complete(pagesReceived: UInt64(table.totalPages), digest: digest)) } catch { throw .transport(error) }
+        let complete = Complete(pagesReceived: UInt64(table.totalPages), digest: digest)
+        do {
+            ack = try transport.complete(complete)
+        } catch where error.isConnectionLoss && options.engine.recoveryDeadline > 0 {
+            // Cut after the last page: the session is still there to confirm.
+            do {
+                _ = try transport.reconnect()
+                ack = try transport.complete(complete)
+            } catch { throw .transport(error) }
+        } catch { throw .transport(error) }
         let wire = transport.bytesOnWire
         transport.close()
         let rssMax = rss.finish(excluding: guestRanges)
@@ -214,7 +230,8 @@ public final class StandaloneDestination: Sendable {
             sourceDigest: MemoryDigest.hex(info.welcome.digest), destinationDigest: MemoryDigest.hex(digest),
             digestMatch: digest == info.welcome.digest, sourceConfirmedDigest: ack.digestMatches,
             pagesSentTwice: ack.pagesSentTwice, rssOutsideGuestMaxBytes: rssMax,
-            cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, uffdOrigin: uffd.origin)
+            cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, uffdOrigin: uffd.origin,
+            recoveryNs: engine.recoveryTimes.withLock { $0 })
         withExtendedLifetime(mappings) {}  // guest RAM stays mapped until the report is built
         return report
     }

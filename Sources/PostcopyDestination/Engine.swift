@@ -65,6 +65,9 @@ public struct EngineConfig: Sendable {
     public var window = 4
     /// Background bytes per second at most (0: as fast as the window allows).
     public var backgroundRate: Int = 0
+    /// Seconds to keep reconnecting after the connection to the source breaks
+    /// (guest threads stay parked meanwhile); 0 fails at the first break.
+    public var recoveryDeadline: Double = 60
     /// Scheduling of the background thread (see `ThreadPriority` for why normal is the default).
     public var backgroundPriority: ThreadPriority = .normal
     /// Page size of the guest memory the uffd serves: the source's page size, or
@@ -114,8 +117,16 @@ public final class PostcopyEngine: @unchecked Sendable {
     let pages: PageStates
     private let config: EngineConfig
     private let logger: Logger
-    private let demand: PageChannel
-    private let background: PageChannel?
+    /// The current channels; replaced (generation + 1) by a reconnect.
+    private let channelLock = NSLockLite()
+    private var channelGeneration = 0
+    private var demandChannel: PageChannel
+    private var backgroundChannel: PageChannel?
+    private let reconnect: (@Sendable () throws(TransportError) -> (demand: PageChannel, background: PageChannel))?
+    private let recoveryLock = NSLockLite()
+    private let stopping = Atomic<Bool>(false)
+    /// How long each reconnect after a broken connection took.
+    public let recoveryTimes = Mutex<[UInt64]>([])
     private let shutdown: EventFD
     private let completion: EventFD
     private let lastDemandPage = Atomic<Int>(-1)
@@ -153,7 +164,10 @@ public final class PostcopyEngine: @unchecked Sendable {
 
     public init(uffd: Userfaultfd, regions: [GuestRegion], session: SessionInfo, zeroMaps: [ZeroMap],
                 zeroMapProvider: ZeroMapProvider? = nil,
-                demand: PageChannel, background: PageChannel?, config: EngineConfig, logger: Logger) throws(SystemError) {
+                demand: PageChannel, background: PageChannel?,
+                reconnect: (@Sendable () throws(TransportError) -> (demand: PageChannel, background: PageChannel))? = nil,
+                config: EngineConfig, logger: Logger) throws(SystemError) {
+        self.reconnect = reconnect
         self.zeroMapProvider = zeroMapProvider
         if let problem = GuestRegion.layoutProblem(regions, table: session.table) {
             throw SystemError("guest memory layout: \(problem)", errno: EINVAL)
@@ -173,8 +187,8 @@ public final class PostcopyEngine: @unchecked Sendable {
         zeroUnit = unitPages > 1 ? try MemoryMapping.anonymous(length: guestPage) : nil
         self.config = config
         self.logger = logger
-        self.demand = demand
-        self.background = background
+        demandChannel = demand
+        backgroundChannel = background
         shutdown = try EventFD()
         completion = try EventFD()
         backgroundDone = try EventFD()
@@ -200,7 +214,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         streamStart = nowNanoseconds()
         if pages.lock.withLock({ pages.isComplete }) { markComplete(at: streamStart) }
         threads.append(PThread(name: "uffd-fault") { [self] in guarded { () throws(TransportError) in try faultLoop() } })
-        if config.background, background != nil {
+        if config.background, backgroundChannel != nil {
             threads.append(PThread(name: "bg-stream", priority: config.backgroundPriority) { [self] in
                 guarded { () throws(TransportError) in try backgroundLoop() }
                 backgroundDone.signal()
@@ -233,6 +247,7 @@ public final class PostcopyEngine: @unchecked Sendable {
 
     /// Stops the threads (the uffd stays registered: faulting threads stay parked).
     public func stop() {
+        stopping.store(true, ordering: .relaxed)
         shutdown.signal()
         for t in threads { t.join() }
         threads.removeAll()
@@ -312,7 +327,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 } else {
                     r = try uffd.zeropage(at: dst, length: len)
                 }
-            } catch { throw .system(error) }
+            } catch { throw .local(error) }
             var filled = 0
             switch r {
             case .done:
@@ -327,7 +342,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 filled = n / unitBytes * unitPages
                 if filled == 0 {
                     spins += 1
-                    if spins > 1_000_000 { throw .system(SystemError("UFFDIO_COPY kept returning EAGAIN", errno: EAGAIN)) }
+                    if spins > 1_000_000 { throw .local(SystemError("UFFDIO_COPY kept returning EAGAIN", errno: EAGAIN)) }
                     // A remove is pending: its event must be read before the
                     // kernel finishes it, and only the fault thread reads events.
                     if onFaultThread { try readEvents() } else { sched_yield() }
@@ -393,25 +408,100 @@ public final class PostcopyEngine: @unchecked Sendable {
 
     // MARK: fault thread
 
+    /// For diagnosis: requests in flight by class, channel generation.
+    public var debugState: String {
+        let all = inflight.withLock { Array($0.values) }
+        let d = all.filter { $0.pageClass != .background }.count
+        return "generation \(channelLock.withLock { channelGeneration }) inflight demand \(d) background \(all.count - d) demandInFlight \(demandInFlight) deferred \(deferredDemand.count) settled \(pages.lock.withLock { pages.settled })/\(pages.count)"
+    }
+
+    private func currentChannels() -> (generation: Int, demand: PageChannel, background: PageChannel?) {
+        channelLock.withLock { (channelGeneration, demandChannel, backgroundChannel) }
+    }
+
+    /// After a connection loss seen on channels of `generation`: reconnects
+    /// (once, whichever thread gets here first), with backoff, until the
+    /// deadline. Guest threads stay parked meanwhile; nothing is lost, since
+    /// every request in flight is re-sent on the new channels by its owner.
+    private func recover(from generation: Int, cause: TransportError) throws(TransportError) {
+        guard cause.isConnectionLoss, let reconnect, config.recoveryDeadline > 0 else { throw cause }
+        let result: Result<Void, TransportError> = recoveryLock.withLock {
+            if channelLock.withLock({ channelGeneration }) > generation { return .success(()) }
+            logger.warning("connection to the source lost (\(cause)); reconnecting")
+            let t0 = nowNanoseconds()
+            var delay: UInt32 = 2_000
+            while !stopping.load(ordering: .relaxed) {
+                do {
+                    let (d, b) = try reconnect()
+                    channelLock.withLock {
+                        demandChannel = d
+                        backgroundChannel = b
+                        channelGeneration += 1
+                    }
+                    let took = nowNanoseconds() - t0
+                    recoveryTimes.withLock { $0.append(took) }
+                    logger.warning("reconnected to the source after \(formatDuration(ns: took))")
+                    return .success(())
+                } catch {
+                    let error = error as? TransportError ?? .closed("\(error)")
+                    guard error.isConnectionLoss else { return .failure(error) }  // refused, not broken
+                    if Double(nowNanoseconds() - t0) / 1e9 > config.recoveryDeadline {
+                        return .failure(.timedOut("no connection to the source for \(config.recoveryDeadline) s (last: \(error))"))
+                    }
+                    usleep(delay)
+                    delay = min(delay * 2, 500_000)
+                }
+            }
+            return .failure(cause)
+        }
+        try result.get()
+    }
+
+    /// The requests of one class still in flight (to re-send after a reconnect).
+    private func inflightRequests(background: Bool) -> [PageRequest] {
+        inflight.withLock { $0.values.filter { ($0.pageClass == .background) == background }.sorted { $0.requestID < $1.requestID } }
+    }
+
     private func faultLoop() throws(TransportError) {
         let epoll: Epoll
+        var (generation, demand, _) = currentChannels()
         do {
             epoll = try Epoll()
             try epoll.add(uffd.fd.raw, token: 1)
             try epoll.add(demand.pollDescriptor, token: 2)
             try epoll.add(shutdown.fd.raw, token: 3)
-        } catch { throw .system(error) }
+        } catch { throw .local(error) }
         var tokens: [UInt64] = []
         var demandAttached = true
         while true {
-            do { try epoll.wait(&tokens, timeoutMs: -1) } catch { throw .system(error) }
-            if tokens.contains(3) { return }
-            if tokens.contains(1) { try readEvents() }
-            if demandAttached && tokens.contains(2) {
-                demandInFlight -= try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
+            if channelLock.withLock({ channelGeneration }) != generation {
+                if demandAttached { epoll.remove(demand.pollDescriptor) }
+                (generation, demand, _) = currentChannels()
+                if demandAttached { do { try epoll.add(demand.pollDescriptor, token: 2) } catch { throw .local(error) } }
+                let pending = inflightRequests(background: false)
+                do {
+                    for r in pending { try demand.submit(r) }
+                } catch {
+                    try recover(from: generation, cause: error)
+                    continue
+                }
+                demandInFlight = pending.count
             }
-            try fillDeferredZeroPages()
-            try submitDeferredDemand()
+            // Work queued before a reconnect must not wait for the next event.
+            let queued = !deferredZero.isEmpty || (!deferredDemand.isEmpty && demandInFlight < Self.maxDemandInFlight)
+            do { try epoll.wait(&tokens, timeoutMs: queued ? 0 : -1) } catch { throw .local(error) }
+            if tokens.contains(3) { return }
+            do {
+                if tokens.contains(1) { try readEvents() }
+                if demandAttached && tokens.contains(2) {
+                    demandInFlight -= try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
+                }
+                try fillDeferredZeroPages()
+                try submitDeferredDemand(demand)
+            } catch {
+                try recover(from: generation, cause: error)
+                continue
+            }
             if demandAttached, streamEnd != 0, demandInFlight == 0, deferredDemand.isEmpty {
                 // Every page is in: nothing more comes from the source. The thread
                 // stays to serve late faults on zero pages and REMOVE events.
@@ -432,15 +522,15 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// block on a full buffer; a guest rarely has more vCPUs faulting at once.
     static let maxDemandInFlight = 64
 
-    private func submitDeferredDemand() throws(TransportError) {
-        var sent = 0
-        while sent < deferredDemand.count, demandInFlight < Self.maxDemandInFlight {
-            let (region, page) = table.locate(globalPage: deferredDemand[sent])
-            try submit(demand, region: region, page: page, count: unitPages, class: .demand)
+    private func submitDeferredDemand(_ demand: PageChannel) throws(TransportError) {
+        while !deferredDemand.isEmpty, demandInFlight < Self.maxDemandInFlight {
+            // Out of the queue before it is sent: if the send fails, the request
+            // lives on only in `inflight` and is re-sent once, after a reconnect.
+            let p = deferredDemand.removeFirst()
             demandInFlight += 1
-            sent += 1
+            let (region, page) = table.locate(globalPage: p)
+            try submit(demand, region: region, page: page, count: unitPages, class: .demand)
         }
-        deferredDemand.removeFirst(sent)
     }
 
     private func fillDeferredZeroPages() throws(TransportError) {
@@ -477,7 +567,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     private func readEvents() throws(TransportError) {
         while true {
             let n: Int
-            do { n = try uffd.readEvents(msgs, max: 64) } catch { throw .system(error) }
+            do { n = try uffd.readEvents(msgs, max: 64) } catch { throw .local(error) }
             if n == 0 { return }
             let now = nowNanoseconds()
             for i in 0..<n {
@@ -543,9 +633,17 @@ public final class PostcopyEngine: @unchecked Sendable {
     }
 
     private func backgroundLoop() throws(TransportError) {
-        guard let background else { return }
+        var (generation, _, bg) = currentChannels()
+        guard var background = bg else { return }
         if let zeroMapProvider {
-            let maps = try zeroMapProvider()
+            var fetched: [ZeroMap]?
+            while fetched == nil {
+                do { fetched = try zeroMapProvider() } catch {
+                    try recover(from: generation, cause: error)
+                    (generation, _, bg) = currentChannels()
+                }
+            }
+            let maps = fetched ?? []
             let complete: Bool = pages.lock.withLock {
                 for z in maps {
                     let first = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
@@ -567,7 +665,7 @@ public final class PostcopyEngine: @unchecked Sendable {
             epoll = try Epoll()
             try epoll.add(background.pollDescriptor, token: 2)
             try epoll.add(shutdown.fd.raw, token: 3)
-        } catch { throw .system(error) }
+        } catch { throw .local(error) }
         var cursor = 0
         var followed = -1
         var outstanding = 0
@@ -576,7 +674,23 @@ public final class PostcopyEngine: @unchecked Sendable {
         var requestedBytes = 0
         let started = nowNanoseconds()
         while true {
+            if channelLock.withLock({ channelGeneration }) != generation {
+                epoll.remove(background.pollDescriptor)
+                (generation, _, bg) = currentChannels()
+                guard let b = bg else { return }
+                background = b
+                do { try epoll.add(background.pollDescriptor, token: 2) } catch { throw .local(error) }
+                let pending = inflightRequests(background: true)
+                do {
+                    for r in pending { try background.submit(r) }
+                } catch {
+                    try recover(from: generation, cause: error)
+                    continue
+                }
+                outstanding = pending.count
+            }
             var waitMs: Int32 = -1
+            do {
             while !exhausted, outstanding < config.window {
                 if config.backgroundRate > 0 {
                     // Token bucket: the next batch may start once the rate allows it.
@@ -612,15 +726,23 @@ public final class PostcopyEngine: @unchecked Sendable {
                 }
                 cursor = run.0 + run.1
                 let (region, page) = table.locate(globalPage: run.0)
-                try submit(background, region: region, page: page, count: run.1, class: .background)
                 requestedBytes += run.1 * pageSize
                 outstanding += 1
+                try submit(background, region: region, page: page, count: run.1, class: .background)
+            }
+            } catch {
+                try recover(from: generation, cause: error)
+                continue
             }
             if exhausted && outstanding == 0 { return }
-            do { try epoll.wait(&tokens, timeoutMs: outstanding > 0 ? -1 : waitMs) } catch { throw .system(error) }
+            do { try epoll.wait(&tokens, timeoutMs: outstanding > 0 ? -1 : waitMs) } catch { throw .local(error) }
             if tokens.contains(3) { return }
-            outstanding -= try background.drainCompletions { (h, payload) throws(TransportError) in
-                try handleCompletion(h, payload)
+            do {
+                outstanding -= try background.drainCompletions { (h, payload) throws(TransportError) in
+                    try handleCompletion(h, payload)
+                }
+            } catch {
+                try recover(from: generation, cause: error)
             }
         }
     }

@@ -208,7 +208,9 @@ public final class HandoffServer: Sendable {
                                             _ = try t.fetchDeviceState(timeoutMs: -1)
                                             return []
                                         },
-                                        demand: demand, background: background, config: config, logger: logger)
+                                        demand: demand, background: background,
+                                        reconnect: { () throws(TransportError) in try t.reconnect() },
+                                        config: config, logger: logger)
         } catch let e as HandoffError {
             reject(pid, e)
             return

@@ -19,6 +19,8 @@ public final class SourceStats: Sendable {
     public let bytesReceived = Atomic<UInt64>(0)
     public let rejectedConnections = Atomic<UInt64>(0)
     public let completedSessions = Atomic<UInt64>(0)
+    /// Main connections that resumed an existing session (a destination reconnecting).
+    public let resumedSessions = Atomic<UInt64>(0)
     public let lastDigestMatched = Atomic<Bool>(false)
 }
 
@@ -169,12 +171,17 @@ public final class PageServer: Sendable {
         }
         let session: SourceSession
         switch hello.role {
-        case .main:
-            guard hello.sessionID == 0 else {
+        case .main where hello.sessionID != 0:
+            // A destination reconnecting after a cut: the session (and what was
+            // sent in it) goes on; the destination re-requests what it lacks.
+            guard let s = sessions.withLock({ $0[hello.sessionID] }) else {
                 stats.rejectedConnections.add(1, ordering: .relaxed)
-                try conn.send(.error(ErrorMessage(code: .unknownSession, message: "session resume is not supported by this source")))
+                try conn.send(.error(ErrorMessage(code: .unknownSession, message: "unknown or completed session \(hello.sessionID)")))
                 return
             }
+            session = s
+            stats.resumedSessions.add(1, ordering: .relaxed)
+        case .main:
             var rng = SystemRandomNumberGenerator()
             session = SourceSession(id: rng.next() | 1, pages: memory.table.totalPages)
             sessions.withLock { $0[session.id] = session }
@@ -186,9 +193,6 @@ public final class PageServer: Sendable {
             }
             session = s
         }
-        // The main connection owns the session: when it goes, so does the session
-        // (completion removes it earlier). Resume is the recovery issue's work.
-        defer { if hello.role == .main { sessions.withLock { _ = $0.removeValue(forKey: session.id) } } }
         if hello.role == .main {
             backgroundPriority.applyToCurrentThread()
         }

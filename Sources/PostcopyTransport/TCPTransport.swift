@@ -11,9 +11,14 @@ public final class TCPTransport: Transport, @unchecked Sendable {
     public let maxDemandPages: Int
     public let endpoint: Endpoint
     private let maxBatchPages: Int
+    /// Guards `main`, `channels`, `retired`: a reconnect (on one engine thread)
+    /// replaces them while another thread may start a control call.
+    private let lock = NSLockLite()
     private var main: TCPConnection?
     private var info: SessionInfo?
     private var channels: [TCPPageChannel] = []
+    /// Bytes of connections closed by reconnects (still part of the wire total).
+    private var retired: (sent: UInt64, received: UInt64) = (0, 0)
 
     /// Shared key; when set, the source must prove it and this side proves it too.
     private let authKey: [UInt8]?
@@ -57,14 +62,14 @@ public final class TCPTransport: Transport, @unchecked Sendable {
 
     public func connect() throws(TransportError) -> SessionInfo {
         let (c, w) = try handshake(.main, sessionID: 0)
-        main = c
+        lock.withLock { main = c }
         let i = SessionInfo(welcome: w)
         info = i
         return i
     }
 
     public func openChannel(_ kind: ChannelKind) throws(TransportError) -> PageChannel {
-        guard let info, let main else { throw .protocolViolation("openChannel before connect") }
+        guard let info, let main = lock.withLock({ main }) else { throw .protocolViolation("openChannel before connect") }
         let ch: TCPPageChannel
         switch kind {
         case .background:
@@ -76,12 +81,12 @@ public final class TCPTransport: Transport, @unchecked Sendable {
             }
             ch = TCPPageChannel(connection: c, table: info.table)
         }
-        channels.append(ch)
+        lock.withLock { channels.append(ch) }
         return ch
     }
 
     private func control(_ m: Message, timeoutMs: Int32 = 60_000) throws(TransportError) -> Message {
-        guard let main else { throw .protocolViolation("control call before connect") }
+        guard let main = lock.withLock({ main }) else { throw .protocolViolation("control call before connect") }
         try main.send(m)
         return try main.receive(timeoutMs: timeoutMs)
     }
@@ -127,8 +132,30 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         return a
     }
 
+    public func reconnect() throws(TransportError) -> (demand: PageChannel, background: PageChannel) {
+        guard let info else { throw .protocolViolation("reconnect before connect") }
+        let old = bytesOnWire
+        // Shut down, not close: a thread may still be inside a call on an old
+        // connection, and a closed fd number could be reused by the new one.
+        // The old descriptors close when their last user lets go of them.
+        close()
+        lock.withLock {
+            retired = old
+            channels = []
+            main = nil
+        }
+        let (c, w) = try handshake(.main, sessionID: info.welcome.sessionID)
+        guard w.sessionID == info.welcome.sessionID, w.regions == info.welcome.regions else {
+            c.close()
+            throw .protocolViolation("the source answered the reconnect with another session")
+        }
+        lock.withLock { main = c }
+        return (try openChannel(.demand), try openChannel(.background))
+    }
+
     public var bytesOnWire: (sent: UInt64, received: UInt64) {
-        var s: UInt64 = 0, r: UInt64 = 0
+        let (retired, channels, main) = lock.withLock { (self.retired, self.channels, self.main) }
+        var s: UInt64 = retired.sent, r: UInt64 = retired.received
         var conns = channels.map { $0.connection }
         if let main { conns.append(main) }
         var seen = Set<ObjectIdentifier>()
@@ -140,6 +167,7 @@ public final class TCPTransport: Transport, @unchecked Sendable {
     }
 
     public func close() {
+        let (channels, main) = lock.withLock { (self.channels, self.main) }
         for c in channels { c.connection.shutdown() }
         main?.shutdown()
     }

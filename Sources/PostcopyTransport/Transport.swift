@@ -48,6 +48,10 @@ public protocol Transport: AnyObject, Sendable {
     /// xxh64 of each page, as the source's RAM was at pause.
     func fetchPageDigests(region: UInt16, firstPage: UInt64, pageCount: UInt32) throws(TransportError) -> [UInt64]
     func complete(_ c: Complete) throws(TransportError) -> CompleteAck
+    /// After a broken connection: connects again, rejoins the same session
+    /// (re-authenticating), and returns fresh channels (demand, background).
+    /// The old channels are closed.
+    func reconnect() throws(TransportError) -> (demand: PageChannel, background: PageChannel)
     /// Bytes put on and taken off the wire so far, every channel and header included.
     var bytesOnWire: (sent: UInt64, received: UInt64) { get }
     func close()

@@ -15,6 +15,17 @@ public enum TransportError: Error, Sendable, CustomStringConvertible {
     /// This transport cannot run here (for example: no RDMA device).
     case unavailable(String)
     case timedOut(String)
+    /// A failure on this side (userfaultfd, memory), not the connection's.
+    case local(SystemError)
+
+    /// A broken or stalled connection (worth reconnecting), as opposed to a peer
+    /// that broke the protocol or refused us (never retried).
+    public var isConnectionLoss: Bool {
+        switch self {
+        case .closed, .system, .timedOut: return true
+        default: return false
+        }
+    }
 
     public var description: String {
         switch self {
@@ -25,6 +36,7 @@ public enum TransportError: Error, Sendable, CustomStringConvertible {
         case .protocolViolation(let s): return "protocol violation by peer: \(s)"
         case .unavailable(let s): return "transport unavailable: \(s)"
         case .timedOut(let s): return "timed out: \(s)"
+        case .local(let e): return e.description
         }
     }
 }

@@ -246,6 +246,9 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "Cap on the background stream, e.g. 200M (bytes per second); 0 = no cap.")
     var backgroundRate: String = "0"
 
+    @Option(name: .long, help: "Seconds to keep reconnecting after the connection to the source breaks (guest threads stay parked meanwhile); 0 = fail at once.")
+    var recoveryDeadline: Double = 60
+
     @Option(name: .long, help: "Seed of the random touch order.")
     var seed: UInt64 = 1
 
@@ -266,6 +269,7 @@ struct DestCommand: ParsableCommand {
         guard (1...Int(PostcopyWire.Protocol.maxPagesPerRequest)).contains(batchPages) else {
             throw ValidationError("--batch-pages must be 1...\(PostcopyWire.Protocol.maxPagesPerRequest)")
         }
+        guard recoveryDeadline >= 0 else { throw ValidationError("--recovery-deadline must be 0 or more seconds") }
         guard (0...1_000_000).contains(thinkUs) else { throw ValidationError("--think-us must be 0...1000000") }
         guard (1...64).contains(window) else { throw ValidationError("--window must be 1...64") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("--background-rate must be a byte count per second such as 200M or 0") }
@@ -319,6 +323,7 @@ struct DestCommand: ParsableCommand {
         c.window = window
         c.backgroundRate = parseByteSize(backgroundRate)!
         c.backgroundPriority = ThreadPriority(rawValue: common.backgroundPriority)!
+        c.recoveryDeadline = recoveryDeadline
         return c
     }
 

@@ -1,0 +1,148 @@
+import CPostcopy
+import Foundation
+import PostcopyCore
+import PostcopyDestination
+import PostcopySource
+import PostcopyTransport
+import PostcopyWire
+import Synchronization
+import Testing
+
+/// A TCP proxy in front of a source that can cut every connection through it.
+final class ChaosProxy: @unchecked Sendable {
+    let listener: TCPListener
+    let target: Endpoint
+    private let lock = NSLockLite()
+    private var pairs: [(TCPConnection, TCPConnection)] = []
+    private var threads: [PThread] = []
+
+    init(target: Endpoint) throws {
+        self.target = target
+        listener = try TCPListener(Endpoint(host: "127.0.0.1", port: 0))
+        let accept = PThread(name: "proxy-accept") { [self] in
+            while let down = try? listener.accept(maxBody: 1 << 16) {
+                guard let up = try? TCPConnection.connect(target, maxBody: 1 << 16) else { down.shutdown(); continue }
+                lock.withLock { pairs.append((down, up)) }
+                let a = PThread(name: "proxy-up") { Self.pump(down, up) }
+                let b = PThread(name: "proxy-down") { Self.pump(up, down) }
+                lock.withLock { threads += [a, b] }
+            }
+        }
+        lock.withLock { threads.append(accept) }
+    }
+
+    var port: Int { listener.port }
+
+    /// Copies bytes from `a` to `b` until either side ends, then ends both.
+    static func pump(_ a: TCPConnection, _ b: TCPConnection) {
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: 1 << 16, alignment: 16)
+        defer {
+            buf.deallocate()
+            a.shutdown()
+            b.shutdown()
+        }
+        while true {
+            if cpc_poll1(a.fd.raw, Int16(POLLIN), 1000) < 0 { return }
+            let n = cpc_recv(a.fd.raw, buf, 1 << 16)
+            if n == -Int(EAGAIN) { continue }
+            if n <= 0 { return }
+            do { try b.send(UnsafeRawBufferPointer(start: buf, count: n), UnsafeRawBufferPointer(start: nil, count: 0)) } catch { return }
+        }
+    }
+
+    /// Cuts every connection that goes through the proxy now.
+    func cut() {
+        let now = lock.withLock { () -> [(TCPConnection, TCPConnection)] in
+            let p = pairs
+            pairs.removeAll()
+            return p
+        }
+        for (a, b) in now {
+            a.shutdown()
+            b.shutdown()
+        }
+    }
+
+    func stop() {
+        listener.shutdown()
+        cut()
+    }
+}
+
+@Suite("recovery from broken connections", .serialized, .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable (reason printed above)"))
+struct RecoveryTests {
+    /// Connections cut again and again mid-migration: the destination reconnects,
+    /// rejoins its session, re-requests what was in flight, and every byte arrives.
+    @Test(.timeLimit(.minutes(3)))
+    func twentyCutsAndEveryByteArrives() throws {
+        let mem = try TempMemory(size: 24 << 20, zeroPercent: 10, seed: 41)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let proxy = try ChaosProxy(target: Endpoint(host: "127.0.0.1", port: server.port))
+        defer { proxy.stop() }
+        let cuts = Atomic<Int>(0)
+        let done = Atomic<Bool>(false)
+        let cutter = PThread(name: "cutter") {
+            while !done.load(ordering: .relaxed) && cuts.load(ordering: .relaxed) < 20 {
+                usleep(60_000)
+                if done.load(ordering: .relaxed) { break }
+                proxy.cut()
+                cuts.add(1, ordering: .relaxed)
+            }
+        }
+        var options = DestinationOptions()
+        // One guest thread faulting at random with some compute between touches,
+        // and a capped stream: the migration lasts long enough for every cut.
+        options.touch = .random
+        options.threads = 2
+        options.thinkMicroseconds = 300
+        options.engine.backgroundRate = 8 << 20
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        options.inspect = { cmp.check($0) }
+        let dest = StandaloneDestination(options: options, logger: testLogger("test.recovery"))
+        let watchdog = PThread(name: "watchdog") {
+            for _ in 0..<16 {
+                usleep(500_000)
+                if done.load(ordering: .relaxed) { return }
+            }
+            FileHandle.standardError.write(Data("WATCHDOG: \(dest.debugEngine.withLock { $0?.debugState } ?? "-") cuts \(cuts.load(ordering: .relaxed))\n".utf8))
+        }
+        let r = try dest.run(transport: TCPTransport(endpoint: Endpoint(host: "127.0.0.1", port: proxy.port), maxBatchPages: 128),
+                             transportReason: "test")
+        done.store(true, ordering: .relaxed)
+        watchdog.join()
+        cutter.join()
+        let n = cuts.load(ordering: .relaxed)
+        print("recovery: \(n) cuts, \(r.recoveryNs.count) reconnects, times \(r.recoveryNs.map { formatDuration(ns: $0) })")
+        #expect(cmp.firstDifference == nil)
+        #expect(r.digestMatch && r.sourceConfirmedDigest)
+        #expect(n >= 10, "the migration should outlast many cuts (\(n))")
+        #expect(r.recoveryNs.count >= n - 1, "every cut during the migration is recovered from")
+        #expect(server.stats.resumedSessions.load(ordering: .relaxed) >= UInt64(r.recoveryNs.count))
+    }
+
+    @Test(.timeLimit(.minutes(2)))
+    func aSourceThatStaysAwayFailsClearlyAtTheDeadline() throws {
+        let mem = try TempMemory(size: 16 << 20, zeroPercent: 0, seed: 42)
+        let server = try startServer(mem)
+        let proxy = try ChaosProxy(target: Endpoint(host: "127.0.0.1", port: server.port))
+        var options = DestinationOptions()
+        options.touch = .none
+        options.engine.backgroundRate = 4 << 20
+        options.engine.recoveryDeadline = 0.5
+        let dest = StandaloneDestination(options: options, logger: testLogger("test.recovery"))
+        let killer = PThread(name: "killer") {
+            usleep(300_000)
+            proxy.stop()    // no more connections through the proxy
+            server.stop()
+        }
+        do {
+            _ = try dest.run(transport: TCPTransport(endpoint: Endpoint(host: "127.0.0.1", port: proxy.port), maxBatchPages: 128),
+                             transportReason: "test")
+            Issue.record("the migration cannot complete without its source")
+        } catch {
+            #expect("\(error)".contains("no connection to the source"), "\(error)")
+        }
+        killer.join()
+    }
+}
