@@ -377,6 +377,9 @@ struct DestCommand: ParsableCommand {
               guest-seen faults   p50 \(formatDuration(ns: gl.p50Ns))  p99 \(formatDuration(ns: gl.p99Ns))  max \(formatDuration(ns: gl.maxNs))  (\(gl.count) touches that faulted)
               memory              \(formatBytes(Double(r.rssOutsideGuestMaxBytes))) resident outside guest RAM (max); CPU \(fixed(r.cpuSeconds, 3)) s
             """)
+        if !r.recoveryNs.isEmpty {
+            print("  reconnects          \(r.recoveryNs.count) after broken connections: \(r.recoveryNs.map { formatDuration(ns: $0) }.joined(separator: ", "))")
+        }
     }
 }
 
