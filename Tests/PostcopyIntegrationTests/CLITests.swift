@@ -193,3 +193,45 @@ struct BenchCLITests {
         #expect(r.stderr.contains("RDMA"), "the reason is given: \(r.stderr)")
     }
 }
+
+/// Starts a long-running `postcopy` child and returns it with its first stdout line.
+func startChild(_ args: [String]) throws -> (Process, Pipe, String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: postcopyBinary!)
+    p.arguments = args
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = FileHandle.nullDevice
+    try p.run()
+    var first = Data()
+    while !first.contains(UInt8(ascii: "\n")) {
+        let chunk = out.fileHandleForReading.availableData
+        if chunk.isEmpty { break }
+        first.append(chunk)
+    }
+    return (p, out, String(decoding: first, as: UTF8.self))
+}
+
+@Suite("postcopy chaos-proxy", .serialized, .enabled(if: postcopyBinary != nil, "postcopy binary not built"))
+struct ChaosProxyCLITests {
+    /// The CLI's own recovery path end to end: source, proxy cutting connections, destination.
+    @Test(.timeLimit(.minutes(2)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
+    func destinationRecoversThroughTheChaosProxy() throws {
+        let mem = "/dev/shm/postcopy-chaos-test-\(getpid()).ram"
+        defer { unlink(mem) }
+        #expect(try runCLI(["make-memory", mem, "--size", "16M"]).status == 0)
+        let (source, _, banner) = try startChild(["source", "--memory", mem, "--listen", "127.0.0.1:0", "--json"])
+        defer { source.terminate() }
+        let sourcePort = (try? JSONSerialization.jsonObject(with: Data(banner.utf8)) as? [String: Any])?["port"] as? Int ?? 0
+        let (proxy, _, proxyBanner) = try startChild(["chaos-proxy", "--to", "127.0.0.1:\(sourcePort)", "--cuts", "5", "--interval-ms", "40"])
+        defer { proxy.terminate() }
+        let proxyPort = Int(proxyBanner.split(separator: " ").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? 0
+        #expect(sourcePort > 0 && proxyPort > 0, "banners: \(banner) \(proxyBanner)")
+        let r = try runCLI(["dest", "--connect", "127.0.0.1:\(proxyPort)", "--touch", "random", "--threads", "1",
+                            "--think-us", "200", "--background-rate", "4M", "--json", "--transport", "tcp"])
+        #expect(r.status == 0, "dest failed: \(r.stderr.suffix(500))")
+        let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        #expect(o?["digest_match"] as? Bool == true)
+        #expect((o?["recovery_ns"] as? [Int] ?? []).count >= 3, "reconnects: \(o?["recovery_ns"] ?? "none")")
+    }
+}
