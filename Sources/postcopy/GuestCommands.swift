@@ -88,12 +88,7 @@ struct GuestRunCommand: ParsableCommand {
     @Option(name: .long, help: "Guest memory file (default: an anonymous memfd).") var memory: String?
     @Option(name: .long, help: "Pause by itself after this many seconds (default: wait for \"pause\" on stdin).") var pauseAfter: Double?
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
-    @Option(name: .long, help: "Shared key file for the page transport (see `postcopy source --help`).") var keyFile: String?
-
-    func loadKey() throws -> [UInt8]? {
-        guard let keyFile else { return nil }
-        do { return try Authentication.loadKey(keyFile) } catch { throw fail("\(error)") }
-    }
+    @OptionGroup var key: KeyOptions
     @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
 
     func validate() throws {
@@ -122,10 +117,10 @@ struct GuestRunCommand: ParsableCommand {
                                        zipfSkew: shape.zipfSkew)
         guest.populate(fillPercent: fillPercent, seed: seed)
         let memoryState = try SourceMemory(mapping: ram, pageSize: 4096)
-        let key = try loadKey()
+        let authKey = try key.loadKey()
         let server: PageServer
         do {
-            server = try PageServer(memory: memoryState, listen: Endpoint(parsing: listen)!, exitAfterCompletion: false, authKey: key, logger: logger)
+            server = try PageServer(memory: memoryState, listen: Endpoint(parsing: listen)!, exitAfterCompletion: false, authKey: authKey, logger: logger)
         } catch { throw fail("\(error)") }
         server.start()
         if json {
@@ -181,12 +176,7 @@ struct GuestResumeCommand: ParsableCommand {
     @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: String
     @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
-    @Option(name: .long, help: "Shared key file for the page transport (see `postcopy source --help`).") var keyFile: String?
-
-    func loadKey() throws -> [UInt8]? {
-        guard let keyFile else { return nil }
-        do { return try Authentication.loadKey(keyFile) } catch { throw fail("\(error)") }
-    }
+    @OptionGroup var key: KeyOptions
     @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
 
     func validate() throws {
@@ -222,7 +212,7 @@ struct GuestResumeCommand: ParsableCommand {
 
     func run() throws {
         if let reason = Userfaultfd.unavailableReason() { throw fail(reason) }
-        let control = TCPTransport(endpoint: Endpoint(parsing: source)!, maxBatchPages: 256, authKey: try loadKey())
+        let control = TCPTransport(endpoint: Endpoint(parsing: source)!, maxBatchPages: 256, authKey: try key.loadKey())
         let info: SessionInfo
         do { info = try control.connect() } catch { throw fail("cannot reach the source: \(error)") }
         let bytes = info.table.totalPages * info.table.pageSize

@@ -33,6 +33,18 @@ struct Postcopy: ParsableCommand {
     }
 }
 
+/// `--key-file`, shared by every command that talks to a source or serves one.
+struct KeyOptions: ParsableArguments {
+    @Option(name: .long, help: "Shared key file (mode 600, at least 16 bytes): both sides must prove it before any page or state is exchanged.")
+    var keyFile: String?
+
+    /// The shared key, or nil without --key-file.
+    func loadKey() throws -> [UInt8]? {
+        guard let keyFile else { return nil }
+        do { return try Authentication.loadKey(keyFile) } catch { throw fail("\(error)") }
+    }
+}
+
 struct CommonOptions: ParsableArguments {
     @Option(name: .long, help: "Transport: tcp, rdma or auto (auto picks RDMA when available, else TCP, and says why).")
     var transport: String = "auto"
@@ -46,14 +58,9 @@ struct CommonOptions: ParsableArguments {
     @Option(name: .long, help: "Scheduling of background streaming threads: normal, low (nice 10) or idle (SCHED_IDLE).")
     var backgroundPriority: String = "normal"
 
-    @Option(name: .long, help: "Shared key file (mode 600, at least 16 bytes): both sides must prove it before any page or state is exchanged.")
-    var keyFile: String?
+    @OptionGroup var key: KeyOptions
 
-    /// The shared key, or nil without --key-file.
-    func loadKey() throws -> [UInt8]? {
-        guard let keyFile else { return nil }
-        do { return try Authentication.loadKey(keyFile) } catch { throw fail("\(error)") }
-    }
+    func loadKey() throws -> [UInt8]? { try key.loadKey() }
 
     func validateCommon() throws {
         guard TransportKind(rawValue: transport) != nil else {
