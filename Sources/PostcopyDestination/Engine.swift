@@ -457,9 +457,21 @@ public final class PostcopyEngine: @unchecked Sendable {
         try result.get()
     }
 
-    /// The requests of one class still in flight (to re-send after a reconnect).
-    private func inflightRequests(background: Bool) -> [PageRequest] {
-        inflight.withLock { $0.values.filter { ($0.pageClass == .background) == background }.sorted { $0.requestID < $1.requestID } }
+    /// After a reconnect: moves `epoll`'s watch (when `watched`) from the old
+    /// channel to the new one and re-sends, on it, this thread's requests still in
+    /// flight (demand or background). Returns how many; a send that fails throws
+    /// for the caller to recover again.
+    private func switchChannel(_ epoll: Epoll, from old: PageChannel, to new: PageChannel, watched: Bool,
+                               background: Bool) throws(TransportError) -> Int {
+        if watched {
+            epoll.remove(old.pollDescriptor)
+            do { try epoll.add(new.pollDescriptor, token: 2) } catch { throw .local(error) }
+        }
+        let pending = inflight.withLock {
+            $0.values.filter { ($0.pageClass == .background) == background }.sorted { $0.requestID < $1.requestID }
+        }
+        for r in pending { try new.submit(r) }
+        return pending.count
     }
 
     private func faultLoop() throws(TransportError) {
@@ -475,17 +487,14 @@ public final class PostcopyEngine: @unchecked Sendable {
         var demandAttached = true
         while true {
             if channelLock.withLock({ channelGeneration }) != generation {
-                if demandAttached { epoll.remove(demand.pollDescriptor) }
+                let old = demand
                 (generation, demand, _) = currentChannels()
-                if demandAttached { do { try epoll.add(demand.pollDescriptor, token: 2) } catch { throw .local(error) } }
-                let pending = inflightRequests(background: false)
                 do {
-                    for r in pending { try demand.submit(r) }
+                    demandInFlight = try switchChannel(epoll, from: old, to: demand, watched: demandAttached, background: false)
                 } catch {
                     try recover(from: generation, cause: error)
                     continue
                 }
-                demandInFlight = pending.count
             }
             // Work queued before a reconnect must not wait for the next event.
             let queued = !deferredZero.isEmpty || (!deferredDemand.isEmpty && demandInFlight < Self.maxDemandInFlight)
@@ -675,61 +684,58 @@ public final class PostcopyEngine: @unchecked Sendable {
         let started = nowNanoseconds()
         while true {
             if channelLock.withLock({ channelGeneration }) != generation {
-                epoll.remove(background.pollDescriptor)
+                let old = background
                 (generation, _, bg) = currentChannels()
                 guard let b = bg else { return }
                 background = b
-                do { try epoll.add(background.pollDescriptor, token: 2) } catch { throw .local(error) }
-                let pending = inflightRequests(background: true)
                 do {
-                    for r in pending { try background.submit(r) }
+                    outstanding = try switchChannel(epoll, from: old, to: background, watched: true, background: true)
                 } catch {
                     try recover(from: generation, cause: error)
                     continue
                 }
-                outstanding = pending.count
             }
             var waitMs: Int32 = -1
             do {
-            while !exhausted, outstanding < config.window {
-                if config.backgroundRate > 0 {
-                    // Token bucket: the next batch may start once the rate allows it.
-                    let allowed = Double(config.backgroundRate) * Double(nowNanoseconds() - started) / 1e9
-                    let next = Double(requestedBytes + max(config.batchPages, unitPages) * pageSize)
-                    if next > allowed {
-                        waitMs = Int32(min(1000, ((next - allowed) / Double(config.backgroundRate) * 1000).rounded(.up)))
+                while !exhausted, outstanding < config.window {
+                    if config.backgroundRate > 0 {
+                        // Token bucket: the next batch may start once the rate allows it.
+                        let allowed = Double(config.backgroundRate) * Double(nowNanoseconds() - started) / 1e9
+                        let next = Double(requestedBytes + max(config.batchPages, unitPages) * pageSize)
+                        if next > allowed {
+                            waitMs = Int32(min(1000, ((next - allowed) / Double(config.backgroundRate) * 1000).rounded(.up)))
+                            break
+                        }
+                    }
+                    // Locality: restart the scan just after the most recent demand fault.
+                    let last = lastDemandPage.load(ordering: .relaxed)
+                    if last != followed {
+                        followed = last
+                        if last + unitPages < table.totalPages { cursor = last + unitPages }
+                    }
+                    guard let run = pages.lock.withLock({ () -> (Int, Int)? in
+                        guard let found = pages.nextMissing(from: cursor) else { return nil }
+                        let first = found / unitPages * unitPages  // whole guest pages share a state
+                        let (region, page) = table.locate(globalPage: first)
+                        let g = self.region(ofGlobal: first)
+                        let regionEnd = min(first - page + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize)
+                        var n = 0
+                        let batch = max(config.batchPages / unitPages, 1) * unitPages
+                        while n < batch, first + n < regionEnd, pages.state(first + n) == .missing {
+                            for q in (first + n)..<(first + n + unitPages) { pages.set(q, .inflightBackground) }
+                            n += unitPages
+                        }
+                        return (first, n)
+                    }) else {
+                        exhausted = true
                         break
                     }
+                    cursor = run.0 + run.1
+                    let (region, page) = table.locate(globalPage: run.0)
+                    requestedBytes += run.1 * pageSize
+                    outstanding += 1
+                    try submit(background, region: region, page: page, count: run.1, class: .background)
                 }
-                // Locality: restart the scan just after the most recent demand fault.
-                let last = lastDemandPage.load(ordering: .relaxed)
-                if last != followed {
-                    followed = last
-                    if last + unitPages < table.totalPages { cursor = last + unitPages }
-                }
-                guard let run = pages.lock.withLock({ () -> (Int, Int)? in
-                    guard let found = pages.nextMissing(from: cursor) else { return nil }
-                    let first = found / unitPages * unitPages  // whole guest pages share a state
-                    let (region, page) = table.locate(globalPage: first)
-                    let g = self.region(ofGlobal: first)
-                    let regionEnd = min(first - page + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize)
-                    var n = 0
-                    let batch = max(config.batchPages / unitPages, 1) * unitPages
-                    while n < batch, first + n < regionEnd, pages.state(first + n) == .missing {
-                        for q in (first + n)..<(first + n + unitPages) { pages.set(q, .inflightBackground) }
-                        n += unitPages
-                    }
-                    return (first, n)
-                }) else {
-                    exhausted = true
-                    break
-                }
-                cursor = run.0 + run.1
-                let (region, page) = table.locate(globalPage: run.0)
-                requestedBytes += run.1 * pageSize
-                outstanding += 1
-                try submit(background, region: region, page: page, count: run.1, class: .background)
-            }
             } catch {
                 try recover(from: generation, cause: error)
                 continue
