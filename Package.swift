@@ -32,11 +32,20 @@ let package = Package(
         .target(
             name: "PostcopyTransport",
             dependencies: ["CPostcopy", "PostcopyWire", "PostcopyCore", .product(name: "Crypto", package: "swift-crypto")]),
+        // libibverbs + librdmacm behind a small C shim (connection setup, READ, CQ).
+        .target(name: "CRDMA", linkerSettings: [.linkedLibrary("ibverbs"), .linkedLibrary("rdmacm")]),
+        // RDMA transport (one-sided READ) and the source's RDMA listener; `selectTransport`.
+        .target(
+            name: "PostcopyRDMA",
+            dependencies: [
+                "CPostcopy", "CRDMA", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         // Source page server.
         .target(
             name: "PostcopySource",
             dependencies: [
-                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
+                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // Destination: userfaultfd owner, fault thread, scheduler, installer.
@@ -60,7 +69,7 @@ let package = Package(
         .executableTarget(
             name: "postcopy",
             dependencies: [
-                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
+                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA",
                 "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -80,7 +89,7 @@ let package = Package(
         .testTarget(
             name: "PostcopyIntegrationTests",
             dependencies: [
-                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
+                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA",
                 "PostcopySource", "PostcopyDestination", "PostcopyHandoff",
                 .product(name: "Logging", package: "swift-log"),
             ]),

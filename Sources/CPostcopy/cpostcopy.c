@@ -354,6 +354,13 @@ int cpc_poll1(int fd, short events, int timeout_ms) {
     return n;
 }
 
+int cpc_poll2(int a, int b, int timeout_ms) {
+    struct pollfd p[2] = { { .fd = a, .events = POLLIN }, { .fd = b, .events = POLLIN } };
+    int n = poll(p, 2, timeout_ms);
+    if (n < 0) return errno == EINTR ? 0 : -errno;
+    return (p[0].revents ? 1 : 0) | (p[1].revents ? 2 : 0);
+}
+
 int cpc_shutdown(int fd) { return neg_errno(shutdown(fd, SHUT_RDWR)); }
 
 long cpc_find_byte(const uint8_t *p, long from, long n, uint8_t value) {

@@ -498,11 +498,13 @@ public final class PostcopyEngine: @unchecked Sendable {
             }
             // Work queued before a reconnect must not wait for the next event.
             let queued = !deferredZero.isEmpty || (!deferredDemand.isEmpty && demandInFlight < Self.maxDemandInFlight)
-            do { try epoll.wait(&tokens, timeoutMs: queued ? 0 : -1) } catch { throw .local(error) }
+            // A busy-polled channel (RDMA demand QP) is spun on while a READ is out.
+            let spin = demandAttached && demandInFlight > 0 && demand.busyPoll
+            do { try epoll.wait(&tokens, timeoutMs: queued || spin ? 0 : -1) } catch { throw .local(error) }
             if tokens.contains(3) { return }
             do {
                 if tokens.contains(1) { try readEvents() }
-                if demandAttached && tokens.contains(2) {
+                if demandAttached && (tokens.contains(2) || spin) {
                     demandInFlight -= try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
                 }
                 try fillDeferredZeroPages()

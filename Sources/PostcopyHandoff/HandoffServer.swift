@@ -75,9 +75,16 @@ public final class HandoffServer: Sendable {
     /// Shared key for the source (see `Authentication`), or nil.
     public let authKey: [UInt8]?
 
+    /// Makes a VMM's transport to the source, given the largest background and
+    /// demand request in pages (TCP when nil).
+    public typealias TransportFactory = @Sendable (_ maxBatchPages: Int, _ maxDemandPages: Int) -> Transport
+    private let makeTransport: TransportFactory?
+
     public init(path: String, source: Endpoint, engineConfig: EngineConfig, authKey: [UInt8]? = nil, logger: Logger,
+                makeTransport: TransportFactory? = nil,
                 onComplete: (@Sendable (Int32, UInt64) -> Void)? = nil,
                 onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)? = nil) throws(HandoffError) {
+        self.makeTransport = makeTransport
         self.authKey = authKey
         self.onComplete = onComplete
         self.onSessionEnd = onSessionEnd
@@ -184,8 +191,9 @@ public final class HandoffServer: Sendable {
         var config = engineConfig
         config.guestPageSize = guestPage
         let unitPages = max(guestPage / Int(getpagesize()), 1)
-        let transport = TCPTransport(endpoint: source, maxBatchPages: max(config.batchPages, unitPages),
-                                     maxDemandPages: max(64, unitPages), authKey: authKey)
+        let transport: Transport = makeTransport?(max(config.batchPages, unitPages), max(64, unitPages))
+            ?? TCPTransport(endpoint: source, maxBatchPages: max(config.batchPages, unitPages),
+                            maxDemandPages: max(64, unitPages), authKey: authKey)
         defer { transport.close() }
         let engine: PostcopyEngine
         do {

@@ -1,6 +1,7 @@
 import CPostcopy
 import Logging
 import PostcopyCore
+import PostcopyRDMA
 import PostcopyTransport
 import PostcopyWire
 import Synchronization
@@ -73,8 +74,14 @@ public final class PageServer: Sendable {
     /// before it learns anything but an error.
     public let authKey: [UInt8]?
 
+    /// RDMA access to guest RAM, offered on authenticated main connections once
+    /// the guest paused; nil = TCP only.
+    public let rdma: RDMAServer?
+
     public init(memory: SourceMemory, listen endpoint: Endpoint, exitAfterCompletion: Bool,
-                backgroundPriority: ThreadPriority = .normal, authKey: [UInt8]? = nil, logger: Logger) throws(TransportError) {
+                backgroundPriority: ThreadPriority = .normal, authKey: [UInt8]? = nil, rdma: RDMAServer? = nil,
+                logger: Logger) throws(TransportError) {
+        self.rdma = rdma
         self.authKey = authKey
         self.memory = memory
         self.backgroundPriority = backgroundPriority
@@ -113,6 +120,7 @@ public final class PageServer: Sendable {
         connections.withLock { for c in $0.values { c.shutdown() } }
         let all = threads.withLock { $0 }
         for t in all { t.join() }
+        rdma?.stop()
         done.signal()
     }
 
@@ -231,6 +239,17 @@ public final class PageServer: Sendable {
                 let first = table.firstGlobalPage[Int(r.region)] + Int(r.firstPage)
                 try conn.send(.pageDigests(PageDigests(region: r.region, firstPage: r.firstPage,
                                                        digests: Array(scan.pageDigests[first..<(first + Int(r.pageCount))]))))
+            case .rdmaRequest:
+                guard hello.role == .main else { throw .protocolViolation("RDMA access asked for on the urgent channel") }
+                guard let rdma else {
+                    // Not fatal: an `auto` destination goes on over TCP on this connection.
+                    try conn.send(.error(ErrorMessage(code: .rdmaUnavailable, message: "this source serves no RDMA (started with --transport tcp, or it has no RDMA device)")))
+                    continue
+                }
+                // RAM is read remotely without us: only once it stopped changing.
+                guard waitUntilFrozen(conn) != nil else { return }
+                try conn.send(.rdmaOffer(rdma.offer(session: session.id)))
+                logger.info("session \(session.id): RDMA access to guest RAM handed to \(conn.peer)")
             case .complete(let c):
                 let sourceDigest = waitForScan()?.digest ?? 0
                 let matches = c.digest == sourceDigest && c.pagesReceived == UInt64(memory.table.totalPages)
@@ -248,6 +267,7 @@ public final class PageServer: Sendable {
                 }
                 stats.completedSessions.add(1, ordering: .relaxed)
                 sessions.withLock { _ = $0.removeValue(forKey: session.id) }
+                rdma?.endSession(session.id)
                 if exitAfterCompletion { done.signal() }
             default:
                 throw .protocolViolation("unexpected \(m.type) from destination")

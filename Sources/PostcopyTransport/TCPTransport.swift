@@ -132,6 +132,17 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         return a
     }
 
+    /// Asks the source for RDMA access to its RAM (answered once its guest
+    /// paused; an error frame when the source serves no RDMA).
+    public func requestRDMAOffer() throws(TransportError) -> RDMAOffer {
+        let r = try control(.rdmaRequest(RDMARequest()), timeoutMs: -1)
+        switch r {
+        case .rdmaOffer(let o): return o
+        case .error(let e): throw .peer(e)
+        default: throw .protocolViolation("expected rdmaOffer, got \(r.type)")
+        }
+    }
+
     public func reconnect() throws(TransportError) -> (demand: PageChannel, background: PageChannel) {
         guard let info else { throw .protocolViolation("reconnect before connect") }
         let old = bytesOnWire

@@ -27,6 +27,14 @@ public protocol PageChannel: AnyObject, Sendable {
     /// Bytes this channel put on and took off the wire (headers included).
     var bytesSent: UInt64 { get }
     var bytesReceived: UInt64 { get }
+    /// True when completions must be polled (`drainCompletions`) while requests
+    /// are in flight rather than waited for on `pollDescriptor` (a busy-polled
+    /// RDMA completion queue).
+    var busyPoll: Bool { get }
+}
+
+extension PageChannel {
+    public var busyPoll: Bool { false }
 }
 
 /// Priority of a channel: demand pages must never queue behind background data.
@@ -79,18 +87,4 @@ public enum TransportKind: String, Sendable, CaseIterable {
     case tcp
     case rdma
     case auto
-}
-
-/// Chooses a transport for `kind`. RDMA is not built yet: `.rdma` fails with a
-/// clear reason and `.auto` picks TCP and says why.
-public func selectTransport(_ kind: TransportKind, endpoint: Endpoint, maxBatchPages: Int, authKey: [UInt8]? = nil) throws(TransportError) -> (Transport, reason: String) {
-    switch kind {
-    case .tcp:
-        return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, authKey: authKey), "tcp requested")
-    case .rdma:
-        throw .unavailable("the RDMA transport is not part of this build yet (libibverbs/librdmacm support is tracked separately); use --transport tcp")
-    case .auto:
-        return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, authKey: authKey),
-                "auto: RDMA transport not built into this binary, using TCP")
-    }
 }

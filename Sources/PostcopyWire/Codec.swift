@@ -97,6 +97,14 @@ public enum Codec {
             w.raw(c.proof.prefix(32))
         case .authResponse(let r):
             w.raw(r.proof.prefix(32))
+        case .rdmaRequest:
+            break
+        case .rdmaOffer(let o):
+            w.u16(o.port)
+            w.raw(o.token.prefix(RDMAOffer.tokenBytes))
+            w.u64(o.remoteAddress)
+            w.u64(o.length)
+            w.u32(o.rkey)
         }
         endFrame(&w)
         return w.bytes
@@ -252,6 +260,17 @@ public enum Codec {
                                                    proof: try r.bytes(32, "authChallenge.proof")))
         case .authResponse:
             message = .authResponse(AuthResponse(proof: try r.bytes(32, "authResponse.proof")))
+        case .rdmaRequest:
+            message = .rdmaRequest(RDMARequest())
+        case .rdmaOffer:
+            let port = try r.u16("rdmaOffer.port")
+            let token = try r.bytes(RDMAOffer.tokenBytes, "rdmaOffer.token")
+            let address = try r.u64("rdmaOffer.remoteAddress")
+            let length = try r.u64("rdmaOffer.length")
+            guard length > 0, address <= UInt64.max - length else {
+                throw .invalid(field: "rdmaOffer.length", reason: "\(length) bytes at \(address)")
+            }
+            message = .rdmaOffer(RDMAOffer(port: port, token: token, remoteAddress: address, length: length, rkey: try r.u32("rdmaOffer.rkey")))
         }
         try r.expectEnd("message body")
         return message

@@ -44,6 +44,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case pageDigests = 13
     case authChallenge = 14
     case authResponse = 15
+    case rdmaRequest = 16
+    case rdmaOffer = 17
 }
 
 /// Which connection of a session this is. Demand pages travel on `.urgent`, so
@@ -129,6 +131,8 @@ public enum ErrorCode: UInt16, Sendable {
     case internalError = 5
     case shuttingDown = 6
     case authenticationFailed = 7
+    /// The source serves no RDMA (not configured, no device); the connection stays usable.
+    case rdmaUnavailable = 8
 }
 
 public struct ErrorMessage: Sendable, Equatable {
@@ -293,6 +297,33 @@ public struct AuthResponse: Sendable, Equatable {
     public init(proof: [UInt8]) { self.proof = proof }
 }
 
+/// The destination asks for one-sided RDMA access to guest RAM. Answered only
+/// on an authenticated main channel, and only once the guest paused.
+public struct RDMARequest: Sendable, Equatable {
+    public init() {}
+}
+
+/// Where and how a destination may RDMA READ guest RAM: connect with rdma_cm to
+/// `port` at the source's address, presenting `token` as private data; then READ
+/// `[remoteAddress, remoteAddress + length)` with `rkey`. The region is
+/// registered with remote READ access only. Region `r`'s page `p` lives at
+/// `remoteAddress + sourceOffset(r) + p * pageSize`.
+public struct RDMAOffer: Sendable, Equatable {
+    public static let tokenBytes = 16
+    public var port: UInt16
+    public var token: [UInt8]
+    public var remoteAddress: UInt64
+    public var length: UInt64
+    public var rkey: UInt32
+    public init(port: UInt16, token: [UInt8], remoteAddress: UInt64, length: UInt64, rkey: UInt32) {
+        self.port = port
+        self.token = token
+        self.remoteAddress = remoteAddress
+        self.length = length
+        self.rkey = rkey
+    }
+}
+
 /// Every message of the protocol. `pageData` borrows its payload from the frame.
 public enum Message {
     case hello(Hello)
@@ -310,6 +341,8 @@ public enum Message {
     case pageDigests(PageDigests)
     case authChallenge(AuthChallenge)
     case authResponse(AuthResponse)
+    case rdmaRequest(RDMARequest)
+    case rdmaOffer(RDMAOffer)
 
     public var type: MessageType {
         switch self {
@@ -328,6 +361,8 @@ public enum Message {
         case .pageDigests: .pageDigests
         case .authChallenge: .authChallenge
         case .authResponse: .authResponse
+        case .rdmaRequest: .rdmaRequest
+        case .rdmaOffer: .rdmaOffer
         }
     }
 }

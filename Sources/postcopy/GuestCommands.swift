@@ -7,6 +7,7 @@ import PostcopyDestination
 import PostcopyGuest
 import PostcopyHandoff
 import PostcopySource
+import PostcopyRDMA
 import PostcopyTransport
 import PostcopyWire
 import Synchronization
@@ -88,11 +89,13 @@ struct GuestRunCommand: ParsableCommand {
     @Option(name: .long, help: "Guest memory file (default: an anonymous memfd).") var memory: String?
     @Option(name: .long, help: "Pause by itself after this many seconds (default: wait for \"pause\" on stdin).") var pauseAfter: Double?
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
+    @Option(name: .long, help: "How destinations may fetch: tcp, rdma (also offer one-sided RDMA READ of guest RAM; the listen address must be the RDMA device's) or auto (RDMA when possible).") var transport: String = "auto"
     @OptionGroup var key: KeyOptions
     @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
 
     func validate() throws {
         try shape.validateShape()
+        guard TransportKind(rawValue: transport) != nil else { throw ValidationError("--transport must be tcp, rdma or auto") }
         guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }
         guard Endpoint(parsing: listen) != nil else { throw ValidationError("--listen must be HOST:PORT") }
     }
@@ -120,7 +123,9 @@ struct GuestRunCommand: ParsableCommand {
         let authKey = try key.loadKey()
         let server: PageServer
         do {
-            server = try PageServer(memory: memoryState, listen: Endpoint(parsing: listen)!, exitAfterCompletion: false, authKey: authKey, logger: logger)
+            let rdma = try startRDMA(TransportKind(rawValue: transport)!, host: Endpoint(parsing: listen)!.host, memory: ram, logger: logger)
+            server = try PageServer(memory: memoryState, listen: Endpoint(parsing: listen)!, exitAfterCompletion: false, authKey: authKey,
+                                    rdma: rdma, logger: logger)
         } catch { throw fail("\(error)") }
         server.start()
         if json {

@@ -100,7 +100,8 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Seconds the guest runs at the destination after the switchover.") var after: Double = 5
     @Option(name: .long, help: "Background streaming cap at the destination (bytes/s, e.g. 500M; 0 = none).") var backgroundRate: String = "0"
     @Option(name: .long, help: "postcopy, or stop-and-copy (the baseline: copy all RAM while paused, then resume).") var mode: String = "postcopy"
-    @Option(name: .long, help: "Transport: tcp (rdma is not built yet).") var transport: String = "tcp"
+    @Option(name: .long, help: "Transport: tcp, rdma (one-sided RDMA READ; --address must be an RDMA device's IP) or auto.") var transport: String = "tcp"
+    @Option(name: .long, help: "IP address the source serves on and the destination connects to (for RDMA: the RDMA device's IP).") var address: String = "127.0.0.1"
     @Flag(name: .long, help: "One JSON object on stdout instead of the summary.") var json = false
 
     func validate() throws {
@@ -128,7 +129,8 @@ struct MigrateCommand: ParsableCommand {
         say("booting a \(size) guest (\(workload), \(vcpus) vCPUs) at the source...")
         let source = try Child("source guest", ["guest", "run", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
                                                 "--zipf-skew", "\(shape.zipfSkew)",
-                                                "--listen", "127.0.0.1:0", "--json", "--report-ms", "100", "--key-file", keyFile])
+                                                "--listen", "\(address):0", "--json", "--report-ms", "100", "--key-file", keyFile,
+                                                "--transport", transport == "tcp" ? "tcp" : transport])
         var children = [source]
         func abort(_ why: String) -> ExitCode {
             for c in children { _ = c.finish(seconds: 0) }
@@ -142,16 +144,16 @@ struct MigrateCommand: ParsableCommand {
         let postcopy = mode == "postcopy"
         var daemon: Child?
         if postcopy {
-            say("source guest running, serving its RAM on 127.0.0.1:\(port); starting the destination daemon and guest")
-            let d = try Child("destination daemon", ["dest", "--handoff", socket, "--connect", "127.0.0.1:\(port)", "--once",
+            say("source guest running, serving its RAM on \(address):\(port); starting the destination daemon and guest")
+            let d = try Child("destination daemon", ["dest", "--handoff", socket, "--connect", "\(address):\(port)", "--once",
                                                      "--json", "--transport", transport, "--background-rate", backgroundRate, "--key-file", keyFile])
             children.append(d)
             guard d.waitFor("listening", seconds: 30) != nil else { throw abort("the destination daemon did not start") }
             daemon = d
         } else {
-            say("source guest running, serving its RAM on 127.0.0.1:\(port); starting the destination guest (stop-and-copy)")
+            say("source guest running, serving its RAM on \(address):\(port); starting the destination guest (stop-and-copy)")
         }
-        let dest = try Child("destination guest", ["guest", "resume", "--source", "127.0.0.1:\(port)", "--run-for", "\(after)",
+        let dest = try Child("destination guest", ["guest", "resume", "--source", "\(address):\(port)", "--run-for", "\(after)",
                                                    "--json", "--report-ms", "100", "--key-file", keyFile]
                                                    + (postcopy ? ["--handoff", socket] : ["--stop-and-copy"]))
         children.append(dest)

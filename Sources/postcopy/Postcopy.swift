@@ -6,6 +6,7 @@ import PostcopyCore
 import PostcopyDestination
 import PostcopyHandoff
 import PostcopySource
+import PostcopyRDMA
 import PostcopyTransport
 import PostcopyWire
 
@@ -129,9 +130,6 @@ struct SourceCommand: ParsableCommand {
     func run() throws {
         let logger = common.makeLogger("postcopy.source")
         let kind = TransportKind(rawValue: common.transport)!
-        if kind == .rdma {
-            throw fail("the RDMA transport is not part of this build yet; use --transport tcp")
-        }
         let t0 = nowNanoseconds()
         let cpu0 = processCPUNanoseconds()
         let mem: SourceMemory
@@ -146,11 +144,12 @@ struct SourceCommand: ParsableCommand {
             throw fail("cannot serve \(memory): \(error)")
         }
         let key = try common.loadKey()
+        let rdma = try startRDMA(kind, host: Endpoint(parsing: listen)!.host, memory: mem.mapping, logger: logger)
         let server: PageServer
         do {
             server = try PageServer(memory: mem, listen: Endpoint(parsing: listen)!, exitAfterCompletion: !serveForever,
                                   backgroundPriority: ThreadPriority(rawValue: common.backgroundPriority)!,
-                                  authKey: key, logger: logger)
+                                  authKey: key, rdma: rdma, logger: logger)
         } catch {
             throw fail("\(error)")
         }
@@ -300,7 +299,7 @@ struct DestCommand: ParsableCommand {
         let (transport, reason): (Transport, String)
         do {
             (transport, reason) = try selectTransport(TransportKind(rawValue: common.transport)!, endpoint: Endpoint(parsing: connect)!,
-                                                      maxBatchPages: batchPages, authKey: key)
+                                                      maxBatchPages: batchPages, authKey: key, logger: logger)
         } catch {
             throw fail("\(error)")
         }
@@ -336,13 +335,24 @@ struct DestCommand: ParsableCommand {
 
     /// The page-fault daemon for VMMs (Firecracker's external handler protocol).
     func runHandoff(_ path: String, logger: Logger) throws {
-        if common.transport == "rdma" { throw fail("the RDMA transport is not part of this build yet; use --transport tcp") }
+        let kind = TransportKind(rawValue: common.transport)!
+        let endpoint = Endpoint(parsing: connect)!
         let json = common.json
+        // `--transport rdma` without a device fails now, not when a VMM arrives.
+        do {
+            let (_, reason) = try selectTransport(kind, endpoint: endpoint, maxBatchPages: batchPages, authKey: nil)
+            logger.info("transport for VMMs: \(reason)")
+        } catch { throw fail("\(error)") }
         let key = try common.loadKey()
         let server: HandoffServer
         do {
             server = try HandoffServer(
-                path: path, source: Endpoint(parsing: connect)!, engineConfig: engineConfig(), authKey: key, logger: logger,
+                path: path, source: endpoint, engineConfig: engineConfig(), authKey: key, logger: logger,
+                makeTransport: { batch, demandPages in
+                    (try? selectTransport(kind, endpoint: endpoint, maxBatchPages: batch, maxDemandPages: demandPages,
+                                          authKey: key, logger: logger))?.0
+                        ?? TCPTransport(endpoint: endpoint, maxBatchPages: batch, maxDemandPages: demandPages, authKey: key)
+                },
                 onComplete: { pid, at in
                     if json {
                         emitEvent(["event": "complete", "vmm_pid": Int(pid), "completed_at_ns": at])
@@ -459,5 +469,27 @@ struct MakeMemoryCommand: ParsableCommand {
             throw fail("\(error)")
         }
         print("created \(path): \(size), \(zeroPercent)% zero pages")
+    }
+}
+
+/// The source's RDMA listener for `--transport`: required for `rdma`, tried for
+/// `auto` (saying why it is off when it cannot be had), none for `tcp`.
+func startRDMA(_ kind: TransportKind, host: String, memory: MemoryMapping, logger: Logger) throws -> RDMAServer? {
+    switch kind {
+    case .tcp:
+        return nil
+    case .rdma:
+        do { return try RDMAServer(host: host, memory: memory.base, length: memory.length, logger: logger) } catch {
+            throw fail("--transport rdma: \(error)")
+        }
+    case .auto:
+        guard rdmaDeviceCount() > 0 else {
+            logger.info("auto: serving TCP only (no RDMA device on this host)")
+            return nil
+        }
+        do { return try RDMAServer(host: host, memory: memory.base, length: memory.length, logger: logger) } catch {
+            logger.notice("auto: serving TCP only: \(error)")
+            return nil
+        }
     }
 }

@@ -51,6 +51,9 @@ private func allSampleFrames() -> [[UInt8]] {
             Codec.encode(.pageDigests(PageDigests(region: 0, firstPage: 4, digests: [1, 2, .max]))),
             Codec.encode(.authChallenge(AuthChallenge(serverNonce: [UInt8](repeating: 7, count: 32), proof: [UInt8](repeating: 9, count: 32)))),
             Codec.encode(.authResponse(AuthResponse(proof: [UInt8](repeating: 3, count: 32)))),
+            Codec.encode(.rdmaRequest(RDMARequest())),
+            Codec.encode(.rdmaOffer(RDMAOffer(port: 4791, token: [UInt8](repeating: 5, count: 16), remoteAddress: 0x7f00_0000_0000,
+                                              length: 1 << 30, rkey: 0x1234))),
         ]
     }
 }

@@ -109,6 +109,8 @@ ssize_t cpc_recv(int fd, void *p, size_t n);
 ssize_t cpc_send2(int fd, const void *a, size_t alen, const void *b, size_t blen);
 /// poll one fd for events (POLLIN=1, POLLOUT=4); returns >0 ready, 0 timeout, -errno.
 int cpc_poll1(int fd, short events, int timeout_ms);
+/// poll() for input on two fds: bit 0 set when `a` is readable, bit 1 when `b`; -errno.
+int cpc_poll2(int a, int b, int timeout_ms);
 int cpc_shutdown(int fd);
 
 // ---- Unix sockets with SCM_RIGHTS (VMM handoff) ----------------------------------

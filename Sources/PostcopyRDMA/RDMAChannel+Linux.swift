@@ -1,0 +1,211 @@
+import CRDMA
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Private data a destination presents in its rdma_cm connect request: the
+/// session's one-time token (from `RDMAOffer`) and the channel kind.
+enum RDMAConnectData {
+    static let length = RDMAOffer.tokenBytes + 1
+    static func encode(token: [UInt8], kind: ChannelKind) -> [UInt8] { token + [kind == .demand ? 1 : 2] }
+}
+
+/// `IBV_WC_*` statuses the channel treats specially.
+enum WorkCompletionStatus {
+    static let success: Int32 = 0
+    static let remoteAccessError: Int32 = 10  // IBV_WC_REM_ACCESS_ERR
+    static let flushed: Int32 = 5             // IBV_WC_WR_FLUSH_ERR
+}
+
+/// One RC queue pair issuing one-sided RDMA READs of the source's registered
+/// RAM (libibverbs `ibv_post_send` with `IBV_WR_RDMA_READ`) into registered
+/// staging buffers; the source CPU does nothing per page. The demand channel's
+/// completion queue is busy-polled by the fault thread while a READ is in
+/// flight; the background channel's completions are event-driven (a completion
+/// channel fd in the caller's epoll set) — the split Fastswap uses.
+///
+/// Used by one thread at a time (its engine thread); counters are atomic.
+public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
+    private var conn: OpaquePointer?
+    private let offer: RDMAOffer
+    private let table: RegionTable
+    public let busyPoll: Bool
+    private let idleFD: EventFD?
+    private let maxOutstanding: Int
+
+    /// Registered staging buffers, pooled by size (pages rounded up to a power of two).
+    private struct Buffer {
+        let mapping: MemoryMapping
+        let mr: UnsafeMutableRawPointer
+        let lkey: UInt32
+    }
+    private var pool: [Int: [Buffer]] = [:]
+    private var all: [Buffer] = []
+    private struct InFlight {
+        let request: PageRequest
+        let buffer: Buffer
+        let sizeClass: Int
+        let length: Int
+    }
+    private var inflight: [UInt64: InFlight] = [:]
+    private var waiting: [PageRequest] = []
+    private var nextWR: UInt64 = 1
+    private let received = Atomic<UInt64>(0)
+    private let reads = Atomic<UInt64>(0)
+
+    init(conn: OpaquePointer, offer: RDMAOffer, table: RegionTable, kind: ChannelKind, maxOutstanding: Int) throws(TransportError) {
+        self.conn = conn
+        self.offer = offer
+        self.table = table
+        busyPoll = kind == .demand
+        self.maxOutstanding = maxOutstanding
+        if busyPoll {
+            do { idleFD = try EventFD() } catch { throw .local(error) }
+        } else {
+            idleFD = nil
+        }
+    }
+
+    deinit { close() }
+
+    /// Releases the staging buffers and tears the QP down (reverse order of setup).
+    public func close() {
+        guard let c = conn else { return }
+        for b in all { crdma_dereg(b.mr) }
+        all = []
+        pool = [:]
+        crdma_conn_destroy(c)
+        conn = nil
+    }
+
+    public var pollDescriptor: Int32 {
+        if let idleFD { return idleFD.fd.raw }
+        return conn.map { crdma_comp_fd($0) } ?? -1
+    }
+    public var bytesSent: UInt64 { 0 }
+    /// Payload bytes READ (the RoCE headers are the NIC's business).
+    public var bytesReceived: UInt64 { received.load(ordering: .relaxed) }
+    public var readsPosted: UInt64 { reads.load(ordering: .relaxed) }
+
+    /// Where page `pageOffset` of `region` lives in the source's registered RAM;
+    /// nil when any byte of the range falls outside it.
+    func remoteRange(region: UInt16, pageOffset: UInt64, pageCount: UInt32) -> (address: UInt64, length: Int)? {
+        guard (try? table.validate(region: region, pageOffset: pageOffset, pageCount: UInt64(pageCount))) != nil else { return nil }
+        let pageSize = UInt64(table.pageSize)
+        let start = table.regions[Int(region)].sourceOffset + pageOffset * pageSize
+        let length = UInt64(pageCount) * pageSize
+        guard start <= offer.length, length <= offer.length - start else { return nil }
+        return (offer.remoteAddress + start, Int(length))
+    }
+
+    public func submit(_ request: PageRequest) throws(TransportError) {
+        guard remoteRange(region: request.region, pageOffset: request.pageOffset, pageCount: request.pageCount) != nil else {
+            throw .local(SystemError("RDMA READ of pages \(request.pageOffset)..<\(request.pageOffset + UInt64(request.pageCount)) of region \(request.region): outside the source's registered RAM (\(offer.length) bytes)", errno: ERANGE))
+        }
+        waiting.append(request)
+        try postWaiting()
+    }
+
+    private func postWaiting() throws(TransportError) {
+        guard let c = conn else { throw .closed("RDMA channel closed") }
+        var i = 0
+        defer { waiting.removeFirst(i) }
+        while i < waiting.count, inflight.count < maxOutstanding {
+            let r = waiting[i]
+            let (address, length) = remoteRange(region: r.region, pageOffset: r.pageOffset, pageCount: r.pageCount)!
+            let sizeClass = Int(UInt32(r.pageCount).nextPowerOfTwo)
+            let buffer = try takeBuffer(sizeClass: sizeClass)
+            let wr = nextWR
+            nextWR += 1
+            let rc = crdma_post_read(c, wr, buffer.mapping.base, buffer.lkey, UInt32(length), address, offer.rkey)
+            if rc < 0 {
+                pool[sizeClass, default: []].append(buffer)
+                throw .closed("ibv_post_send (RDMA READ): \(String(cString: strerror(-rc)))")
+            }
+            inflight[wr] = InFlight(request: r, buffer: buffer, sizeClass: sizeClass, length: length)
+            reads.add(1, ordering: .relaxed)
+            i += 1
+        }
+    }
+
+    private func takeBuffer(sizeClass: Int) throws(TransportError) -> Buffer {
+        if let b = pool[sizeClass]?.popLast() { return b }
+        guard let c = conn else { throw .closed("RDMA channel closed") }
+        let mapping: MemoryMapping
+        do { mapping = try MemoryMapping.anonymous(length: sizeClass * table.pageSize) } catch { throw .local(error) }
+        var lkey: UInt32 = 0
+        var mr: UnsafeMutableRawPointer?
+        let rc = crdma_conn_reg(c, mapping.base, mapping.length, &lkey, &mr)
+        guard rc == 0, let mr else { throw .local(SystemError("ibv_reg_mr of a \(mapping.length)-byte staging buffer", errno: -rc)) }
+        let b = Buffer(mapping: mapping, mr: mr, lkey: lkey)
+        all.append(b)
+        return b
+    }
+
+    public func drainCompletions(_ body: (PageDataHeader, UnsafeRawBufferPointer) throws(TransportError) -> Void) throws(TransportError) -> Int {
+        guard let c = conn else { throw .closed("RDMA channel closed") }
+        if !busyPoll {
+            let rc = crdma_rearm(c)
+            if rc < 0 { throw .closed("re-arming the completion queue: \(String(cString: strerror(-rc)))") }
+        }
+        var n = 0
+        var wcs = [crdma_wc](repeating: crdma_wc(), count: 16)
+        while true {
+            let got = wcs.withUnsafeMutableBufferPointer { crdma_poll(c, $0.baseAddress, 16) }
+            if got < 0 { throw .closed("ibv_poll_cq failed") }
+            if got == 0 { break }
+            for wc in wcs[0..<Int(got)] {
+                guard let f = inflight.removeValue(forKey: wc.wr_id) else {
+                    throw .local(SystemError("completion for unknown work request \(wc.wr_id)", errno: EPROTO))
+                }
+                pool[f.sizeClass, default: []].append(f.buffer)
+                guard wc.status == WorkCompletionStatus.success else {
+                    let what = "RDMA READ of pages \(f.request.pageOffset)..<\(f.request.pageOffset + UInt64(f.request.pageCount)) of region \(f.request.region): \(String(cString: crdma_wc_status_str(wc.status))) (status \(wc.status), vendor error \(wc.vendor_err))"
+                    if wc.status == WorkCompletionStatus.remoteAccessError {
+                        // The source's NIC refused: outside its registered RAM, or a stale rkey.
+                        throw .protocolViolation(what)
+                    }
+                    // IBV_WC_WR_FLUSH_ERR: the QP went to error (teardown); anything
+                    // else (retry exceeded, ...) also leaves the QP unusable.
+                    throw .closed(what)
+                }
+                received.add(UInt64(f.length), ordering: .relaxed)
+                let h = PageDataHeader(requestID: f.request.requestID, region: f.request.region, pageClass: f.request.pageClass,
+                                       isZero: false, pageOffset: f.request.pageOffset, pageCount: f.request.pageCount)
+                try body(h, UnsafeRawBufferPointer(start: f.buffer.mapping.base, count: f.length))
+                n += 1
+            }
+        }
+        if !waiting.isEmpty { try postWaiting() }
+        return n
+    }
+
+    /// For tests of the source's protection: posts one READ of `length` bytes at
+    /// `address` (anywhere, unchecked) and waits for its completion status
+    /// (0 = success, else an `ibv_wc_status`).
+    public func rawReadStatus(address: UInt64, length: Int, timeoutMs: Int = 30_000) throws(TransportError) -> Int32 {
+        guard let c = conn else { throw .closed("RDMA channel closed") }
+        let sizeClass = Int(UInt32((length + table.pageSize - 1) / table.pageSize).nextPowerOfTwo)
+        let buffer = try takeBuffer(sizeClass: sizeClass)
+        defer { pool[sizeClass, default: []].append(buffer) }
+        let wr = UInt64.max - nextWR
+        nextWR += 1
+        let rc = crdma_post_read(c, wr, buffer.mapping.base, buffer.lkey, UInt32(length), address, offer.rkey)
+        if rc < 0 { throw .closed("ibv_post_send: \(String(cString: strerror(-rc)))") }
+        let deadline = nowNanoseconds() + UInt64(timeoutMs) * 1_000_000
+        var wc = crdma_wc()
+        while nowNanoseconds() < deadline {
+            if crdma_poll(c, &wc, 1) == 1 { return wc.status }
+            usleep(100)
+        }
+        throw .timedOut("no completion for a raw RDMA READ in \(timeoutMs) ms")
+    }
+}
+
+extension UInt32 {
+    fileprivate var nextPowerOfTwo: UInt32 { self <= 1 ? 1 : 1 << (32 - (self - 1).leadingZeroBitCount) }
+}

@@ -1,0 +1,202 @@
+import CRDMA
+import Logging
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How many RDMA devices libibverbs sees here (`ibv_get_device_list`).
+public func rdmaDeviceCount() -> Int { Int(crdma_device_count()) }
+
+/// The RDMA transport. Control (handshake, authentication, zero map, device
+/// state, completion) stays on an authenticated TCP connection to the source;
+/// only after that handshake, and once the guest paused, does the source hand
+/// out the address and rkey of its RAM (registered for remote READ only) and a
+/// one-time token. Each page channel is then its own rdma_cm connection (an RC
+/// QP) presenting that token, and pages move by one-sided RDMA READ.
+///
+/// When RDMA breaks mid-migration (QP in error, device gone), `reconnect`
+/// rejoins the session over TCP and tries RDMA again once; if that fails the
+/// migration goes on over TCP channels (failover), without pausing the guest
+/// beyond the reconnect.
+public final class RDMATransport: Transport, @unchecked Sendable {
+    public var name: String { lock.withLock { usingTCPFallback } ? "rdma→tcp" : "rdma" }
+    public let endpoint: Endpoint
+    private let tcp: TCPTransport
+    private let maxBatchPages: Int
+    private let connectTimeoutMs: Int32
+    private let logger: Logger?
+    private let lock = NSLockLite()
+    private var info: SessionInfo?
+    private var offer: RDMAOffer?
+    private var channels: [RDMAPageChannel] = []
+    private var retiredReceived: UInt64 = 0
+    private var usingTCPFallback = false
+    /// Set once a reconnect had to fall back to TCP.
+    public var failedOver: Bool { lock.withLock { usingTCPFallback } }
+
+    /// `auto`: when the first channel cannot be had over RDMA (the source offers
+    /// none, no route from a local device), use TCP for the whole migration.
+    private let fallBackToTCP: Bool
+    /// What `auto` decided and why, once the first channel is open.
+    public var decision: String? { lock.withLock { decisionText } }
+    private var decisionText: String?
+
+    public init(endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64, authKey: [UInt8]? = nil, fallBackToTCP: Bool = false,
+                connectTimeoutMs: Int32 = 10_000, logger: Logger? = nil) {
+        self.fallBackToTCP = fallBackToTCP
+        self.endpoint = endpoint
+        self.maxBatchPages = maxBatchPages
+        self.connectTimeoutMs = connectTimeoutMs
+        self.logger = logger
+        tcp = TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey)
+    }
+
+    public func connect() throws(TransportError) -> SessionInfo {
+        let i = try tcp.connect()
+        lock.withLock { info = i }
+        return i
+    }
+
+    /// The source's RAM address, length and rkey (asked for once per connection).
+    public func rdmaOffer() throws(TransportError) -> RDMAOffer {
+        if let o = lock.withLock({ offer }) { return o }
+        let o = try tcp.requestRDMAOffer()
+        lock.withLock { offer = o }
+        return o
+    }
+
+    public func openChannel(_ kind: ChannelKind) throws(TransportError) -> PageChannel {
+        if lock.withLock({ usingTCPFallback }) { return try tcp.openChannel(kind) }
+        do {
+            let ch = try openRDMAChannel(kind)
+            lock.withLock { if decisionText == nil { decisionText = "using RDMA (one-sided READ from \(endpoint.host))" } }
+            return ch
+        } catch {
+            guard fallBackToTCP, lock.withLock({ channels.isEmpty }) else { throw error }
+            let why = "auto: using TCP because RDMA is not possible with this source: \(error)"
+            lock.withLock {
+                usingTCPFallback = true
+                decisionText = why
+            }
+            logger?.notice("\(why)")
+            return try tcp.openChannel(kind)
+        }
+    }
+
+    /// An RDMA channel of `kind` (never a TCP one), for tests and `openChannel`.
+    /// `forgedOffer` is for tests: present another token or rkey than the source gave.
+    public func openRDMAChannel(_ kind: ChannelKind, forgedOffer: RDMAOffer? = nil) throws(TransportError) -> RDMAPageChannel {
+        guard let info = lock.withLock({ info }) else { throw .protocolViolation("openChannel before connect") }
+        let o: RDMAOffer
+        if let forgedOffer { o = forgedOffer } else { o = try rdmaOffer() }
+        let priv = RDMAConnectData.encode(token: o.token, kind: kind)
+        var conn: OpaquePointer?
+        var err = [CChar](repeating: 0, count: 256)
+        let maxWR = kind == .demand ? 128 : 32
+        let rc = priv.withUnsafeBytes { p in
+            crdma_connect(endpoint.host, String(o.port), p.baseAddress, UInt8(p.count), connectTimeoutMs, UInt32(maxWR),
+                          kind == .demand ? 1 : 0, &conn, &err, err.count)
+        }
+        guard rc == 0, let conn else {
+            let why = errorText(err)
+            if rc == -ECONNREFUSED { throw .peer(ErrorMessage(code: .authenticationFailed, message: "the source refused the RDMA connection (\(why))")) }
+            throw .unavailable("RDMA connect to \(endpoint.host) port \(o.port): \(why)")
+        }
+        let depth = Int(crdma_conn_read_depth(conn))
+        let ch = try RDMAPageChannel(conn: conn, offer: o, table: info.table, kind: kind,
+                                     maxOutstanding: min(maxWR, max(depth, 1) * 4))
+        lock.withLock { channels.append(ch) }
+        return ch
+    }
+
+    public func fetchZeroMap(region: UInt16, firstPage: UInt64, pageCount: UInt64) throws(TransportError) -> ZeroMap {
+        try tcp.fetchZeroMap(region: region, firstPage: firstPage, pageCount: pageCount)
+    }
+
+    public func fetchDeviceState(timeoutMs: Int32) throws(TransportError) -> [UInt8] {
+        try tcp.fetchDeviceState(timeoutMs: timeoutMs)
+    }
+
+    public func fetchPageDigests(region: UInt16, firstPage: UInt64, pageCount: UInt32) throws(TransportError) -> [UInt64] {
+        try tcp.fetchPageDigests(region: region, firstPage: firstPage, pageCount: pageCount)
+    }
+
+    public func complete(_ c: Complete) throws(TransportError) -> CompleteAck {
+        try tcp.complete(c)
+    }
+
+    /// Rejoins the session over TCP (re-authenticating), then tries RDMA once
+    /// more with a fresh token; when RDMA cannot be had, continues over TCP.
+    public func reconnect() throws(TransportError) -> (demand: PageChannel, background: PageChannel) {
+        let old = lock.withLock { () -> [RDMAPageChannel] in
+            let o = channels
+            channels = []
+            offer = nil
+            for c in o { retiredReceived += c.bytesReceived }
+            return o
+        }
+        // The old QPs are in error (or about to be): their owners no longer use them.
+        for c in old { c.close() }
+        let tcpChannels = try tcp.reconnect()
+        if lock.withLock({ usingTCPFallback }) { return tcpChannels }
+        do {
+            let d = try openRDMAChannel(.demand)
+            let b = try openRDMAChannel(.background)
+            return (d, b)
+        } catch {
+            lock.withLock {
+                usingTCPFallback = true
+                for c in channels { retiredReceived += c.bytesReceived; c.close() }
+                channels = []
+            }
+            logger?.warning("RDMA unavailable after the failure (\(error)); continuing the migration over TCP")
+            return tcpChannels
+        }
+    }
+
+    public var bytesOnWire: (sent: UInt64, received: UInt64) {
+        let t = tcp.bytesOnWire
+        let r = lock.withLock { channels.reduce(retiredReceived) { $0 + $1.bytesReceived } }
+        return (t.sent, t.received + r)
+    }
+
+    public func close() {
+        tcp.close()
+    }
+}
+
+/// Which transport to use, as the CLI's `--transport` names it: `.rdma` fails
+/// with a clear reason when RDMA cannot work here; `.auto` picks RDMA when a
+/// device exists and the source offers RDMA over a route to it, else TCP, and
+/// says which and why.
+public func selectTransport(_ kind: TransportKind, endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64,
+                            authKey: [UInt8]? = nil, logger: Logger? = nil) throws(TransportError) -> (Transport, reason: String) {
+    switch kind {
+    case .tcp:
+        return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey),
+                "tcp requested")
+    case .rdma:
+        guard rdmaDeviceCount() > 0 else {
+            throw .unavailable("no RDMA device on this host (ibv_get_device_list found none; for soft-RoCE: rdma link add rxe0 type rxe netdev IFACE); use --transport tcp or auto")
+        }
+        return (RDMATransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey, logger: logger), "rdma requested")
+    case .auto:
+        let n = rdmaDeviceCount()
+        guard n > 0 else {
+            return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey),
+                    "auto: no RDMA device on this host, using TCP")
+        }
+        return (RDMATransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey,
+                              fallBackToTCP: true, logger: logger),
+                "auto: \(n) RDMA device(s) here; RDMA if the source offers it over a route to \(endpoint.host), else TCP")
+    }
+}
+
+/// The NUL-terminated message a C shim call left in `buffer`.
+func errorText(_ buffer: [CChar]) -> String {
+    buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+}
