@@ -11,5 +11,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
+postcopy_build_deps
 swift build -c release --product postcopy
 exec .build/release/postcopy migrate "$@"

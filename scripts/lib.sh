@@ -7,3 +7,18 @@ if ! command -v swift >/dev/null; then
     echo "error: swift (6.0 or newer) is not on PATH" >&2
     exit 2
 fi
+
+# The build links libibverbs and librdmacm (the RDMA transport): installs their
+# development packages when missing (Debian/Ubuntu; needs root).
+postcopy_build_deps() {
+    if [ -e /usr/include/infiniband/verbs.h ] && [ -e /usr/include/rdma/rdma_cma.h ] \
+        && ls /usr/lib/*/libibverbs.so /usr/lib/*/librdmacm.so >/dev/null 2>&1; then
+        return 0
+    fi
+    echo "installing libibverbs-dev librdmacm-dev (needed to build the RDMA transport)..." >&2
+    if ! command -v apt-get >/dev/null; then
+        echo "error: install the libibverbs and librdmacm development packages (rdma-core) first" >&2
+        return 2
+    fi
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs-dev librdmacm-dev >&2
+}

@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # Sets up and runs the whole test suite. Needs the Swift 6 toolchain (swift on PATH)
 # and root (or access to /dev/userfaultfd) for the integration tests; without
-# userfaultfd those tests are skipped and say why.
+# userfaultfd those tests are skipped and say why. Installs the packages it needs
+# (libibverbs/librdmacm to build; QEMU, a Debian kernel with rdma_rxe, busybox and
+# rdma-core for the soft-RoCE VM) when they are missing.
+#
+# Env: POSTCOPY_SKIP_VM=1 skips the RDMA suite in the VM (it says so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
-# The TCP core needs no system packages beyond the toolchain.
+postcopy_build_deps
 swift build --build-tests
 # A hung test (a guest thread parked on a fault nobody serves) must fail CI, not stall it.
 timeout --signal=KILL 1200 swift test
+# The host kernel has no RDMA: the RDMA suite runs again inside a QEMU VM with soft-RoCE.
+if [ -n "${POSTCOPY_SKIP_VM:-}" ]; then
+    echo "SKIP: RDMA suite in the soft-RoCE VM (POSTCOPY_SKIP_VM is set)"
+else
+    bash scripts/vm/rdma-tests.sh
+fi

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# RDMA benchmarks, run inside the soft-RoCE VM (the host kernel has no RDMA),
+# every figure a ratio against perftest on the same rxe device in the same run:
+#   (a) ib_read_lat -s 4096           one-sided 4 KiB READ round trip
+#   (b) local userfaultfd fault       fault -> UFFDIO_COPY -> resume
+#   (c) demand fault over RDMA        as the guest thread sees it
+#   (d) ib_read_bw -s BATCH           READ bandwidth at our background message size
+#   (e) background stream over RDMA   non-zero bytes / time to full copy
+# and the source process's CPU time per page (one-sided: should be ~0).
+# Also runs (c) and (e) over TCP on the same veth for context.
+#
+# Usage: bash bench/rdma.sh        (builds on the host, boots the VM: ~5-10 min)
+# Env:   IDLE_SIZE (16M)  COPY_SIZE (256M)  LAT_ITERS (2000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${POSTCOPY_VM:-}" ]; then
+    source scripts/lib.sh
+    postcopy_build_deps
+    swift build -c release --product postcopy >&2
+    exec bash scripts/vm/run.sh --timeout 2400 -- bash bench/rdma.sh "$@"
+fi
+
+IDLE_SIZE=${IDLE_SIZE:-16M}
+COPY_SIZE=${COPY_SIZE:-256M}
+LAT_ITERS=${LAT_ITERS:-2000}
+ADDR=${POSTCOPY_RDMA_ADDR:?not inside the soft-RoCE VM}
+DEV=${POSTCOPY_RDMA_DEV:-rxe0}
+BATCH_PAGES=128
+BATCH=$((BATCH_PAGES * 4096))
+B=.build/release/postcopy
+OUT=bench/results/rdma
+mkdir -p "$OUT"
+rm -f "$OUT"/*.json "$OUT"/*.txt
+SMALL=/dev/shm/rdma-bench-small
+FULL=/dev/shm/rdma-bench-full
+PORT=7391
+SRC_PID=
+cleanup() { [ -n "$SRC_PID" ] && kill "$SRC_PID" 2>/dev/null; rm -f "$SMALL" "$FULL"; }
+trap cleanup EXIT
+
+"$B" make-memory "$SMALL" --size "$IDLE_SIZE" --zero-percent 0 >&2
+"$B" make-memory "$FULL" --size "$COPY_SIZE" --zero-percent 10 >&2
+
+echo "perftest on $DEV ($ADDR)..." >&2
+ib_read_lat -d "$DEV" -s 4096 -n "$LAT_ITERS" -F -p 18515 >/dev/null 2>&1 &
+sleep 2
+ib_read_lat -d "$DEV" -s 4096 -n "$LAT_ITERS" -F -p 18515 "$ADDR" > "$OUT/ib_read_lat.txt"
+wait
+ib_read_bw -d "$DEV" -s "$BATCH" -n 200 -F --report_gbits -p 18516 >/dev/null 2>&1 &
+sleep 2
+ib_read_bw -d "$DEV" -s "$BATCH" -n 200 -F --report_gbits -p 18516 "$ADDR" > "$OUT/ib_read_bw.txt"
+wait
+echo "local userfaultfd fault..." >&2
+"$B" baseline uffd-fault --samples 2000 --json > "$OUT/baseline-uffd-fault.json"
+
+# migrate NAME TRANSPORT MEMORY DEST-ARGS...
+migrate() {
+    local name=$1 transport=$2 mem=$3; shift 3
+    "$B" source --memory "$mem" --listen "$ADDR:$PORT" --transport "$transport" --json > "$OUT/.src.$name" &
+    SRC_PID=$!
+    for _ in $(seq 300); do grep -q '"listening"' "$OUT/.src.$name" 2>/dev/null && break; sleep 0.1; done
+    "$B" dest --connect "$ADDR:$PORT" --transport "$transport" --json --batch-pages "$BATCH_PAGES" --no-progress "$@" > "$OUT/dest-$name.json"
+    wait "$SRC_PID"; SRC_PID=
+    tail -n +2 "$OUT/.src.$name" > "$OUT/source-$name.json"
+    rm -f "$OUT/.src.$name"
+    echo "  $name done" >&2
+}
+echo "migrations..." >&2
+migrate idle-rdma rdma "$SMALL" --background off --touch sequential --threads 1
+migrate copy-rdma rdma "$FULL" --touch none
+migrate idle-tcp tcp "$SMALL" --background off --touch sequential --threads 1
+migrate copy-tcp tcp "$FULL" --touch none
+
+python3 - "$OUT" "$BATCH" <<'PY'
+import json, os, platform, sys
+out, batch = sys.argv[1], int(sys.argv[2])
+ld = lambda n: json.load(open(os.path.join(out, n)))
+def perftest(name, col):
+    for line in open(os.path.join(out, name)):
+        f = line.split()
+        if len(f) > col and f[0].isdigit() and f[1].isdigit():
+            return float(f[col])
+    raise SystemExit(f"no result line in {name}")
+lat_typical_us = perftest("ib_read_lat.txt", 4)   # t_typical
+bw_gbps = perftest("ib_read_bw.txt", 3)           # BW average [Gb/sec]
+uffd = ld("baseline-uffd-fault.json")["latency"]
+res = {"machine": {"kernel": platform.release(), "cores": os.cpu_count(), "vm": "qemu tcg, soft-RoCE (rdma_rxe) on veth"},
+       "ib_read_lat_4k_typical_us": lat_typical_us, "ib_read_bw_gbps": bw_gbps, "message_bytes": batch,
+       "uffd_fault_p50_us": uffd["p50_ns"] / 1e3}
+for t in ("rdma", "tcp"):
+    idle, copy, src_idle, src_copy = ld(f"dest-idle-{t}.json"), ld(f"dest-copy-{t}.json"), ld(f"source-idle-{t}.json"), ld(f"source-copy-{t}.json")
+    c = idle["guest_touch_latency"]
+    nonzero = copy["non_zero_pages"] * copy["page_size"]
+    gbps = nonzero * 8 / copy["time_to_full_copy_seconds"] / 1e9
+    pages_idle = idle["demand_pages"]
+    res[t] = {"transport_used": idle["transport"], "demand_p50_us": c["p50_ns"] / 1e3, "demand_p99_us": c["p99_ns"] / 1e3,
+              "demand_pages": pages_idle, "digest_match": idle["digest_match"] and copy["digest_match"],
+              "background_gbps": gbps, "time_to_full_copy_s": copy["time_to_full_copy_seconds"],
+              "source_cpu_s_idle_run": src_idle["cpu_seconds"], "source_cpu_us_per_demand_page": src_idle["cpu_seconds"] * 1e6 / max(pages_idle, 1),
+              "source_pages_served_by_cpu": src_idle["demand_pages"] + src_idle["background_pages"] + src_copy["demand_pages"] + src_copy["background_pages"]}
+r = res["rdma"]
+r["ratio_demand_p50_vs_read_lat_plus_uffd"] = r["demand_p50_us"] / (lat_typical_us + res["uffd_fault_p50_us"])
+r["ratio_background_vs_ib_read_bw"] = r["background_gbps"] / bw_gbps
+json.dump(res, open(os.path.join(out, "rdma.json"), "w"), indent=2)
+t = res["tcp"]
+lines = [
+ f"soft-RoCE in a QEMU TCG VM ({platform.release()}, {os.cpu_count()} vCPUs); everything ~10-50x slower than native: only ratios count",
+ f"(a) ib_read_lat -s 4096 typical           {lat_typical_us:10.1f} us",
+ f"(b) local userfaultfd fault p50           {res['uffd_fault_p50_us']:10.1f} us",
+ f"(c) demand fault over RDMA p50 (p99)      {r['demand_p50_us']:10.1f} us ({r['demand_p99_us']:.1f})   c/(a+b) = {r['ratio_demand_p50_vs_read_lat_plus_uffd']:.2f}  (goal <= 1.5)",
+ f"    demand fault over TCP (same veth) p50 {t['demand_p50_us']:10.1f} us",
+ f"(d) ib_read_bw -s {batch}                {bw_gbps:10.3f} Gb/s",
+ f"(e) background stream over RDMA          {r['background_gbps']:10.3f} Gb/s   e/d = {r['ratio_background_vs_ib_read_bw']:.2f}  (goal >= 0.7)",
+ f"    background stream over TCP           {t['background_gbps']:10.3f} Gb/s",
+ f"source CPU over RDMA: {r['source_cpu_s_idle_run']*1e3:.1f} ms for {r['demand_pages']} demand pages = {r['source_cpu_us_per_demand_page']:.2f} us/page "
+ f"(TCP: {t['source_cpu_us_per_demand_page']:.2f} us/page); pages the source CPU served over RDMA: {r['source_pages_served_by_cpu']}",
+ f"integrity: rdma {'OK' if r['digest_match'] else 'MISMATCH'}, tcp {'OK' if t['digest_match'] else 'MISMATCH'}",
+]
+open(os.path.join(out, "rdma.txt"), "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+ok = r["digest_match"] and t["digest_match"] and r["transport_used"].startswith("rdma")
+sys.exit(0 if ok else 1)
+PY
