@@ -125,6 +125,12 @@ int crdma_connect(const char *host, const char *port, const void *priv, uint8_t 
     if ((rc = expect_event(c, deadline, RDMA_CM_EVENT_ADDR_RESOLVED, "address resolution", err, err_len)) < 0) goto out;
     if (rdma_resolve_route(c->id, timeout_ms)) { rc = fail(err, err_len, errno, "rdma_resolve_route"); goto out; }
     if ((rc = expect_event(c, deadline, RDMA_CM_EVENT_ROUTE_RESOLVED, "route resolution", err, err_len)) < 0) goto out;
+    /* A READ the peer never answers (host gone, its QP destroyed) must fail
+       rather than wait forever: local ACK timeout 4.096 us * 2^17 = 0.5 s, times
+       retry_count (7) below, then IBV_WC_RETRY_EXC_ERR. Best effort: old
+       kernels lack the option. */
+    uint8_t ack_timeout = 17;
+    (void)rdma_set_option(c->id, RDMA_OPTION_ID, RDMA_OPTION_ID_ACK_TIMEOUT, &ack_timeout, sizeof ack_timeout);
 
     struct ibv_device_attr dev;
     if ((rc = ibv_query_device(c->id->verbs, &dev))) { rc = fail(err, err_len, rc, "ibv_query_device"); goto out; }
@@ -235,6 +241,12 @@ int crdma_rearm(crdma_conn *c) {
     while (ibv_get_cq_event(c->cc, &cq, &ctx) == 0) ibv_ack_cq_events(cq, 1);
     if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
     int rc = ibv_req_notify_cq(c->cq, 0);
+    return rc ? -rc : 0;
+}
+
+int crdma_conn_break(crdma_conn *c) {
+    struct ibv_qp_attr a = {.qp_state = IBV_QPS_ERR};
+    int rc = ibv_modify_qp(c->id->qp, &a, IBV_QP_STATE);
     return rc ? -rc : 0;
 }
 

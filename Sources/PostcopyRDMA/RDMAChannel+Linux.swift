@@ -72,8 +72,35 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
 
     deinit { close() }
 
-    /// Releases the staging buffers and tears the QP down (reverse order of setup).
+    private let retired = Atomic<Bool>(false)
+
+    /// Breaks the channel for good without freeing anything another thread may
+    /// still be using: the QP goes to the error state, so every READ in flight
+    /// completes (flushed) and wakes its waiter, who then sees a closed channel.
+    /// Resources go when the last user lets go (`deinit`).
+    public func retire() {
+        guard !retired.exchange(true, ordering: .acquiringAndReleasing), let c = conn else { return }
+        _ = crdma_conn_break(c)
+    }
+
+    /// Serializes rdma_cm event handling (the transport's watcher) with teardown.
+    private let cmLock = NSLockLite()
+
+    /// True once the peer disconnected this QP (rdma_cm DISCONNECTED), and then
+    /// retires the channel so its waiters wake. Called by the transport's watcher.
+    func checkDisconnected() -> Bool {
+        let gone = cmLock.withLock { conn.map { crdma_conn_disconnected($0) != 0 } ?? false }
+        if gone { retire() }
+        return gone
+    }
+
+    /// Releases the staging buffers and tears the QP down (reverse order of
+    /// setup). Only for the channel's owner, when no other thread uses it.
     public func close() {
+        cmLock.withLock { closeLocked() }
+    }
+
+    private func closeLocked() {
         guard let c = conn else { return }
         for b in all { crdma_dereg(b.mr) }
         all = []
@@ -103,6 +130,7 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
     }
 
     public func submit(_ request: PageRequest) throws(TransportError) {
+        if retired.load(ordering: .relaxed) { throw .closed("RDMA channel retired after a failure") }
         guard remoteRange(region: request.region, pageOffset: request.pageOffset, pageCount: request.pageCount) != nil else {
             throw .local(SystemError("RDMA READ of pages \(request.pageOffset)..<\(request.pageOffset + UInt64(request.pageCount)) of region \(request.region): outside the source's registered RAM (\(offer.length) bytes)", errno: ERANGE))
         }

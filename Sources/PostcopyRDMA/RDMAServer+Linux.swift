@@ -35,9 +35,15 @@ public final class RDMAServer: @unchecked Sendable {
     public let refuseNewConnections = Atomic<Bool>(false)
     public let rejectedConnections = Atomic<UInt64>(0)
 
+    /// A writable alias of a read-only memory file, registered instead of the
+    /// caller's mapping on kernels that cannot pin read-only shared memory.
+    private let alias: MemoryMapping?
+
     /// Listens on `host` (the RDMA device's own IP; "0" port = any) and registers
-    /// `[base, base + length)` for remote READ.
-    public init(host: String, port: Int = 0, memory base: UnsafeRawPointer, length: Int, logger: Logger) throws(TransportError) {
+    /// `[base, base + length)` for remote READ. `file`: the descriptor the memory
+    /// is mapped from, when that mapping is read-only (see below).
+    public init(host: String, port: Int = 0, memory base: UnsafeRawPointer, length: Int, file: Int32? = nil,
+                logger: Logger) throws(TransportError) {
         guard rdmaDeviceCount() > 0 else {
             throw .unavailable("no RDMA device on this host (for soft-RoCE: rdma link add rxe0 type rxe netdev IFACE)")
         }
@@ -48,11 +54,25 @@ public final class RDMAServer: @unchecked Sendable {
         guard rc == 0, let l else { throw .unavailable("RDMA listen on \(host): \(errorText(err))") }
         var key: UInt32 = 0
         var mr: UnsafeMutableRawPointer?
-        let r2 = crdma_listener_reg_remote_read(l, UnsafeMutableRawPointer(mutating: base), length, &key, &mr)
+        var r2 = crdma_listener_reg_remote_read(l, UnsafeMutableRawPointer(mutating: base), length, &key, &mr)
+        var alias: MemoryMapping?
+        if r2 == -EFAULT, let file {
+            // Before Linux 6.2, ib_umem_get pins with FOLL_WRITE|FOLL_FORCE even for
+            // a read-only registration, which a read-only shared mapping refuses.
+            // Register a writable alias of the same file instead: the NIC still
+            // grants remote READ only, and this process never writes through it.
+            let rw = open("/proc/self/fd/\(file)", O_RDWR | O_CLOEXEC)
+            if rw >= 0 {
+                alias = try? MemoryMapping.file(fd: rw, length: length, writable: true)
+                close(rw)
+            }
+            if let alias { r2 = crdma_listener_reg_remote_read(l, alias.base, length, &key, &mr) }
+        }
         guard r2 == 0, let mr else {
             crdma_listener_destroy(l)
-            throw .unavailable("ibv_reg_mr of \(length) bytes of guest RAM for remote READ: \(String(cString: strerror(-r2))) (RLIMIT_MEMLOCK too low?)")
+            throw .unavailable("ibv_reg_mr of \(length) bytes of guest RAM for remote READ: \(String(cString: strerror(-r2)))\(r2 == -EFAULT ? " (a read-only mapping: this kernel pins for write; give the memory file's descriptor)" : " (RLIMIT_MEMLOCK too low?)")")
         }
+        self.alias = alias
         do { stopFD = try EventFD() } catch {
             crdma_dereg(mr)
             crdma_listener_destroy(l)
@@ -63,7 +83,7 @@ public final class RDMAServer: @unchecked Sendable {
         self.mr = mr
         self.rkey = key
         self.port = bound
-        self.base = UInt64(UInt(bitPattern: base))
+        self.base = UInt64(UInt(bitPattern: alias?.base ?? UnsafeMutableRawPointer(mutating: base)))
         self.length = UInt64(length)
         self.logger = logger
         thread = PThread(name: "src-rdma-cm") { [self] in eventLoop() }
@@ -110,7 +130,8 @@ public final class RDMAServer: @unchecked Sendable {
             guard priv.count >= RDMAConnectData.length, !refuseNewConnections.load(ordering: .relaxed),
                   let session = tokens.withLock({ $0[token] }) else {
                 rejectedConnections.add(1, ordering: .relaxed)
-                logger.warning("RDMA: refusing a connect request without a valid token (\(priv.count) bytes of private data)")
+                let why = refuseNewConnections.load(ordering: .relaxed) ? "new RDMA connections are refused" : "no valid token"
+                logger.warning("RDMA: refusing a connect request: \(why)")
                 crdma_listener_reject(id)
                 return
             }

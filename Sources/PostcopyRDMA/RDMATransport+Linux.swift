@@ -109,7 +109,10 @@ public final class RDMATransport: Transport, @unchecked Sendable {
         let depth = Int(crdma_conn_read_depth(conn))
         let ch = try RDMAPageChannel(conn: conn, offer: o, table: info.table, kind: kind,
                                      maxOutstanding: min(maxWR, max(depth, 1) * 4))
-        lock.withLock { channels.append(ch) }
+        lock.withLock {
+            channels.append(ch)
+            if watcher == nil { watcher = PThread(name: "rdma-cm-watch") { [self] in watchLoop() } }
+        }
         return ch
     }
 
@@ -139,8 +142,9 @@ public final class RDMATransport: Transport, @unchecked Sendable {
             for c in o { retiredReceived += c.bytesReceived }
             return o
         }
-        // The old QPs are in error (or about to be): their owners no longer use them.
-        for c in old { c.close() }
+        // Other engine threads may still wait on the old QPs: break them (their
+        // READs flush and wake them) rather than free them under their feet.
+        for c in old { c.retire() }
         let tcpChannels = try tcp.reconnect()
         if lock.withLock({ usingTCPFallback }) { return tcpChannels }
         do {
@@ -150,7 +154,7 @@ public final class RDMATransport: Transport, @unchecked Sendable {
         } catch {
             lock.withLock {
                 usingTCPFallback = true
-                for c in channels { retiredReceived += c.bytesReceived; c.close() }
+                for c in channels { retiredReceived += c.bytesReceived; c.retire() }
                 channels = []
             }
             logger?.warning("RDMA unavailable after the failure (\(error)); continuing the migration over TCP")
@@ -166,6 +170,30 @@ public final class RDMATransport: Transport, @unchecked Sendable {
 
     public func close() {
         tcp.close()
+        let (chs, w) = lock.withLock { () -> ([RDMAPageChannel], PThread?) in
+            let w = watcher
+            watcher = nil
+            return (channels, w)
+        }
+        for c in chs { c.retire() }
+        watcherStop.store(true, ordering: .relaxed)
+        w?.join()
+    }
+
+    private var watcher: PThread?
+    private let watcherStop = Atomic<Bool>(false)
+
+    /// Watches the channels' rdma_cm events: a peer that disconnects a QP (the
+    /// source stopping RDMA, its device going away) retires the channel at once,
+    /// so the engine reconnects (or fails over to TCP) without waiting for READ
+    /// retries to run out.
+    private func watchLoop() {
+        while !watcherStop.load(ordering: .relaxed) {
+            for c in lock.withLock({ channels }) where c.checkDisconnected() {
+                logger?.warning("RDMA: the source disconnected a queue pair")
+            }
+            usleep(50_000)
+        }
     }
 }
 

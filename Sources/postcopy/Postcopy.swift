@@ -133,8 +133,9 @@ struct SourceCommand: ParsableCommand {
         let t0 = nowNanoseconds()
         let cpu0 = processCPUNanoseconds()
         let mem: SourceMemory
+        let file: MemoryFile
         do {
-            let file = try MemoryFile.open(memory)
+            file = try MemoryFile.open(memory)
             var blob: [UInt8] = []
             if let deviceState {
                 blob = Array(try Data(contentsOf: URL(fileURLWithPath: deviceState)))
@@ -144,7 +145,7 @@ struct SourceCommand: ParsableCommand {
             throw fail("cannot serve \(memory): \(error)")
         }
         let key = try common.loadKey()
-        let rdma = try startRDMA(kind, host: Endpoint(parsing: listen)!.host, memory: mem.mapping, logger: logger)
+        let rdma = try startRDMA(kind, host: Endpoint(parsing: listen)!.host, memory: mem.mapping, file: file.fd.raw, logger: logger)
         let server: PageServer
         do {
             server = try PageServer(memory: mem, listen: Endpoint(parsing: listen)!, exitAfterCompletion: !serveForever,
@@ -474,12 +475,12 @@ struct MakeMemoryCommand: ParsableCommand {
 
 /// The source's RDMA listener for `--transport`: required for `rdma`, tried for
 /// `auto` (saying why it is off when it cannot be had), none for `tcp`.
-func startRDMA(_ kind: TransportKind, host: String, memory: MemoryMapping, logger: Logger) throws -> RDMAServer? {
+func startRDMA(_ kind: TransportKind, host: String, memory: MemoryMapping, file: Int32? = nil, logger: Logger) throws -> RDMAServer? {
     switch kind {
     case .tcp:
         return nil
     case .rdma:
-        do { return try RDMAServer(host: host, memory: memory.base, length: memory.length, logger: logger) } catch {
+        do { return try RDMAServer(host: host, memory: memory.base, length: memory.length, file: file, logger: logger) } catch {
             throw fail("--transport rdma: \(error)")
         }
     case .auto:
@@ -487,7 +488,7 @@ func startRDMA(_ kind: TransportKind, host: String, memory: MemoryMapping, logge
             logger.info("auto: serving TCP only (no RDMA device on this host)")
             return nil
         }
-        do { return try RDMAServer(host: host, memory: memory.base, length: memory.length, logger: logger) } catch {
+        do { return try RDMAServer(host: host, memory: memory.base, length: memory.length, file: file, logger: logger) } catch {
             logger.notice("auto: serving TCP only: \(error)")
             return nil
         }

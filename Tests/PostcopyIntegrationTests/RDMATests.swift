@@ -31,7 +31,8 @@ let rdmaSkipReason: String? = {
 /// A source serving `mem` over TCP at the RDMA address, with RDMA READ access.
 func startRDMASource(_ mem: TempMemory, authKey: [UInt8]? = nil, rdma: Bool = true) throws -> PageServer {
     let sm = try SourceMemory(file: mem.file, pageSize: 4096, deviceState: Array("rdma-vcpu".utf8))
-    let r = rdma ? try RDMAServer(host: rdmaAddress!, memory: sm.mapping.base, length: sm.mapping.length, logger: testLogger("test.rdma")) : nil
+    let r = rdma ? try RDMAServer(host: rdmaAddress!, memory: sm.mapping.base, length: sm.mapping.length,
+                                          file: mem.file.fd.raw, logger: testLogger("test.rdma")) : nil
     let server = try PageServer(memory: sm, listen: Endpoint(host: rdmaAddress!, port: 0), exitAfterCompletion: false,
                                 authKey: authKey, rdma: r, logger: testLogger("test.source"))
     server.start()
@@ -156,6 +157,7 @@ struct RDMATests {
         let t = RDMATransport(endpoint: Endpoint(host: rdmaAddress!, port: server.port), maxBatchPages: 128)
         let result = Mutex<Result<DestinationReport, any Error>?>(nil)
         let runner = PThread(name: "test-dest") {
+            defer { print("destination finished") }
             // Throttled so that the teardown lands mid-migration.
             let r = Result { try runRDMADestination(t, threads: 2, backgroundRate: 2 << 20, compare: cmp) }
             result.withLock { $0 = r }

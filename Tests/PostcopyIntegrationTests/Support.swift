@@ -17,7 +17,8 @@ let uffdSkipReason: String? = {
 
 func testLogger(_ label: String) -> Logger {
     var l = Logger(label: label)
-    l.logLevel = .error
+    // POSTCOPY_TEST_LOG=debug|info|... for diagnosis.
+    l.logLevel = ProcessInfo.processInfo.environment["POSTCOPY_TEST_LOG"].flatMap { Logger.Level(rawValue: $0) } ?? .error
     return l
 }
 

@@ -49,6 +49,9 @@ int crdma_comp_fd(const crdma_conn *c);
 /// Consumes pending CQ events, acknowledges them and re-arms the CQ. Call
 /// before draining with crdma_poll so no completion is missed.
 int crdma_rearm(crdma_conn *c);
+/// Moves the QP to the error state: every posted READ completes with
+/// IBV_WC_WR_FLUSH_ERR (waking whoever waits for it). Safe from any thread.
+int crdma_conn_break(crdma_conn *c);
 /// The rdma_cm event channel fd: readable when the peer disconnected.
 int crdma_conn_cm_fd(const crdma_conn *c);
 /// 1 when a DISCONNECTED (or error) event arrived on the connection's channel.
