@@ -61,8 +61,9 @@ public struct EngineConfig: Sendable {
     /// Pages per background request.
     public var batchPages = 128
     /// Background requests kept in flight at most (bounds what a demand reply can
-    /// wait behind in the kernel and what the background installer holds).
-    public var window = 4
+    /// wait behind in the kernel and what the background installer holds); nil:
+    /// what the background channel suggests (RDMA: 16), else 4.
+    public var window: Int? = nil
     /// Background bytes per second at most (0: as fast as the window allows).
     public var backgroundRate: Int = 0
     /// Seconds to keep reconnecting after the connection to the source breaks
@@ -498,8 +499,13 @@ public final class PostcopyEngine: @unchecked Sendable {
             }
             // Work queued before a reconnect must not wait for the next event.
             let queued = !deferredZero.isEmpty || (!deferredDemand.isEmpty && demandInFlight < Self.maxDemandInFlight)
-            // A busy-polled channel (RDMA demand QP) is spun on while a READ is out.
-            let spin = demandAttached && demandInFlight > 0 && demand.busyPoll
+            // A busy-polled channel (RDMA demand QP) is spun on while a READ is
+            // out, and a little past the last completion: a guest that faulted
+            // once usually faults again at once, and then the next fault is read
+            // without a wake-up of this thread.
+            if demandInFlight > 0 { lastDemandBusy = nowNanoseconds() }
+            let spin = demandAttached && demand.busyPoll
+                && (demandInFlight > 0 || nowNanoseconds() - lastDemandBusy < Self.demandSpinNanoseconds)
             do { try epoll.wait(&tokens, timeoutMs: queued || spin ? 0 : -1) } catch { throw .local(error) }
             if tokens.contains(3) { return }
             do {
@@ -528,6 +534,10 @@ public final class PostcopyEngine: @unchecked Sendable {
     private var deferredZero: [Int] = []
     private var deferredDemand: [Int] = []
     private var demandInFlight = 0
+    private var lastDemandBusy: UInt64 = 0
+    /// How long the fault thread keeps polling after its last demand completion
+    /// on a busy-polled channel (costs at most that much CPU per burst of faults).
+    static let demandSpinNanoseconds: UInt64 = 200_000
     /// Demand requests in flight at most. Replies (a page each) must fit in the
     /// socket buffers while the fault thread is busy sending, or both sides could
     /// block on a full buffer; a guest rarely has more vCPUs faulting at once.
@@ -699,7 +709,7 @@ public final class PostcopyEngine: @unchecked Sendable {
             }
             var waitMs: Int32 = -1
             do {
-                while !exhausted, outstanding < config.window {
+                while !exhausted, outstanding < (config.window ?? background.suggestedWindow ?? 4) {
                     if config.backgroundRate > 0 {
                         // Token bucket: the next batch may start once the rate allows it.
                         let allowed = Double(config.backgroundRate) * Double(nowNanoseconds() - started) / 1e9

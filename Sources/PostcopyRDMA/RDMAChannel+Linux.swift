@@ -114,6 +114,9 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
         return conn.map { crdma_comp_fd($0) } ?? -1
     }
     public var bytesSent: UInt64 { 0 }
+    /// Many READs in flight keep the NIC busy while this side copies pages in
+    /// (measured on soft-RoCE: 4 -> 16 in flight, +10-15% stream throughput).
+    public var suggestedWindow: Int? { busyPoll ? nil : 16 }
     /// Payload bytes READ (the RoCE headers are the NIC's business).
     public var bytesReceived: UInt64 { received.load(ordering: .relaxed) }
     public var readsPosted: UInt64 { reads.load(ordering: .relaxed) }

@@ -31,10 +31,13 @@ public protocol PageChannel: AnyObject, Sendable {
     /// are in flight rather than waited for on `pollDescriptor` (a busy-polled
     /// RDMA completion queue).
     var busyPoll: Bool { get }
+    var suggestedWindow: Int? { get }
 }
 
 extension PageChannel {
     public var busyPoll: Bool { false }
+    /// How many background requests to keep in flight when not configured.
+    public var suggestedWindow: Int? { nil }
 }
 
 /// Priority of a channel: demand pages must never queue behind background data.

@@ -158,6 +158,8 @@ struct SourceCommand: ParsableCommand {
         let scan = mem.waitForScan()!  // the file source is frozen and scanned at start
         let rss = ResidentMemorySampler(excluding: [mem.mapping.range])
         server.start()
+        // What serving costs, apart from start-up (mapping, scan, RDMA registration).
+        let serveCPU0 = processCPUNanoseconds()
         // Scripts wait for this line before starting the destination (with --json,
         // it is the first JSON line; the report follows as the second).
         let banner: String
@@ -180,14 +182,16 @@ struct SourceCommand: ParsableCommand {
             completedSessions: s.completedSessions.load(ordering: .relaxed),
             destinationDigestMatched: s.lastDigestMatched.load(ordering: .relaxed),
             rssOutsideGuestMaxBytes: rss.finish(excluding: [mem.mapping.range]),
-            cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9)
+            cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9,
+            servingCPUSeconds: Double(processCPUNanoseconds() - serveCPU0) / 1e9,
+            rdmaConnections: server.rdma?.acceptedConnections.load(ordering: .relaxed) ?? 0)
         if common.json {
             emitJSON(report)
         } else {
             print("""
                 source done: \(report.completedSessions) session(s), digest \(report.destinationDigestMatched ? "confirmed by destination" : "NOT confirmed")
                   pages served: demand \(report.demandPages), background \(report.backgroundPages), sent twice \(report.pagesSentTwice)
-                  bytes sent \(formatBytes(Double(report.bytesSent))), resident outside guest RAM (max) \(formatBytes(Double(report.rssOutsideGuestMaxBytes))), CPU \(fixed(report.cpuSeconds, 3)) s
+                  bytes sent \(formatBytes(Double(report.bytesSent))), resident outside guest RAM (max) \(formatBytes(Double(report.rssOutsideGuestMaxBytes))), CPU \(fixed(report.cpuSeconds, 3)) s (\(fixed(report.servingCPUSeconds, 3)) s serving)
                 """)
         }
         if report.completedSessions > 0 && !report.destinationDigestMatched { throw ExitCode(3) }
@@ -199,6 +203,9 @@ struct SourceReport: Codable {
     var demandPages: UInt64, prefetchPages: UInt64, backgroundPages: UInt64, pagesSentTwice: UInt64
     var bytesSent: UInt64, bytesReceived: UInt64, rejectedConnections: UInt64, completedSessions: UInt64
     var destinationDigestMatched: Bool, rssOutsideGuestMaxBytes: Int, cpuSeconds: Double
+    /// CPU time after start-up (mapping, scan, RDMA registration): what serving pages cost.
+    var servingCPUSeconds: Double
+    var rdmaConnections: UInt64
 
     enum CodingKeys: String, CodingKey {
         case memoryBytes = "memory_bytes", pageSize = "page_size", zeroPages = "zero_pages", digest, scanSeconds = "scan_seconds"
@@ -206,7 +213,7 @@ struct SourceReport: Codable {
         case pagesSentTwice = "pages_sent_twice", bytesSent = "bytes_sent", bytesReceived = "bytes_received"
         case rejectedConnections = "rejected_connections", completedSessions = "completed_sessions"
         case destinationDigestMatched = "destination_digest_matched", rssOutsideGuestMaxBytes = "rss_outside_guest_max_bytes"
-        case cpuSeconds = "cpu_seconds"
+        case cpuSeconds = "cpu_seconds", servingCPUSeconds = "serving_cpu_seconds", rdmaConnections = "rdma_connections"
     }
 }
 
@@ -247,8 +254,8 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "Pages per background request.")
     var batchPages: Int = 128
 
-    @Option(name: .long, help: "Background requests in flight at most.")
-    var window: Int = 4
+    @Option(name: .long, help: "Background requests in flight at most (default: 4 over TCP, 16 over RDMA).")
+    var window: Int?
 
     @Option(name: .long, help: "Cap on the background stream, e.g. 200M (bytes per second); 0 = no cap.")
     var backgroundRate: String = "0"
@@ -278,7 +285,7 @@ struct DestCommand: ParsableCommand {
         }
         guard recoveryDeadline >= 0 else { throw ValidationError("--recovery-deadline must be 0 or more seconds") }
         guard (0...1_000_000).contains(thinkUs) else { throw ValidationError("--think-us must be 0...1000000") }
-        guard (1...64).contains(window) else { throw ValidationError("--window must be 1...64") }
+        guard (1...64).contains(window ?? 4) else { throw ValidationError("--window must be 1...64") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("--background-rate must be a byte count per second such as 200M or 0") }
         if background == "off" && touch == "none" {
             throw ValidationError("--background off with --touch none would never finish: nothing would fetch the pages")
