@@ -10,6 +10,8 @@ import Synchronization
 /// What one VMM session did, reported when it ends.
 public struct HandoffSessionReport: Sendable, Codable {
     public var vmmPid: Int32
+    /// The transport pages moved over ("tcp", "rdma", "rdma→tcp" after a failover).
+    public var transport: String
     public var regions: Int
     public var guestBytes: Int
     public var completed: Bool
@@ -34,7 +36,7 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var progress: [[UInt64]]
 
     enum CodingKeys: String, CodingKey {
-        case vmmPid = "vmm_pid", regions, guestBytes = "guest_bytes", completed, error, faults
+        case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
         case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted"
         case removeEvents = "remove_events", timeToFullCopySeconds = "time_to_full_copy_seconds", faultLatency = "fault_latency"
         case faultLatencyCDF = "fault_latency_cdf", stallSeconds = "stall_seconds", zeroPages = "zero_pages"
@@ -268,7 +270,7 @@ public final class HandoffServer: Sendable {
         let wire = transport.bytesOnWire
         let hist = engine.faultLatencyHistogram
         let report = HandoffSessionReport(
-            vmmPid: pid, regions: regions.count, guestBytes: Int(regions.reduce(0) { $0 + $1.size }), completed: completed,
+            vmmPid: pid, transport: transport.name, regions: regions.count, guestBytes: Int(regions.reduce(0) { $0 + $1.size }), completed: completed,
             error: failure, faults: c.faults.load(ordering: .relaxed), demandPages: c.demandPages.load(ordering: .relaxed),
             backgroundPages: c.backgroundPages.load(ordering: .relaxed), zeroPagesFaulted: c.zeroFaults.load(ordering: .relaxed),
             removeEvents: c.removedRanges.load(ordering: .relaxed),

@@ -207,6 +207,7 @@ struct MigrateCommand: ParsableCommand {
         let progress = (session?["progress"] as? [[Int]] ?? []).map { p in [rel(p[0]), Double(p[1]), Double(p[2]), Double(p[3])] }
         var result: [String: Any] = [
             "mode": mode, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus, "transport": transport,
+            "transport_used": session?["transport"] as? String ?? (postcopy ? "unknown" : "tcp"),
             "zipf_skew": shape.zipfSkew,
             "background_rate": parseByteSize(backgroundRate)!, "before_seconds": before, "after_seconds": after,
             "downtime_ns": downtime, "ok": ok, "reasons": reasons,
@@ -234,7 +235,7 @@ struct MigrateCommand: ParsableCommand {
             let perSecond: ([Int]) -> String = { v in v.map { "\(fixed(Double($0) / 1e6, 1))" }.joined(separator: " ") }
             let ns: (String) -> String = { k in formatDuration(ns: UInt64(latency[k] as? Int ?? 0)) }
             print("""
-                \(mode) migration of a running \(formatBytes(Double(parseByteSize(size)!))) guest (\(workload), \(vcpus) vCPUs) over tcp: \(ok ? "OK" : "FAILED")
+                \(mode) migration of a running \(formatBytes(Double(parseByteSize(size)!))) guest (\(workload), \(vcpus) vCPUs) over \(session?["transport"] as? String ?? "tcp"): \(ok ? "OK" : "FAILED")
                   downtime            \(formatDuration(ns: UInt64(max(downtime, 0)))) (source pause to first instruction at the destination)
                   time to full copy   \(completedAt.map { fixed(Double($0 - pausedAt) / 1e9, 3) + " s after the pause" } ?? "not reached")
                   guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  
