@@ -13,6 +13,9 @@ postcopy_build_deps
 swift build --build-tests
 # A hung test (a guest thread parked on a fault nobody serves) must fail CI, not stall it.
 timeout --signal=KILL 1200 swift test
+# A short fuzz run of the wire decoder, the handoff JSON and the APF rings
+# (libFuzzer + AddressSanitizer); `bash fuzz/run.sh` alone runs 1,000,000 each.
+bash fuzz/run.sh 200000
 # The host kernel has no RDMA: the RDMA suite runs again inside a QEMU VM with soft-RoCE.
 if [ -n "${POSTCOPY_SKIP_VM:-}" ]; then
     echo "SKIP: RDMA suite in the soft-RoCE VM (POSTCOPY_SKIP_VM is set)"

@@ -1,0 +1,4 @@
+// HandoffMessage.swift's only outside dependency, for the standalone fuzz build.
+public struct SystemError: Error, Sendable, CustomStringConvertible, Equatable {
+    public var description: String
+}
