@@ -72,6 +72,10 @@ public struct DestinationReport: Sendable, Codable {
     public var uffdOrigin: String
     /// How long each reconnect after a broken connection took (empty: none).
     public var recoveryNs: [UInt64]
+    /// With `--verify-against`: bytes compared with the memory file, and the
+    /// first offset that differs (nil: every byte equal).
+    public var verifiedBytes: Int? = nil
+    public var firstDifferentByte: Int? = nil
 
     enum CodingKeys: String, CodingKey {
         case transport, transportReason = "transport_reason", sessionID = "session_id", pageSize = "page_size"
@@ -85,7 +89,7 @@ public struct DestinationReport: Sendable, Codable {
         case deviceStateBytes = "device_state_bytes", sourceDigest = "source_digest", destinationDigest = "destination_digest"
         case digestMatch = "digest_match", sourceConfirmedDigest = "source_confirmed_digest", pagesSentTwice = "pages_sent_twice"
         case rssOutsideGuestMaxBytes = "rss_outside_guest_max_bytes", cpuSeconds = "cpu_seconds", uffdOrigin = "uffd_origin"
-        case recoveryNs = "recovery_ns"
+        case recoveryNs = "recovery_ns", verifiedBytes = "verified_bytes", firstDifferentByte = "first_different_byte"
     }
 }
 

@@ -9,6 +9,7 @@ import PostcopySource
 import PostcopyRDMA
 import PostcopyTransport
 import PostcopyWire
+import Synchronization
 
 @main
 struct Postcopy: ParsableCommand {
@@ -269,6 +270,9 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "Write the device state received from the source to this file.")
     var deviceStateOut: String?
 
+    @Option(name: .long, help: "After the migration, compare guest RAM byte for byte with this memory file (the source's, on the same machine); exit 3 on any difference.")
+    var verifyAgainst: String?
+
     @Flag(name: .long, help: "No progress bar, even on a terminal.")
     var noProgress = false
 
@@ -303,6 +307,23 @@ struct DestCommand: ParsableCommand {
         options.seed = seed
         options.deviceStateOut = deviceStateOut
         options.engine = engineConfig()
+        let verification = Mutex<(Int, Int?)?>(nil)
+        if let verifyAgainst {
+            let expected: MemoryMapping
+            do {
+                let f = try MemoryFile.open(verifyAgainst)
+                expected = try MemoryMapping.file(fd: f.fd.raw, length: f.size, writable: false)
+            } catch { throw fail("--verify-against: \(error)") }
+            options.inspect = { regions in
+                // One region, mapped like the file: compare it whole, then find the first difference.
+                let got = regions.count == 1 ? regions[0] : UnsafeRawBufferPointer(start: nil, count: 0)
+                var first: Int? = got.count == expected.length ? nil : 0
+                if first == nil, memcmp(got.baseAddress!, expected.base, expected.length) != 0 {
+                    first = zip(got, expected.bytes).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? 0
+                }
+                verification.withLock { $0 = (expected.length, first) }
+            }
+        }
         let key = try common.loadKey()
         let (transport, reason): (Transport, String)
         do {
@@ -314,7 +335,7 @@ struct DestCommand: ParsableCommand {
         if !common.json { FileHandle.standardError.write("transport: \(transport.name) (\(reason))\n".data(using: .utf8)!) }
         let dest = StandaloneDestination(options: options, logger: logger)
         let progress = (!noProgress && !common.json && isatty(2) != 0) ? ProgressBar(dest) : nil
-        let report: DestinationReport
+        var report: DestinationReport
         do {
             report = try dest.run(transport: transport, transportReason: reason)
         } catch {
@@ -322,12 +343,19 @@ struct DestCommand: ParsableCommand {
             throw fail("migration failed: \(error)")
         }
         progress?.finish()
+        if let (n, first) = verification.withLock({ $0 }) {
+            report.verifiedBytes = n
+            report.firstDifferentByte = first
+            if !common.json {
+                print(first == nil ? "verified: all \(n) bytes equal \(verifyAgainst!)" : "VERIFY FAILED: first differing byte at offset \(first!)")
+            }
+        }
         if common.json {
             emitJSON(report)
         } else {
             printSummary(report)
         }
-        if !report.digestMatch || !report.sourceConfirmedDigest { throw ExitCode(3) }
+        if !report.digestMatch || !report.sourceConfirmedDigest || report.firstDifferentByte != nil { throw ExitCode(3) }
     }
 
     func engineConfig() -> EngineConfig {
