@@ -69,6 +69,10 @@ public struct EngineConfig: Sendable {
     /// Seconds to keep reconnecting after the connection to the source breaks
     /// (guest threads stay parked meanwhile); 0 fails at the first break.
     public var recoveryDeadline: Double = 60
+    /// Seconds without any reply while requests are in flight after which the
+    /// connection counts as broken (a source that hangs, a reply lost): the
+    /// engine reconnects and re-sends them. 0: wait forever.
+    public var stallTimeout: Double = 20
     /// Scheduling of the background thread (see `ThreadPriority` for why normal is the default).
     public var backgroundPriority: ThreadPriority = .normal
     /// Page size of the guest memory the uffd serves: the source's page size, or
@@ -492,6 +496,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 (generation, demand, _) = currentChannels()
                 do {
                     demandInFlight = try switchChannel(epoll, from: old, to: demand, watched: demandAttached, background: false)
+                    demandProgressAt = nowNanoseconds()
                 } catch {
                     try recover(from: generation, cause: error)
                     continue
@@ -506,12 +511,18 @@ public final class PostcopyEngine: @unchecked Sendable {
             if demandInFlight > 0 { lastDemandBusy = nowNanoseconds() }
             let spin = demandAttached && demand.busyPoll
                 && (demandInFlight > 0 || nowNanoseconds() - lastDemandBusy < Self.demandSpinNanoseconds)
-            do { try epoll.wait(&tokens, timeoutMs: queued || spin ? 0 : -1) } catch { throw .local(error) }
+            let watchStall = demandInFlight > 0 && config.stallTimeout > 0
+            do { try epoll.wait(&tokens, timeoutMs: queued || spin ? 0 : (watchStall ? 250 : -1)) } catch { throw .local(error) }
             if tokens.contains(3) { return }
-            do {
+            do throws(TransportError) {
                 if tokens.contains(1) { try readEvents() }
                 if demandAttached && (tokens.contains(2) || spin) {
-                    demandInFlight -= try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
+                    let n = try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
+                    demandInFlight -= n
+                    if n > 0 { demandProgressAt = nowNanoseconds() }
+                }
+                if watchStall, demandInFlight > 0, Double(nowNanoseconds() - demandProgressAt) / 1e9 > config.stallTimeout {
+                    throw TransportError.timedOut("no reply from the source to \(demandInFlight) demand request(s) for \(config.stallTimeout) s")
                 }
                 try fillDeferredZeroPages()
                 try submitDeferredDemand(demand)
@@ -535,6 +546,8 @@ public final class PostcopyEngine: @unchecked Sendable {
     private var deferredDemand: [Int] = []
     private var demandInFlight = 0
     private var lastDemandBusy: UInt64 = 0
+    /// When a demand reply last arrived (or the first request of a burst left).
+    private var demandProgressAt: UInt64 = 0
     /// How long the fault thread keeps polling after its last demand completion
     /// on a busy-polled channel (costs at most that much CPU per burst of faults).
     static let demandSpinNanoseconds: UInt64 = 200_000
@@ -548,6 +561,7 @@ public final class PostcopyEngine: @unchecked Sendable {
             // Out of the queue before it is sent: if the send fails, the request
             // lives on only in `inflight` and is re-sent once, after a reconnect.
             let p = deferredDemand.removeFirst()
+            if demandInFlight == 0 { demandProgressAt = nowNanoseconds() }
             demandInFlight += 1
             let (region, page) = table.locate(globalPage: p)
             try submit(demand, region: region, page: page, count: unitPages, class: .demand)
@@ -694,6 +708,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         var tokens: [UInt64] = []
         var requestedBytes = 0
         let started = nowNanoseconds()
+        var progressAt = started
         while true {
             if channelLock.withLock({ channelGeneration }) != generation {
                 let old = background
@@ -702,6 +717,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 background = b
                 do {
                     outstanding = try switchChannel(epoll, from: old, to: background, watched: true, background: true)
+                    progressAt = nowNanoseconds()
                 } catch {
                     try recover(from: generation, cause: error)
                     continue
@@ -745,6 +761,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                     cursor = run.0 + run.1
                     let (region, page) = table.locate(globalPage: run.0)
                     requestedBytes += run.1 * pageSize
+                    if outstanding == 0 { progressAt = nowNanoseconds() }
                     outstanding += 1
                     try submit(background, region: region, page: page, count: run.1, class: .background)
                 }
@@ -753,11 +770,17 @@ public final class PostcopyEngine: @unchecked Sendable {
                 continue
             }
             if exhausted && outstanding == 0 { return }
-            do { try epoll.wait(&tokens, timeoutMs: outstanding > 0 ? -1 : waitMs) } catch { throw .local(error) }
+            let watchStall = config.stallTimeout > 0
+            do { try epoll.wait(&tokens, timeoutMs: outstanding > 0 ? (watchStall ? 250 : -1) : waitMs) } catch { throw .local(error) }
             if tokens.contains(3) { return }
-            do {
-                outstanding -= try background.drainCompletions { (h, payload) throws(TransportError) in
+            do throws(TransportError) {
+                let n = try background.drainCompletions { (h, payload) throws(TransportError) in
                     try handleCompletion(h, payload)
+                }
+                outstanding -= n
+                if n > 0 { progressAt = nowNanoseconds() }
+                if watchStall, outstanding > 0, Double(nowNanoseconds() - progressAt) / 1e9 > config.stallTimeout {
+                    throw TransportError.timedOut("no reply from the source to \(outstanding) background request(s) for \(config.stallTimeout) s")
                 }
             } catch {
                 try recover(from: generation, cause: error)

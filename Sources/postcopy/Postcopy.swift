@@ -264,6 +264,9 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "Seconds to keep reconnecting after the connection to the source breaks (guest threads stay parked meanwhile); 0 = fail at once.")
     var recoveryDeadline: Double = 60
 
+    @Option(name: .long, help: "Seconds without a reply, while requests are out, after which the connection counts as broken and is re-established (0: wait forever).")
+    var stallTimeout: Double = 20
+
     @Option(name: .long, help: "Seed of the random touch order.")
     var seed: UInt64 = 1
 
@@ -288,6 +291,7 @@ struct DestCommand: ParsableCommand {
             throw ValidationError("--batch-pages must be 1...\(PostcopyWire.Protocol.maxPagesPerRequest)")
         }
         guard recoveryDeadline >= 0 else { throw ValidationError("--recovery-deadline must be 0 or more seconds") }
+        guard stallTimeout >= 0 else { throw ValidationError("--stall-timeout must be 0 or more seconds") }
         guard (0...1_000_000).contains(thinkUs) else { throw ValidationError("--think-us must be 0...1000000") }
         guard (1...64).contains(window ?? 4) else { throw ValidationError("--window must be 1...64") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("--background-rate must be a byte count per second such as 200M or 0") }
@@ -366,6 +370,7 @@ struct DestCommand: ParsableCommand {
         c.backgroundRate = parseByteSize(backgroundRate)!
         c.backgroundPriority = ThreadPriority(rawValue: common.backgroundPriority)!
         c.recoveryDeadline = recoveryDeadline
+        c.stallTimeout = stallTimeout
         return c
     }
 
