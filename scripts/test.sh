@@ -13,6 +13,12 @@ postcopy_build_deps
 swift build --build-tests
 # A hung test (a guest thread parked on a fault nobody serves) must fail CI, not stall it.
 timeout --signal=KILL 1200 swift test
+# The host suite again under AddressSanitizer and ThreadSanitizer.
+if [ -n "${POSTCOPY_SKIP_SANITIZERS:-}" ]; then
+    echo "SKIP: sanitizer runs (POSTCOPY_SKIP_SANITIZERS is set)"
+else
+    bash scripts/sanitizers.sh
+fi
 # A short fuzz run of the wire decoder, the handoff JSON and the APF rings
 # (libFuzzer + AddressSanitizer); `bash fuzz/run.sh` alone runs 1,000,000 each.
 bash fuzz/run.sh 200000

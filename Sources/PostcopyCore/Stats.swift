@@ -4,13 +4,13 @@ import Synchronization
 /// Latency histogram in nanoseconds (HdrHistogram, 3 significant digits),
 /// safe to record from several threads; each thread may also keep its own and merge.
 public final class LatencyRecorder: Sendable {
-    private let hist: Mutex<Histogram<UInt64>>
+    private let hist: Locked<Histogram<UInt64>>
     private let total = Atomic<UInt64>(0)
 
     public init() {
         var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
         h.autoResize = true
-        hist = Mutex(h)
+        hist = Locked(h)
     }
 
     public func record(nanoseconds: UInt64) {

@@ -113,8 +113,8 @@ public final class StandaloneDestination: Sendable {
     public let logger: Logger
     public let options: DestinationOptions
     /// Live counters once the engine runs (for a progress bar).
-    public let live = Mutex<(EngineCounters, Int)?>(nil)
-    public let debugEngine = Mutex<PostcopyEngine?>(nil)
+    public let live = Locked<(EngineCounters, Int)?>(nil)
+    public let debugEngine = Locked<PostcopyEngine?>(nil)
 
     public init(options: DestinationOptions, logger: Logger) {
         self.options = options
@@ -265,7 +265,7 @@ final class GuestToucher: @unchecked Sendable {
     private let addresses: [UInt64]
     private let engine: PostcopyEngine
     private var threads: [PThread] = []
-    private let merged = Mutex<(Histogram<UInt64>, Int)>((Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three), 0))
+    private let merged = Locked<(Histogram<UInt64>, Int)>((Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three), 0))
 
     init(mode: TouchMode, threads: Int, seed: UInt64, thinkNanoseconds: UInt64, regions: [GuestRegion], pageSize: Int, engine: PostcopyEngine) {
         self.mode = mode

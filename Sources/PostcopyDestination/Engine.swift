@@ -131,14 +131,14 @@ public final class PostcopyEngine: @unchecked Sendable {
     private let recoveryLock = NSLockLite()
     private let stopping = Atomic<Bool>(false)
     /// How long each reconnect after a broken connection took.
-    public let recoveryTimes = Mutex<[UInt64]>([])
+    public let recoveryTimes = Locked<[UInt64]>([])
     private let shutdown: EventFD
     private let completion: EventFD
     private let lastDemandPage = Atomic<Int>(-1)
     private let nextRequestID = Atomic<UInt64>(1)
     /// Requests in flight by id: a reply must match one exactly.
-    private let inflight = Mutex<[UInt64: PageRequest]>([:])
-    private let failure = Mutex<TransportError?>(nil)
+    private let inflight = Locked<[UInt64: PageRequest]>([:])
+    private let failure = Locked<TransportError?>(nil)
     private var threads: [PThread] = []
     private let pageSize: Int
     /// Source pages per guest page (1, or 512 for 2 MiB guest pages). Every state
@@ -222,9 +222,11 @@ public final class PostcopyEngine: @unchecked Sendable {
         if config.background, backgroundChannel != nil {
             threads.append(PThread(name: "bg-stream", priority: config.backgroundPriority) { [self] in
                 guarded { () throws(TransportError) in try backgroundLoop() }
+                backgroundExited.store(true, ordering: .releasing)
                 backgroundDone.signal()
             })
         } else {
+            backgroundExited.store(true, ordering: .releasing)
             backgroundDone.signal()
         }
     }
@@ -235,8 +237,12 @@ public final class PostcopyEngine: @unchecked Sendable {
 
     /// Waits until the background thread has ended (true) or `timeoutMs` passed.
     public func waitForBackgroundDone(timeoutMs: Int32) -> Bool {
-        cpc_poll1(backgroundDone.fd.raw, Int16(POLLIN), timeoutMs) > 0
+        // The eventfd wakes the caller; the atomic orders the background thread's
+        // last use of the main connection before the caller's first (an eventfd is
+        // a barrier in practice, but not one ThreadSanitizer can see).
+        cpc_poll1(backgroundDone.fd.raw, Int16(POLLIN), timeoutMs) > 0 && backgroundExited.load(ordering: .acquiring)
     }
+    private let backgroundExited = Atomic<Bool>(false)
 
     /// Readable once the engine completed or failed (for a caller's poll set).
     public var completionDescriptor: Int32 { completion.fd.raw }

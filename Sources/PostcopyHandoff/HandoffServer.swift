@@ -50,8 +50,8 @@ public final class HandoffStats: Sendable {
     public let rejected = Atomic<UInt64>(0)
     public let completed = Atomic<UInt64>(0)
     public let ended = Atomic<UInt64>(0)
-    public let lastRejection = Mutex<String?>(nil)
-    public let reports = Mutex<[HandoffSessionReport]>([])
+    public let lastRejection = Locked<String?>(nil)
+    public let reports = Locked<[HandoffSessionReport]>([])
 }
 
 /// The destination daemon's VMM socket, speaking Firecracker's protocol for
@@ -67,8 +67,8 @@ public final class HandoffServer: Sendable {
     public let stats = HandoffStats()
     private let listenFD: OwnedFD
     private let stopping = Atomic<Bool>(false)
-    private let acceptThread = Mutex<PThread?>(nil)
-    private let sessions = Mutex<[PThread]>([])
+    private let acceptThread = Locked<PThread?>(nil)
+    private let sessions = Locked<[PThread]>([])
     private let sessionEnded: EventFD
     /// Told when a VMM's memory is complete (pid, CLOCK_MONOTONIC ns of the last page) and when its session ends.
     public let onComplete: (@Sendable (Int32, UInt64) -> Void)?

@@ -24,7 +24,7 @@ public final class RDMAServer: @unchecked Sendable {
     private let base: UInt64
     private let length: UInt64
     private let logger: Logger
-    private let tokens = Mutex<[[UInt8]: UInt64]>([:])
+    private let tokens = Locked<[[UInt8]: UInt64]>([:])
     private let stopFD: EventFD
     private var thread: PThread?
     private let lock = NSLockLite()

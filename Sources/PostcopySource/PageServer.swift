@@ -29,11 +29,11 @@ public final class SourceStats: Sendable {
 /// session; a second send is counted, never silent).
 final class SourceSession: Sendable {
     let id: UInt64
-    private let sent: Mutex<[UInt64]>
+    private let sent: Locked<[UInt64]>
 
     init(id: UInt64, pages: Int) {
         self.id = id
-        sent = Mutex([UInt64](repeating: 0, count: (pages + 63) / 64))
+        sent = Locked([UInt64](repeating: 0, count: (pages + 63) / 64))
     }
 
     /// Marks pages sent; returns how many had been sent before.
@@ -61,10 +61,10 @@ public final class PageServer: Sendable {
     /// Priority of the thread serving a main connection (control + background batches).
     public let backgroundPriority: ThreadPriority
     private let listener: TCPListener
-    private let sessions = Mutex<[UInt64: SourceSession]>([:])
-    private let connections = Mutex<[ObjectIdentifier: TCPConnection]>([:])
-    private let acceptThread = Mutex<PThread?>(nil)
-    private let threads = Mutex<[PThread]>([])
+    private let sessions = Locked<[UInt64: SourceSession]>([:])
+    private let connections = Locked<[ObjectIdentifier: TCPConnection]>([:])
+    private let acceptThread = Locked<PThread?>(nil)
+    private let threads = Locked<[PThread]>([])
     private let done: EventFD
     private let stopping = Atomic<Bool>(false)
 

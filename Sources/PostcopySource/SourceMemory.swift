@@ -31,7 +31,7 @@ public final class SourceMemory: Sendable {
         var frozenAt: UInt64 = 0
         var scan: MemoryScan?
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
     private let frozenEvent: EventFD
     private let scannedEvent: EventFD
 

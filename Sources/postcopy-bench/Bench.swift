@@ -14,7 +14,7 @@ func runPostcopy(_ args: [String]) throws -> (status: Int32, json: [String: Any]
     p.standardError = err
     try p.run()
     // Drain stderr concurrently so a chatty child never blocks on a full pipe.
-    let errData = Mutex<Data>(Data())
+    let errData = Locked<Data>(Data())
     let errHandle = err.fileHandleForReading
     let done = DispatchSemaphore(value: 0)
     DispatchQueue.global().async {

@@ -264,7 +264,7 @@ struct GuestResumeCommand: ParsableCommand {
             print("resumed: downtime \(formatDuration(ns: downtime))")
         }
         // The source's page digests (ready once its RAM was scanned after the pause).
-        let digests = Mutex<[UInt64]?>(nil)
+        let digests = Locked<[UInt64]?>(nil)
         let pages = info.table.totalPages
         let copyMode = stopAndCopy
         let fetcher = PThread(name: "digests") {

@@ -13,7 +13,7 @@ final class Child: @unchecked Sendable {
     private let stdinPipe = Pipe()
     private let lock = NSLockLite()
     private var events: [[String: Any]] = []
-    private let stderrText = Mutex<String>("")
+    private let stderrText = Locked<String>("")
     private var readers: [PThread] = []
 
     init(_ name: String, _ args: [String]) throws {

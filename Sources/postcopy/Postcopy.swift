@@ -311,7 +311,7 @@ struct DestCommand: ParsableCommand {
         options.seed = seed
         options.deviceStateOut = deviceStateOut
         options.engine = engineConfig()
-        let verification = Mutex<(Int, Int?)?>(nil)
+        let verification = Locked<(Int, Int?)?>(nil)
         if let verifyAgainst {
             let expected: MemoryMapping
             do {

@@ -33,7 +33,7 @@ func runProcess(_ path: String, _ args: [String]) throws -> RunResult {
     p.standardOutput = out
     p.standardError = err
     try p.run()
-    let e = Mutex<Data>(Data())
+    let e = Locked<Data>(Data())
     let h = err.fileHandleForReading
     let reader = PThread(name: "test-stderr") { e.withLock { $0 = h.readDataToEndOfFile() } }
     let o = out.fileHandleForReading.readDataToEndOfFile()

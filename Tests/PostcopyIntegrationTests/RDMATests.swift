@@ -156,7 +156,7 @@ struct RDMATests {
         let rdma = server.rdma!
         let cmp = ByteComparison(expected: mem.mapping.bytes)
         let t = RDMATransport(endpoint: Endpoint(host: rdmaAddress!, port: server.port), maxBatchPages: 128)
-        let result = Mutex<Result<DestinationReport, any Error>?>(nil)
+        let result = Locked<Result<DestinationReport, any Error>?>(nil)
         let runner = PThread(name: "test-dest") {
             defer { print("destination finished") }
             // Throttled so that the teardown lands mid-migration.
