@@ -190,12 +190,18 @@ void crdma_conn_destroy(crdma_conn *c) {
     free(c);
 }
 
-int crdma_conn_reg(crdma_conn *c, void *addr, size_t len, uint32_t *lkey, void **mr_out) {
-    struct ibv_mr *mr = ibv_reg_mr(c->pd, addr, len, IBV_ACCESS_LOCAL_WRITE);
+/* Registers [addr, addr+len) in `pd`; hands back the key a peer (rkey) or this
+   side (lkey) uses. */
+static int reg(struct ibv_pd *pd, void *addr, size_t len, int access, int remote, uint32_t *key, void **mr_out) {
+    struct ibv_mr *mr = ibv_reg_mr(pd, addr, len, access);
     if (!mr) return -errno;
-    *lkey = mr->lkey;
+    *key = remote ? mr->rkey : mr->lkey;
     *mr_out = mr;
     return 0;
+}
+
+int crdma_conn_reg(crdma_conn *c, void *addr, size_t len, uint32_t *lkey, void **mr_out) {
+    return reg(c->pd, addr, len, IBV_ACCESS_LOCAL_WRITE, 0, lkey, mr_out);
 }
 
 void crdma_dereg(void *mr) {
@@ -312,11 +318,7 @@ void crdma_listener_destroy(crdma_listener *l) {
 }
 
 int crdma_listener_reg_remote_read(crdma_listener *l, void *addr, size_t len, uint32_t *rkey, void **mr_out) {
-    struct ibv_mr *mr = ibv_reg_mr(l->pd, addr, len, IBV_ACCESS_REMOTE_READ);
-    if (!mr) return -errno;
-    *rkey = mr->rkey;
-    *mr_out = mr;
-    return 0;
+    return reg(l->pd, addr, len, IBV_ACCESS_REMOTE_READ, 1, rkey, mr_out);
 }
 
 int crdma_listener_fd(const crdma_listener *l) { return l->ec->fd; }

@@ -32,24 +32,13 @@ public final class EventFD: Sendable {
     public func drain() { _ = cpc_eventfd_drain(fd.raw) }
 }
 
-/// A tiny pthread mutex for places where `Mutex` from Synchronization cannot be
-/// stored (classes that must stay non-generic over their state).
+/// A lock guarding state kept elsewhere (classes whose fields it protects).
 public final class NSLockLite: @unchecked Sendable {
-    private let m: UnsafeMutablePointer<pthread_mutex_t>
-    public init() {
-        m = .allocate(capacity: 1)
-        m.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(m, nil)
-    }
-    deinit {
-        pthread_mutex_destroy(m)
-        m.deallocate()
-    }
+    private let lock = Locked(())
+    public init() {}
     @inline(__always)
-    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(m)
-        defer { pthread_mutex_unlock(m) }
-        return try body()
+    public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        try lock.withLock { (_: inout Void) throws(E) -> T in try body() }
     }
 }
 
