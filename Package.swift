@@ -62,10 +62,12 @@ let package = Package(
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyDestination",
                 .product(name: "Logging", package: "swift-log"),
             ]),
+        // Guest side of paravirtual async page faults (what a guest kernel would do), in C.
+        .target(name: "CGuestAPF"),
         // Reference guest: workloads on vCPU threads over guest RAM, pause/resume.
         .target(
             name: "PostcopyGuest",
-            dependencies: ["CPostcopy", "PostcopyCore", "PostcopyWire"]),
+            dependencies: ["CPostcopy", "CGuestAPF", "PostcopyCore", "PostcopyWire"]),
         .executableTarget(
             name: "postcopy",
             dependencies: [
@@ -90,7 +92,7 @@ let package = Package(
             name: "PostcopyIntegrationTests",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA",
-                "PostcopySource", "PostcopyDestination", "PostcopyHandoff",
+                "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest",
                 .product(name: "Logging", package: "swift-log"),
             ]),
     ],

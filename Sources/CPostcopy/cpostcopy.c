@@ -361,6 +361,13 @@ int cpc_poll2(int a, int b, int timeout_ms) {
     return (p[0].revents ? 1 : 0) | (p[1].revents ? 2 : 0);
 }
 
+int cpc_poll3(int a, int b, int c, int timeout_ms) {
+    struct pollfd p[3] = { { .fd = a, .events = POLLIN }, { .fd = b, .events = POLLIN }, { .fd = c, .events = POLLIN } };
+    int n = poll(p, 3, timeout_ms);
+    if (n < 0) return errno == EINTR ? 0 : -errno;
+    return (p[0].revents ? 1 : 0) | (p[1].revents ? 2 : 0) | (p[2].revents ? 4 : 0);
+}
+
 int cpc_shutdown(int fd) { return neg_errno(shutdown(fd, SHUT_RDWR)); }
 
 long cpc_find_byte(const uint8_t *p, long from, long n, uint8_t value) {

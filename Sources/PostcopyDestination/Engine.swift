@@ -54,6 +54,30 @@ public struct GuestRegion: Sendable, Equatable {
     }
 }
 
+/// A guest's async page fault channel, as the engine uses it: `take` returns the
+/// "page not present" requests posted so far (called on the fault thread when
+/// `requestFD` is readable; it must consume the eventfd); `post` delivers "page
+/// ready" (or "not guest memory") for tokens, from any engine thread.
+public struct APFHooks: Sendable {
+    public var requestFD: Int32
+    public var take: @Sendable () -> [(token: UInt64, address: UInt64)]
+    public var post: @Sendable ([(UInt64, APFStatus)]) -> Void
+    public init(requestFD: Int32, take: @escaping @Sendable () -> [(token: UInt64, address: UInt64)],
+                post: @escaping @Sendable ([(UInt64, APFStatus)]) -> Void) {
+        self.requestFD = requestFD
+        self.take = take
+        self.post = post
+    }
+}
+
+/// Completion statuses reported with an async page fault's token.
+public enum APFStatus: UInt32, Sendable {
+    /// The page is present: re-execute the access.
+    case ready = 0
+    /// The address is not guest memory of this VM: the guest must not retry it.
+    case invalidAddress = 1
+}
+
 /// Scheduling knobs of the engine.
 public struct EngineConfig: Sendable {
     /// Stream pages the guest has not asked for (off: demand only, for benchmarks).
@@ -85,6 +109,8 @@ public struct EngineConfig: Sendable {
 /// Live counters, readable from another thread (progress bar).
 public final class EngineCounters: Sendable {
     public let faults = Atomic<UInt64>(0)
+    /// Faults that came as async "page not present" requests (a subset of `faults`).
+    public let apfFaults = Atomic<UInt64>(0)
     public let faultsCoalesced = Atomic<UInt64>(0)
     public let demandPages = Atomic<UInt64>(0)
     public let backgroundPages = Atomic<UInt64>(0)
@@ -133,6 +159,8 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// How long each reconnect after a broken connection took.
     public let recoveryTimes = Locked<[UInt64]>([])
     private let shutdown: EventFD
+    /// Wakes the fault thread when an APF channel is attached or detached.
+    private let apfWake: EventFD
     private let completion: EventFD
     private let lastDemandPage = Atomic<Int>(-1)
     private let nextRequestID = Atomic<UInt64>(1)
@@ -195,6 +223,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         demandChannel = demand
         backgroundChannel = background
         shutdown = try EventFD()
+        apfWake = try EventFD()
         completion = try EventFD()
         backgroundDone = try EventFD()
         let pages = PageStates(count: session.table.totalPages)
@@ -368,15 +397,18 @@ public final class PostcopyEngine: @unchecked Sendable {
     private func settle(_ first: Int, _ count: Int, recorder: LatencyRecorder) {
         let now = nowNanoseconds()
         var latencies: [UInt64] = []
+        var tokens: [UInt64] = []
         let complete: Bool = pages.lock.withLock {
             for p in first..<(first + count) {
                 pages.set(p, .present)
                 if let t0 = pages.takeWaiter(p) { latencies.append(now - t0) }
+                if !apfWaiters.isEmpty, let w = apfWaiters.removeValue(forKey: p) { tokens += w }
             }
             counters.settledPages.store(pages.settled, ordering: .relaxed)
             return pages.isComplete
         }
         for l in latencies { recorder.record(nanoseconds: l) }
+        postAPFReady(tokens)
         if complete { markComplete(at: now) }
     }
 
@@ -423,7 +455,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     public var debugState: String {
         let all = inflight.withLock { Array($0.values) }
         let d = all.filter { $0.pageClass != .background }.count
-        return "generation \(channelLock.withLock { channelGeneration }) inflight demand \(d) background \(all.count - d) demandInFlight \(demandInFlight) deferred \(deferredDemand.count) settled \(pages.lock.withLock { pages.settled })/\(pages.count)"
+        return "generation \(channelLock.withLock { channelGeneration }) inflight demand \(d) background \(all.count - d) demandInFlight \(demandInFlight) deferred \(deferredDemand.count) settled \(pages.lock.withLock { pages.settled })/\(pages.count) apf-waiting \(pages.lock.withLock { apfWaiters.values.reduce(0) { $0 + $1.count } })"
     }
 
     private func currentChannels() -> (generation: Int, demand: PageChannel, background: PageChannel?) {
@@ -493,6 +525,7 @@ public final class PostcopyEngine: @unchecked Sendable {
             try epoll.add(uffd.fd.raw, token: 1)
             try epoll.add(demand.pollDescriptor, token: 2)
             try epoll.add(shutdown.fd.raw, token: 3)
+            try epoll.add(apfWake.fd.raw, token: 4)
         } catch { throw .local(error) }
         var tokens: [UInt64] = []
         var demandAttached = true
@@ -522,6 +555,11 @@ public final class PostcopyEngine: @unchecked Sendable {
             if tokens.contains(3) { return }
             do throws(TransportError) {
                 if tokens.contains(1) { try readEvents() }
+                if tokens.contains(4) {
+                    apfWake.drain()
+                    refreshAPFWatch(epoll)
+                }
+                if tokens.contains(5) { takeAPFRequests(at: nowNanoseconds()) }
                 if demandAttached && (tokens.contains(2) || spin) {
                     let n = try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
                     demandInFlight -= n
@@ -602,6 +640,11 @@ public final class PostcopyEngine: @unchecked Sendable {
         }
         counters.removedRanges.add(1, ordering: .relaxed)
         for (a, len) in touched { uffd.wake(a, length: len) }
+        // Async waiters too: their access runs again and asks anew (a zero page).
+        releaseAPFWaiters(touched.flatMap { (a, len) -> [Int] in
+            guard let p = globalPage(a) else { return [] }
+            return Array(stride(from: p, to: p + len / pageSize, by: unitPages))
+        })
         if pages.lock.withLock({ pages.isComplete }) { markComplete(at: nowNanoseconds()) }
     }
 
@@ -617,44 +660,114 @@ public final class PostcopyEngine: @unchecked Sendable {
                     continue
                 }
                 guard msgs[i].event == CPC_UFFD_EVENT_PAGEFAULT else { continue }
-                let addr = msgs[i].arg.pagefault.address & ~UInt64(unitBytes - 1)
-                guard let p = globalPage(addr) else {
-                    logger.error("fault at 0x\(String(addr, radix: 16)) outside guest memory; ignored")
-                    continue
-                }
-                counters.faults.add(1, ordering: .relaxed)
-                enum Action { case fetch, zero, wake, wait }
-                let action: Action = pages.lock.withLock {
-                    pages.markFaulted(p, at: now)
-                    switch pages.state(p) {
-                    case .missing:
-                        for q in p..<(p + unitPages) { pages.set(q, .inflightDemand) }
-                        return .fetch
-                    case .zero:
-                        for q in p..<(p + unitPages) { pages.set(q, .inflightDemand) }
-                        return .zero
-                    case .present:
-                        _ = pages.takeWaiter(p)
-                        return .wake
-                    case .inflightDemand, .inflightBackground:
-                        return .wait
-                    }
-                }
-                switch action {
-                case .fetch:
-                    lastDemandPage.store(p, ordering: .relaxed)
-                    deferredDemand.append(p)
-                case .zero:
-                    deferredZero.append(p)
-                case .wake:
-                    // Installed between the fault and now; the copy already woke
-                    // the range, but a wake is cheap and never loses a waiter.
-                    uffd.wake(addr, length: unitBytes)
-                case .wait:
-                    counters.faultsCoalesced.add(1, ordering: .relaxed)
-                }
+                handleFault(address: msgs[i].arg.pagefault.address, at: now)
             }
         }
+    }
+
+    /// A guest touched a missing page (a uffd fault, or an async "page not
+    /// present" from the APF channel): fetch it once, however many wait for it.
+    private func handleFault(address: UInt64, at now: UInt64) {
+        let addr = address & ~UInt64(unitBytes - 1)
+        guard let p = globalPage(addr) else {
+            logger.error("fault at 0x\(String(addr, radix: 16)) outside guest memory; ignored")
+            return
+        }
+        counters.faults.add(1, ordering: .relaxed)
+        enum Action { case fetch, zero, wake, wait }
+        let action: Action = pages.lock.withLock {
+            pages.markFaulted(p, at: now)
+            switch pages.state(p) {
+            case .missing:
+                for q in p..<(p + unitPages) { pages.set(q, .inflightDemand) }
+                return .fetch
+            case .zero:
+                for q in p..<(p + unitPages) { pages.set(q, .inflightDemand) }
+                return .zero
+            case .present:
+                _ = pages.takeWaiter(p)
+                return .wake
+            case .inflightDemand, .inflightBackground:
+                return .wait
+            }
+        }
+        switch action {
+        case .fetch:
+            lastDemandPage.store(p, ordering: .relaxed)
+            deferredDemand.append(p)
+        case .zero:
+            deferredZero.append(p)
+        case .wake:
+            // Installed between the fault and now; the copy already woke
+            // the range, but a wake is cheap and never loses a waiter.
+            uffd.wake(addr, length: unitBytes)
+            releaseAPFWaiters([p])
+        case .wait:
+            counters.faultsCoalesced.add(1, ordering: .relaxed)
+        }
+    }
+
+    // MARK: paravirtual async page faults
+
+    /// Tokens of guest tasks parked on a page ("page not present"), by page;
+    /// only touched under `pages.lock`.
+    private var apfWaiters: [Int: [UInt64]] = [:]
+    private let apfHooks = Locked<APFHooks?>(nil)
+    private var apfWatchedFD: Int32 = -1  // fault thread only
+
+    /// Attaches (or, with nil, detaches) a guest's async page fault channel. The
+    /// fault thread itself takes its requests (no extra thread hop on the way to
+    /// a fetch); "page ready" is posted by whichever engine thread installs the page.
+    public func attachAPF(_ hooks: APFHooks?) {
+        apfHooks.withLock { $0 = hooks }
+        apfWake.signal()
+    }
+
+    /// Fault thread: keeps the epoll watch on the attached channel's request fd.
+    private func refreshAPFWatch(_ epoll: Epoll) {
+        let fd = apfHooks.withLock { $0?.requestFD } ?? -1
+        guard fd != apfWatchedFD else { return }
+        if apfWatchedFD >= 0 { epoll.remove(apfWatchedFD) }
+        apfWatchedFD = fd
+        if fd >= 0 { try? epoll.add(fd, token: 5) }
+    }
+
+    /// Fault thread: "page not present (token)" requests from the guest. A page
+    /// already present is ready at once; a missing one is fetched like a demand
+    /// fault (once, however many wait for it); an address outside guest memory
+    /// is answered as such.
+    private func takeAPFRequests(at now: UInt64) {
+        guard let hooks = apfHooks.withLock({ $0 }) else { return }
+        var answers: [(UInt64, APFStatus)] = []
+        for r in hooks.take() {
+            guard let p = globalPage(r.address & ~UInt64(unitBytes - 1)) else {
+                answers.append((r.token, .invalidAddress))
+                continue
+            }
+            let presentNow: Bool = pages.lock.withLock {
+                if pages.state(p) == .present { return true }
+                apfWaiters[p, default: []].append(r.token)
+                return false
+            }
+            if presentNow {
+                answers.append((r.token, .ready))
+            } else {
+                counters.apfFaults.add(1, ordering: .relaxed)
+                handleFault(address: r.address, at: now)
+            }
+        }
+        if !answers.isEmpty { hooks.post(answers) }
+    }
+
+    private func postAPFReady(_ tokens: [UInt64]) {
+        guard !tokens.isEmpty, let hooks = apfHooks.withLock({ $0 }) else { return }
+        hooks.post(tokens.map { ($0, .ready) })
+    }
+
+    /// Reports ready every token waiting on these pages (now present, or removed).
+    private func releaseAPFWaiters(_ ps: [Int]) {
+        let tokens: [UInt64] = pages.lock.withLock { ps.flatMap { apfWaiters.removeValue(forKey: $0) ?? [] } }
+        postAPFReady(tokens)
     }
 
     // MARK: background thread

@@ -59,14 +59,6 @@ public struct APFRequest: Sendable, Equatable {
     }
 }
 
-/// Completion statuses the daemon reports with a token.
-public enum APFStatus: UInt32, Sendable {
-    /// The page is present: re-execute the access.
-    case ready = 0
-    /// The address is not guest memory of this VM: the guest must not retry it.
-    case invalidAddress = 1
-}
-
 /// The validated layout of one channel, read once when the guest enables it.
 public struct APFLayout: Sendable, Equatable {
     public var requestEntries: UInt32
@@ -188,7 +180,8 @@ public struct APFDaemonRing {
     /// Posts as many of `completions` as fit; returns how many (the rest wait
     /// for the guest to consume). A guest consumer index ahead of what was
     /// produced is a broken or hostile guest.
-    public mutating func postCompletions(_ completions: ArraySlice<(token: UInt64, status: APFStatus)>) throws(APFError) -> Int {
+    /// `status`: 0 ready, 1 not guest memory (`APFStatus` raw values).
+    public mutating func postCompletions(_ completions: ArraySlice<(token: UInt64, status: UInt32)>) throws(APFError) -> Int {
         let consumed = Self.load(memory, APF.completionConsumerOffset)
         let used = completionProducer &- consumed
         guard used <= layout.completionEntries else {
@@ -199,7 +192,7 @@ public struct APFDaemonRing {
         for c in completions.prefix(n) {
             let o = layout.completionOffset + Int(completionProducer & mask) * APF.completionEntryBytes
             memory.storeBytes(of: c.token.littleEndian, toByteOffset: o, as: UInt64.self)
-            memory.storeBytes(of: c.status.rawValue.littleEndian, toByteOffset: o + 8, as: UInt32.self)
+            memory.storeBytes(of: c.status.littleEndian, toByteOffset: o + 8, as: UInt32.self)
             memory.storeBytes(of: UInt32(0), toByteOffset: o + 12, as: UInt32.self)
             completionProducer &+= 1
         }

@@ -234,6 +234,8 @@ public final class HandoffServer: Sendable {
         var completed = false
         var failure: String?
         var progress: [[UInt64]] = []
+        var apf: APFChannel?
+        defer { apf?.close() }
         func sample() {
             let c = engine.counters
             progress.append([nowNanoseconds(), c.demandPages.load(ordering: .relaxed), c.backgroundPages.load(ordering: .relaxed),
@@ -245,8 +247,27 @@ public final class HandoffServer: Sendable {
             if !completed { sample() }
             let ready = cpc_poll1(conn.raw, Int16(POLLIN), 50)
             if ready > 0 {
-                var b: UInt8 = 0
-                if recv(conn.raw, &b, 1, Int32(MSG_DONTWAIT)) <= 0 { break }  // EOF: the VMM is gone
+                // A later message: the guest enabling async page faults. EOF: the VMM is gone.
+                var buf = [UInt8](repeating: 0, count: 4096)
+                var fds = [Int32](repeating: -1, count: 4)
+                var nfds: Int32 = 0, ctrunc: Int32 = 0
+                let n = buf.withUnsafeMutableBytes { b in
+                    fds.withUnsafeMutableBufferPointer { f in cpc_recv_with_fds(conn.raw, b.baseAddress, b.count, f.baseAddress, 4, &nfds, &ctrunc) }
+                }
+                if n <= 0 && n != -Int(EAGAIN) && n != -Int(EINTR) { break }
+                let got = Array(fds.prefix(Int(min(max(nfds, 0), 4))))
+                var adopted = false  // from then on the channel owns (and closes) the fds
+                do throws(APFError) {
+                    guard apf == nil else { throw .badHeader("async page faults are already enabled for this VM") }
+                    try APFEnable.parse(Array(buf.prefix(max(n, 0))))
+                    guard got.count == 3, ctrunc == 0 else { throw .badHeader("expected 3 fds (channel memfd, request eventfd, completion eventfd), got \(nfds)") }
+                    adopted = true
+                    apf = try APFChannel(memfd: got[0], requestFD: got[1], completionFD: got[2], engine: engine, logger: logger)
+                    logger.info("VMM pid \(pid): async page faults enabled")
+                } catch {
+                    if !adopted { for fd in got { close(fd) } }
+                    logger.error("VMM pid \(pid): async page faults refused: \(error) (the guest keeps blocking faults)")
+                }
             }
             if !completed, failure == nil, cpc_poll1(engine.completionDescriptor, Int16(POLLIN), 0) > 0 {
                 if let e = engine.failureReason {

@@ -51,7 +51,9 @@ struct PostcopyBench: ParsableCommand {
     @Option(name: .long, help: "Workloads: kv, scan, random, zipf (comma-separated).") var workloads: String = "kv"
     @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
     @Option(name: .long, help: "Skew of the zipf distributions (kv keys, zipf page touches), 0.01-0.999.") var zipfSkew: Double = 0.99
-    @Option(name: .long, help: "Migration modes: postcopy, stop-and-copy (comma-separated).") var modes: String = "postcopy,stop-and-copy"
+    @Option(name: .long, help: "Migration modes: postcopy, stop-and-copy, postcopy-blocking and postcopy-apf (comma-separated); the last two run the task guest at the destination (--tasks per vCPU, random reads) with blocking or asynchronous page faults.") var modes: String = "postcopy,stop-and-copy"
+    @Option(name: .long, help: "Tasks per vCPU thread of the task guest (postcopy-blocking, postcopy-apf).") var tasks: Int = 8
+    @Option(name: .long, help: "The task guest's work is counted over this many ms after it resumed.") var workWindowMs: Int = 500
     @Option(name: .long, help: "Transports: tcp, rdma (comma-separated).") var transports: String = "tcp"
     @Option(name: .long, help: "Background streaming cap (bytes/s, e.g. 500M; 0 = none).") var backgroundRate: String = "0"
     @Option(name: .long, help: "Runs of each combination.") var `repeat`: Int = 1
@@ -66,7 +68,8 @@ struct PostcopyBench: ParsableCommand {
     func validate() throws {
         for s in list(sizes) where parseByteSize(s) == nil { throw ValidationError("bad size '\(s)'") }
         for w in list(workloads) where !["kv", "scan", "random", "zipf"].contains(w) { throw ValidationError("bad workload '\(w)'") }
-        for m in list(modes) where !["postcopy", "stop-and-copy"].contains(m) { throw ValidationError("bad mode '\(m)'") }
+        for m in list(modes) where !["postcopy", "stop-and-copy", "postcopy-blocking", "postcopy-apf"].contains(m) { throw ValidationError("bad mode '\(m)'") }
+        guard tasks >= 1, workWindowMs >= 1 else { throw ValidationError("--tasks and --work-window-ms must be positive") }
         for t in list(transports) where !["tcp", "rdma"].contains(t) { throw ValidationError("bad transport '\(t)'") }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("bad --background-rate") }
@@ -101,10 +104,13 @@ struct PostcopyBench: ParsableCommand {
                     for mode in list(modes) {
                         for i in 1...`repeat` {
                             say("\(transport) \(size) \(workload) \(mode) run \(i)/\(`repeat`)...")
-                            let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)", "--mode", mode,
-                                        "--zipf-skew", "\(zipfSkew)",
+                            let taskMode = mode.hasPrefix("postcopy-")
+                            let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
+                                        "--mode", taskMode ? "postcopy" : mode, "--zipf-skew", "\(zipfSkew)",
                                         "--transport", transport, "--background-rate", backgroundRate,
                                         "--before", "\(before)", "--after", "\(after)", "--json"]
+                                + (taskMode ? ["--tasks", "\(tasks)", "--work-window-ms", "\(workWindowMs)"] : [])
+                                + (mode == "postcopy-apf" ? ["--apf"] : [])
                             let r = try runPostcopy(args)
                             var run = r.json ?? [:]
                             run["config"] = ["size": size, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus,
@@ -142,11 +148,13 @@ struct PostcopyBench: ParsableCommand {
                 runs[i]["bytes_per_guest_page"] = Double(bytes) / Double(mem / 4096)
             }
         }
-        let config: [String: Any] = ["sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "zipf_skew": zipfSkew, "modes": list(modes),
+        let apf = apfSummary(runs)
+        let config: [String: Any] = ["tasks": tasks, "work_window_ms": workWindowMs, "sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "zipf_skew": zipfSkew, "modes": list(modes),
                                      "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!,
                                      "repeat": `repeat`, "before_seconds": before, "after_seconds": after]
         let doc: [String: Any] = ["schema_version": 1, "tool": "postcopy-bench", "started_at": ISO8601DateFormatter().string(from: Date()),
-                                  "machine": machine, "config": config, "baselines": baselines, "runs": runs, "failures": failures]
+                                  "machine": machine, "config": config, "baselines": baselines, "runs": runs, "failures": failures,
+                                  "apf_summary": apf]
         if let plot { try writePlots(runs, to: plot) }
         let d = try JSONSerialization.data(withJSONObject: doc, options: [.sortedKeys, .prettyPrinted])
         if let output { try (d + Data("\n".utf8)).write(to: URL(fileURLWithPath: output)) }
@@ -154,11 +162,45 @@ struct PostcopyBench: ParsableCommand {
             FileHandle.standardOutput.write(d + Data("\n".utf8))
         } else {
             printTable(runs, a: a, b: b, machine: machine)
+            for s in apf {
+                let f: (Any?) -> String = { v in (v as? Double).map { fixed($0, 2) } ?? "-" }
+                print("APF \(s["transport"] ?? "") \(s["size"] ?? "") (\(tasks) tasks per vCPU, random reads): work in the first \(workWindowMs) ms after resuming, "
+                      + "median of \(s["runs"] ?? 0) runs each: async \(s["apf_ops_in_window"] ?? "-") vs blocking \(s["blocking_ops_in_window"] ?? "-") reads "
+                      + "= \(f(s["apf_over_blocking"]))x; per-task stall (async) p50 \(f(s["apf_task_stall_p50_ms"])) ms, max \(f(s["apf_task_stall_max_ms"])) ms")
+            }
         }
         if !failures.isEmpty {
             say("FAILED: " + failures.joined(separator: "\n        "))
             throw ExitCode(1)
         }
+    }
+
+    /// Async against blocking page faults, per transport and size: the median
+    /// work (reads) of the task guest in the window after resuming, and per-task
+    /// stall of the async runs.
+    func apfSummary(_ runs: [[String: Any]]) -> [[String: Any]] {
+        func cfg(_ r: [String: Any], _ k: String) -> String { "\((r["config"] as? [String: Any])?[k] ?? "")" }
+        func median(_ v: [Int]) -> Int? { v.isEmpty ? nil : v.sorted()[v.count / 2] }
+        var out: [[String: Any]] = []
+        var seen = Set<String>()
+        for r in runs where cfg(r, "mode") == "postcopy-apf" && r["ok"] as? Bool == true {
+            let key = cfg(r, "transport") + " " + cfg(r, "size") + " " + cfg(r, "workload")
+            guard seen.insert(key).inserted else { continue }
+            let same = runs.filter { cfg($0, "transport") + " " + cfg($0, "size") + " " + cfg($0, "workload") == key && $0["ok"] as? Bool == true }
+            let work: (String) -> [Int] = { m in same.filter { cfg($0, "mode") == m }.compactMap { ($0["task_work"] as? [String: Any])?["ops_in_window"] as? Int } }
+            let a = median(work("postcopy-apf")), b = median(work("postcopy-blocking"))
+            let stalls = same.filter { cfg($0, "mode") == "postcopy-apf" }.compactMap { ($0["task_work"] as? [String: Any])?["task_stall_ns"] as? [String: Any] }
+            var s: [String: Any] = ["transport": cfg(r, "transport"), "size": cfg(r, "size"), "workload": cfg(r, "workload"),
+                                    "runs": work("postcopy-apf").count, "apf_ops_in_window_each": work("postcopy-apf"),
+                                    "blocking_ops_in_window_each": work("postcopy-blocking")]
+            if let a { s["apf_ops_in_window"] = a }
+            if let b { s["blocking_ops_in_window"] = b }
+            if let a, let b, b > 0 { s["apf_over_blocking"] = Double(a) / Double(b) }
+            if let p = median(stalls.compactMap({ $0["p50"] as? Int })) { s["apf_task_stall_p50_ms"] = Double(p) / 1e6 }
+            if let m = stalls.compactMap({ $0["max"] as? Int }).max() { s["apf_task_stall_max_ms"] = Double(m) / 1e6 }
+            out.append(s)
+        }
+        return out
     }
 
     func printTable(_ runs: [[String: Any]], a: Int, b: Int, machine: [String: Any]) {

@@ -181,11 +181,18 @@ struct GuestResumeCommand: ParsableCommand {
     @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: String
     @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
+    @Option(name: .long, help: "Run a task guest instead of the key-value workload: this many cooperative tasks per vCPU thread, each reading random words of random pages.") var tasks: Int = 0
+    @Flag(name: .long, help: "Paravirtual async page faults for the task guest: RAM registered with UFFD_FEATURE_SIGBUS, a touched missing page parks the task (\"page not present\") and the vCPU runs another one until \"page ready\".") var apf = false
+    @Option(name: .long, help: "Arithmetic iterations per read in the task guest (compute between memory touches).") var think: UInt32 = 100
+    @Option(name: .long, help: "Milliseconds after resuming at which the task guest's work is counted (the same interval for every run).") var workWindowMs: Int = 1000
     @OptionGroup var key: KeyOptions
     @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
 
     func validate() throws {
         guard Endpoint(parsing: source) != nil else { throw ValidationError("--source must be HOST:PORT") }
+        guard (0...4096).contains(tasks) else { throw ValidationError("--tasks must be 0...4096") }
+        guard !apf || (tasks > 0 && handoff != nil && !stopAndCopy) else { throw ValidationError("--apf needs --tasks N and --handoff") }
+        guard workWindowMs > 0 else { throw ValidationError("--work-window-ms must be positive") }
         guard runFor > 0 else { throw ValidationError("--run-for must be positive") }
         guard stopAndCopy || handoff != nil else { throw ValidationError("--handoff is required unless --stop-and-copy") }
     }
@@ -215,6 +222,77 @@ struct GuestResumeCommand: ParsableCommand {
         return copied
     }
 
+    /// The task guest (with or without async page faults): resume, count the
+    /// work done in the first --work-window-ms and over --run-for, then bring every
+    /// page in from inside tasks and check every page against the source's RAM.
+    func runTaskGuest(ram: MemoryMapping, state: GuestDeviceState, receivedAt: UInt64, control: TCPTransport, info: SessionInfo,
+                      channel: APFGuestChannel?) throws {
+        let guest = TaskGuest(base: ram.base, bytes: ram.length, vcpus: state.vcpus.count, tasksPerVCPU: tasks, think: think,
+                              seed: 7, channel: channel)
+        let resumedAt = nowNanoseconds()
+        guest.start()
+        let downtime = resumedAt &- state.pausedAtNs
+        if json {
+            emitEvent(["event": "resumed", "resumed_at_ns": resumedAt, "downtime_ns": downtime,
+                       "device_state_received_ns": receivedAt &- state.pausedAtNs, "restore_ns": resumedAt - receivedAt])
+        } else {
+            print("resumed (\(state.vcpus.count) vCPUs x \(tasks) tasks, \(apf ? "async page faults" : "blocking faults")): downtime \(formatDuration(ns: downtime))")
+        }
+        let reporter = try OpsReporter(side: "destination", json: json, intervalMs: reportMs) { guest.totalOps }
+        let windowEnd = resumedAt + UInt64(workWindowMs) * 1_000_000
+        let now0 = nowNanoseconds()
+        if windowEnd > now0 { usleep(useconds_t((windowEnd - now0) / 1000)) }
+        let windowOps = guest.totalOps
+        let rest = Double(resumedAt) / 1e9 + runFor - Double(nowNanoseconds()) / 1e9
+        if rest > 0 { usleep(useconds_t(rest * 1e6)) }
+        guest.stop()
+        reporter.finish()
+        let ops = guest.totalOps
+        let perTask = guest.perTask
+        let v = guest.vcpuTotals
+        guest.touchAll()
+        // Integrity: the task guest only reads, so every page must equal the source's at pause.
+        var digests: [UInt64] = []
+        var first = 0
+        let pages = info.table.totalPages
+        while first < pages {
+            let n = min(pages - first, Int(PageDigests.maxPages))
+            do { digests += try control.fetchPageDigests(region: 0, firstPage: UInt64(first), pageCount: UInt32(n)) } catch {
+                throw fail("could not fetch the source's page digests: \(error)")
+            }
+            first += n
+        }
+        control.close()
+        var mismatched = 0
+        for p in 0..<pages where cpc_xxh64(ram.base + p * 4096, 4096, 0) != digests[p] { mismatched += 1 }
+        let kv = try ReferenceGuest(base: ram.base, memoryBytes: ram.length, workload: state.workload, vcpus: state.vcpus,
+                                    trackDirty: false, zipfSkew: state.zipfSkew).verifyStore()
+        let stalls = perTask.map(\.stallNs).sorted()
+        let ok = mismatched == 0 && kv.failed == 0
+        let result: [String: Any] = [
+            "event": "verified", "ok": ok, "kv_slots_verified": kv.verified, "kv_slots_failed": kv.failed,
+            "get_checksum_failures": 0, "pages_verified": pages - mismatched, "pages_verified_before_first_write": 0,
+            "pages_mismatched": mismatched, "ops": ops,
+        ]
+        let work: [String: Any] = [
+            "event": "task_work", "apf": apf, "vcpus": state.vcpus.count, "tasks_per_vcpu": tasks, "think": Int(think),
+            "work_window_ms": workWindowMs, "ops_in_window": windowOps, "ops": ops,
+            "not_present": v.notPresent, "ready": v.ready, "notifications": v.notifications,
+            "blocking_fallbacks": v.blockingFallbacks, "vcpu_idle_ns": v.idleNs,
+            "task_stall_ns": ["p50": stalls[stalls.count / 2], "max": stalls.last ?? 0,
+                              "mean": stalls.reduce(0, +) / UInt64(max(stalls.count, 1))],
+            "task_stall_ns_each": stalls,
+        ]
+        if json {
+            emitEvent(work)
+            emitEvent(result)
+        } else {
+            print("work: \(windowOps) reads in the first \(workWindowMs) ms, \(ops) in all; \(v.notPresent) async faults, \(v.notifications) notifications")
+            print("integrity: \(ok ? "OK" : "FAILED") \(result)")
+        }
+        if !ok { throw ExitCode(3) }
+    }
+
     func run() throws {
         if let reason = Userfaultfd.unavailableReason() { throw fail(reason) }
         let control = TCPTransport(endpoint: Endpoint(parsing: source)!, maxBatchPages: 256, authKey: try key.loadKey())
@@ -224,9 +302,12 @@ struct GuestResumeCommand: ParsableCommand {
         let ram = try MemoryMapping.anonymous(length: bytes)
         var uffd: Userfaultfd?
         var vmmSocket: OwnedFD?
+        var apfChannel: APFGuestChannel?
         if let handoff, !stopAndCopy {
             // Guest RAM and its uffd, exactly as Firecracker sets them up.
-            let u = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE)
+            // With --apf, a touch of a missing page raises SIGBUS in the touching
+            // thread instead of blocking it (the guest library turns it into an async fault).
+            let u = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE | (apf ? CPC_UFFD_FEATURE_SIGBUS : 0))
             try u.registerMissing(ram.range)
             uffd = u
             let sock = cpc_unix_connect(handoff)
@@ -236,6 +317,15 @@ struct GuestResumeCommand: ParsableCommand {
             var uffdFD = u.fd.raw
             let sent = message.withUnsafeBytes { cpc_send_with_fds(sock, $0.baseAddress, $0.count, &uffdFD, 1) }
             guard sent == message.count else { throw fail("handoff sendmsg failed: \(SystemError("sendmsg", errno: sent < 0 ? Int32(-sent) : EIO))") }
+            if apf {
+                // The guest enables async page faults (like writing KVM's async-PF MSR).
+                let ch = try APFGuestChannel()
+                apfChannel = ch
+                let fds = ch.fds
+                let enable = APFEnable.json
+                let n = enable.withUnsafeBytes { b in fds.withUnsafeBufferPointer { cpc_send_with_fds(sock, b.baseAddress, b.count, $0.baseAddress, 3) } }
+                guard n == enable.count else { throw fail("sending the APF channel failed: \(SystemError("sendmsg", errno: n < 0 ? Int32(-n) : EIO))") }
+            }
         }
         if json { emitEvent(["event": "ready", "memory_bytes": bytes]) } else { print("destination ready: waiting for the source to pause") }
 
@@ -251,6 +341,11 @@ struct GuestResumeCommand: ParsableCommand {
             let copied: UInt64
             do { copied = try copyAll(control, info.table, into: ram) } catch { throw fail("stop-and-copy failed: \(error)") }
             if json { emitEvent(["event": "copied", "bytes": copied, "copy_ns": nowNanoseconds() - c0]) }
+        }
+        if tasks > 0 {
+            try runTaskGuest(ram: ram, state: state, receivedAt: receivedAt, control: control, info: info, channel: apfChannel)
+            _ = (uffd, vmmSocket)
+            return
         }
         let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: state.workload, vcpus: state.vcpus, trackDirty: true,
                                        zipfSkew: state.zipfSkew)

@@ -44,6 +44,10 @@ final class Child: @unchecked Sendable {
         readers.append(PThread(name: "child-err") { [self] in
             let d = errHandle.readDataToEndOfFile()
             stderrText.withLock { $0 += String(decoding: d, as: UTF8.self) }
+            // POSTCOPY_MIGRATE_LOGS=DIR keeps every child's stderr (with POSTCOPY_LOG_LEVEL, for diagnosis).
+            if let dir = ProcessInfo.processInfo.environment["POSTCOPY_MIGRATE_LOGS"] {
+                try? d.write(to: URL(fileURLWithPath: dir).appendingPathComponent(name.replacingOccurrences(of: " ", with: "-") + ".log"))
+            }
         })
     }
 
@@ -102,6 +106,10 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: "postcopy, or stop-and-copy (the baseline: copy all RAM while paused, then resume).") var mode: String = "postcopy"
     @Option(name: .long, help: "Transport: tcp, rdma (one-sided RDMA READ; --address must be an RDMA device's IP) or auto.") var transport: String = "tcp"
     @Option(name: .long, help: "IP address the source serves on and the destination connects to (for RDMA: the RDMA device's IP).") var address: String = "127.0.0.1"
+    @Option(name: .long, help: "At the destination, run a task guest: this many cooperative tasks per vCPU reading random pages (0: the guest's own workload).") var tasks: Int = 0
+    @Flag(name: .long, help: "With --tasks: paravirtual async page faults (a task that touches a missing page parks, the vCPU runs another).") var apf = false
+    @Option(name: .long, help: "With --tasks: arithmetic iterations per read.") var think: UInt32 = 100
+    @Option(name: .long, help: "With --tasks: the task guest's work is counted over the first this many ms after resuming.") var workWindowMs: Int = 1000
     @Flag(name: .long, help: "One JSON object on stdout instead of the summary.") var json = false
 
     func validate() throws {
@@ -109,6 +117,7 @@ struct MigrateCommand: ParsableCommand {
         guard ["postcopy", "stop-and-copy"].contains(mode) else { throw ValidationError("--mode must be postcopy or stop-and-copy") }
         guard ["tcp", "rdma", "auto"].contains(transport) else { throw ValidationError("--transport must be tcp, rdma or auto") }
         guard before > 0, after > 0 else { throw ValidationError("--before and --after must be positive") }
+        guard !apf || (tasks > 0 && mode == "postcopy") else { throw ValidationError("--apf needs --tasks N and --mode postcopy") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("--background-rate must be a byte count such as 500M") }
     }
 
@@ -155,7 +164,9 @@ struct MigrateCommand: ParsableCommand {
         }
         let dest = try Child("destination guest", ["guest", "resume", "--source", "\(address):\(port)", "--run-for", "\(after)",
                                                    "--json", "--report-ms", "100", "--key-file", keyFile]
-                                                   + (postcopy ? ["--handoff", socket] : ["--stop-and-copy"]))
+                                                   + (postcopy ? ["--handoff", socket] : ["--stop-and-copy"])
+                                                   + (tasks > 0 ? ["--tasks", "\(tasks)", "--think", "\(think)", "--work-window-ms", "\(workWindowMs)"] : [])
+                                                   + (apf ? ["--apf"] : []))
         children.append(dest)
         guard dest.waitFor("ready", seconds: 60) != nil else { throw abort("the destination guest did not get ready") }
         let wait = Double(bootedAt) / 1e9 + before - Double(nowNanoseconds()) / 1e9
@@ -227,6 +238,7 @@ struct MigrateCommand: ParsableCommand {
             "faults": session?["faults"] ?? 0,
             "exit_status": ["source": sourceStatus, "daemon": daemonStatus, "destination": destStatus],
         ]
+        if let w = dest.first("task_work") { result["task_work"] = w }
         if let completedAt { result["time_to_full_copy_seconds"] = Double(completedAt - pausedAt) / 1e9 }
         if json {
             emitEvent(result)

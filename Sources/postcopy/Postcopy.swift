@@ -79,7 +79,8 @@ struct CommonOptions: ParsableArguments {
     func makeLogger(_ label: String) -> Logger {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         var l = Logger(label: label)
-        l.logLevel = Logger.Level(rawValue: logLevel) ?? .warning
+        // POSTCOPY_LOG_LEVEL overrides --log-level (for children started by `migrate`).
+        l.logLevel = Logger.Level(rawValue: ProcessInfo.processInfo.environment["POSTCOPY_LOG_LEVEL"] ?? logLevel) ?? .warning
         return l
     }
 }

@@ -52,7 +52,7 @@ struct APFRingTests {
             for i in 0..<6 { g.post(APFRequest(token: UInt64(round * 6 + i), address: 4096 * UInt64(i), vcpu: 1)) }
             let rs = try d.takeRequests(max: 100)
             seen += rs.map(\.token)
-            #expect(try d.postCompletions(rs.map { ($0.token, APFStatus.ready) }[...]) == rs.count)
+            #expect(try d.postCompletions(rs.map { ($0.token, UInt32(0)) }[...]) == rs.count)
             completed += g.takeCompletions().map(\.0)
         }
         #expect(seen == Array(0..<300))
@@ -64,7 +64,7 @@ struct APFRingTests {
         defer { mem.deallocate() }
         var d = APFDaemonRing(layout: l, memory: mem)
         let g = GuestEnd(mem: mem, layout: l)
-        let all = (0..<6).map { (token: UInt64($0), status: APFStatus.ready) }
+        let all = (0..<6).map { (token: UInt64($0), status: UInt32(0)) }
         #expect(try d.postCompletions(all[...]) == 4)
         #expect(try d.postCompletions(all[4...]) == 0)
         #expect(g.takeCompletions().map(\.0) == [0, 1, 2, 3])
@@ -81,7 +81,7 @@ struct APFRingTests {
         #expect(throws: APFError.self) { _ = try d.takeRequests(max: 100) }
         g.put(64, 0)
         g.put(224, 5)  // consumed completions that were never produced
-        #expect(throws: APFError.self) { _ = try d.postCompletions([(token: 1, status: APFStatus.ready)][...]) }
+        #expect(throws: APFError.self) { _ = try d.postCompletions([(token: 1, status: UInt32(0))][...]) }
     }
 
     @Test func hostileHeadersAreRefused() {

@@ -21,8 +21,8 @@ final class TestVMM: @unchecked Sendable {
 
     /// Guest memory of `size` bytes split into regions of `splits` bytes each (the
     /// last takes the rest); `huge`: 2 MiB hugetlbfs pages, as Firecracker's huge_pages "2M".
-    init(size: Int, splits: [Int] = [], huge: Bool = false) throws {
-        uffd = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE)
+    init(size: Int, splits: [Int] = [], huge: Bool = false, sigbus: Bool = false) throws {
+        uffd = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE | (sigbus ? CPC_UFFD_FEATURE_SIGBUS : 0))
         var maps: [MemoryMapping] = []
         var regs: [VMMRegion] = []
         var offset = 0
@@ -111,9 +111,10 @@ func migrateThroughDaemon(_ vmm: TestVMM, _ daemon: HandoffServer, expected: [UI
 
 func socketPath() -> String { "/tmp/postcopy-handoff-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock" }
 
-func startHandoff(port: Int, rate: Int = 0) throws -> HandoffServer {
+func startHandoff(port: Int, rate: Int = 0, background: Bool = true) throws -> HandoffServer {
     var config = EngineConfig()
     config.backgroundRate = rate
+    config.background = background
     let server = try HandoffServer(path: socketPath(), source: Endpoint(host: "127.0.0.1", port: port),
                                    engineConfig: config, logger: testLogger("test.handoff"))
     server.start()

@@ -48,6 +48,7 @@ static const uint8_t CPC_UFFD_EVENT_FORK = UFFD_EVENT_FORK;
 static const uint64_t CPC_UFFD_PAGEFAULT_FLAG_WRITE = UFFD_PAGEFAULT_FLAG_WRITE;
 static const uint64_t CPC_UFFD_FEATURE_EVENT_REMOVE = UFFD_FEATURE_EVENT_REMOVE;
 static const uint64_t CPC_UFFD_FEATURE_THREAD_ID = UFFD_FEATURE_THREAD_ID;
+static const uint64_t CPC_UFFD_FEATURE_SIGBUS = UFFD_FEATURE_SIGBUS;
 /// Bits in the `ioctls` masks returned by UFFDIO_API / UFFDIO_REGISTER.
 static const uint64_t CPC_IOCTL_BIT_REGISTER = 1ULL << _UFFDIO_REGISTER;
 static const uint64_t CPC_IOCTL_BIT_UNREGISTER = 1ULL << _UFFDIO_UNREGISTER;
@@ -111,6 +112,8 @@ ssize_t cpc_send2(int fd, const void *a, size_t alen, const void *b, size_t blen
 int cpc_poll1(int fd, short events, int timeout_ms);
 /// poll() for input on two fds: bit 0 set when `a` is readable, bit 1 when `b`; -errno.
 int cpc_poll2(int a, int b, int timeout_ms);
+/// The same for three fds (bit 2: `c`).
+int cpc_poll3(int a, int b, int c, int timeout_ms);
 int cpc_shutdown(int fd);
 
 // ---- Unix sockets with SCM_RIGHTS (VMM handoff) ----------------------------------
@@ -144,6 +147,7 @@ void cpc_fill_random(void *p, size_t len, uint64_t seed);
 /// Atomic byte access for flags shared between the fault thread and guest threads.
 static inline uint8_t cpc_load_u8(const uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void cpc_store_u8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline int cpc_store_i32_release(int32_t *p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); return 0; }
 /// Compare-and-swap of a byte; 1 if it was `expected` and is now `desired`.
 static inline int cpc_cas_u8(uint8_t *p, uint8_t expected, uint8_t desired) {
     return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
