@@ -18,6 +18,10 @@
 #define COMP_BYTES 16
 #define MAX_VCPUS 256
 #define MAX_TASKS 4096
+/* Requests posted before the daemon is told (more are told at once when every task is parked). */
+#ifndef APF_NOTIFY_BATCH
+#define APF_NOTIFY_BATCH 4
+#endif
 
 struct apf_channel {
     uint8_t *mem;
@@ -122,7 +126,7 @@ static void notify(struct sched *s) {
     uint64_t one = 1;
     (void)!write(s->ch->req_efd, &one, 8);
     s->unnotified = 0;
-    s->stats->notifications++;
+    __atomic_fetch_add(&s->stats->notifications, 1, __ATOMIC_RELAXED);
 }
 
 /* Takes every completion posted; marks each token's task ready (waking its
@@ -169,10 +173,10 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc) {
     uint64_t t0 = now_ns();
     t->waiting = token;
     __atomic_fetch_add(&t->stats->not_present, 1, __ATOMIC_RELAXED);
-    s->stats->not_present++;
+    __atomic_fetch_add(&s->stats->not_present, 1, __ATOMIC_RELAXED);
     while (!post_request(s->ch, token, addr, s->vcpu)) {
         /* Ring full: never drop the request; wait in place (the blocking path). */
-        s->stats->blocking_fallbacks++;
+        __atomic_fetch_add(&s->stats->blocking_fallbacks, 1, __ATOMIC_RELAXED);
         s->unnotified++;
         notify(s);
         drain_completions(s->ch, s);
@@ -215,7 +219,7 @@ static struct task *next_runnable(struct sched *s) {
         struct task *t = &s->tasks[(s->next + k) % s->ntasks];
         if (t->state == T_PARKED && atomic_load_explicit(&t->ready, memory_order_acquire) == t->waiting) {
             t->state = T_RUNNABLE;
-            s->stats->ready++;
+            __atomic_fetch_add(&s->stats->ready, 1, __ATOMIC_RELAXED);
         }
         if (t->state == T_RUNNABLE) {
             s->next = (t->index + 1) % s->ntasks;
@@ -265,7 +269,7 @@ int apf_run_tasks(apf_channel *ch, uint32_t vcpu, int ntasks, size_t stack_bytes
             drain_completions(ch, &s);
         struct task *t = next_runnable(&s);
         if (t) {
-            if (s.unnotified >= 4) notify(&s);   /* batch notifications */
+            if (s.unnotified >= APF_NOTIFY_BATCH) notify(&s);   /* batch notifications */
             s.current = t;
             swapcontext(&s.ctx, &t->ctx);
             s.current = NULL;
@@ -281,7 +285,7 @@ int apf_run_tasks(apf_channel *ch, uint32_t vcpu, int ntasks, size_t stack_bytes
         uint64_t v;
         if (p[1].revents) (void)!read(s.wake_efd, &v, 8);
         if (ch && p[0].revents) (void)!read(ch->comp_efd, &v, 8);
-        vcpu_stats->idle_ns += now_ns() - t0;
+        __atomic_fetch_add(&vcpu_stats->idle_ns, now_ns() - t0, __ATOMIC_RELAXED);
     }
 out:
     atomic_store(&scheds[vcpu], NULL);

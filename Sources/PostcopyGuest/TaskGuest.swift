@@ -34,6 +34,9 @@ public final class APFGuestChannel: @unchecked Sendable {
 
     deinit { apf_channel_destroy(channel) }
 
+    /// The shared memory (for tests that play a hostile guest).
+    public var mappingBase: UnsafeRawPointer { UnsafeRawPointer(mapping.base) }
+
     /// The fds in the order the daemon expects them (memfd, request, completion).
     public var fds: [Int32] { [memfd.raw, requestFD.raw, completionFD.raw] }
 }
@@ -120,8 +123,10 @@ public final class TaskGuest: @unchecked Sendable {
 
     public var vcpuTotals: (notPresent: UInt64, ready: UInt64, notifications: UInt64, blockingFallbacks: UInt64, idleNs: UInt64) {
         (0..<vcpus).reduce((0, 0, 0, 0, 0)) { a, v in
-            let s = vcpuStats[v]
-            return (a.0 + s.not_present, a.1 + s.ready, a.2 + s.notifications, a.3 + s.blocking_fallbacks, a.4 + s.idle_ns)
+            let s = vcpuStats + v
+            return (a.0 + apf_load_u64(&s.pointee.not_present), a.1 + apf_load_u64(&s.pointee.ready),
+                    a.2 + apf_load_u64(&s.pointee.notifications), a.3 + apf_load_u64(&s.pointee.blocking_fallbacks),
+                    a.4 + apf_load_u64(&s.pointee.idle_ns))
         }
     }
 
