@@ -301,7 +301,7 @@ void apf_random_reader(void *arg, int task) {
     uint64_t x = a->seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(task + 1));
     uint64_t sum = 0, words = a->page_size / 8;
     apf_task_stats *st = &a->stats[task];
-    for (uint64_t n = 1; !*a->stop; n++) {
+    for (uint64_t n = 1; !__atomic_load_n((const int *)a->stop, __ATOMIC_ACQUIRE); n++) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
         uint64_t page = x % a->pages, word = (x >> 32) % words;
         sum += *(const volatile uint64_t *)(a->base + page * a->page_size + word * 8);
