@@ -127,8 +127,19 @@ public final class StandaloneDestination: Sendable {
         let uffd: Userfaultfd
         do { uffd = try Userfaultfd() } catch { throw .system(error) }
 
-        let info: SessionInfo
-        do { info = try transport.connect() } catch { throw .transport(error) }
+        // A connection cut before the session exists is simply tried again.
+        var connected: SessionInfo?
+        var backoff: UInt32 = 2_000
+        while connected == nil {
+            do { connected = try transport.connect() } catch {
+                guard error.isConnectionLoss, options.engine.recoveryDeadline > 0,
+                      Double(nowNanoseconds() - t0) / 1e9 < options.engine.recoveryDeadline else { throw .transport(error) }
+                logger.warning("connection to the source lost during the handshake (\(error)); trying again")
+                usleep(backoff)
+                backoff = min(backoff * 2, 500_000)
+            }
+        }
+        let info = connected!
         let table = info.table
         guard table.pageSize == Int(getpagesize()) else {
             throw .incompatible("source page size \(table.pageSize) differs from this host's \(getpagesize()); huge-page guests need the VMM handoff")
@@ -151,16 +162,33 @@ public final class StandaloneDestination: Sendable {
         defer { _ = rss.finish(excluding: guestRanges) }  // also on every error path
 
         // Control: zero map and device state before anything streams.
-        let zeroMaps: [ZeroMap]
-        let deviceState: [UInt8]
-        let demand: PageChannel
-        let background: PageChannel
-        do {
-            zeroMaps = try transport.fetchWholeZeroMap(table)
-            deviceState = try transport.fetchDeviceState(timeoutMs: 60_000)
-            demand = try transport.openChannel(.demand)
-            background = try transport.openChannel(.background)
-        } catch { throw .transport(error) }
+        var zeroMaps: [ZeroMap] = []
+        var deviceState: [UInt8] = []
+        var demand: PageChannel?
+        var background: PageChannel?
+        // A connection lost during this setup is recovered like one lost later:
+        // rejoin the session (with backoff, until the deadline) and ask again.
+        let setupStart = nowNanoseconds()
+        var delay: UInt32 = 2_000
+        var setUp = false
+        while !setUp {
+            do {
+                zeroMaps = try transport.fetchWholeZeroMap(table)
+                deviceState = try transport.fetchDeviceState(timeoutMs: 60_000)
+                if demand == nil { demand = try transport.openChannel(.demand) }
+                if background == nil { background = try transport.openChannel(.background) }
+                setUp = true
+            } catch {
+                guard error.isConnectionLoss, options.engine.recoveryDeadline > 0,
+                      Double(nowNanoseconds() - setupStart) / 1e9 < options.engine.recoveryDeadline else { throw .transport(error) }
+                logger.warning("connection to the source lost during setup (\(error)); reconnecting")
+                usleep(delay)
+                delay = min(delay * 2, 500_000)
+                (demand, background) = (nil, nil)
+                if let (d, b) = try? transport.reconnect() { (demand, background) = (d, b) }
+            }
+        }
+        guard let demand, let background else { throw .transport(.closed("no channels to the source")) }
         if let path = options.deviceStateOut {
             do { try writeFile(path, deviceState) } catch { throw .system(error) }
         }

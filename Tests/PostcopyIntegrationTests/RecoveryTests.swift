@@ -63,6 +63,31 @@ struct RecoveryTests {
         #expect(server.stats.resumedSessions.load(ordering: .relaxed) >= UInt64(r.recoveryNs.count))
     }
 
+    /// A cut while the destination is still setting up (zero map, device state,
+    /// channels) is recovered like one during streaming (seen in CI under load).
+    @Test(.timeLimit(.minutes(2)))
+    func aCutDuringSetupIsRecovered() throws {
+        let mem = try TempMemory(size: 8 << 20, zeroPercent: 10, seed: 44)
+        let server = try startServer(mem, deviceState: [1, 2, 3])
+        defer { server.stop() }
+        let proxy = try ChaosProxy(target: Endpoint(host: "127.0.0.1", port: server.port))
+        defer { proxy.stop() }
+        let cutter = PThread(name: "cutter") {
+            while !proxy.hasSeenConnections { usleep(100) }
+            proxy.cut()  // at once: the destination has at most said hello
+        }
+        var options = DestinationOptions()
+        options.touch = .random
+        options.threads = 2
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        options.inspect = { cmp.check($0) }
+        let r = try StandaloneDestination(options: options, logger: testLogger("test.recovery"))
+            .run(transport: TCPTransport(endpoint: Endpoint(host: "127.0.0.1", port: proxy.port), maxBatchPages: 128), transportReason: "test")
+        cutter.join()
+        #expect(cmp.firstDifference == nil)
+        #expect(r.digestMatch && r.deviceStateBytes == 3)
+    }
+
     @Test(.timeLimit(.minutes(2)))
     func aSourceThatStaysAwayFailsClearlyAtTheDeadline() throws {
         let mem = try TempMemory(size: 16 << 20, zeroPercent: 0, seed: 42)
