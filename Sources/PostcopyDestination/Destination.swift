@@ -130,9 +130,19 @@ public final class StandaloneDestination: Sendable {
         // A connection cut before the session exists is simply tried again.
         var connected: SessionInfo?
         var backoff: UInt32 = 2_000
+        var setupRecoveries: [UInt64] = []
+        var lostAt: UInt64?
         while connected == nil {
-            do { connected = try transport.connect() } catch {
-                guard error.isConnectionLoss, options.engine.recoveryDeadline > 0,
+            do {
+                connected = try transport.connect()
+                if let l = lostAt { setupRecoveries.append(nowNanoseconds() - l) }
+            } catch {
+                if lostAt == nil { lostAt = nowNanoseconds() }
+                // Only a connection that was up and broke: a source that refuses or
+                // does not exist is reported at once, not retried for a minute.
+                var broke = false
+                if case .closed = error { broke = true }
+                guard broke, options.engine.recoveryDeadline > 0,
                       Double(nowNanoseconds() - t0) / 1e9 < options.engine.recoveryDeadline else { throw .transport(error) }
                 logger.warning("connection to the source lost during the handshake (\(error)); trying again")
                 usleep(backoff)
@@ -171,6 +181,7 @@ public final class StandaloneDestination: Sendable {
         let setupStart = nowNanoseconds()
         var delay: UInt32 = 2_000
         var setUp = false
+        var setupLostAt: UInt64?
         while !setUp {
             do {
                 zeroMaps = try transport.fetchWholeZeroMap(table)
@@ -178,7 +189,9 @@ public final class StandaloneDestination: Sendable {
                 if demand == nil { demand = try transport.openChannel(.demand) }
                 if background == nil { background = try transport.openChannel(.background) }
                 setUp = true
+                if let l = setupLostAt { setupRecoveries.append(nowNanoseconds() - l) }
             } catch {
+                if setupLostAt == nil { setupLostAt = nowNanoseconds() }
                 guard error.isConnectionLoss, options.engine.recoveryDeadline > 0,
                       Double(nowNanoseconds() - setupStart) / 1e9 < options.engine.recoveryDeadline else { throw .transport(error) }
                 logger.warning("connection to the source lost during setup (\(error)); reconnecting")
@@ -263,7 +276,7 @@ public final class StandaloneDestination: Sendable {
             digestMatch: digest == info.welcome.digest, sourceConfirmedDigest: ack.digestMatches,
             pagesSentTwice: ack.pagesSentTwice, rssOutsideGuestMaxBytes: rssMax,
             cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, uffdOrigin: uffd.origin,
-            recoveryNs: engine.recoveryTimes.withLock { $0 })
+            recoveryNs: setupRecoveries + engine.recoveryTimes.withLock { $0 })
         withExtendedLifetime(mappings) {}  // guest RAM stays mapped until the report is built
         return report
     }
