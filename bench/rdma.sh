@@ -58,17 +58,8 @@ echo "local userfaultfd fault..." >&2
 "$B" baseline uffd-fault --samples 2000 --json > "$OUT/baseline-uffd-fault.json"
 
 # migrate NAME TRANSPORT MEMORY DEST-ARGS...
-migrate() {
-    local name=$1 transport=$2 mem=$3; shift 3
-    "$B" source --memory "$mem" --listen "$ADDR:$PORT" --transport "$transport" --json > "$OUT/.src.$name" &
-    SRC_PID=$!
-    for _ in $(seq 300); do grep -q '"listening"' "$OUT/.src.$name" 2>/dev/null && break; sleep 0.1; done
-    "$B" dest --connect "$ADDR:$PORT" --transport "$transport" --json --batch-pages "$BATCH_PAGES" --no-progress "$@" > "$OUT/dest-$name.json"
-    wait "$SRC_PID"; SRC_PID=
-    tail -n +2 "$OUT/.src.$name" > "$OUT/source-$name.json"
-    rm -f "$OUT/.src.$name"
-    echo "  $name done" >&2
-}
+source bench/lib.sh
+migrate() { local name=$1 transport=$2 mem=$3; shift 3; bench_migrate "$name" "$ADDR" "$transport" "$mem" --batch-pages "$BATCH_PAGES" --no-progress "$@"; }
 echo "migrations..." >&2
 migrate idle-rdma rdma "$SMALL" --background off --touch sequential --threads 1
 for i in 1 2 3; do

@@ -30,17 +30,9 @@ trap cleanup EXIT
 "$B" make-memory "$BIG" --size "$BG_SIZE" --zero-percent 10 >&2
 "$B" make-memory "$FULL" --size "$BG_SIZE" --zero-percent 0 >&2
 
-# migrate NAME MEMORY DEST-ARGS...: one source + one destination, JSON of both kept.
-migrate() {
-    local name=$1 mem=$2; shift 2
-    "$B" source --memory "$mem" --listen "127.0.0.1:$PORT" --transport tcp --json > "$OUT/.src.$name" &
-    SRC_PID=$!
-    for _ in $(seq 100); do grep -q '"listening"' "$OUT/.src.$name" 2>/dev/null && break; sleep 0.1; done
-    "$B" dest --connect "127.0.0.1:$PORT" --transport tcp --json "$@" > "$OUT/dest-$name.json"
-    wait "$SRC_PID"; SRC_PID=
-    tail -n +2 "$OUT/.src.$name" > "$OUT/source-$name.json"
-    echo "  $name done" >&2
-}
+# migrate NAME MEMORY DEST-ARGS...: one source + one destination over loopback TCP, JSON of both kept.
+source bench/lib.sh
+migrate() { local name=$1 mem=$2; shift 2; bench_migrate "$name" 127.0.0.1 tcp "$mem" "$@"; }
 
 echo "baselines..." >&2
 "$B" baseline tcp-rtt --samples 20000 --json > "$OUT/baseline-tcp-rtt.json"

@@ -129,7 +129,7 @@ public final class StandaloneDestination: Sendable {
 
         // A connection cut before the session exists is simply tried again.
         var connected: SessionInfo?
-        var backoff: UInt32 = 2_000
+        var backoff = Backoff(deadline: options.engine.recoveryDeadline, since: t0)
         var setupRecoveries: [UInt64] = []
         var lostAt: UInt64?
         while connected == nil {
@@ -142,11 +142,9 @@ public final class StandaloneDestination: Sendable {
                 // does not exist is reported at once, not retried for a minute.
                 var broke = false
                 if case .closed = error { broke = true }
-                guard broke, options.engine.recoveryDeadline > 0,
-                      Double(nowNanoseconds() - t0) / 1e9 < options.engine.recoveryDeadline else { throw .transport(error) }
+                guard broke, options.engine.recoveryDeadline > 0, !backoff.expired else { throw .transport(error) }
                 logger.warning("connection to the source lost during the handshake (\(error)); trying again")
-                usleep(backoff)
-                backoff = min(backoff * 2, 500_000)
+                backoff.wait()
             }
         }
         let info = connected!
@@ -178,8 +176,7 @@ public final class StandaloneDestination: Sendable {
         var background: PageChannel?
         // A connection lost during this setup is recovered like one lost later:
         // rejoin the session (with backoff, until the deadline) and ask again.
-        let setupStart = nowNanoseconds()
-        var delay: UInt32 = 2_000
+        var setupBackoff = Backoff(deadline: options.engine.recoveryDeadline)
         var setUp = false
         var setupLostAt: UInt64?
         while !setUp {
@@ -192,11 +189,9 @@ public final class StandaloneDestination: Sendable {
                 if let l = setupLostAt { setupRecoveries.append(nowNanoseconds() - l) }
             } catch {
                 if setupLostAt == nil { setupLostAt = nowNanoseconds() }
-                guard error.isConnectionLoss, options.engine.recoveryDeadline > 0,
-                      Double(nowNanoseconds() - setupStart) / 1e9 < options.engine.recoveryDeadline else { throw .transport(error) }
+                guard error.isConnectionLoss, options.engine.recoveryDeadline > 0, !setupBackoff.expired else { throw .transport(error) }
                 logger.warning("connection to the source lost during setup (\(error)); reconnecting")
-                usleep(delay)
-                delay = min(delay * 2, 500_000)
+                setupBackoff.wait()
                 (demand, background) = (nil, nil)
                 if let (d, b) = try? transport.reconnect() { (demand, background) = (d, b) }
             }

@@ -471,8 +471,8 @@ public final class PostcopyEngine: @unchecked Sendable {
         let result: Result<Void, TransportError> = recoveryLock.withLock {
             if channelLock.withLock({ channelGeneration }) > generation { return .success(()) }
             logger.warning("connection to the source lost (\(cause)); reconnecting")
-            let t0 = nowNanoseconds()
-            var delay: UInt32 = 2_000
+            var backoff = Backoff(deadline: config.recoveryDeadline)
+            let t0 = backoff.since
             while !stopping.load(ordering: .relaxed) {
                 do {
                     let (d, b) = try reconnect()
@@ -488,11 +488,10 @@ public final class PostcopyEngine: @unchecked Sendable {
                 } catch {
                     let error = error as? TransportError ?? .closed("\(error)")
                     guard error.isConnectionLoss else { return .failure(error) }  // refused, not broken
-                    if Double(nowNanoseconds() - t0) / 1e9 > config.recoveryDeadline {
+                    if backoff.expired {
                         return .failure(.timedOut("no connection to the source for \(config.recoveryDeadline) s (last: \(error))"))
                     }
-                    usleep(delay)
-                    delay = min(delay * 2, 500_000)
+                    backoff.wait()
                 }
             }
             return .failure(cause)

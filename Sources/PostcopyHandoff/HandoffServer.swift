@@ -147,27 +147,34 @@ public final class HandoffServer: Sendable {
         logger.error("VMM pid \(pid): handoff refused: \(error)")
     }
 
-    /// Reads the one handoff message: JSON bytes and the fds that came with it.
-    private func receiveHandoff(_ conn: OwnedFD) throws(HandoffError) -> ([UInt8], Int32) {
-        var buf = [UInt8](repeating: 0, count: HandoffMessage.maxBytes)
+    /// One message from a VMM: `n` is recvmsg's result (bytes, 0 at EOF, -errno),
+    /// `fds` the descriptors that came with it (at most 4 kept; `truncated` when
+    /// there were more).
+    private static func receiveMessage(_ conn: OwnedFD, maxBytes: Int) -> (n: Int, bytes: [UInt8], fds: [Int32], nfds: Int32, truncated: Bool) {
+        var buf = [UInt8](repeating: 0, count: maxBytes)
         var fds = [Int32](repeating: -1, count: 4)
         var nfds: Int32 = 0, ctrunc: Int32 = 0
-        // The VMM sends right after connecting; a silent peer is not a VMM.
-        guard cpc_poll1(conn.raw, Int16(POLLIN), 10_000) > 0 else {
-            throw .malformedJSON("no handoff message within 10 s")
-        }
         let n = buf.withUnsafeMutableBytes { b in
             fds.withUnsafeMutableBufferPointer { f in
                 cpc_recv_with_fds(conn.raw, b.baseAddress, b.count, f.baseAddress, 4, &nfds, &ctrunc)
             }
         }
-        let received = Array(fds.prefix(Int(min(nfds, 4))))
-        func closeAll() { for fd in received { close(fd) } }
-        if n < 0 { closeAll(); throw .system(SystemError("recvmsg from VMM", errno: Int32(-n))) }
-        if n == 0 { closeAll(); throw .malformedJSON("the VMM closed the socket without sending its regions") }
-        if nfds > 1 || ctrunc != 0 { closeAll(); throw .tooManyFileDescriptors(Int(nfds)) }
-        guard nfds == 1 else { throw .noFileDescriptor }
-        return (Array(buf.prefix(n)), received[0])
+        return (n, Array(buf.prefix(max(n, 0))), Array(fds.prefix(Int(min(max(nfds, 0), 4)))), nfds, ctrunc != 0)
+    }
+
+    /// Reads the one handoff message: JSON bytes and the fds that came with it.
+    private func receiveHandoff(_ conn: OwnedFD) throws(HandoffError) -> ([UInt8], Int32) {
+        // The VMM sends right after connecting; a silent peer is not a VMM.
+        guard cpc_poll1(conn.raw, Int16(POLLIN), 10_000) > 0 else {
+            throw .malformedJSON("no handoff message within 10 s")
+        }
+        let m = Self.receiveMessage(conn, maxBytes: HandoffMessage.maxBytes)
+        func closeAll() { for fd in m.fds { close(fd) } }
+        if m.n < 0 { closeAll(); throw .system(SystemError("recvmsg from VMM", errno: Int32(-m.n))) }
+        if m.n == 0 { closeAll(); throw .malformedJSON("the VMM closed the socket without sending its regions") }
+        if m.nfds > 1 || m.truncated { closeAll(); throw .tooManyFileDescriptors(Int(m.nfds)) }
+        guard m.nfds == 1 else { throw .noFileDescriptor }
+        return (m.bytes, m.fds[0])
     }
 
     private func serveVMM(_ conn: OwnedFD) {
@@ -248,19 +255,14 @@ public final class HandoffServer: Sendable {
             let ready = cpc_poll1(conn.raw, Int16(POLLIN), 50)
             if ready > 0 {
                 // A later message: the guest enabling async page faults. EOF: the VMM is gone.
-                var buf = [UInt8](repeating: 0, count: 4096)
-                var fds = [Int32](repeating: -1, count: 4)
-                var nfds: Int32 = 0, ctrunc: Int32 = 0
-                let n = buf.withUnsafeMutableBytes { b in
-                    fds.withUnsafeMutableBufferPointer { f in cpc_recv_with_fds(conn.raw, b.baseAddress, b.count, f.baseAddress, 4, &nfds, &ctrunc) }
-                }
-                if n <= 0 && n != -Int(EAGAIN) && n != -Int(EINTR) { break }
-                let got = Array(fds.prefix(Int(min(max(nfds, 0), 4))))
+                let m = Self.receiveMessage(conn, maxBytes: 4096)
+                if m.n <= 0 && m.n != -Int(EAGAIN) && m.n != -Int(EINTR) { break }
+                let got = m.fds
                 var adopted = false  // from then on the channel owns (and closes) the fds
                 do throws(APFError) {
                     guard apf == nil else { throw .badHeader("async page faults are already enabled for this VM") }
-                    try APFEnable.parse(Array(buf.prefix(max(n, 0))))
-                    guard got.count == 3, ctrunc == 0 else { throw .badHeader("expected 3 fds (channel memfd, request eventfd, completion eventfd), got \(nfds)") }
+                    try APFEnable.parse(m.bytes)
+                    guard got.count == 3, !m.truncated else { throw .badHeader("expected 3 fds (channel memfd, request eventfd, completion eventfd), got \(m.nfds)") }
                     adopted = true
                     apf = try APFChannel(memfd: got[0], requestFD: got[1], completionFD: got[2], engine: engine, logger: logger)
                     logger.info("VMM pid \(pid): async page faults enabled")
