@@ -347,6 +347,15 @@ ssize_t cpc_send2(int fd, const void *a, size_t alen, const void *b, size_t blen
     }
 }
 
+ssize_t cpc_sendv(int fd, const struct iovec *iov, int n) {
+    struct msghdr m = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
+    for (;;) {
+        ssize_t r = sendmsg(fd, &m, MSG_NOSIGNAL);
+        if (r < 0 && errno == EINTR) continue;
+        return r < 0 ? -errno : r;
+    }
+}
+
 int cpc_poll1(int fd, short events, int timeout_ms) {
     struct pollfd p = { .fd = fd, .events = events };
     int n = poll(&p, 1, timeout_ms);

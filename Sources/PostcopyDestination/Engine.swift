@@ -388,13 +388,14 @@ public final class PostcopyEngine: @unchecked Sendable {
                     if onFaultThread { try readEvents() } else { sched_yield() }
                 }
             }
-            if filled > 0 { settle(first + i, filled, recorder: onFaultThread ? latencyOnFaultThread : latencyOnBackgroundThread) }
+            if filled > 0 { settle(first + i, filled, onFaultThread: onFaultThread) }
             i += filled
         }
     }
 
     /// Marks pages present, records the service latency of faults waiting on them.
-    private func settle(_ first: Int, _ count: Int, recorder: LatencyRecorder) {
+    private func settle(_ first: Int, _ count: Int, onFaultThread: Bool) {
+        let recorder = onFaultThread ? latencyOnFaultThread : latencyOnBackgroundThread
         let now = nowNanoseconds()
         var latencies: [UInt64] = []
         var tokens: [UInt64] = []
@@ -408,7 +409,7 @@ public final class PostcopyEngine: @unchecked Sendable {
             return pages.isComplete
         }
         for l in latencies { recorder.record(nanoseconds: l) }
-        postAPFReady(tokens)
+        if onFaultThread { readyBatch += tokens } else { postAPFReady(tokens) }
         if complete { markComplete(at: now) }
     }
 
@@ -550,8 +551,9 @@ public final class PostcopyEngine: @unchecked Sendable {
             let spin = demandAttached && demand.busyPoll
                 && (demandInFlight > 0 || nowNanoseconds() - lastDemandBusy < Self.demandSpinNanoseconds)
             let watchStall = demandInFlight > 0 && config.stallTimeout > 0
+            flushReadyBatch()  // before any wait: parked guest tasks must hear of every install
             do { try epoll.wait(&tokens, timeoutMs: queued || spin ? 0 : (watchStall ? 250 : -1)) } catch { throw .local(error) }
-            if tokens.contains(3) { return }
+            if tokens.contains(3) { flushReadyBatch(); return }
             do throws(TransportError) {
                 if tokens.contains(1) { try readEvents() }
                 if tokens.contains(4) {
@@ -600,15 +602,23 @@ public final class PostcopyEngine: @unchecked Sendable {
     static let maxDemandInFlight = 64
 
     private func submitDeferredDemand(_ demand: PageChannel) throws(TransportError) {
-        while !deferredDemand.isEmpty, demandInFlight < Self.maxDemandInFlight {
-            // Out of the queue before it is sent: if the send fails, the request
-            // lives on only in `inflight` and is re-sent once, after a reconnect.
-            let p = deferredDemand.removeFirst()
-            if demandInFlight == 0 { demandProgressAt = nowNanoseconds() }
-            demandInFlight += 1
+        // Out of the queue before it is sent: if the send fails, the requests
+        // live on only in `inflight` and are re-sent once, after a reconnect.
+        // A burst (many async faults at once) goes out in one write.
+        let n = min(deferredDemand.count, Self.maxDemandInFlight - demandInFlight)
+        guard n > 0 else { return }
+        if demandInFlight == 0 { demandProgressAt = nowNanoseconds() }
+        var batch: [PageRequest] = []
+        batch.reserveCapacity(n)
+        for p in deferredDemand.prefix(n) {
             let (region, page) = table.locate(globalPage: p)
-            try submit(demand, region: region, page: page, count: unitPages, class: .demand)
+            batch.append(PageRequest(requestID: nextRequestID.wrappingAdd(1, ordering: .relaxed).oldValue, region: UInt16(region),
+                                     pageClass: .demand, pageOffset: UInt64(page), pageCount: UInt32(unitPages)))
         }
+        deferredDemand.removeFirst(n)
+        demandInFlight += n
+        inflight.withLock { for r in batch { $0[r.requestID] = r } }
+        try demand.submit(batch: batch)
     }
 
     private func fillDeferredZeroPages() throws(TransportError) {
@@ -713,6 +723,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     private var apfWaiters: [Int: [UInt64]] = [:]
     private let apfHooks = Locked<APFHooks?>(nil)
     private var apfWatchedFD: Int32 = -1  // fault thread only
+    private var readyBatch: [UInt64] = []  // fault thread only
 
     /// Attaches (or, with nil, detaches) a guest's async page fault channel. The
     /// fault thread itself takes its requests (no extra thread hop on the way to
@@ -758,15 +769,23 @@ public final class PostcopyEngine: @unchecked Sendable {
         if !answers.isEmpty { hooks.post(answers) }
     }
 
+    /// "Page ready" for every token the fault thread released in this pass:
+    /// one post (one completion-eventfd write) for a burst of installs.
+    private func flushReadyBatch() {
+        guard !readyBatch.isEmpty else { return }
+        postAPFReady(readyBatch)
+        readyBatch.removeAll(keepingCapacity: true)
+    }
+
     private func postAPFReady(_ tokens: [UInt64]) {
         guard !tokens.isEmpty, let hooks = apfHooks.withLock({ $0 }) else { return }
         hooks.post(tokens.map { ($0, .ready) })
     }
 
     /// Reports ready every token waiting on these pages (now present, or removed).
+    /// On the fault thread (fault, REMOVE): the tokens join this pass's batch.
     private func releaseAPFWaiters(_ ps: [Int]) {
-        let tokens: [UInt64] = pages.lock.withLock { ps.flatMap { apfWaiters.removeValue(forKey: $0) ?? [] } }
-        postAPFReady(tokens)
+        readyBatch += pages.lock.withLock { ps.flatMap { apfWaiters.removeValue(forKey: $0) ?? [] } }
     }
 
     // MARK: background thread

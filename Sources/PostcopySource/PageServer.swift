@@ -215,11 +215,20 @@ public final class PageServer: Sendable {
                                        digest: scan?.digest ?? 0,
                                        deviceStateSize: UInt64(memory.waitForDeviceState(timeoutMs: 0)?.count ?? 0))))
         logger.info("\(hello.role) channel from \(conn.peer) joined session \(session.id)")
+        // Requests are small: take every one that is there, answer them in one send.
+        conn.readAhead = true
+        var next: Message?
         while true {
-            let m = try conn.receive()
+            let m: Message
+            if let n = next { m = n; next = nil } else { m = try conn.receive() }
             switch m {
             case .pageRequest(let r):
-                try servePages(r, conn: conn, session: session)
+                var batch = [r]
+                while batch.count < Self.maxRepliesPerSend, let more = try conn.tryReceive() {
+                    guard case .pageRequest(let r) = more else { next = more; break }
+                    batch.append(r)
+                }
+                try servePages(batch, conn: conn, session: session)
             case .zeroMapRequest(let z):
                 try conn.send(.zeroMap(try zeroMap(z)))
             case .deviceStateRequest(let d):
@@ -317,40 +326,62 @@ public final class PageServer: Sendable {
         return nil
     }
 
-    private func servePages(_ r: PageRequest, conn: TCPConnection, session: SourceSession) throws(TransportError) {
+    /// Page replies gathered into one sendmsg at most (a burst of demand faults).
+    static let maxRepliesPerSend = 64
+
+    /// Answers requests in order, in one vectored send. A request out of range
+    /// gets the replies before it, then an error, and the connection closes.
+    private func servePages(_ requests: [PageRequest], conn: TCPConnection, session: SourceSession) throws(TransportError) {
         guard memory.isFrozen else {
             throw .protocolViolation("page request before the guest paused (its RAM is still changing)")
         }
         let table = memory.table
-        do {
-            try table.validate(region: r.region, pageOffset: r.pageOffset, pageCount: UInt64(r.pageCount))
-        } catch {
-            stats.rejectedConnections.add(1, ordering: .relaxed)
-            try? conn.send(.error(ErrorMessage(code: .outOfRange, message: error.description)))
-            throw .closed("closed after out-of-range request: \(error)")
-        }
         let pageSize = table.pageSize
-        let global = table.firstGlobalPage[Int(r.region)] + Int(r.pageOffset)
-        let count = Int(r.pageCount)
-        let allZero = memory.allZero(globalFirst: global, count: count)
-        let dup = session.markSent(globalFirst: global, count: count)
-        if dup > 0 { stats.pagesSentTwice.add(UInt64(dup), ordering: .relaxed) }
-        switch r.pageClass {
-        case .demand: stats.demandPages.add(UInt64(count), ordering: .relaxed)
-        case .prefetch: stats.prefetchPages.add(UInt64(count), ordering: .relaxed)
-        case .background: stats.backgroundPages.add(UInt64(count), ordering: .relaxed)
+        let prefixBytes = Protocol.headerSize + PageDataHeader.encodedSize
+        var prefixes: [UInt8] = []
+        prefixes.reserveCapacity(requests.count * prefixBytes)
+        var payloads: [UnsafeRawBufferPointer] = []
+        var refused: String?
+        for r in requests {
+            do {
+                try table.validate(region: r.region, pageOffset: r.pageOffset, pageCount: UInt64(r.pageCount))
+            } catch {
+                refused = error.description
+                break
+            }
+            let global = table.firstGlobalPage[Int(r.region)] + Int(r.pageOffset)
+            let count = Int(r.pageCount)
+            let allZero = memory.allZero(globalFirst: global, count: count)
+            let dup = session.markSent(globalFirst: global, count: count)
+            if dup > 0 { stats.pagesSentTwice.add(UInt64(dup), ordering: .relaxed) }
+            switch r.pageClass {
+            case .demand: stats.demandPages.add(UInt64(count), ordering: .relaxed)
+            case .prefetch: stats.prefetchPages.add(UInt64(count), ordering: .relaxed)
+            case .background: stats.backgroundPages.add(UInt64(count), ordering: .relaxed)
+            }
+            let header = PageDataHeader(requestID: r.requestID, region: r.region, pageClass: r.pageClass, isZero: allZero,
+                                        pageOffset: r.pageOffset, pageCount: r.pageCount)
+            let regionBase = memory.mapping.base + Int(table.regions[Int(r.region)].sourceOffset)
+            if allZero { stats.zeroReplies.add(1, ordering: .relaxed) }
+            payloads.append(allZero ? UnsafeRawBufferPointer(start: nil, count: 0)
+                : UnsafeRawBufferPointer(start: regionBase + Int(r.pageOffset) * pageSize, count: count * pageSize))
+            prefixes += Codec.encodePageDataPrefix(header, payloadLength: payloads.last!.count)
         }
-        let header = PageDataHeader(requestID: r.requestID, region: r.region, pageClass: r.pageClass, isZero: allZero,
-                                    pageOffset: r.pageOffset, pageCount: r.pageCount)
-        let regionBase = memory.mapping.base + Int(table.regions[Int(r.region)].sourceOffset)
-        let payload = allZero ? UnsafeRawBufferPointer(start: nil, count: 0)
-            : UnsafeRawBufferPointer(start: regionBase + Int(r.pageOffset) * pageSize, count: count * pageSize)
-        if allZero { stats.zeroReplies.add(1, ordering: .relaxed) }
-        let prefix = Codec.encodePageDataPrefix(header, payloadLength: payload.count)
-        let result: Result<Void, TransportError> = prefix.withUnsafeBytes { raw in
-            Result { () throws(TransportError) in try conn.send(raw, payload) }
+        let result: Result<Void, TransportError> = prefixes.withUnsafeBytes { raw in
+            var parts: [UnsafeRawBufferPointer] = []
+            parts.reserveCapacity(payloads.count * 2)
+            for (i, payload) in payloads.enumerated() {
+                parts.append(UnsafeRawBufferPointer(rebasing: raw[(i * prefixBytes)..<((i + 1) * prefixBytes)]))
+                parts.append(payload)
+            }
+            return Result { () throws(TransportError) in try conn.sendv(parts) }
         }
         try result.get()
+        if let refused {
+            stats.rejectedConnections.add(1, ordering: .relaxed)
+            try? conn.send(.error(ErrorMessage(code: .outOfRange, message: refused)))
+            throw .closed("closed after out-of-range request: \(refused)")
+        }
     }
 
     private func zeroMap(_ z: ZeroMapRequest) throws(TransportError) -> ZeroMap {

@@ -26,6 +26,10 @@ public final class TCPConnection: @unchecked Sendable {
     private let received = Atomic<UInt64>(0)
     /// Page size once the handshake fixed it (makes page payload lengths exact).
     public var pageSize: Int?
+    /// Read as much as is there, not one frame at a time: for a side that
+    /// receives only small frames (the source's request stream), so a burst of
+    /// requests is taken in one recv and answered in one send.
+    public var readAhead = false
 
     public init(fd: Int32, peer: String, maxBody: Int) {
         self.fd = OwnedFD(fd)
@@ -115,6 +119,39 @@ public final class TCPConnection: @unchecked Sendable {
         }
     }
 
+    /// Sends the buffers in order, as few sendmsg calls as the kernel allows
+    /// (a burst of page replies in one call instead of one each).
+    public func sendv(_ parts: [UnsafeRawBufferPointer]) throws(TransportError) {
+        var iov = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        var first = 0
+        while first < iov.count {
+            let n = min(iov.count - first, 1024)  // IOV_MAX
+            let r = iov.withUnsafeBufferPointer { cpc_sendv(fd.raw, $0.baseAddress! + first, Int32(n)) }
+            if r == -Int(EAGAIN) {
+                let p = cpc_poll1(fd.raw, Int16(POLLOUT), 30_000)
+                if p < 0 { throw .system(SystemError("poll(send) to \(peer)", errno: -p)) }
+                if p == 0 { throw .timedOut("sending to \(peer): peer not reading for 30 s") }
+                continue
+            }
+            if r < 0 {
+                if r == -Int(EPIPE) || r == -Int(ECONNRESET) { throw .closed("\(peer) while sending") }
+                throw .system(SystemError("send to \(peer)", errno: Int32(-r)))
+            }
+            sent.add(UInt64(r), ordering: .relaxed)
+            var left = r
+            while left > 0 {
+                if left >= iov[first].iov_len {
+                    left -= iov[first].iov_len
+                    first += 1
+                } else {
+                    iov[first].iov_base += left
+                    iov[first].iov_len -= left
+                    left = 0
+                }
+            }
+        }
+    }
+
     // MARK: receiving
 
     /// Returns the next complete frame if one is buffered or readable now, else nil.
@@ -188,7 +225,7 @@ public final class TCPConnection: @unchecked Sendable {
            let h = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: avail), maxBody: maxBody) {
             want = Protocol.headerSize + h.bodyLength
         }
-        let room = min(capacity - end, max(want - avail, 1))
+        let room = readAhead ? capacity - end : min(capacity - end, max(want - avail, 1))
         let r = cpc_recv(fd.raw, buffer + end, room)
         if r == -Int(EAGAIN) { return false }
         if r == 0 { throw .closed(peer) }

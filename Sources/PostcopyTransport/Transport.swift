@@ -20,6 +20,8 @@ public protocol PageChannel: AnyObject, Sendable {
     var pollDescriptor: Int32 { get }
     /// Queues a fetch. Must not block for long: callers bound their own window.
     func submit(_ request: PageRequest) throws(TransportError)
+    /// Queues several fetches, in order (one write where the transport can).
+    func submit(batch requests: [PageRequest]) throws(TransportError)
     /// Delivers every completion available now, without blocking. The payload
     /// (empty when the pages are zero) is valid only during the callback.
     /// Returns how many completions were delivered.
@@ -35,6 +37,9 @@ public protocol PageChannel: AnyObject, Sendable {
 }
 
 extension PageChannel {
+    public func submit(batch requests: [PageRequest]) throws(TransportError) {
+        for r in requests { try submit(r) }
+    }
     public var busyPoll: Bool { false }
     /// How many background requests to keep in flight when not configured.
     public var suggestedWindow: Int? { nil }

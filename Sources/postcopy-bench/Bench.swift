@@ -56,6 +56,7 @@ struct PostcopyBench: ParsableCommand {
     @Option(name: .long, help: "The task guest's work is counted over this many ms after it resumed.") var workWindowMs: Int = 500
     @Option(name: .long, help: "Transports: tcp, rdma (comma-separated).") var transports: String = "tcp"
     @Option(name: .long, help: "Background streaming cap (bytes/s, e.g. 500M; 0 = none).") var backgroundRate: String = "0"
+    @Option(name: .long, help: "Scheduling of the background streaming threads (source and destination): normal, low or idle.") var backgroundPriority: String = "normal"
     @Option(name: .long, help: "Runs of each combination.") var `repeat`: Int = 1
     @Option(name: .long, help: "Seconds the guest runs before the switchover.") var before: Double = 2
     @Option(name: .long, help: "Seconds the guest runs at the destination.") var after: Double = 3
@@ -73,6 +74,7 @@ struct PostcopyBench: ParsableCommand {
         for t in list(transports) where !["tcp", "rdma"].contains(t) { throw ValidationError("bad transport '\(t)'") }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("bad --background-rate") }
+        guard ["normal", "low", "idle"].contains(backgroundPriority) else { throw ValidationError("bad --background-priority") }
         guard zipfSkew > 0, zipfSkew < 1 else { throw ValidationError("--zipf-skew must be between 0 and 1 (exclusive)") }
     }
 
@@ -107,7 +109,7 @@ struct PostcopyBench: ParsableCommand {
                             let taskMode = mode.hasPrefix("postcopy-")
                             let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
                                         "--mode", taskMode ? "postcopy" : mode, "--zipf-skew", "\(zipfSkew)",
-                                        "--transport", transport, "--background-rate", backgroundRate,
+                                        "--transport", transport, "--background-rate", backgroundRate, "--background-priority", backgroundPriority,
                                         "--before", "\(before)", "--after", "\(after)", "--json"]
                                 + (taskMode ? ["--tasks", "\(tasks)", "--work-window-ms", "\(workWindowMs)"] : [])
                                 + (mode == "postcopy-apf" ? ["--apf"] : [])
@@ -116,7 +118,7 @@ struct PostcopyBench: ParsableCommand {
                             run["config"] = ["size": size, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus,
                                              "zipf_skew": zipfSkew,
                                              "mode": mode, "transport": transport, "background_rate": parseByteSize(backgroundRate)!,
-                                             "before_seconds": before, "after_seconds": after, "repeat_index": i]
+                                             "background_priority": backgroundPriority, "before_seconds": before, "after_seconds": after, "repeat_index": i]
                             if r.status != 0 || run["ok"] as? Bool != true {
                                 let why = (run["reasons"] as? [String])?.joined(separator: "; ") ?? ""
                                 let detail = why.isEmpty ? String(r.stderr.split(separator: "\n").prefix(3).joined(separator: " | ")) : why

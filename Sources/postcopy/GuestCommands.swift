@@ -90,12 +90,14 @@ struct GuestRunCommand: ParsableCommand {
     @Option(name: .long, help: "Pause by itself after this many seconds (default: wait for \"pause\" on stdin).") var pauseAfter: Double?
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Option(name: .long, help: "How destinations may fetch: tcp, rdma (also offer one-sided RDMA READ of guest RAM; the listen address must be the RDMA device's) or auto (RDMA when possible).") var transport: String = "auto"
+    @Option(name: .long, help: "Scheduling of the thread streaming background pages to a destination: normal, low (nice 10) or idle (SCHED_IDLE).") var backgroundPriority: String = "normal"
     @OptionGroup var key: KeyOptions
     @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
 
     func validate() throws {
         try shape.validateShape()
         guard TransportKind(rawValue: transport) != nil else { throw ValidationError("--transport must be tcp, rdma or auto") }
+        guard ThreadPriority(rawValue: backgroundPriority) != nil else { throw ValidationError("--background-priority must be normal, low or idle") }
         guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }
         guard Endpoint(parsing: listen) != nil else { throw ValidationError("--listen must be HOST:PORT") }
     }
@@ -124,7 +126,8 @@ struct GuestRunCommand: ParsableCommand {
         let server: PageServer
         do {
             let rdma = try startRDMA(TransportKind(rawValue: transport)!, host: Endpoint(parsing: listen)!.host, memory: ram, logger: logger)
-            server = try PageServer(memory: memoryState, listen: Endpoint(parsing: listen)!, exitAfterCompletion: false, authKey: authKey,
+            server = try PageServer(memory: memoryState, listen: Endpoint(parsing: listen)!, exitAfterCompletion: false,
+                                    backgroundPriority: ThreadPriority(rawValue: backgroundPriority)!, authKey: authKey,
                                     rdma: rdma, logger: logger)
         } catch { throw fail("\(error)") }
         server.start()

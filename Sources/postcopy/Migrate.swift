@@ -103,6 +103,7 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Seconds the guest runs at the source before the switchover.") var before: Double = 3
     @Option(name: .long, help: "Seconds the guest runs at the destination after the switchover.") var after: Double = 5
     @Option(name: .long, help: "Background streaming cap at the destination (bytes/s, e.g. 500M; 0 = none).") var backgroundRate: String = "0"
+    @Option(name: .long, help: "Scheduling of the background streaming threads at the source and the destination: normal, low (nice 10) or idle (SCHED_IDLE: they run only on CPU that demand faults and the guest leave free).") var backgroundPriority: String = "normal"
     @Option(name: .long, help: "postcopy, or stop-and-copy (the baseline: copy all RAM while paused, then resume).") var mode: String = "postcopy"
     @Option(name: .long, help: "Transport: tcp, rdma (one-sided RDMA READ; --address must be an RDMA device's IP) or auto.") var transport: String = "tcp"
     @Option(name: .long, help: "IP address the source serves on and the destination connects to (for RDMA: the RDMA device's IP).") var address: String = "127.0.0.1"
@@ -119,6 +120,7 @@ struct MigrateCommand: ParsableCommand {
         guard before > 0, after > 0 else { throw ValidationError("--before and --after must be positive") }
         guard !apf || (tasks > 0 && mode == "postcopy") else { throw ValidationError("--apf needs --tasks N and --mode postcopy") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("--background-rate must be a byte count such as 500M") }
+        guard ThreadPriority(rawValue: backgroundPriority) != nil else { throw ValidationError("--background-priority must be normal, low or idle") }
     }
 
     func run() throws {
@@ -139,7 +141,8 @@ struct MigrateCommand: ParsableCommand {
         let source = try Child("source guest", ["guest", "run", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
                                                 "--zipf-skew", "\(shape.zipfSkew)",
                                                 "--listen", "\(address):0", "--json", "--report-ms", "100", "--key-file", keyFile,
-                                                "--transport", transport == "tcp" ? "tcp" : transport])
+                                                "--transport", transport == "tcp" ? "tcp" : transport,
+                                                "--background-priority", backgroundPriority])
         var children = [source]
         func abort(_ why: String) -> ExitCode {
             for c in children { _ = c.finish(seconds: 0) }
@@ -155,7 +158,8 @@ struct MigrateCommand: ParsableCommand {
         if postcopy {
             say("source guest running, serving its RAM on \(address):\(port); starting the destination daemon and guest")
             let d = try Child("destination daemon", ["dest", "--handoff", socket, "--connect", "\(address):\(port)", "--once",
-                                                     "--json", "--transport", transport, "--background-rate", backgroundRate, "--key-file", keyFile])
+                                                     "--json", "--transport", transport, "--background-rate", backgroundRate, "--key-file", keyFile,
+                                                     "--background-priority", backgroundPriority])
             children.append(d)
             guard d.waitFor("listening", seconds: 30) != nil else { throw abort("the destination daemon did not start") }
             daemon = d

@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <linux/userfaultfd.h>
 
 #ifdef __cplusplus
@@ -108,6 +109,8 @@ int cpc_tcp_accept(int lfd, char *peer, int peerlen);
 ssize_t cpc_send(int fd, const void *p, size_t n);
 ssize_t cpc_recv(int fd, void *p, size_t n);
 ssize_t cpc_send2(int fd, const void *a, size_t alen, const void *b, size_t blen);
+/// sendmsg of `n` iovecs (n <= IOV_MAX), MSG_NOSIGNAL; bytes or -errno.
+ssize_t cpc_sendv(int fd, const struct iovec *iov, int n);
 /// poll one fd for events (POLLIN=1, POLLOUT=4); returns >0 ready, 0 timeout, -errno.
 int cpc_poll1(int fd, short events, int timeout_ms);
 /// poll() for input on two fds: bit 0 set when `a` is readable, bit 1 when `b`; -errno.
