@@ -69,7 +69,7 @@ public final class SourceMemory: Sendable {
         frozenEvent.signal()
         // The scan is background work: at nice 10 it never slows the switchover
         // or the demand faults that follow it.
-        let t = PThread(name: "src-scan", priority: .idle) { [self] in
+        let t = PThread(name: "src-scan", priority: .low) { [self] in
             let scan = Self.scan(mapping, pageSize: table.pageSize)
             state.withLock { $0.scan = scan }
             scannedEvent.signal()
@@ -120,7 +120,7 @@ public final class SourceMemory: Sendable {
         nonisolated(unsafe) let base = m.base
         let half = (pages / 2) & ~7  // split on a byte of the zero map
         let workers = [0..<half, half..<pages].map { range in
-            PThread(name: "src-scan-part", priority: .idle) {
+            PThread(name: "src-scan-part", priority: .low) {
                 for p in range {
                     let page = base + p * pageSize
                     if cpc_is_zero(page, pageSize) != 0 { b[p >> 3] |= 1 << UInt8(p & 7) }
