@@ -396,13 +396,16 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// Marks pages present, records the service latency of faults waiting on them.
     private func settle(_ first: Int, _ count: Int, onFaultThread: Bool) {
         let recorder = onFaultThread ? latencyOnFaultThread : latencyOnBackgroundThread
-        let now = nowNanoseconds()
+        var now: UInt64 = 0
         var latencies: [UInt64] = []
         var tokens: [UInt64] = []
         let complete: Bool = pages.lock.withLock {
+            // Read under the lock: another thread may have stamped a fault on
+            // these pages after a clock read taken before it (a later time).
+            now = nowNanoseconds()
             for p in first..<(first + count) {
                 pages.set(p, .present)
-                if let t0 = pages.takeWaiter(p) { latencies.append(now - t0) }
+                if let t0 = pages.takeWaiter(p) { latencies.append(now - min(t0, now)) }
                 if !apfWaiters.isEmpty, let w = apfWaiters.removeValue(forKey: p) { tokens += w }
             }
             counters.settledPages.store(pages.settled, ordering: .relaxed)

@@ -66,9 +66,9 @@ final class Child: @unchecked Sendable {
     }
 
     /// Waits for exit (killing after `seconds`); returns the status.
-    func finish(seconds: Double) -> Int32 {
+    func finish(seconds: Double, giveUpIf: () -> Bool = { false }) -> Int32 {
         let deadline = nowNanoseconds() + UInt64(seconds * 1e9)
-        while process.isRunning && nowNanoseconds() < deadline { usleep(10_000) }
+        while process.isRunning && nowNanoseconds() < deadline && !giveUpIf() { usleep(10_000) }
         if process.isRunning {
             process.terminate()
             let grace = nowNanoseconds() + 3_000_000_000
@@ -180,7 +180,18 @@ struct MigrateCommand: ParsableCommand {
         guard let resumed = dest.waitFor("resumed", seconds: 60) else { throw abort("the destination guest did not resume") }
         let downtime = resumed["downtime_ns"] as? Int ?? -1
         say("destination guest resumed after \(formatDuration(ns: UInt64(max(downtime, 0)))) of downtime; running \(after) s")
-        let destStatus = dest.finish(seconds: after + 600)
+        // A guest whose page-fault daemon died waits forever for its pages:
+        // stop it 5 s after the daemon failed instead of waiting out the deadline.
+        var daemonFailedAt: UInt64?
+        let destStatus = dest.finish(seconds: after + 600) {
+            guard let d = daemon, !d.process.isRunning, d.process.terminationStatus != 0 else { return false }
+            if daemonFailedAt == nil {
+                daemonFailedAt = nowNanoseconds()
+                let how = d.process.terminationReason == .uncaughtSignal ? "killed by signal" : "exit status"
+                say("the destination daemon failed (\(how) \(d.process.terminationStatus)); stopping the destination guest in 5 s")
+            }
+            return nowNanoseconds() - daemonFailedAt! > 5_000_000_000
+        }
         let daemonStatus = daemon?.finish(seconds: 60) ?? 0
         let sourceStatus = source.finish(seconds: 60)
 
