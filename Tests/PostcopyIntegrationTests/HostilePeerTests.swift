@@ -81,6 +81,67 @@ struct HostileDestinationTests {
     }
 }
 
+extension HostileDestinationTests {
+    /// The source takes a burst of requests in one read and answers it in one
+    /// vectored send: the replies still come in request order with the right
+    /// bytes, and a bad request in the middle gets the replies before it, then
+    /// its error, and nothing after it.
+    @Test(.timeLimit(.minutes(2)))
+    func aBurstIsAnsweredInOrderUpToTheFirstBadRequest() throws {
+        let mem = try TempMemory(size: 1 << 20)  // 256 pages
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let c = try rawConnect(server.port)
+        _ = try Self.hello(c)
+        var requests: [PageRequest] = []
+        for i in 0..<200 {
+            let cls: PageClass = i % 3 == 0 ? .background : .demand
+            let offset = UInt64((i * 37) % 255)
+            requests.append(PageRequest(requestID: UInt64(100 + i), region: 0, pageClass: cls, pageOffset: offset,
+                                        pageCount: UInt32(1 + i % 2)))
+        }
+        requests.append(PageRequest(requestID: 999, region: 0, pageClass: .demand, pageOffset: 256, pageCount: 1))
+        requests += (0..<3).map { PageRequest(requestID: UInt64(1000 + $0), region: 0, pageClass: .demand, pageOffset: 0, pageCount: 1) }
+        var burst: [UInt8] = []
+        for r in requests { burst += Codec.encode(.pageRequest(r)) }
+        try burst.withUnsafeBytes { try c.send($0, UnsafeRawBufferPointer(start: nil, count: 0)) }
+
+        let source = UnsafeRawBufferPointer(start: mem.mapping.base, count: mem.mapping.length)
+        var answered = 0
+        var refusal: ErrorMessage?
+        while refusal == nil {
+            do {
+                guard case .pageData(let h, let payload) = try c.receive(timeoutMs: 10_000) else {
+                    Issue.record("expected page data")
+                    break
+                }
+                let r = requests[answered]
+                let sameRequest = h.requestID == r.requestID && h.pageOffset == r.pageOffset
+                    && h.pageCount == r.pageCount && h.pageClass == r.pageClass
+                #expect(sameRequest, "reply \(answered) answers request \(r.requestID)")
+                let from = Int(r.pageOffset) * 4096
+                let expected = UnsafeRawBufferPointer(rebasing: source[from..<(from + Int(r.pageCount) * 4096)])
+                let equal: Bool
+                if h.isZero {
+                    equal = payload.isEmpty && expected.allSatisfy { $0 == 0 }
+                } else {
+                    equal = payload.count == expected.count && memcmp(payload.baseAddress!, expected.baseAddress!, expected.count) == 0
+                }
+                #expect(equal, "bytes of request \(r.requestID)")
+                answered += 1
+            } catch {
+                guard case .peer(let e) = error else { Issue.record("\(error)"); break }
+                refusal = e
+            }
+        }
+        #expect(answered == 200)
+        #expect(refusal?.code == .outOfRange)
+        #expect((try? c.receive(timeoutMs: 10_000)) == nil, "nothing after the refusal; the connection closes")
+        let r = try runDestination(port: server.port, touch: .random, threads: 2)
+        #expect(r.digestMatch)
+    }
+}
+
 /// A hostile source talking to a real destination: the destination fails with a
 /// clear error and never installs pages it did not ask for.
 @Suite("hostile source vs destination", .serialized, .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable (reason printed above)"))
