@@ -152,7 +152,7 @@ struct PostcopyBench: ParsableCommand {
         }
         let apf = apfSummary(runs)
         let config: [String: Any] = ["tasks": tasks, "work_window_ms": workWindowMs, "sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "zipf_skew": zipfSkew, "modes": list(modes),
-                                     "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!,
+                                     "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!, "background_priority": backgroundPriority,
                                      "repeat": `repeat`, "before_seconds": before, "after_seconds": after]
         let doc: [String: Any] = ["schema_version": 1, "tool": "postcopy-bench", "started_at": ISO8601DateFormatter().string(from: Date()),
                                   "machine": machine, "config": config, "baselines": baselines, "runs": runs, "failures": failures,
