@@ -321,27 +321,9 @@ int cpc_tcp_accept(int lfd, char *peer, int peerlen) {
     return fd;
 }
 
-ssize_t cpc_send(int fd, const void *p, size_t n) {
-    for (;;) {
-        ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
-        if (r < 0 && errno == EINTR) continue;
-        return r < 0 ? -errno : r;
-    }
-}
-
 ssize_t cpc_recv(int fd, void *p, size_t n) {
     for (;;) {
         ssize_t r = recv(fd, p, n, 0);
-        if (r < 0 && errno == EINTR) continue;
-        return r < 0 ? -errno : r;
-    }
-}
-
-ssize_t cpc_send2(int fd, const void *a, size_t alen, const void *b, size_t blen) {
-    struct iovec iov[2] = { { (void *)a, alen }, { (void *)b, blen } };
-    struct msghdr m = { .msg_iov = iov, .msg_iovlen = blen ? 2 : 1 };
-    for (;;) {
-        ssize_t r = sendmsg(fd, &m, MSG_NOSIGNAL);
         if (r < 0 && errno == EINTR) continue;
         return r < 0 ? -errno : r;
     }

@@ -92,31 +92,7 @@ public final class TCPConnection: @unchecked Sendable {
 
     /// Sends `a` then `b` as one write where possible (header + payload from guest memory).
     public func send(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) throws(TransportError) {
-        var aOff = 0, bOff = 0
-        while aOff < a.count || bOff < b.count {
-            let r: Int
-            if aOff < a.count {
-                r = cpc_send2(fd.raw, a.baseAddress! + aOff, a.count - aOff, b.baseAddress.map { $0 + bOff }, b.count - bOff)
-            } else {
-                r = cpc_send(fd.raw, b.baseAddress! + bOff, b.count - bOff)
-            }
-            if r == -Int(EAGAIN) {
-                let p = cpc_poll1(fd.raw, Int16(POLLOUT), 30_000)
-                if p < 0 { throw .system(SystemError("poll(send) to \(peer)", errno: -p)) }
-                if p == 0 { throw .timedOut("sending to \(peer): peer not reading for 30 s") }
-                continue
-            }
-            if r < 0 {
-                if r == -Int(EPIPE) || r == -Int(ECONNRESET) { throw .closed("\(peer) while sending") }
-                throw .system(SystemError("send to \(peer)", errno: Int32(-r)))
-            }
-            var n = r
-            let fromA = min(n, a.count - aOff)
-            aOff += fromA
-            n -= fromA
-            bOff += n
-            sent.add(UInt64(r), ordering: .relaxed)
-        }
+        try sendv([a, b])
     }
 
     /// Sends the buffers in order, as few sendmsg calls as the kernel allows

@@ -105,11 +105,9 @@ int cpc_tcp_listen(const char *host, const char *port, int backlog, int *bound_p
 /// accept4 with CLOEXEC|NONBLOCK and TCP_NODELAY. Returns fd or -errno.
 /// peer receives a printable address.
 int cpc_tcp_accept(int lfd, char *peer, int peerlen);
-/// Non-blocking send / recv / writev returning bytes or -errno (EINTR retried).
-ssize_t cpc_send(int fd, const void *p, size_t n);
+/// Non-blocking recv, and sendmsg of `n` iovecs (n <= IOV_MAX, MSG_NOSIGNAL),
+/// returning bytes or -errno (EINTR retried).
 ssize_t cpc_recv(int fd, void *p, size_t n);
-ssize_t cpc_send2(int fd, const void *a, size_t alen, const void *b, size_t blen);
-/// sendmsg of `n` iovecs (n <= IOV_MAX), MSG_NOSIGNAL; bytes or -errno.
 ssize_t cpc_sendv(int fd, const struct iovec *iov, int n);
 /// poll one fd for events (POLLIN=1, POLLOUT=4); returns >0 ready, 0 timeout, -errno.
 int cpc_poll1(int fd, short events, int timeout_ms);
