@@ -88,17 +88,23 @@ public final class TaskGuest: @unchecked Sendable {
         args.deallocate()
     }
 
+    /// A vCPU thread running `tasksPerVCPU` tasks of `fn(arg, i)` on this guest's channel.
+    private func vcpuThread(_ v: Int, name: String, fn: apf_task_fn, arg: UnsafeMutableRawPointer,
+                            taskStats: UnsafeMutablePointer<apf_task_stats>, vcpuStats: UnsafeMutablePointer<apf_vcpu_stats>,
+                            then: @escaping @Sendable () -> Void = {}) -> PThread {
+        let n = tasksPerVCPU
+        nonisolated(unsafe) let (ch, a, ts, vs) = (channel?.channel, arg, taskStats, vcpuStats)
+        return PThread(name: name) {
+            _ = apf_run_tasks(ch, UInt32(v), Int32(n), TaskGuest.stackBytes, fn, a, ts, vs)
+            then()
+        }
+    }
+
     /// Starts the vCPU threads; returns when they run.
     public func start() {
-        let ch = channel?.channel
         for v in 0..<vcpus {
-            let a = UnsafeMutableRawPointer(args + v)
-            let ts = taskStats + v * tasksPerVCPU, vs = vcpuStats + v
-            let n = tasksPerVCPU
-            nonisolated(unsafe) let (chU, aU, tsU, vsU) = (ch, a, ts, vs)
-            threads.append(PThread(name: "vcpu\(v)") {
-                _ = apf_run_tasks(chU, UInt32(v), Int32(n), TaskGuest.stackBytes, apf_random_reader, aU, tsU, vsU)
-            })
+            threads.append(vcpuThread(v, name: "vcpu\(v)", fn: apf_random_reader, arg: UnsafeMutableRawPointer(args + v),
+                                      taskStats: taskStats + v * tasksPerVCPU, vcpuStats: vcpuStats + v))
         }
     }
 
@@ -133,7 +139,6 @@ public final class TaskGuest: @unchecked Sendable {
     /// Brings every page in from inside tasks (so that code outside them, such
     /// as the integrity check, never touches a missing page under SIGBUS).
     public func touchAll() {
-        let ch = channel?.channel
         let per = UnsafeMutablePointer<apf_touch_args>.allocate(capacity: vcpus)
         defer { per.deallocate() }
         let slices = (pages + vcpus - 1) / vcpus
@@ -147,9 +152,9 @@ public final class TaskGuest: @unchecked Sendable {
             stats.initialize(repeating: apf_task_stats(), count: tasks)
             let vs = UnsafeMutablePointer<apf_vcpu_stats>.allocate(capacity: 1)
             vs.initialize(to: apf_vcpu_stats())
-            nonisolated(unsafe) let (chU, aU, sU, vU) = (ch, UnsafeMutableRawPointer(per + v), stats, vs)
-            ts.append(PThread(name: "vcpu\(v)-touch") {
-                _ = apf_run_tasks(chU, UInt32(v), Int32(tasks), TaskGuest.stackBytes, apf_touch_all, aU, sU, vU)
+            nonisolated(unsafe) let (sU, vU) = (stats, vs)
+            ts.append(vcpuThread(v, name: "vcpu\(v)-touch", fn: apf_touch_all, arg: UnsafeMutableRawPointer(per + v),
+                                 taskStats: stats, vcpuStats: vs) {
                 sU.deallocate()
                 vU.deallocate()
             })
