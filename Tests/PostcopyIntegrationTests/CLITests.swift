@@ -215,6 +215,9 @@ func startChild(_ args: [String]) throws -> (Process, Pipe, String) {
 @Suite("postcopy chaos-proxy", .serialized, .enabled(if: postcopyBinary != nil, "postcopy binary not built"))
 struct ChaosProxyCLITests {
     /// The CLI's own recovery path end to end: source, proxy cutting connections, destination.
+    /// Cuts are 200 ms apart, longer than a reconnect takes even under a
+    /// sanitizer, so each one finds live connections to cut (the 16 MiB
+    /// migration at 4 MB/s lasts about 4 s).
     @Test(.timeLimit(.minutes(2)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
     func destinationRecoversThroughTheChaosProxy() throws {
         let mem = "/dev/shm/postcopy-chaos-test-\(getpid()).ram"
@@ -223,7 +226,7 @@ struct ChaosProxyCLITests {
         let (source, _, banner) = try startChild(["source", "--memory", mem, "--listen", "127.0.0.1:0", "--json"])
         defer { source.terminate() }
         let sourcePort = (try? JSONSerialization.jsonObject(with: Data(banner.utf8)) as? [String: Any])?["port"] as? Int ?? 0
-        let (proxy, _, proxyBanner) = try startChild(["chaos-proxy", "--to", "127.0.0.1:\(sourcePort)", "--cuts", "5", "--interval-ms", "40"])
+        let (proxy, _, proxyBanner) = try startChild(["chaos-proxy", "--to", "127.0.0.1:\(sourcePort)", "--cuts", "5", "--interval-ms", "200"])
         defer { proxy.terminate() }
         let proxyPort = Int(proxyBanner.split(separator: " ").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? 0
         #expect(sourcePort > 0 && proxyPort > 0, "banners: \(banner) \(proxyBanner)")
