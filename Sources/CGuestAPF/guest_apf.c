@@ -48,6 +48,7 @@ struct sched {
     struct task *tasks, *current;
     int ntasks, next;
     int wake_efd;                /* another vCPU completed one of our tasks */
+    _Atomic int sleeping;        /* in poll(): only then does another vCPU write wake_efd */
     uint32_t unnotified;
     apf_task_fn fn;
     void *arg;
@@ -133,6 +134,8 @@ static void notify(struct sched *s) {
    vCPU when that is another one). Returns how many. */
 static int drain_completions(apf_channel *ch, struct sched *self) {
     int n = 0;
+    struct sched *woken[MAX_VCPUS];   /* other vCPUs with a task made ready: one wake each, after the batch */
+    int nwoken = 0;
     lock(&ch->comp_lock);
     uint32_t cons = atomic_load_explicit(idx(ch, 224), memory_order_relaxed);
     uint32_t prod = atomic_load_explicit(idx(ch, 192), memory_order_acquire);
@@ -147,14 +150,26 @@ static int drain_completions(apf_channel *ch, struct sched *self) {
         struct sched *s = vcpu < MAX_VCPUS ? atomic_load(&scheds[vcpu]) : NULL;
         if (!s || t >= (uint32_t)s->ntasks) continue;   /* not ours (a task long gone): ignore */
         atomic_store_explicit(&s->tasks[t].status, status, memory_order_relaxed);
-        atomic_store_explicit(&s->tasks[t].ready, token, memory_order_release);
+        /* seq_cst: pairs with the sleeper's store of `sleeping` then load of `ready`. */
+        atomic_store_explicit(&s->tasks[t].ready, token, memory_order_seq_cst);
         if (s != self) {
-            uint64_t one = 1;
-            (void)!write(s->wake_efd, &one, 8);
+            int seen = 0;
+            for (int i = 0; i < nwoken; i++) seen |= woken[i] == s;
+            if (!seen) woken[nwoken++] = s;
         }
         n++;
     }
     atomic_store_explicit(idx(ch, 224), cons, memory_order_release);
+    /* A vCPU that is running will see its ready tasks at its next scheduling
+       point; only one asleep in poll() needs the eventfd (a syscall and a
+       wake-up saved per completion). Still under the lock: a vCPU leaves
+       `scheds` under it, so none of these can be gone yet. */
+    for (int i = 0; i < nwoken; i++) {
+        if (atomic_load_explicit(&woken[i]->sleeping, memory_order_seq_cst)) {
+            uint64_t one = 1;
+            (void)!write(woken[i]->wake_efd, &one, 8);
+        }
+    }
     unlock(&ch->comp_lock);
     return n;
 }
@@ -212,6 +227,15 @@ void apf_yield(void) {
     if (!s || !s->current) return;
     struct task *t = s->current;
     swapcontext(&t->ctx, &s->ctx);
+}
+
+/* Whether a parked task of this vCPU has its "page ready". */
+static int has_ready(struct sched *s) {
+    for (int k = 0; k < s->ntasks; k++) {
+        struct task *t = &s->tasks[k];
+        if (t->state == T_PARKED && atomic_load_explicit(&t->ready, memory_order_seq_cst) == t->waiting) return 1;
+    }
+    return 0;
 }
 
 static struct task *next_runnable(struct sched *s) {
@@ -279,16 +303,29 @@ int apf_run_tasks(apf_channel *ch, uint32_t vcpu, int ntasks, size_t stack_bytes
         /* Every task parked: tell the daemon, take completions, else wait. */
         notify(&s);
         if (ch && drain_completions(ch, &s) > 0) continue;
+        /* Announce the sleep, then look once more: a vCPU that made one of our
+           tasks ready either sees `sleeping` and writes wake_efd, or stored the
+           token before our look (seq_cst on both sides: no lost wake-up). */
+        atomic_store_explicit(&s.sleeping, 1, memory_order_seq_cst);
+        if (has_ready(&s)) {
+            atomic_store_explicit(&s.sleeping, 0, memory_order_relaxed);
+            continue;
+        }
         uint64_t t0 = now_ns();
         struct pollfd p[2] = {{.fd = ch ? ch->comp_efd : -1, .events = POLLIN}, {.fd = s.wake_efd, .events = POLLIN}};
         poll(p, 2, 1);
+        atomic_store_explicit(&s.sleeping, 0, memory_order_relaxed);
         uint64_t v;
         if (p[1].revents) (void)!read(s.wake_efd, &v, 8);
         if (ch && p[0].revents) (void)!read(ch->comp_efd, &v, 8);
         __atomic_fetch_add(&vcpu_stats->idle_ns, now_ns() - t0, __ATOMIC_RELAXED);
     }
 out:
+    /* Under the completion lock: a vCPU draining completions may be about to
+       wake this one (see drain_completions). */
+    if (ch) lock(&ch->comp_lock);
     atomic_store(&scheds[vcpu], NULL);
+    if (ch) unlock(&ch->comp_lock);
     cur = NULL;
     for (int i = 0; i < ntasks; i++) free(s.tasks[i].stack);
     free(s.tasks);
