@@ -193,6 +193,26 @@ struct RDMATests {
         #expect(integrity?["pages_verified"] as? Int == (32 << 20) / 4096)
         print("migrate over RDMA (32 MiB, TCG VM): downtime \(o?["downtime_ns"] ?? "?") ns, full copy \(o?["time_to_full_copy_seconds"] ?? "?") s")
     }
+
+    /// Async page faults with pages fetched by RDMA READ: the daemon's busy-polled
+    /// demand QP serves the guest's "page not present" requests; every one gets
+    /// its "page ready" and every page is the source's.
+    @Test(.timeLimit(.minutes(10)), .enabled(if: postcopyBinary != nil, "no postcopy binary"))
+    func asyncPageFaultsOverRDMA() throws {
+        let r = try runCLI(["migrate", "--size", "32M", "--before", "1", "--after", "2", "--transport", "rdma",
+                            "--address", rdmaAddress!, "--tasks", "8", "--apf", "--json"])
+        #expect(r.status == 0, "migrate failed: \(r.stderr.suffix(3000))")
+        let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        #expect(o?["ok"] as? Bool == true)
+        #expect(o?["transport_used"] as? String == "rdma")
+        let integrity = o?["integrity"] as? [String: Any]
+        #expect(integrity?["pages_mismatched"] as? Int == 0)
+        let work = o?["task_work"] as? [String: Any]
+        let notPresent = work?["not_present"] as? Int ?? 0
+        #expect(notPresent > 0, "the guest took no async fault")
+        #expect(work?["ready"] as? Int == notPresent, "one ready per not-present")
+        print("APF over RDMA (32 MiB, TCG VM): \(notPresent) not-present, reads in the window \(work?["ops_in_window"] ?? "?")")
+    }
 }
 
 /// `auto` and `rdma` without a device: testable on any host.
