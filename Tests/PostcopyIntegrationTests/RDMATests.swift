@@ -178,12 +178,11 @@ struct RDMATests {
         print("RDMA→TCP failover: recovered in \(r.recoveryNs.map { formatDuration(ns: $0) }), \(server.stats.backgroundPages.load(ordering: .relaxed)) pages over TCP afterwards")
     }
 
-    /// The README's live migration over RDMA: source guest (RAM registered for
-    /// remote READ), page-fault daemon (one-sided READs), destination guest.
-    @Test(.timeLimit(.minutes(10)), .enabled(if: postcopyBinary != nil, "no postcopy binary"))
-    func runningGuestMigratesOverRDMA() throws {
+    /// `postcopy migrate` of a 32 MiB guest over RDMA with `extra` arguments:
+    /// checks it went well, by RDMA, every page equal; returns its report.
+    func migrateOverRDMA(_ extra: [String]) throws -> [String: Any]? {
         let r = try runCLI(["migrate", "--size", "32M", "--before", "1", "--after", "2", "--transport", "rdma",
-                            "--address", rdmaAddress!, "--json"])
+                            "--address", rdmaAddress!, "--json"] + extra)
         #expect(r.status == 0, "migrate failed: \(r.stderr.suffix(3000))")
         let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
         #expect(o?["ok"] as? Bool == true)
@@ -191,6 +190,14 @@ struct RDMATests {
         let integrity = o?["integrity"] as? [String: Any]
         #expect(integrity?["pages_mismatched"] as? Int == 0)
         #expect(integrity?["pages_verified"] as? Int == (32 << 20) / 4096)
+        return o
+    }
+
+    /// The README's live migration over RDMA: source guest (RAM registered for
+    /// remote READ), page-fault daemon (one-sided READs), destination guest.
+    @Test(.timeLimit(.minutes(10)), .enabled(if: postcopyBinary != nil, "no postcopy binary"))
+    func runningGuestMigratesOverRDMA() throws {
+        let o = try migrateOverRDMA([])
         print("migrate over RDMA (32 MiB, TCG VM): downtime \(o?["downtime_ns"] ?? "?") ns, full copy \(o?["time_to_full_copy_seconds"] ?? "?") s")
     }
 
@@ -199,14 +206,7 @@ struct RDMATests {
     /// its "page ready" and every page is the source's.
     @Test(.timeLimit(.minutes(10)), .enabled(if: postcopyBinary != nil, "no postcopy binary"))
     func asyncPageFaultsOverRDMA() throws {
-        let r = try runCLI(["migrate", "--size", "32M", "--before", "1", "--after", "2", "--transport", "rdma",
-                            "--address", rdmaAddress!, "--tasks", "8", "--apf", "--json"])
-        #expect(r.status == 0, "migrate failed: \(r.stderr.suffix(3000))")
-        let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
-        #expect(o?["ok"] as? Bool == true)
-        #expect(o?["transport_used"] as? String == "rdma")
-        let integrity = o?["integrity"] as? [String: Any]
-        #expect(integrity?["pages_mismatched"] as? Int == 0)
+        let o = try migrateOverRDMA(["--tasks", "8", "--apf"])
         let work = o?["task_work"] as? [String: Any]
         let notPresent = work?["not_present"] as? Int ?? 0
         #expect(notPresent > 0, "the guest took no async fault")
