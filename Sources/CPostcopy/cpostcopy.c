@@ -345,19 +345,15 @@ int cpc_poll1(int fd, short events, int timeout_ms) {
     return n;
 }
 
-int cpc_poll2(int a, int b, int timeout_ms) {
-    struct pollfd p[2] = { { .fd = a, .events = POLLIN }, { .fd = b, .events = POLLIN } };
-    int n = poll(p, 2, timeout_ms);
-    if (n < 0) return errno == EINTR ? 0 : -errno;
-    return (p[0].revents ? 1 : 0) | (p[1].revents ? 2 : 0);
-}
-
 int cpc_poll3(int a, int b, int c, int timeout_ms) {
     struct pollfd p[3] = { { .fd = a, .events = POLLIN }, { .fd = b, .events = POLLIN }, { .fd = c, .events = POLLIN } };
     int n = poll(p, 3, timeout_ms);
     if (n < 0) return errno == EINTR ? 0 : -errno;
     return (p[0].revents ? 1 : 0) | (p[1].revents ? 2 : 0) | (p[2].revents ? 4 : 0);
 }
+
+/* poll() ignores a negative fd: two fds are three with the last one absent. */
+int cpc_poll2(int a, int b, int timeout_ms) { return cpc_poll3(a, b, -1, timeout_ms); }
 
 int cpc_shutdown(int fd) { return neg_errno(shutdown(fd, SHUT_RDWR)); }
 

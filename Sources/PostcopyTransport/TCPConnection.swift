@@ -83,9 +83,15 @@ public final class TCPConnection: @unchecked Sendable {
     // MARK: sending
 
     public func send(_ message: Message) throws(TransportError) {
-        let bytes = Codec.encode(message)
+        try send([message])
+    }
+
+    /// Sends frames back to back in one write where possible (a burst of requests).
+    public func send(_ messages: [Message]) throws(TransportError) {
+        var bytes: [UInt8] = []
+        for m in messages { bytes += Codec.encode(m) }
         let result: Result<Void, TransportError> = bytes.withUnsafeBytes { raw in
-            Result { () throws(TransportError) in try send(raw, UnsafeRawBufferPointer(start: nil, count: 0)) }
+            Result { () throws(TransportError) in try sendv([raw]) }
         }
         try result.get()
     }

@@ -203,16 +203,7 @@ final class TCPPageChannel: PageChannel, @unchecked Sendable {
     }
 
     func submit(batch requests: [PageRequest]) throws(TransportError) {
-        guard requests.count > 1 else {
-            if let r = requests.first { try submit(r) }
-            return
-        }
-        var bytes: [UInt8] = []
-        for r in requests { bytes += Codec.encode(.pageRequest(r)) }
-        let result: Result<Void, TransportError> = bytes.withUnsafeBytes { raw in
-            Result { () throws(TransportError) in try connection.send(raw, UnsafeRawBufferPointer(start: nil, count: 0)) }
-        }
-        try result.get()
+        try connection.send(requests.map { .pageRequest($0) })
     }
 
     func drainCompletions(_ body: (PageDataHeader, UnsafeRawBufferPointer) throws(TransportError) -> Void) throws(TransportError) -> Int {

@@ -77,16 +77,34 @@ extension Transport {
     /// The zero map of every region, in chunks the source accepts.
     public func fetchWholeZeroMap(_ table: RegionTable) throws(TransportError) -> [ZeroMap] {
         var maps: [ZeroMap] = []
+        for c in Self.chunks(table, maxPages: 1 << 22) {
+            maps.append(try fetchZeroMap(region: c.region, firstPage: c.first, pageCount: c.count))
+        }
+        return maps
+    }
+
+    /// The xxh64 of every page of every region, in order, in chunks the source accepts.
+    public func fetchAllPageDigests(_ table: RegionTable) throws(TransportError) -> [UInt64] {
+        var all: [UInt64] = []
+        for c in Self.chunks(table, maxPages: UInt64(PageDigests.maxPages)) {
+            all += try fetchPageDigests(region: c.region, firstPage: c.first, pageCount: UInt32(c.count))
+        }
+        return all
+    }
+
+    /// Every region of `table` cut into runs of at most `maxPages` pages, in order.
+    static func chunks(_ table: RegionTable, maxPages: UInt64) -> [(region: UInt16, first: UInt64, count: UInt64)] {
+        var out: [(region: UInt16, first: UInt64, count: UInt64)] = []
         for i in 0..<table.regions.count {
             let pages = UInt64(table.pageCount(region: i))
             var first: UInt64 = 0
             while first < pages {
-                let n = min(pages - first, 1 << 22)
-                maps.append(try fetchZeroMap(region: UInt16(i), firstPage: first, pageCount: n))
+                let n = min(pages - first, maxPages)
+                out.append((UInt16(i), first, n))
                 first += n
             }
         }
-        return maps
+        return out
     }
 }
 

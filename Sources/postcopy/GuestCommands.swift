@@ -255,16 +255,11 @@ struct GuestResumeCommand: ParsableCommand {
         let v = guest.vcpuTotals
         guest.touchAll()
         // Integrity: the task guest only reads, so every page must equal the source's at pause.
-        var digests: [UInt64] = []
-        var first = 0
-        let pages = info.table.totalPages
-        while first < pages {
-            let n = min(pages - first, Int(PageDigests.maxPages))
-            do { digests += try control.fetchPageDigests(region: 0, firstPage: UInt64(first), pageCount: UInt32(n)) } catch {
-                throw fail("could not fetch the source's page digests: \(error)")
-            }
-            first += n
+        let digests: [UInt64]
+        do { digests = try control.fetchAllPageDigests(info.table) } catch {
+            throw fail("could not fetch the source's page digests: \(error)")
         }
+        let pages = info.table.totalPages
         control.close()
         var mismatched = 0
         for p in 0..<pages where cpc_xxh64(ram.base + p * 4096, 4096, 0) != digests[p] { mismatched += 1 }
@@ -365,15 +360,9 @@ struct GuestResumeCommand: ParsableCommand {
         let digests = Locked<[UInt64]?>(nil)
         let pages = info.table.totalPages
         let copyMode = stopAndCopy
+        let table = info.table
         let fetcher = PThread(name: "digests") {
-            var all: [UInt64] = []
-            var first = 0
-            while first < pages {
-                let n = min(pages - first, Int(PageDigests.maxPages))
-                guard let d = try? control.fetchPageDigests(region: 0, firstPage: UInt64(first), pageCount: UInt32(n)) else { return }
-                all += d
-                first += n
-            }
+            guard let all = try? control.fetchAllPageDigests(table) else { return }
             digests.withLock { $0 = all }
             // Stop-and-copy has no daemon: this guest tells the source it has every page.
             if copyMode { _ = try? control.complete(Complete(pagesReceived: UInt64(pages), digest: nil)) }
