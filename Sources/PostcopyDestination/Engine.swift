@@ -78,6 +78,27 @@ public enum APFStatus: UInt32, Sendable {
     case invalidAddress = 1
 }
 
+/// Notices requests in flight that get no reply for `timeout` seconds (a source
+/// that hangs, a reply lost): the caller then treats the connection as broken.
+/// 0 waits forever.
+struct StallWatch {
+    let timeout: Double
+    private var progressAt = nowNanoseconds()
+
+    init(timeout: Double) { self.timeout = timeout }
+
+    /// A reply arrived, or the first request of a burst left.
+    mutating func progressed() { progressAt = nowNanoseconds() }
+
+    /// How long to wait for events while requests are out: often enough to notice a stall.
+    var pollMs: Int32 { timeout > 0 ? 250 : -1 }
+
+    func check(inFlight: Int, _ what: String) throws(TransportError) {
+        guard timeout > 0, inFlight > 0, Double(nowNanoseconds() - progressAt) / 1e9 > timeout else { return }
+        throw .timedOut("no reply from the source to \(inFlight) \(what) request(s) for \(timeout) s")
+    }
+}
+
 /// Scheduling knobs of the engine.
 public struct EngineConfig: Sendable {
     /// Stream pages the guest has not asked for (off: demand only, for benchmarks).
@@ -219,6 +240,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         }
         zeroUnit = unitPages > 1 ? try MemoryMapping.anonymous(length: guestPage) : nil
         self.config = config
+        demandStall = StallWatch(timeout: config.stallTimeout)
         self.logger = logger
         demandChannel = demand
         backgroundChannel = background
@@ -447,10 +469,15 @@ public final class PostcopyEngine: @unchecked Sendable {
     }
 
     private func submit(_ channel: PageChannel, region: Int, page: Int, count: Int, class cls: PageClass) throws(TransportError) {
-        let r = PageRequest(requestID: nextRequestID.wrappingAdd(1, ordering: .relaxed).oldValue, region: UInt16(region),
-                            pageClass: cls, pageOffset: UInt64(page), pageCount: UInt32(count))
+        let r = newRequest(region: region, page: page, count: count, class: cls)
         inflight.withLock { $0[r.requestID] = r }
         try channel.submit(r)
+    }
+
+    /// A request with the next id (not yet registered in `inflight`).
+    private func newRequest(region: Int, page: Int, count: Int, class cls: PageClass) -> PageRequest {
+        PageRequest(requestID: nextRequestID.wrappingAdd(1, ordering: .relaxed).oldValue, region: UInt16(region),
+                    pageClass: cls, pageOffset: UInt64(page), pageCount: UInt32(count))
     }
 
     // MARK: fault thread
@@ -538,7 +565,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 (generation, demand, _) = currentChannels()
                 do {
                     demandInFlight = try switchChannel(epoll, from: old, to: demand, watched: demandAttached, background: false)
-                    demandProgressAt = nowNanoseconds()
+                    demandStall.progressed()
                 } catch {
                     try recover(from: generation, cause: error)
                     continue
@@ -553,9 +580,8 @@ public final class PostcopyEngine: @unchecked Sendable {
             if demandInFlight > 0 { lastDemandBusy = nowNanoseconds() }
             let spin = demandAttached && demand.busyPoll
                 && (demandInFlight > 0 || nowNanoseconds() - lastDemandBusy < Self.demandSpinNanoseconds)
-            let watchStall = demandInFlight > 0 && config.stallTimeout > 0
             flushReadyBatch()  // before any wait: parked guest tasks must hear of every install
-            do { try epoll.wait(&tokens, timeoutMs: queued || spin ? 0 : (watchStall ? 250 : -1)) } catch { throw .local(error) }
+            do { try epoll.wait(&tokens, timeoutMs: queued || spin ? 0 : (demandInFlight > 0 ? demandStall.pollMs : -1)) } catch { throw .local(error) }
             if tokens.contains(3) { flushReadyBatch(); return }
             do throws(TransportError) {
                 if tokens.contains(1) { try readEvents() }
@@ -567,11 +593,9 @@ public final class PostcopyEngine: @unchecked Sendable {
                 if demandAttached && (tokens.contains(2) || spin) {
                     let n = try demand.drainCompletions { (h, payload) throws(TransportError) in try handleCompletion(h, payload) }
                     demandInFlight -= n
-                    if n > 0 { demandProgressAt = nowNanoseconds() }
+                    if n > 0 { demandStall.progressed() }
                 }
-                if watchStall, demandInFlight > 0, Double(nowNanoseconds() - demandProgressAt) / 1e9 > config.stallTimeout {
-                    throw TransportError.timedOut("no reply from the source to \(demandInFlight) demand request(s) for \(config.stallTimeout) s")
-                }
+                try demandStall.check(inFlight: demandInFlight, "demand")
                 try fillDeferredZeroPages()
                 try submitDeferredDemand(demand)
             } catch {
@@ -595,7 +619,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     private var demandInFlight = 0
     private var lastDemandBusy: UInt64 = 0
     /// When a demand reply last arrived (or the first request of a burst left).
-    private var demandProgressAt: UInt64 = 0
+    private var demandStall: StallWatch  // fault thread only
     /// How long the fault thread keeps polling after its last demand completion
     /// on a busy-polled channel (costs at most that much CPU per burst of faults).
     static let demandSpinNanoseconds: UInt64 = 200_000
@@ -610,13 +634,10 @@ public final class PostcopyEngine: @unchecked Sendable {
         // A burst (many async faults at once) goes out in one write.
         let n = min(deferredDemand.count, Self.maxDemandInFlight - demandInFlight)
         guard n > 0 else { return }
-        if demandInFlight == 0 { demandProgressAt = nowNanoseconds() }
-        var batch: [PageRequest] = []
-        batch.reserveCapacity(n)
-        for p in deferredDemand.prefix(n) {
+        if demandInFlight == 0 { demandStall.progressed() }
+        let batch = deferredDemand.prefix(n).map { p in
             let (region, page) = table.locate(globalPage: p)
-            batch.append(PageRequest(requestID: nextRequestID.wrappingAdd(1, ordering: .relaxed).oldValue, region: UInt16(region),
-                                     pageClass: .demand, pageOffset: UInt64(page), pageCount: UInt32(unitPages)))
+            return newRequest(region: region, page: page, count: unitPages, class: .demand)
         }
         deferredDemand.removeFirst(n)
         demandInFlight += n
@@ -848,7 +869,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         var tokens: [UInt64] = []
         var requestedBytes = 0
         let started = nowNanoseconds()
-        var progressAt = started
+        var stall = StallWatch(timeout: config.stallTimeout)
         while true {
             if channelLock.withLock({ channelGeneration }) != generation {
                 let old = background
@@ -857,7 +878,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 background = b
                 do {
                     outstanding = try switchChannel(epoll, from: old, to: background, watched: true, background: true)
-                    progressAt = nowNanoseconds()
+                    stall.progressed()
                 } catch {
                     try recover(from: generation, cause: error)
                     continue
@@ -901,7 +922,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                     cursor = run.0 + run.1
                     let (region, page) = table.locate(globalPage: run.0)
                     requestedBytes += run.1 * pageSize
-                    if outstanding == 0 { progressAt = nowNanoseconds() }
+                    if outstanding == 0 { stall.progressed() }
                     outstanding += 1
                     try submit(background, region: region, page: page, count: run.1, class: .background)
                 }
@@ -910,18 +931,15 @@ public final class PostcopyEngine: @unchecked Sendable {
                 continue
             }
             if exhausted && outstanding == 0 { return }
-            let watchStall = config.stallTimeout > 0
-            do { try epoll.wait(&tokens, timeoutMs: outstanding > 0 ? (watchStall ? 250 : -1) : waitMs) } catch { throw .local(error) }
+            do { try epoll.wait(&tokens, timeoutMs: outstanding > 0 ? stall.pollMs : waitMs) } catch { throw .local(error) }
             if tokens.contains(3) { return }
             do throws(TransportError) {
                 let n = try background.drainCompletions { (h, payload) throws(TransportError) in
                     try handleCompletion(h, payload)
                 }
                 outstanding -= n
-                if n > 0 { progressAt = nowNanoseconds() }
-                if watchStall, outstanding > 0, Double(nowNanoseconds() - progressAt) / 1e9 > config.stallTimeout {
-                    throw TransportError.timedOut("no reply from the source to \(outstanding) background request(s) for \(config.stallTimeout) s")
-                }
+                if n > 0 { stall.progressed() }
+                try stall.check(inFlight: outstanding, "background")
             } catch {
                 try recover(from: generation, cause: error)
             }
