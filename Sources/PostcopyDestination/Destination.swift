@@ -121,33 +121,43 @@ public final class StandaloneDestination: Sendable {
         self.logger = logger
     }
 
+    /// Runs `attempt` (told whether it is a retry) until it succeeds. A failure
+    /// `retryable` accepts is tried again after a backoff, until the recovery
+    /// deadline counted from `since`; the time from the first failure to the
+    /// success joins `recoveries`.
+    private func retrying<T>(_ stage: String, _ then: String, since: UInt64 = nowNanoseconds(), recoveries: inout [UInt64],
+                             retryable: (TransportError) -> Bool,
+                             _ attempt: (_ isRetry: Bool) throws(TransportError) -> T) throws(DestinationError) -> T {
+        var backoff = Backoff(deadline: options.engine.recoveryDeadline, since: since)
+        var lostAt: UInt64?
+        while true {
+            do {
+                let value = try attempt(lostAt != nil)
+                if let l = lostAt { recoveries.append(nowNanoseconds() - l) }
+                return value
+            } catch {
+                if lostAt == nil { lostAt = nowNanoseconds() }
+                guard retryable(error), options.engine.recoveryDeadline > 0, !backoff.expired else { throw .transport(error) }
+                logger.warning("connection to the source lost during \(stage) (\(error)); \(then)")
+                backoff.wait()
+            }
+        }
+    }
+
     public func run(transport: Transport, transportReason: String) throws(DestinationError) -> DestinationReport {
         let t0 = nowNanoseconds()
         let cpu0 = processCPUNanoseconds()
         let uffd: Userfaultfd
         do { uffd = try Userfaultfd() } catch { throw .system(error) }
 
-        // A connection cut before the session exists is simply tried again.
-        var connected: SessionInfo?
-        var backoff = Backoff(deadline: options.engine.recoveryDeadline, since: t0)
+        // A connection cut before the session exists is simply tried again; only
+        // a connection that was up and broke: a source that refuses or does not
+        // exist is reported at once, not retried for a minute.
         var setupRecoveries: [UInt64] = []
-        var lostAt: UInt64?
-        while connected == nil {
-            do {
-                connected = try transport.connect()
-                if let l = lostAt { setupRecoveries.append(nowNanoseconds() - l) }
-            } catch {
-                if lostAt == nil { lostAt = nowNanoseconds() }
-                // Only a connection that was up and broke: a source that refuses or
-                // does not exist is reported at once, not retried for a minute.
-                var broke = false
-                if case .closed = error { broke = true }
-                guard broke, options.engine.recoveryDeadline > 0, !backoff.expired else { throw .transport(error) }
-                logger.warning("connection to the source lost during the handshake (\(error)); trying again")
-                backoff.wait()
-            }
+        let info = try retrying("the handshake", "trying again", since: t0, recoveries: &setupRecoveries,
+                                retryable: { if case .closed = $0 { true } else { false } }) { (_) throws(TransportError) in
+            try transport.connect()
         }
-        let info = connected!
         let table = info.table
         guard table.pageSize == Int(getpagesize()) else {
             throw .incompatible("source page size \(table.pageSize) differs from this host's \(getpagesize()); huge-page guests need the VMM handoff")
@@ -170,31 +180,21 @@ public final class StandaloneDestination: Sendable {
         defer { _ = rss.finish(excluding: guestRanges) }  // also on every error path
 
         // Control: zero map and device state before anything streams.
-        var zeroMaps: [ZeroMap] = []
-        var deviceState: [UInt8] = []
         var demand: PageChannel?
         var background: PageChannel?
         // A connection lost during this setup is recovered like one lost later:
         // rejoin the session (with backoff, until the deadline) and ask again.
-        var setupBackoff = Backoff(deadline: options.engine.recoveryDeadline)
-        var setUp = false
-        var setupLostAt: UInt64?
-        while !setUp {
-            do {
-                zeroMaps = try transport.fetchWholeZeroMap(table)
-                deviceState = try transport.fetchDeviceState(timeoutMs: 60_000)
-                if demand == nil { demand = try transport.openChannel(.demand) }
-                if background == nil { background = try transport.openChannel(.background) }
-                setUp = true
-                if let l = setupLostAt { setupRecoveries.append(nowNanoseconds() - l) }
-            } catch {
-                if setupLostAt == nil { setupLostAt = nowNanoseconds() }
-                guard error.isConnectionLoss, options.engine.recoveryDeadline > 0, !setupBackoff.expired else { throw .transport(error) }
-                logger.warning("connection to the source lost during setup (\(error)); reconnecting")
-                setupBackoff.wait()
+        let (zeroMaps, deviceState) = try retrying("setup", "reconnecting", recoveries: &setupRecoveries,
+                                                   retryable: { $0.isConnectionLoss }) { (isRetry) throws(TransportError) in
+            if isRetry {
                 (demand, background) = (nil, nil)
                 if let (d, b) = try? transport.reconnect() { (demand, background) = (d, b) }
             }
+            let zeroMaps = try transport.fetchWholeZeroMap(table)
+            let deviceState = try transport.fetchDeviceState(timeoutMs: 60_000)
+            if demand == nil { demand = try transport.openChannel(.demand) }
+            if background == nil { background = try transport.openChannel(.background) }
+            return (zeroMaps, deviceState)
         }
         guard let demand, let background else { throw .transport(.closed("no channels to the source")) }
         if let path = options.deviceStateOut {
