@@ -16,6 +16,11 @@
 #define APF_HEADER 256
 #define REQ_BYTES 32
 #define COMP_BYTES 16
+/* Index words in the header (APFRing.swift, version 1). */
+#define REQ_PROD 64
+#define REQ_CONS 128
+#define COMP_PROD 192
+#define COMP_CONS 224
 #define MAX_VCPUS 256
 #define MAX_TASKS 4096
 /* Requests posted before the daemon is told (more are told at once when every task is parked). */
@@ -106,8 +111,8 @@ void apf_channel_destroy(apf_channel *ch) { free(ch); }
 /* Posts one request; 0 when the ring is full. */
 static int post_request(apf_channel *ch, uint64_t token, uint64_t addr, uint32_t vcpu) {
     lock(&ch->req_lock);
-    uint32_t prod = atomic_load_explicit(idx(ch, 64), memory_order_relaxed);
-    uint32_t cons = atomic_load_explicit(idx(ch, 128), memory_order_acquire);
+    uint32_t prod = atomic_load_explicit(idx(ch, REQ_PROD), memory_order_relaxed);
+    uint32_t cons = atomic_load_explicit(idx(ch, REQ_CONS), memory_order_acquire);
     int ok = prod - cons < ch->req_entries;
     if (ok) {
         uint8_t *e = ch->mem + ch->req_off + (size_t)(prod & (ch->req_entries - 1)) * REQ_BYTES;
@@ -116,7 +121,7 @@ static int post_request(apf_channel *ch, uint64_t token, uint64_t addr, uint32_t
         memcpy(e + 8, &addr, 8);
         memcpy(e + 16, &vcpu, 4);
         memcpy(e + 20, &flags, 4);
-        atomic_store_explicit(idx(ch, 64), prod + 1, memory_order_release);
+        atomic_store_explicit(idx(ch, REQ_PROD), prod + 1, memory_order_release);
     }
     unlock(&ch->req_lock);
     return ok;
@@ -137,8 +142,8 @@ static int drain_completions(apf_channel *ch, struct sched *self) {
     struct sched *woken[MAX_VCPUS];   /* other vCPUs with a task made ready: one wake each, after the batch */
     int nwoken = 0;
     lock(&ch->comp_lock);
-    uint32_t cons = atomic_load_explicit(idx(ch, 224), memory_order_relaxed);
-    uint32_t prod = atomic_load_explicit(idx(ch, 192), memory_order_acquire);
+    uint32_t cons = atomic_load_explicit(idx(ch, COMP_CONS), memory_order_relaxed);
+    uint32_t prod = atomic_load_explicit(idx(ch, COMP_PROD), memory_order_acquire);
     while (cons != prod) {
         uint8_t *e = ch->mem + ch->comp_off + (size_t)(cons & (ch->comp_entries - 1)) * COMP_BYTES;
         uint64_t token;
@@ -159,7 +164,7 @@ static int drain_completions(apf_channel *ch, struct sched *self) {
         }
         n++;
     }
-    atomic_store_explicit(idx(ch, 224), cons, memory_order_release);
+    atomic_store_explicit(idx(ch, COMP_CONS), cons, memory_order_release);
     /* A vCPU that is running will see its ready tasks at its next scheduling
        point; only one asleep in poll() needs the eventfd (a syscall and a
        wake-up saved per completion). Still under the lock: a vCPU leaves
@@ -229,19 +234,22 @@ void apf_yield(void) {
     swapcontext(&t->ctx, &s->ctx);
 }
 
-/* Whether a parked task of this vCPU has its "page ready". */
+/* Whether this parked task has its "page ready". */
+static int page_ready(struct task *t) {
+    /* seq_cst: the sleeper's look after announcing `sleeping` (see apf_run_tasks). */
+    return t->state == T_PARKED && atomic_load_explicit(&t->ready, memory_order_seq_cst) == t->waiting;
+}
+
 static int has_ready(struct sched *s) {
-    for (int k = 0; k < s->ntasks; k++) {
-        struct task *t = &s->tasks[k];
-        if (t->state == T_PARKED && atomic_load_explicit(&t->ready, memory_order_seq_cst) == t->waiting) return 1;
-    }
+    for (int k = 0; k < s->ntasks; k++)
+        if (page_ready(&s->tasks[k])) return 1;
     return 0;
 }
 
 static struct task *next_runnable(struct sched *s) {
     for (int k = 0; k < s->ntasks; k++) {
         struct task *t = &s->tasks[(s->next + k) % s->ntasks];
-        if (t->state == T_PARKED && atomic_load_explicit(&t->ready, memory_order_acquire) == t->waiting) {
+        if (page_ready(t)) {
             t->state = T_RUNNABLE;
             __atomic_fetch_add(&s->stats->ready, 1, __ATOMIC_RELAXED);
         }
@@ -289,7 +297,7 @@ int apf_run_tasks(apf_channel *ch, uint32_t vcpu, int ntasks, size_t stack_bytes
         /* "Page ready" is taken at every scheduling point, not only when every
            task is parked: a vCPU whose other tasks keep running must still see
            its parked ones come back. */
-        if (ch && atomic_load_explicit(idx(ch, 192), memory_order_acquire) != atomic_load_explicit(idx(ch, 224), memory_order_relaxed))
+        if (ch && atomic_load_explicit(idx(ch, COMP_PROD), memory_order_acquire) != atomic_load_explicit(idx(ch, COMP_CONS), memory_order_relaxed))
             drain_completions(ch, &s);
         struct task *t = next_runnable(&s);
         if (t) {
