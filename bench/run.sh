@@ -9,16 +9,23 @@
 #
 # Usage: bench/run.sh            (about a minute)
 # Env:   IDLE_SIZE (64M)  BG_SIZE (1G)  COPY_RUNS (3)  PORT (7390)
+#        POSTCOPY_BIN (a postcopy binary to measure instead of building this tree's)
+#        OUT (results folder, bench/results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IDLE_SIZE=${IDLE_SIZE:-64M}
 BG_SIZE=${BG_SIZE:-1G}
 COPY_RUNS=${COPY_RUNS:-3}
 PORT=${PORT:-7390}
-OUT=bench/results
+OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-swift build -c release --product postcopy >&2
-B=.build/release/postcopy
+if [ -n "${POSTCOPY_BIN:-}" ]; then
+    B=$POSTCOPY_BIN
+else
+    source scripts/lib.sh
+    swift build -c release --product postcopy >&2
+    B=.build/release/postcopy
+fi
 SMALL=/dev/shm/postcopy-bench-small.$$
 BIG=/dev/shm/postcopy-bench-big.$$
 FULL=/dev/shm/postcopy-bench-full.$$

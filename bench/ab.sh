@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Before/after comparison of two postcopy binaries in one sitting: runs
+# bench/run.sh for each, alternating (A B A B ...), so that both see the same
+# machine, and prints per binary the demand-fault ratio c/(a+b) at p50 (each run
+# against its own baselines) and the 1 GiB full-copy time, with the spread over
+# the rounds and B's median against A's.
+#
+# Usage: bench/ab.sh OLD_BINARY NEW_BINARY [ROUNDS]     (ROUNDS 2: about 5 minutes)
+# To build the old one: git worktree add /tmp/old REV && (cd /tmp/old && swift build -c release --product postcopy)
+# Results: bench/results/ab/{A,B}-N/latest.json and bench/results/ab/summary.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 2 ] || { sed -n 2,10p "$0" >&2; exit 2; }
+A=$(realpath "$1"); B=$(realpath "$2"); ROUNDS=${3:-2}
+for b in "$A" "$B"; do [ -x "$b" ] || { echo "error: $b is not an executable" >&2; exit 2; }; done
+AB=bench/results/ab
+rm -rf "$AB"; mkdir -p "$AB"
+for i in $(seq "$ROUNDS"); do
+    for side in A B; do
+        bin=$A; [ "$side" = B ] && bin=$B
+        echo "== round $i, $side: $bin" >&2
+        POSTCOPY_BIN=$bin OUT="$AB/$side-$i" bash bench/run.sh > "$AB/$side-$i.txt"
+        cat "$AB/$side-$i.txt" >&2
+    done
+done
+python3 - "$AB" "$ROUNDS" "$A" "$B" <<'PY'
+import json, os, statistics, sys
+ab, rounds, bins = sys.argv[1], int(sys.argv[2]), {"A": sys.argv[3], "B": sys.argv[4]}
+res = {}
+for side in "AB":
+    runs = [json.load(open(os.path.join(ab, f"{side}-{i}", "latest.json"))) for i in range(1, rounds + 1)]
+    ratio = [r["ratio_c_over_a_plus_b_p50"] for r in runs]
+    copy = [statistics.median(r["full_copy_seconds"]) for r in runs]
+    res[side] = {"binary": bins[side], "ratio_p50": ratio, "full_copy_median_s": copy}
+    print(f"{side} ({bins[side]})")
+    print(f"   demand c/(a+b) p50: " + ", ".join(f"{x:.2f}" for x in ratio) + f"   median {statistics.median(ratio):.2f}")
+    print(f"   1 GiB full copy:    " + ", ".join(f"{x:.3f} s" for x in copy) + f"   median {statistics.median(copy):.3f} s")
+for key, name in (("ratio_p50", "demand p50 ratio"), ("full_copy_median_s", "full-copy time")):
+    a, b = statistics.median(res["A"][key]), statistics.median(res["B"][key])
+    res[f"B_over_A_{key}"] = b / a
+    print(f"B / A {name}: {b / a:.3f}")
+json.dump(res, open(os.path.join(ab, "summary.json"), "w"), indent=2)
+PY
