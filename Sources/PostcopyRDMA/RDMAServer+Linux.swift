@@ -190,3 +190,7 @@ public final class RDMAServer: @unchecked Sendable {
 
     deinit { stop() }
 }
+
+extension RDMAServer: RemoteReadProvider {
+    public var acceptedConnectionCount: UInt64 { acceptedConnections.load(ordering: .relaxed) }
+}
