@@ -204,9 +204,12 @@ public final class RDMATransport: Transport, @unchecked Sendable {
             for c in lock.withLock({ channels }) where c.checkDisconnected() {
                 logger?.warning("RDMA: the source disconnected a queue pair")
             }
-            usleep(50_000)
+            usleep(Self.watchIntervalUs)
         }
     }
+
+    /// How often the watcher looks for disconnected queue pairs (µs).
+    static let watchIntervalUs: UInt32 = 50_000
 }
 
 /// The NUL-terminated message a C shim call left in `buffer`.

@@ -14,7 +14,7 @@ public enum TransportFactory {
     public static func connect(_ kind: TransportKind, endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64,
                                authKey: [UInt8]? = nil, logger: Logger? = nil) throws(TransportError) -> (Transport, reason: String) {
         func tcp() -> TCPTransport {
-            TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey)
+            tcpTransport(endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey)
         }
         switch kind {
         case .tcp:
@@ -41,9 +41,13 @@ public enum TransportFactory {
             return try connect(kind, endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages,
                                authKey: authKey, logger: logger)
         } catch {
-            return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey),
+            return (tcpTransport(endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey),
                     "\(kind.rawValue): \(error); using TCP")
         }
+    }
+
+    private static func tcpTransport(_ endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int, authKey: [UInt8]?) -> TCPTransport {
+        TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey)
     }
 
     /// The source's remote-read provider for `kind`: an `RDMAServer` listening

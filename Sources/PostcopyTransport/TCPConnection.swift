@@ -150,6 +150,9 @@ public final class TCPConnection: @unchecked Sendable {
         }
     }
 
+    /// Longest single poll of a `receive` (ms): it waits in slices of this.
+    static let receivePollSliceMs: Int32 = 1000
+
     /// Blocks (up to `timeoutMs`, -1 forever) for the next frame.
     public func receive(timeoutMs: Int32 = -1) throws(TransportError) -> Message {
         let deadline = timeoutMs < 0 ? UInt64.max : nowNanoseconds() + UInt64(timeoutMs) * 1_000_000
@@ -157,7 +160,8 @@ public final class TCPConnection: @unchecked Sendable {
             if let m = try tryReceive() { return m }
             let now = nowNanoseconds()
             guard now < deadline else { throw .timedOut("waiting for a frame from \(peer)") }
-            let wait = deadline == .max ? Int32(1000) : Int32(min(1000, (deadline - now) / 1_000_000 + 1))
+            let slice = UInt64(Self.receivePollSliceMs)
+            let wait = deadline == .max ? Self.receivePollSliceMs : Int32(min(slice, (deadline - now) / 1_000_000 + 1))
             let p = cpc_poll1(fd.raw, Int16(POLLIN), wait)
             if p < 0 { throw .system(SystemError("poll(recv) from \(peer)", errno: -p)) }
         }
