@@ -238,6 +238,25 @@ struct TransportSelectionTests {
         }
     }
 
+    @Test func sourceSidePicksTCPOnlyAndSaysWhy() throws {
+        let mem = try TempMemory(size: 1 << 20, zeroPercent: 10, seed: 16)
+        let log = testLogger("test.factory")
+        let tcp = try TransportFactory.serve(.tcp, host: "127.0.0.1", memory: mem.mapping, logger: log)
+        #expect(tcp.provider == nil)
+        let auto = try TransportFactory.serve(.auto, host: "127.0.0.1", memory: mem.mapping, file: mem.file.fd.raw, logger: log)
+        #expect(auto.provider == nil)
+        #expect(auto.reason.contains("no RDMA device"))
+        #expect(throws: TransportError.self) {
+            _ = try TransportFactory.serve(.rdma, host: "127.0.0.1", memory: mem.mapping, logger: log)
+        }
+    }
+
+    @Test func daemonTransportFallsBackToTCPAndSaysWhy() {
+        let (t, reason) = TransportFactory.connectOrTCP(.rdma, endpoint: Endpoint(host: "127.0.0.1", port: 1), maxBatchPages: 128)
+        #expect(t is TCPTransport)
+        #expect(reason.contains("no RDMA device") && reason.contains("using TCP"))
+    }
+
     @Test func sourceWithoutRDMAAnswersAnErrorAndKeepsTheConnection() throws {
         guard uffdSkipReason == nil else { return }
         let mem = try TempMemory(size: 1 << 20, zeroPercent: 10, seed: 15)
