@@ -34,18 +34,25 @@ let package = Package(
             dependencies: ["CPostcopy", "PostcopyWire", "PostcopyCore", .product(name: "Crypto", package: "swift-crypto")]),
         // libibverbs + librdmacm behind a small C shim (connection setup, READ, CQ).
         .target(name: "CRDMA", linkerSettings: [.linkedLibrary("ibverbs"), .linkedLibrary("rdmacm")]),
-        // RDMA transport (one-sided READ) and the source's RDMA listener; `selectTransport`.
+        // RDMA transport (one-sided READ), the source's RDMA listener, and
+        // `TransportFactory` (tcp | rdma | auto, for both sides).
         .target(
             name: "PostcopyRDMA",
             dependencies: [
                 "CPostcopy", "CRDMA", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        // Source page server.
+        // Fault injection and other test-only helpers (the chaos proxy), kept out
+        // of the modules that ship; used by the tests and `postcopy chaos-proxy`.
+        .target(
+            name: "PostcopyTesting",
+            dependencies: ["CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport"]),
+        // Source page server: talks to listeners and remote-read providers through
+        // PostcopyTransport's protocols, never to RDMA.
         .target(
             name: "PostcopySource",
             dependencies: [
-                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA",
+                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // Destination: userfaultfd owner, fault thread, scheduler, installer.
@@ -59,7 +66,7 @@ let package = Package(
         .target(
             name: "PostcopyHandoff",
             dependencies: [
-                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyDestination",
+                "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA", "PostcopyDestination",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // Guest side of paravirtual async page faults (what a guest kernel would do), in C.
@@ -72,7 +79,7 @@ let package = Package(
             name: "postcopy",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA",
-                "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest",
+                "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest", "PostcopyTesting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -92,7 +99,7 @@ let package = Package(
             name: "PostcopyIntegrationTests",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA",
-                "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest",
+                "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest", "PostcopyTesting",
                 .product(name: "Logging", package: "swift-log"),
             ]),
     ],

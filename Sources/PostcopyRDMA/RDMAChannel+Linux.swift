@@ -218,7 +218,7 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
     /// For tests of the source's protection: posts one READ of `length` bytes at
     /// `address` (anywhere, unchecked) and waits for its completion status
     /// (0 = success, else an `ibv_wc_status`).
-    public func rawReadStatus(address: UInt64, length: Int, timeoutMs: Int = 30_000) throws(TransportError) -> Int32 {
+    @_spi(Testing) public func rawReadStatus(address: UInt64, length: Int, timeoutMs: Int = 30_000) throws(TransportError) -> Int32 {
         guard let c = conn else { throw .closed("RDMA channel closed") }
         let sizeClass = Int(UInt32((length + table.pageSize - 1) / table.pageSize).nextPowerOfTwo)
         let buffer = try takeBuffer(sizeClass: sizeClass)

@@ -104,11 +104,14 @@ public final class RDMAServer: @unchecked Sendable {
         tokens.withLock { t in t = t.filter { $0.value != session } }
     }
 
+    /// Longest wait of the event thread for an rdma_cm event or the stop eventfd (ms).
+    static let eventPollTimeoutMs: Int32 = 1000
+
     private func eventLoop() {
         let fd = crdma_listener_fd(listener)
         var ev = crdma_event()
         while true {
-            let r = cpc_poll2(fd, stopFD.fd.raw, 1000)
+            let r = cpc_poll2(fd, stopFD.fd.raw, Self.eventPollTimeoutMs)
             if r & 2 != 0 { return }
             while true {
                 let got = crdma_listener_next(listener, &ev)
@@ -189,4 +192,8 @@ public final class RDMAServer: @unchecked Sendable {
     }
 
     deinit { stop() }
+}
+
+extension RDMAServer: RemoteReadProvider {
+    public var acceptedConnectionCount: UInt64 { acceptedConnections.load(ordering: .relaxed) }
 }

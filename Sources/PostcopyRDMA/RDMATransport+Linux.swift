@@ -45,8 +45,11 @@ public final class RDMATransport: Transport, @unchecked Sendable {
     public var decision: String? { lock.withLock { decisionText } }
     private var decisionText: String?
 
+    /// How long rdma_cm address/route resolution and the connect may take (ms).
+    public static let defaultConnectTimeoutMs: Int32 = 10_000
+
     public init(endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64, authKey: [UInt8]? = nil, fallBackToTCP: Bool = false,
-                connectTimeoutMs: Int32 = 10_000, logger: Logger? = nil) {
+                connectTimeoutMs: Int32 = RDMATransport.defaultConnectTimeoutMs, logger: Logger? = nil) {
         self.fallBackToTCP = fallBackToTCP
         self.endpoint = endpoint
         self.maxBatchPages = maxBatchPages
@@ -88,11 +91,20 @@ public final class RDMATransport: Transport, @unchecked Sendable {
     }
 
     /// An RDMA channel of `kind` (never a TCP one), for tests and `openChannel`.
-    /// `forgedOffer` is for tests: present another token or rkey than the source gave.
-    public func openRDMAChannel(_ kind: ChannelKind, forgedOffer: RDMAOffer? = nil) throws(TransportError) -> RDMAPageChannel {
+    public func openRDMAChannel(_ kind: ChannelKind) throws(TransportError) -> RDMAPageChannel {
+        try openRDMAChannel(kind, offer: nil)
+    }
+
+    /// Fault injection: an RDMA channel that presents `forgedOffer` (another
+    /// token or rkey than the source gave) instead of the source's offer.
+    @_spi(Testing) public func openRDMAChannel(_ kind: ChannelKind, forgedOffer: RDMAOffer) throws(TransportError) -> RDMAPageChannel {
+        try openRDMAChannel(kind, offer: forgedOffer)
+    }
+
+    private func openRDMAChannel(_ kind: ChannelKind, offer forged: RDMAOffer?) throws(TransportError) -> RDMAPageChannel {
         guard let info = lock.withLock({ info }) else { throw .protocolViolation("openChannel before connect") }
         let o: RDMAOffer
-        if let forgedOffer { o = forgedOffer } else { o = try rdmaOffer() }
+        if let forged { o = forged } else { o = try rdmaOffer() }
         let priv = RDMAConnectData.encode(token: o.token, kind: kind)
         var conn: OpaquePointer?
         var err = [CChar](repeating: 0, count: 256)
@@ -192,36 +204,12 @@ public final class RDMATransport: Transport, @unchecked Sendable {
             for c in lock.withLock({ channels }) where c.checkDisconnected() {
                 logger?.warning("RDMA: the source disconnected a queue pair")
             }
-            usleep(50_000)
+            usleep(Self.watchIntervalUs)
         }
     }
-}
 
-/// Which transport to use, as the CLI's `--transport` names it: `.rdma` fails
-/// with a clear reason when RDMA cannot work here; `.auto` picks RDMA when a
-/// device exists and the source offers RDMA over a route to it, else TCP, and
-/// says which and why.
-public func selectTransport(_ kind: TransportKind, endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64,
-                            authKey: [UInt8]? = nil, logger: Logger? = nil) throws(TransportError) -> (Transport, reason: String) {
-    switch kind {
-    case .tcp:
-        return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey),
-                "tcp requested")
-    case .rdma:
-        guard rdmaDeviceCount() > 0 else {
-            throw .unavailable("no RDMA device on this host (ibv_get_device_list found none; for soft-RoCE: rdma link add rxe0 type rxe netdev IFACE); use --transport tcp or auto")
-        }
-        return (RDMATransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey, logger: logger), "rdma requested")
-    case .auto:
-        let n = rdmaDeviceCount()
-        guard n > 0 else {
-            return (TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey),
-                    "auto: no RDMA device on this host, using TCP")
-        }
-        return (RDMATransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey,
-                              fallBackToTCP: true, logger: logger),
-                "auto: \(n) RDMA device(s) here; RDMA if the source offers it over a route to \(endpoint.host), else TCP")
-    }
+    /// How often the watcher looks for disconnected queue pairs (µs).
+    static let watchIntervalUs: UInt32 = 50_000
 }
 
 /// The NUL-terminated message a C shim call left in `buffer`.

@@ -61,7 +61,12 @@ public final class TCPConnection: @unchecked Sendable {
         maxBody = n
     }
 
-    public static func connect(_ endpoint: Endpoint, timeoutMs: Int32 = 5000, maxBody: Int) throws(TransportError) -> TCPConnection {
+    /// How long `connect` waits for the TCP handshake by default (ms).
+    public static let connectTimeoutMs: Int32 = 5_000
+    /// How long a send waits for a peer that stopped reading (ms).
+    public static let sendStallTimeoutMs: Int32 = 30_000
+
+    public static func connect(_ endpoint: Endpoint, timeoutMs: Int32 = TCPConnection.connectTimeoutMs, maxBody: Int) throws(TransportError) -> TCPConnection {
         var err = [CChar](repeating: 0, count: 256)
         let r = cpc_tcp_connect(endpoint.host, String(endpoint.port), timeoutMs, &err, 256)
         if r < 0 {
@@ -110,9 +115,9 @@ public final class TCPConnection: @unchecked Sendable {
             let n = min(iov.count - first, 1024)  // IOV_MAX
             let r = iov.withUnsafeBufferPointer { cpc_sendv(fd.raw, $0.baseAddress! + first, Int32(n)) }
             if r == -Int(EAGAIN) {
-                let p = cpc_poll1(fd.raw, Int16(POLLOUT), 30_000)
+                let p = cpc_poll1(fd.raw, Int16(POLLOUT), Self.sendStallTimeoutMs)
                 if p < 0 { throw .system(SystemError("poll(send) to \(peer)", errno: -p)) }
-                if p == 0 { throw .timedOut("sending to \(peer): peer not reading for 30 s") }
+                if p == 0 { throw .timedOut("sending to \(peer): peer not reading for \(Self.sendStallTimeoutMs / 1000) s") }
                 continue
             }
             if r < 0 {
@@ -145,6 +150,9 @@ public final class TCPConnection: @unchecked Sendable {
         }
     }
 
+    /// Longest single poll of a `receive` (ms): it waits in slices of this.
+    static let receivePollSliceMs: Int32 = 1000
+
     /// Blocks (up to `timeoutMs`, -1 forever) for the next frame.
     public func receive(timeoutMs: Int32 = -1) throws(TransportError) -> Message {
         let deadline = timeoutMs < 0 ? UInt64.max : nowNanoseconds() + UInt64(timeoutMs) * 1_000_000
@@ -152,7 +160,8 @@ public final class TCPConnection: @unchecked Sendable {
             if let m = try tryReceive() { return m }
             let now = nowNanoseconds()
             guard now < deadline else { throw .timedOut("waiting for a frame from \(peer)") }
-            let wait = deadline == .max ? Int32(1000) : Int32(min(1000, (deadline - now) / 1_000_000 + 1))
+            let slice = UInt64(Self.receivePollSliceMs)
+            let wait = deadline == .max ? Self.receivePollSliceMs : Int32(min(slice, (deadline - now) / 1_000_000 + 1))
             let p = cpc_poll1(fd.raw, Int16(POLLIN), wait)
             if p < 0 { throw .system(SystemError("poll(recv) from \(peer)", errno: -p)) }
         }

@@ -12,6 +12,18 @@ public enum Protocol {
     /// Largest page run one request may ask for.
     public static let maxPagesPerRequest: UInt32 = 4096
     public static let maxRegions = 1024
+    /// Largest zero map one request may ask for, in pages: the source refuses
+    /// more, the destination cuts its requests in runs of this.
+    public static let maxZeroMapPages: UInt64 = 1 << 22
+    /// Largest device-state chunk one reply carries (bytes): the destination asks
+    /// for this much, the source sends at most this much.
+    public static let maxDeviceStateChunk = 1 << 19
+    /// How long a peer may take to send its hello, an authentication response or
+    /// a welcome (ms).
+    public static let handshakeTimeoutMs: Int32 = 30_000
+    /// How long a control request (device state, digests, completion) may wait
+    /// for its reply once the source guest paused (ms).
+    public static let controlReplyTimeoutMs: Int32 = 60_000
 }
 
 /// Capabilities a peer may advertise in Hello / Welcome.

@@ -2,6 +2,7 @@ import ArgumentParser
 import CPostcopy
 import Foundation
 import PostcopyCore
+import PostcopyTesting
 import PostcopyTransport
 
 /// A TCP proxy that cuts every connection through it, again and again: for

@@ -186,7 +186,7 @@ struct SourceCommand: ParsableCommand {
             rssOutsideGuestMaxBytes: rss.finish(excluding: [mem.mapping.range]),
             cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9,
             servingCPUSeconds: Double(processCPUNanoseconds() - serveCPU0) / 1e9,
-            rdmaConnections: server.rdma?.acceptedConnections.load(ordering: .relaxed) ?? 0)
+            rdmaConnections: server.rdma?.acceptedConnectionCount ?? 0)
         if common.json {
             emitJSON(report)
         } else {
@@ -332,7 +332,7 @@ struct DestCommand: ParsableCommand {
         let key = try common.loadKey()
         let (transport, reason): (Transport, String)
         do {
-            (transport, reason) = try selectTransport(TransportKind(rawValue: common.transport)!, endpoint: Endpoint(parsing: connect)!,
+            (transport, reason) = try TransportFactory.connect(TransportKind(rawValue: common.transport)!, endpoint: Endpoint(parsing: connect)!,
                                                       maxBatchPages: batchPages, authKey: key, logger: logger)
         } catch {
             throw fail("\(error)")
@@ -382,7 +382,7 @@ struct DestCommand: ParsableCommand {
         let json = common.json
         // `--transport rdma` without a device fails now, not when a VMM arrives.
         do {
-            let (_, reason) = try selectTransport(kind, endpoint: endpoint, maxBatchPages: batchPages, authKey: nil)
+            let (_, reason) = try TransportFactory.connect(kind, endpoint: endpoint, maxBatchPages: batchPages, authKey: nil)
             logger.info("transport for VMMs: \(reason)")
         } catch { throw fail("\(error)") }
         let key = try common.loadKey()
@@ -390,11 +390,7 @@ struct DestCommand: ParsableCommand {
         do {
             server = try HandoffServer(
                 path: path, source: endpoint, engineConfig: engineConfig(), authKey: key, logger: logger,
-                makeTransport: { batch, demandPages in
-                    (try? selectTransport(kind, endpoint: endpoint, maxBatchPages: batch, maxDemandPages: demandPages,
-                                          authKey: key, logger: logger))?.0
-                        ?? TCPTransport(endpoint: endpoint, maxBatchPages: batch, maxDemandPages: demandPages, authKey: key)
-                },
+                transport: kind,
                 onComplete: { pid, at in
                     if json {
                         emitEvent(["event": "complete", "vmm_pid": Int(pid), "completed_at_ns": at])
@@ -516,22 +512,8 @@ struct MakeMemoryCommand: ParsableCommand {
 
 /// The source's RDMA listener for `--transport`: required for `rdma`, tried for
 /// `auto` (saying why it is off when it cannot be had), none for `tcp`.
-func startRDMA(_ kind: TransportKind, host: String, memory: MemoryMapping, file: Int32? = nil, logger: Logger) throws -> RDMAServer? {
-    switch kind {
-    case .tcp:
-        return nil
-    case .rdma:
-        do { return try RDMAServer(host: host, memory: memory.base, length: memory.length, file: file, logger: logger) } catch {
-            throw fail("--transport rdma: \(error)")
-        }
-    case .auto:
-        guard rdmaDeviceCount() > 0 else {
-            logger.info("auto: serving TCP only (no RDMA device on this host)")
-            return nil
-        }
-        do { return try RDMAServer(host: host, memory: memory.base, length: memory.length, file: file, logger: logger) } catch {
-            logger.notice("auto: serving TCP only: \(error)")
-            return nil
-        }
+func startRDMA(_ kind: TransportKind, host: String, memory: MemoryMapping, file: Int32? = nil, logger: Logger) throws -> (any RemoteReadProvider)? {
+    do { return try TransportFactory.serve(kind, host: host, memory: memory, file: file, logger: logger).provider } catch {
+        throw fail("--transport rdma: \(error)")
     }
 }

@@ -2,7 +2,7 @@ import CPostcopy
 import Foundation
 import PostcopyCore
 import PostcopyDestination
-import PostcopyRDMA
+@_spi(Testing) import PostcopyRDMA
 import PostcopySource
 import PostcopyTransport
 import PostcopyWire
@@ -40,6 +40,11 @@ func startRDMASource(_ mem: TempMemory, authKey: [UInt8]? = nil, rdma: Bool = tr
     return server
 }
 
+extension PageServer {
+    /// The source's RDMA listener (the page server knows it only as a remote-read provider).
+    var rdmaServer: RDMAServer? { rdma as? RDMAServer }
+}
+
 func runRDMADestination(_ transport: Transport, touch: TouchMode = .random, threads: Int = 4, backgroundRate: Int = 0,
                         compare: ByteComparison) throws -> DestinationReport {
     var options = DestinationOptions()
@@ -68,7 +73,7 @@ struct RDMATests {
         // One-sided: the source process served no page itself.
         #expect(server.stats.demandPages.load(ordering: .relaxed) == 0)
         #expect(server.stats.backgroundPages.load(ordering: .relaxed) == 0)
-        #expect(server.rdma!.acceptedConnections.load(ordering: .relaxed) == 2)
+        #expect(server.rdmaServer!.acceptedConnections.load(ordering: .relaxed) == 2)
         // Zero pages are never read: RDMA bytes are the non-zero pages exactly.
         #expect(r.bytesReceived >= UInt64(r.nonZeroPages) * 4096)
     }
@@ -127,7 +132,7 @@ struct RDMATests {
         var forged = real
         forged.token = [UInt8](repeating: 0xA5, count: RDMAOffer.tokenBytes)
         #expect(throws: TransportError.self) { _ = try t.openRDMAChannel(.background, forgedOffer: forged) }
-        #expect(server.rdma!.rejectedConnections.load(ordering: .relaxed) == 1)
+        #expect(server.rdmaServer!.rejectedConnections.load(ordering: .relaxed) == 1)
         // The real token works.
         let ch = try t.openRDMAChannel(.background)
         ch.close()
@@ -138,7 +143,7 @@ struct RDMATests {
         let mem = try TempMemory(size: 4 << 20, zeroPercent: 20, seed: 13)
         let server = try startRDMASource(mem, rdma: false)
         defer { server.stop() }
-        let (t, reason) = try selectTransport(.auto, endpoint: Endpoint(host: rdmaAddress!, port: server.port), maxBatchPages: 128)
+        let (t, reason) = try TransportFactory.connect(.auto, endpoint: Endpoint(host: rdmaAddress!, port: server.port), maxBatchPages: 128)
         #expect(reason.contains("auto"))
         let cmp = ByteComparison(expected: mem.mapping.bytes)
         let r = try runRDMADestination(t, compare: cmp)
@@ -153,7 +158,7 @@ struct RDMATests {
         let mem = try TempMemory(size: 16 << 20, zeroPercent: 10, seed: 14)
         let server = try startRDMASource(mem)
         defer { server.stop() }
-        let rdma = server.rdma!
+        let rdma = server.rdmaServer!
         let cmp = ByteComparison(expected: mem.mapping.bytes)
         let t = RDMATransport(endpoint: Endpoint(host: rdmaAddress!, port: server.port), maxBatchPages: 128)
         let result = Locked<Result<DestinationReport, any Error>?>(nil)
@@ -219,18 +224,37 @@ struct RDMATests {
 @Suite("transport selection without RDMA", .enabled(if: rdmaDeviceCount() == 0, "this host has an RDMA device"))
 struct TransportSelectionTests {
     @Test func autoPicksTCPAndSaysWhy() throws {
-        let (t, reason) = try selectTransport(.auto, endpoint: Endpoint(host: "127.0.0.1", port: 1), maxBatchPages: 128)
+        let (t, reason) = try TransportFactory.connect(.auto, endpoint: Endpoint(host: "127.0.0.1", port: 1), maxBatchPages: 128)
         #expect(t is TCPTransport)
         #expect(reason.contains("no RDMA device"))
     }
 
     @Test func rdmaRequestedWithoutDeviceIsAClearError() {
         do {
-            _ = try selectTransport(.rdma, endpoint: Endpoint(host: "127.0.0.1", port: 1), maxBatchPages: 128)
+            _ = try TransportFactory.connect(.rdma, endpoint: Endpoint(host: "127.0.0.1", port: 1), maxBatchPages: 128)
             Issue.record("--transport rdma must fail without a device")
         } catch {
             #expect(error.description.contains("no RDMA device"))
         }
+    }
+
+    @Test func sourceSidePicksTCPOnlyAndSaysWhy() throws {
+        let mem = try TempMemory(size: 1 << 20, zeroPercent: 10, seed: 16)
+        let log = testLogger("test.factory")
+        let tcp = try TransportFactory.serve(.tcp, host: "127.0.0.1", memory: mem.mapping, logger: log)
+        #expect(tcp.provider == nil)
+        let auto = try TransportFactory.serve(.auto, host: "127.0.0.1", memory: mem.mapping, file: mem.file.fd.raw, logger: log)
+        #expect(auto.provider == nil)
+        #expect(auto.reason.contains("no RDMA device"))
+        #expect(throws: TransportError.self) {
+            _ = try TransportFactory.serve(.rdma, host: "127.0.0.1", memory: mem.mapping, logger: log)
+        }
+    }
+
+    @Test func daemonTransportFallsBackToTCPAndSaysWhy() {
+        let (t, reason) = TransportFactory.connectOrTCP(.rdma, endpoint: Endpoint(host: "127.0.0.1", port: 1), maxBatchPages: 128)
+        #expect(t is TCPTransport)
+        #expect(reason.contains("no RDMA device") && reason.contains("using TCP"))
     }
 
     @Test func sourceWithoutRDMAAnswersAnErrorAndKeepsTheConnection() throws {

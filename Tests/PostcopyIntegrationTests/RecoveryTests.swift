@@ -3,6 +3,7 @@ import Foundation
 import PostcopyCore
 import PostcopyDestination
 import PostcopySource
+import PostcopyTesting
 import PostcopyTransport
 import PostcopyWire
 import Synchronization

@@ -1,5 +1,6 @@
 import CPostcopy
 import PostcopyCore
+import PostcopyTransport
 import PostcopyWire
 import Synchronization
 #if canImport(Glibc)

@@ -1,0 +1,64 @@
+import CPostcopy
+import Foundation
+import PostcopyCore
+import PostcopyDestination
+
+/// Messages from a VMM: the handoff (regions + userfaultfd), then at most an
+/// async-page-fault enable.
+extension HandoffServer {
+    /// How long a VMM may take to send its handoff message after connecting (ms).
+    static let handoffTimeoutMs: Int32 = 10_000
+    /// Largest later message (an async-page-fault enable).
+    static let laterMessageMaxBytes = 4096
+
+    /// One message from a VMM: `n` is recvmsg's result (bytes, 0 at EOF, -errno),
+    /// `fds` the descriptors that came with it (at most 4 kept; `truncated` when
+    /// there were more).
+    static func receiveMessage(_ conn: OwnedFD, maxBytes: Int) -> (n: Int, bytes: [UInt8], fds: [Int32], nfds: Int32, truncated: Bool) {
+        var buf = [UInt8](repeating: 0, count: maxBytes)
+        var fds = [Int32](repeating: -1, count: 4)
+        var nfds: Int32 = 0, ctrunc: Int32 = 0
+        let n = buf.withUnsafeMutableBytes { b in
+            fds.withUnsafeMutableBufferPointer { f in
+                cpc_recv_with_fds(conn.raw, b.baseAddress, b.count, f.baseAddress, 4, &nfds, &ctrunc)
+            }
+        }
+        return (n, Array(buf.prefix(max(n, 0))), Array(fds.prefix(Int(min(max(nfds, 0), 4)))), nfds, ctrunc != 0)
+    }
+
+    /// Reads the one handoff message: JSON bytes and the fds that came with it.
+    func receiveHandoff(_ conn: OwnedFD) throws(HandoffError) -> ([UInt8], Int32) {
+        // The VMM sends right after connecting; a silent peer is not a VMM.
+        guard cpc_poll1(conn.raw, Int16(POLLIN), Self.handoffTimeoutMs) > 0 else {
+            throw .malformedJSON("no handoff message within \(Self.handoffTimeoutMs / 1000) s")
+        }
+        let m = Self.receiveMessage(conn, maxBytes: HandoffMessage.maxBytes)
+        func closeAll() { for fd in m.fds { close(fd) } }
+        if m.n < 0 { closeAll(); throw .system(SystemError("recvmsg from VMM", errno: Int32(-m.n))) }
+        if m.n == 0 { closeAll(); throw .malformedJSON("the VMM closed the socket without sending its regions") }
+        if m.nfds > 1 || m.truncated { closeAll(); throw .tooManyFileDescriptors(Int(m.nfds)) }
+        guard m.nfds == 1 else { throw .noFileDescriptor }
+        return (m.bytes, m.fds[0])
+    }
+
+    /// A later message from the VMM: the guest enabling async page faults
+    /// (sets `apf`). False at EOF: the VMM is gone.
+    func receiveLaterMessage(_ conn: OwnedFD, pid: Int32, engine: PostcopyEngine, apf: inout APFChannel?) -> Bool {
+        let m = Self.receiveMessage(conn, maxBytes: Self.laterMessageMaxBytes)
+        if m.n <= 0 && m.n != -Int(EAGAIN) && m.n != -Int(EINTR) { return false }
+        let got = m.fds
+        var adopted = false  // from then on the channel owns (and closes) the fds
+        do throws(APFError) {
+            guard apf == nil else { throw .badHeader("async page faults are already enabled for this VM") }
+            try APFEnable.parse(m.bytes)
+            guard got.count == 3, !m.truncated else { throw .badHeader("expected 3 fds (channel memfd, request eventfd, completion eventfd), got \(m.nfds)") }
+            adopted = true
+            apf = try APFChannel(memfd: got[0], requestFD: got[1], completionFD: got[2], engine: engine, logger: logger)
+            logger.info("VMM pid \(pid): async page faults enabled")
+        } catch {
+            if !adopted { for fd in got { close(fd) } }
+            logger.error("VMM pid \(pid): async page faults refused: \(error) (the guest keeps blocking faults)")
+        }
+        return true
+    }
+}

@@ -1,0 +1,115 @@
+import CPostcopy
+import Foundation
+import PostcopyCore
+import PostcopyDestination
+import PostcopyTransport
+import PostcopyWire
+
+/// Serving one VMM from its handoff until it goes away.
+extension HandoffServer {
+    /// How often the session loop samples progress and looks for messages (ms).
+    static let sessionPollIntervalMs: Int32 = 50
+    /// How long a completed session waits for the background stream to end
+    /// before acknowledging completion to the source (ms).
+    static let backgroundDrainTimeoutMs: Int32 = 30_000
+
+    func serveVMM(_ conn: OwnedFD) {
+        let pid = cpc_peer_pid(conn.raw)
+        let json: [UInt8]
+        let uffdFD: Int32
+        do {
+            (json, uffdFD) = try receiveHandoff(conn)
+        } catch {
+            reject(pid, error)
+            return
+        }
+        let uffd = Userfaultfd(adopting: uffdFD)
+        let regions: [VMMRegion]
+        do {
+            regions = try HandoffMessage.parse(json, hostPageSize: Int(getpagesize()))
+        } catch {
+            reject(pid, error)
+            return
+        }
+        // 2 MiB (hugetlbfs) guest pages are fetched and installed whole.
+        let guestPage = Int(regions[0].pageSize)
+        var config = engineConfig
+        config.guestPageSize = guestPage
+        let transport = makeTransport(guestPage: guestPage, config: config)
+        defer { transport.close() }
+        let engine: PostcopyEngine
+        do {
+            engine = try makeEngine(uffd: uffd, regions: regions, transport: transport, config: config)
+        } catch let e as HandoffError {
+            reject(pid, e)
+            return
+        } catch {
+            reject(pid, .source("\(error)"))
+            return
+        }
+        logger.info("VMM pid \(pid): serving \(regions.count) region(s), \(formatBytes(Double(regions.reduce(0) { $0 + $1.size })))")
+        let cpu0 = processCPUNanoseconds()
+        engine.start()
+        var completed = false
+        var failure: String?
+        var progress: [[UInt64]] = []
+        var apf: APFChannel?
+        defer { apf?.close() }
+        func sample() {
+            let c = engine.counters
+            progress.append([nowNanoseconds(), c.demandPages.load(ordering: .relaxed), c.backgroundPages.load(ordering: .relaxed),
+                             UInt64(c.settledPages.load(ordering: .relaxed))])
+        }
+        // Serve until the VMM goes away (its socket closes); after completion the
+        // engine keeps serving late zero-page faults and REMOVE events.
+        while !stopping.load(ordering: .relaxed) {
+            if !completed { sample() }
+            let ready = cpc_poll1(conn.raw, Int16(POLLIN), Self.sessionPollIntervalMs)
+            if ready > 0, !receiveLaterMessage(conn, pid: pid, engine: engine, apf: &apf) { break }
+            if !completed, failure == nil, cpc_poll1(engine.completionDescriptor, Int16(POLLIN), 0) > 0 {
+                if let e = engine.failureReason {
+                    failure = e.description
+                    logger.error("VMM pid \(pid): postcopy failed: \(e); its vCPUs stay parked on missing pages")
+                } else {
+                    completed = true
+                    sample()
+                    finish(pid: pid, engine: engine, transport: transport)
+                }
+            }
+        }
+        engine.stop()
+        let report = sessionReport(pid: pid, regions: regions, engine: engine, transport: transport, completed: completed,
+                                   failure: failure, cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, progress: progress)
+        stats.reports.withLock { $0.append(report) }
+        onSessionEnd?(report)
+        logger.info("VMM pid \(pid) went away; its session is released")
+    }
+
+    /// Every page of the VMM is in: tell the source (once the stream ended) and the caller.
+    private func finish(pid: Int32, engine: PostcopyEngine, transport: Transport) {
+        stats.completed.add(1, ordering: .relaxed)
+        // Replies for pages the VMM removed may still be on their way
+        // on the main connection; it is free once the stream has ended.
+        let idle = engine.waitForBackgroundDone(timeoutMs: Self.backgroundDrainTimeoutMs)
+        let ack = idle ? try? transport.complete(Complete(pagesReceived: UInt64(engine.table.totalPages), digest: nil)) : nil
+        logger.info("VMM pid \(pid): every page is in (source acknowledged: \(ack != nil))")
+        onComplete?(pid, engine.streamEnd)
+    }
+
+    private func sessionReport(pid: Int32, regions: [VMMRegion], engine: PostcopyEngine, transport: Transport, completed: Bool,
+                               failure: String?, cpuSeconds: Double, progress: [[UInt64]]) -> HandoffSessionReport {
+        let c = engine.counters
+        let wire = transport.bytesOnWire
+        let hist = engine.faultLatencyHistogram
+        return HandoffSessionReport(
+            vmmPid: pid, transport: transport.name, regions: regions.count, guestBytes: Int(regions.reduce(0) { $0 + $1.size }), completed: completed,
+            error: failure, faults: c.faults.load(ordering: .relaxed), demandPages: c.demandPages.load(ordering: .relaxed),
+            backgroundPages: c.backgroundPages.load(ordering: .relaxed), zeroPagesFaulted: c.zeroFaults.load(ordering: .relaxed),
+            removeEvents: c.removedRanges.load(ordering: .relaxed),
+            timeToFullCopySeconds: completed ? Double(engine.streamEnd - engine.streamStart) / 1e9 : nil,
+            faultLatency: LatencySummary(hist), faultLatencyCDF: latencyCDF(hist),
+            stallSeconds: Double(engine.stallNanoseconds) / 1e9, zeroPages: c.zeroPagesKnown.load(ordering: .relaxed) + Int(c.zeroPagesReceived.load(ordering: .relaxed)),
+            bytesSent: wire.sent, bytesReceived: wire.received, cpuSeconds: cpuSeconds,
+            progress: progress)
+    }
+}

@@ -1,0 +1,46 @@
+import Foundation
+import PostcopyCore
+import PostcopyDestination
+import PostcopyRDMA
+import PostcopyTransport
+
+/// A VMM's transport to the source and its engine.
+extension HandoffServer {
+    /// The VMM's transport to the source (`TransportFactory`), its requests
+    /// sized so that a guest page of `guestPage` bytes fits whole.
+    func makeTransport(guestPage: Int, config: EngineConfig) -> Transport {
+        let unitPages = max(guestPage / Int(getpagesize()), 1)
+        let (transport, reason) = TransportFactory.connectOrTCP(transportKind, endpoint: source,
+                                                                maxBatchPages: max(config.batchPages, unitPages),
+                                                                maxDemandPages: max(64, unitPages), authKey: authKey, logger: logger)
+        logger.debug("transport: \(reason)")
+        return transport
+    }
+
+    /// Joins a source session over `transport`, checks the VMM's regions
+    /// against the source's, opens both channels and makes the engine.
+    func makeEngine(uffd: Userfaultfd, regions: [VMMRegion], transport: Transport, config: EngineConfig) throws -> PostcopyEngine {
+        let info = try transport.connect()
+        let table = info.table
+        let ps = UInt64(table.pageSize)
+        let guest = regions.map {
+            GuestRegion(base: $0.base, size: Int($0.size), sourceFirstPage: Int($0.offset / ps))
+        }
+        if let problem = GuestRegion.layoutProblem(guest, table: table) { throw HandoffError.layout(problem) }
+        let demand = try transport.openChannel(.demand)
+        let background = try transport.openChannel(.background)
+        // The source guest may still be running: the background stream waits
+        // for its pause (the device state being published), then streams at
+        // once; the source flags all-zero batches itself, so no zero map (and
+        // no wait for the source's scan of RAM) is needed. Faults are served now.
+        let t = transport
+        return try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: [],
+                                  zeroMapProvider: { () throws(TransportError) in
+                                      _ = try t.fetchDeviceState(timeoutMs: -1)
+                                      return []
+                                  },
+                                  demand: demand, background: background,
+                                  reconnect: { () throws(TransportError) in try t.reconnect() },
+                                  config: config, logger: logger)
+    }
+}

@@ -1,0 +1,38 @@
+import PostcopyCore
+
+/// What one VMM session did, reported when it ends.
+public struct HandoffSessionReport: Sendable, Codable {
+    public var vmmPid: Int32
+    /// The transport pages moved over ("tcp", "rdma", "rdma→tcp" after a failover).
+    public var transport: String
+    public var regions: Int
+    public var guestBytes: Int
+    public var completed: Bool
+    public var error: String?
+    public var faults: UInt64
+    public var demandPages: UInt64
+    public var backgroundPages: UInt64
+    public var zeroPagesFaulted: UInt64
+    public var removeEvents: UInt64
+    public var timeToFullCopySeconds: Double?
+    public var faultLatency: LatencySummary
+    /// [percentile, ns] points of the fault-latency CDF.
+    public var faultLatencyCDF: [[Double]]
+    /// Total time the guest's threads waited on faults (blocktime summed over vCPUs).
+    public var stallSeconds: Double
+    public var zeroPages: Int
+    public var bytesSent: UInt64
+    public var bytesReceived: UInt64
+    /// CPU time of the daemon process while this session ran.
+    public var cpuSeconds: Double
+    /// Pages present over time: [CLOCK_MONOTONIC ns, demand pages, background pages, settled pages].
+    public var progress: [[UInt64]]
+
+    enum CodingKeys: String, CodingKey {
+        case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
+        case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted"
+        case removeEvents = "remove_events", timeToFullCopySeconds = "time_to_full_copy_seconds", faultLatency = "fault_latency"
+        case faultLatencyCDF = "fault_latency_cdf", stallSeconds = "stall_seconds", zeroPages = "zero_pages"
+        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", cpuSeconds = "cpu_seconds", progress
+    }
+}

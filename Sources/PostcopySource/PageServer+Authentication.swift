@@ -1,0 +1,28 @@
+import PostcopyTransport
+import PostcopyWire
+
+extension PageServer {
+    /// Challenge-response on the shared key (see `Authentication`). False, after
+    /// an error frame to the peer, when it fails: the caller closes the connection.
+    func authenticate(_ conn: any FrameConnection, hello: Hello, key: [UInt8]) throws(TransportError) -> Bool {
+        func refuse(_ why: String) throws(TransportError) -> Bool {
+            stats.rejectedConnections.add(1, ordering: .relaxed)
+            logger.warning("refusing \(conn.peer): \(why)")
+            try conn.send(.error(ErrorMessage(code: .authenticationFailed, message: why)))
+            return false
+        }
+        guard let nonce = hello.extensions.first(where: { $0.type == ExtensionType.clientNonce })?.value,
+              nonce.count == Authentication.nonceBytes else {
+            return try refuse("this source requires authentication with its shared key")
+        }
+        let serverNonce = Authentication.nonce()
+        try conn.send(.authChallenge(AuthChallenge(serverNonce: serverNonce,
+                                                   proof: Authentication.sourceProof(key: key, clientNonce: nonce, serverNonce: serverNonce))))
+        let reply = try conn.receive(timeoutMs: Protocol.handshakeTimeoutMs)
+        guard case .authResponse(let r) = reply,
+              Authentication.equal(r.proof, Authentication.destinationProof(key: key, clientNonce: nonce, serverNonce: serverNonce)) else {
+            return try refuse("authentication failed: wrong key")
+        }
+        return true
+    }
+}

@@ -1,0 +1,137 @@
+import CPostcopy
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One page channel being served: its connection, the session it joined, and
+/// whether it is the session's main (control + background) or urgent channel.
+struct ServedChannel {
+    let conn: any FrameConnection
+    let session: SourceSession
+    let role: ChannelRole
+}
+
+/// What a message handler tells the dispatch loop.
+enum ChannelFlow {
+    /// Go on with the next frame.
+    case next
+    /// Stop serving this channel (the server stops or the peer left); no error.
+    case end
+}
+
+extension PageServer {
+    /// The handshake (hello, authentication, session), the welcome, then every
+    /// frame of the channel, each to its handler.
+    func serveChannel(_ conn: any FrameConnection) throws(TransportError) {
+        let first = try conn.receive(timeoutMs: Protocol.handshakeTimeoutMs)
+        guard case .hello(let hello) = first else {
+            throw .protocolViolation("first frame must be hello, got \(first.type)")
+        }
+        if let key = authKey {
+            guard try authenticate(conn, hello: hello, key: key) else { return }
+        }
+        guard let session = try join(conn, hello: hello) else { return }
+        if hello.role == .main {
+            backgroundPriority.applyToCurrentThread()
+        }
+        let pageSize = memory.table.pageSize
+        conn.pageSize = pageSize
+        // Digest and device-state size are known here only once the guest paused
+        // and RAM was scanned; 0 means "not yet" (the replies to the later
+        // requests carry them).
+        let scan = memory.scanIfDone
+        try conn.send(.welcome(Welcome(pageSize: UInt32(pageSize), sessionID: session.id,
+                                       capabilities: [.zeroMap, .urgentChannel], regions: memory.table.regions,
+                                       digest: scan?.digest ?? 0,
+                                       deviceStateSize: UInt64(memory.waitForDeviceState(timeoutMs: 0)?.count ?? 0))))
+        logger.info("\(hello.role) channel from \(conn.peer) joined session \(session.id)")
+        try dispatch(ServedChannel(conn: conn, session: session, role: hello.role))
+    }
+
+    /// The session a hello asks for: a new one (main, id 0), the one a
+    /// reconnecting main or an urgent channel names, or nil after telling the
+    /// peer it is unknown.
+    private func join(_ conn: any FrameConnection, hello: Hello) throws(TransportError) -> SourceSession? {
+        switch hello.role {
+        case .main where hello.sessionID != 0:
+            // A destination reconnecting after a cut: the session (and what was
+            // sent in it) goes on; the destination re-requests what it lacks.
+            guard let s = sessions.session(hello.sessionID) else {
+                try refuseUnknownSession(conn, "unknown or completed session \(hello.sessionID)")
+                return nil
+            }
+            stats.resumedSessions.add(1, ordering: .relaxed)
+            return s
+        case .main:
+            return sessions.open(pages: memory.table.totalPages)
+        case .urgent:
+            guard let s = sessions.session(hello.sessionID) else {
+                try refuseUnknownSession(conn, "unknown session \(hello.sessionID)")
+                return nil
+            }
+            return s
+        }
+    }
+
+    private func refuseUnknownSession(_ conn: any FrameConnection, _ why: String) throws(TransportError) {
+        stats.rejectedConnections.add(1, ordering: .relaxed)
+        try conn.send(.error(ErrorMessage(code: .unknownSession, message: why)))
+    }
+
+    /// Every frame of the channel to its handler, until one ends the channel.
+    private func dispatch(_ channel: ServedChannel) throws(TransportError) {
+        let conn = channel.conn
+        // Requests are small: take every one that is there, answer them in one send.
+        conn.readAhead = true
+        var next: Message?
+        while true {
+            let m: Message
+            if let n = next { m = n; next = nil } else { m = try conn.receive(timeoutMs: -1) }
+            let flow: ChannelFlow
+            switch m {
+            case .pageRequest(let r):
+                next = try handlePageRequests(first: r, channel)
+                flow = .next
+            case .zeroMapRequest(let z):
+                try conn.send(.zeroMap(try zeroMap(z)))
+                flow = .next
+            case .deviceStateRequest(let d):
+                flow = try handleDeviceStateRequest(d, channel)
+            case .pageDigestRequest(let r):
+                flow = try handlePageDigestRequest(r, channel)
+            case .rdmaRequest:
+                flow = try handleRemoteReadRequest(channel)
+            case .complete(let c):
+                try handleComplete(c, channel)
+                flow = .next
+            default:
+                throw .protocolViolation("unexpected \(m.type) from destination")
+            }
+            if case .end = flow { return }
+        }
+    }
+
+    /// How often the waits for the pause and the scan look at the stop flag (ms).
+    static let freezePollIntervalMs = 200
+
+    /// The RAM scan (after the pause); nil when the server stops first.
+    func waitForScan() -> MemoryScan? {
+        while !stopping.load(ordering: .relaxed) {
+            if let s = memory.waitForScan(timeoutMs: Self.freezePollIntervalMs) { return s }
+        }
+        return nil
+    }
+
+    /// Waits for the guest to pause; nil when the server stops or the peer leaves first.
+    func waitUntilFrozen(_ conn: any FrameConnection) -> [UInt8]? {
+        while !stopping.load(ordering: .relaxed) {
+            if let s = memory.waitForDeviceState(timeoutMs: Self.freezePollIntervalMs) { return s }
+            // A peer that hung up while waiting is not worth waiting for.
+            if cpc_poll1(conn.pollDescriptor, Int16(POLLIN), 0) > 0, (try? conn.tryReceive()) == nil { return nil }
+        }
+        return nil
+    }
+}

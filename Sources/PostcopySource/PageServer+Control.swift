@@ -1,0 +1,70 @@
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+
+/// One handler per control message of a page channel.
+extension PageServer {
+    /// A chunk of the device state; waits for the pause: a destination VMM asks
+    /// ahead of time, like QEMU's -incoming.
+    func handleDeviceStateRequest(_ d: DeviceStateRequest, _ channel: ServedChannel) throws(TransportError) -> ChannelFlow {
+        guard let state = waitUntilFrozen(channel.conn) else { return .end }
+        let total = UInt64(state.count)
+        guard d.offset <= total else { throw .protocolViolation("device state offset \(d.offset) beyond \(total)") }
+        let n = Int(min(UInt64(d.maxLength), total - d.offset, UInt64(Protocol.maxDeviceStateChunk)))
+        let start = Int(d.offset)
+        try channel.conn.send(.deviceState(DeviceState(totalSize: total, offset: d.offset, data: Array(state[start..<(start + n)]))))
+        return .next
+    }
+
+    /// The xxh64 of a run of pages, as RAM was at the pause.
+    func handlePageDigestRequest(_ r: PageDigestRequest, _ channel: ServedChannel) throws(TransportError) -> ChannelFlow {
+        let table = memory.table
+        do { try table.validate(region: r.region, pageOffset: r.firstPage, pageCount: UInt64(r.pageCount)) } catch {
+            throw .protocolViolation(error.description)
+        }
+        guard waitUntilFrozen(channel.conn) != nil, let scan = waitForScan() else { return .end }
+        let first = table.firstGlobalPage[Int(r.region)] + Int(r.firstPage)
+        try channel.conn.send(.pageDigests(PageDigests(region: r.region, firstPage: r.firstPage,
+                                                       digests: Array(scan.pageDigests[first..<(first + Int(r.pageCount))]))))
+        return .next
+    }
+
+    /// Remote READ access to guest RAM (an `RDMAOffer`), on the main channel only.
+    func handleRemoteReadRequest(_ channel: ServedChannel) throws(TransportError) -> ChannelFlow {
+        let conn = channel.conn
+        guard channel.role == .main else { throw .protocolViolation("RDMA access asked for on the urgent channel") }
+        guard let rdma else {
+            // Not fatal: an `auto` destination goes on over TCP on this connection.
+            try conn.send(.error(ErrorMessage(code: .rdmaUnavailable, message: "this source serves no RDMA (started with --transport tcp, or it has no RDMA device)")))
+            return .next
+        }
+        // RAM is read remotely without us: only once it stopped changing.
+        guard waitUntilFrozen(conn) != nil else { return .end }
+        try conn.send(.rdmaOffer(rdma.offer(session: channel.session.id)))
+        logger.info("session \(channel.session.id): RDMA access to guest RAM handed to \(conn.peer)")
+        return .next
+    }
+
+    /// The destination has every page: compare digests, acknowledge, end the session.
+    func handleComplete(_ c: Complete, _ channel: ServedChannel) throws(TransportError) {
+        let session = channel.session
+        let sourceDigest = waitForScan()?.digest ?? 0
+        let matches = c.digest == sourceDigest && c.pagesReceived == UInt64(memory.table.totalPages)
+        stats.lastDigestMatched.store(matches, ordering: .relaxed)
+        let twice = stats.pagesSentTwice.load(ordering: .relaxed)
+        try channel.conn.send(.completeAck(CompleteAck(digestMatches: matches, pagesSentTwice: twice)))
+        if let d = c.digest {
+            if matches {
+                logger.info("session \(session.id) complete: destination digest matches")
+            } else {
+                logger.error("session \(session.id) complete but destination digest \(MemoryDigest.hex(d)) != source \(MemoryDigest.hex(sourceDigest))")
+            }
+        } else {
+            logger.info("session \(session.id) complete: \(c.pagesReceived) pages in (the destination's VMM checks integrity)")
+        }
+        stats.completedSessions.add(1, ordering: .relaxed)
+        sessions.end(session.id)
+        rdma?.endSession(session.id)
+        if exitAfterCompletion { done.signal() }
+    }
+}

@@ -1,0 +1,77 @@
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+
+extension PageServer {
+    /// Page replies gathered into one sendmsg at most (a burst of demand faults).
+    static let maxRepliesPerSend = 64
+
+    /// Answers `first` and every page request already there after it (up to
+    /// `maxRepliesPerSend`) in one send; returns the other message read on the
+    /// way, if any, for the dispatch loop.
+    func handlePageRequests(first: PageRequest, _ channel: ServedChannel) throws(TransportError) -> Message? {
+        var batch = [first]
+        var next: Message?
+        while batch.count < Self.maxRepliesPerSend, let more = try channel.conn.tryReceive() {
+            guard case .pageRequest(let r) = more else { next = more; break }
+            batch.append(r)
+        }
+        try servePages(batch, conn: channel.conn, session: channel.session)
+        return next
+    }
+
+    /// Answers requests in order, in one vectored send. A request out of range
+    /// gets the replies before it, then an error, and the connection closes.
+    private func servePages(_ requests: [PageRequest], conn: any FrameConnection, session: SourceSession) throws(TransportError) {
+        guard memory.isFrozen else {
+            throw .protocolViolation("page request before the guest paused (its RAM is still changing)")
+        }
+        let table = memory.table
+        let pageSize = table.pageSize
+        let prefixBytes = Protocol.headerSize + PageDataHeader.encodedSize
+        var prefixes: [UInt8] = []
+        prefixes.reserveCapacity(requests.count * prefixBytes)
+        var payloads: [UnsafeRawBufferPointer] = []
+        var refused: String?
+        for r in requests {
+            do {
+                try table.validate(region: r.region, pageOffset: r.pageOffset, pageCount: UInt64(r.pageCount))
+            } catch {
+                refused = error.description
+                break
+            }
+            let global = table.firstGlobalPage[Int(r.region)] + Int(r.pageOffset)
+            let count = Int(r.pageCount)
+            let allZero = memory.allZero(globalFirst: global, count: count)
+            let dup = session.markSent(globalFirst: global, count: count)
+            if dup > 0 { stats.pagesSentTwice.add(UInt64(dup), ordering: .relaxed) }
+            switch r.pageClass {
+            case .demand: stats.demandPages.add(UInt64(count), ordering: .relaxed)
+            case .prefetch: stats.prefetchPages.add(UInt64(count), ordering: .relaxed)
+            case .background: stats.backgroundPages.add(UInt64(count), ordering: .relaxed)
+            }
+            let header = PageDataHeader(requestID: r.requestID, region: r.region, pageClass: r.pageClass, isZero: allZero,
+                                        pageOffset: r.pageOffset, pageCount: r.pageCount)
+            let regionBase = memory.mapping.base + Int(table.regions[Int(r.region)].sourceOffset)
+            if allZero { stats.zeroReplies.add(1, ordering: .relaxed) }
+            payloads.append(allZero ? UnsafeRawBufferPointer(start: nil, count: 0)
+                : UnsafeRawBufferPointer(start: regionBase + Int(r.pageOffset) * pageSize, count: count * pageSize))
+            prefixes += Codec.encodePageDataPrefix(header, payloadLength: payloads.last!.count)
+        }
+        let result: Result<Void, TransportError> = prefixes.withUnsafeBytes { raw in
+            var parts: [UnsafeRawBufferPointer] = []
+            parts.reserveCapacity(payloads.count * 2)
+            for (i, payload) in payloads.enumerated() {
+                parts.append(UnsafeRawBufferPointer(rebasing: raw[(i * prefixBytes)..<((i + 1) * prefixBytes)]))
+                parts.append(payload)
+            }
+            return Result { () throws(TransportError) in try conn.sendv(parts) }
+        }
+        try result.get()
+        if let refused {
+            stats.rejectedConnections.add(1, ordering: .relaxed)
+            try? conn.send(.error(ErrorMessage(code: .outOfRange, message: refused)))
+            throw .closed("closed after out-of-range request: \(refused)")
+        }
+    }
+}

@@ -1,0 +1,22 @@
+import PostcopyTransport
+import PostcopyWire
+
+extension PageServer {
+    /// Which pages of a run are all-zero (one bit each), from the RAM scan.
+    func zeroMap(_ z: ZeroMapRequest) throws(TransportError) -> ZeroMap {
+        let table = memory.table
+        guard z.pageCount >= 1, z.pageCount <= Protocol.maxZeroMapPages else {
+            throw .protocolViolation("zero map request for \(z.pageCount) pages (1...\(Protocol.maxZeroMapPages) allowed)")
+        }
+        do {
+            try table.validate(region: z.region, pageOffset: z.firstPage, pageCount: z.pageCount)
+        } catch { throw .protocolViolation(error.description) }
+        guard let scan = waitForScan() else { throw .closed("source stopping") }
+        let global = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
+        var bits = [UInt8](repeating: 0, count: Int((z.pageCount + 7) / 8))
+        for i in 0..<Int(z.pageCount) where scan.zeroBits[(global + i) >> 3] & (1 << UInt8((global + i) & 7)) != 0 {
+            bits[i >> 3] |= 1 << UInt8(i & 7)
+        }
+        return ZeroMap(region: z.region, firstPage: z.firstPage, pageCount: z.pageCount, bits: bits)
+    }
+}
