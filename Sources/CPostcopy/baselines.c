@@ -119,7 +119,7 @@ int cpc_baseline_uffd_fault(int pages, uint64_t *out_ns) {
     if (r < 0) { munmap(mem, len); close(uffd); return r; }
     char *src = aligned_alloc(page, page);
     memset(src, 0x5A, page);
-    struct uffd_srv s = { uffd, cpc_eventfd(0, 0), src, page };
+    struct uffd_srv s = { uffd, cpc_eventfd(0, CPC_EFD_CLOEXEC | CPC_EFD_NONBLOCK), src, page };
     pthread_t t;
     pthread_create(&t, NULL, uffd_handler, &s);
     for (int i = 0; i < pages; i++) {

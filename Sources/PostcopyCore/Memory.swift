@@ -42,6 +42,12 @@ public final class MemoryMapping: @unchecked Sendable {
     deinit { munmap(base, length) }
 }
 
+extension MemoryMapping {
+    /// This host's page size, sysconf(_SC_PAGESIZE): what anonymous mappings are
+    /// made of, and the default page size of guests over them.
+    public static let systemPageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+}
+
 /// A memory file opened by path, with its size.
 public struct MemoryFile: Sendable {
     public let path: String

@@ -1,6 +1,17 @@
 import Histogram
 import Synchronization
 
+/// The one shape of latency histogram in the project, so that histograms from
+/// any thread or module merge: nanoseconds, 3 significant digits, tracking up to
+/// 60 s and resizing beyond rather than dropping a value.
+public enum LatencyHistogram {
+    public static func make() -> Histogram<UInt64> {
+        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        h.autoResize = true
+        return h
+    }
+}
+
 /// Latency histogram in nanoseconds (HdrHistogram, 3 significant digits),
 /// safe to record from several threads; each thread may also keep its own and merge.
 public final class LatencyRecorder: Sendable {
@@ -8,9 +19,7 @@ public final class LatencyRecorder: Sendable {
     private let total = Atomic<UInt64>(0)
 
     public init() {
-        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
-        h.autoResize = true
-        hist = Locked(h)
+        hist = Locked(LatencyHistogram.make())
     }
 
     public func record(nanoseconds: UInt64) {
@@ -34,8 +43,7 @@ public final class LatencyRecorder: Sendable {
 
     /// Merges per-thread recorders into one histogram.
     public static func merged(_ recorders: [LatencyRecorder]) -> Histogram<UInt64> {
-        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
-        h.autoResize = true
+        var h = LatencyHistogram.make()
         for r in recorders { h.add(r.histogram()) }
         return h
     }
@@ -81,13 +89,4 @@ public struct LatencySummary: Sendable, Codable, Equatable {
         case maxNs = "max_ns"
         case meanNs = "mean_ns"
     }
-}
-
-/// Formats nanoseconds for people.
-public func formatDuration(ns: UInt64) -> String {
-    let v = Double(ns)
-    if v < 1_000 { return "\(ns) ns" }
-    if v < 1_000_000 { return "\(fixed(v / 1_000, 1)) µs" }
-    if v < 1_000_000_000 { return "\(fixed(v / 1_000_000, 2)) ms" }
-    return "\(fixed(v / 1_000_000_000, 3)) s"
 }

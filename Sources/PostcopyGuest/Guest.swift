@@ -3,114 +3,6 @@ import Foundation
 import PostcopyCore
 import Synchronization
 
-/// What the reference guest's vCPUs do.
-public enum Workload: String, Sendable, CaseIterable, Codable {
-    /// A key-value store laid out in guest RAM: 90% GET, 10% SET over zipf-
-    /// distributed keys (skew 0.99, YCSB's default); every value carries its own
-    /// checksum, verified on every GET.
-    case kv
-    /// Sequential scan: each vCPU reads its share of pages in order, round and round.
-    case scan
-    /// Uniform random page reads.
-    case random
-    /// Zipf-distributed page reads (skew 0.99): a hot set, like most real guests.
-    case zipf
-}
-
-/// Layout of the key-value store: page 0 is a header, then 256-byte slots
-/// (16 per page): key u64, version u64, checksum u64, length u32, pad u32, value.
-public enum KVLayout {
-    public static let slotSize = 256
-    public static let valueCapacity = slotSize - 32
-    public static let headerBytes = 4096
-    public static let magic: UInt64 = 0x4B56_5354_4F52_4531  // "KVSTORE1"
-
-    public static func slotCount(memoryBytes: Int) -> Int { (memoryBytes - headerBytes) / slotSize }
-
-    static func checksum(_ slot: UnsafeRawPointer, length: Int) -> UInt64 {
-        // key and version, then the value: the checksum field itself is left out.
-        var h = cpc_xxh64(slot, 16, 0x4B56)
-        h = cpc_xxh64(slot + 32, length, h)
-        return h
-    }
-
-    /// Writes a value into a slot; the checksum goes last.
-    static func set(_ slot: UnsafeMutableRawPointer, key: UInt64, rng: inout SplitMix64) {
-        let version = slot.load(fromByteOffset: 8, as: UInt64.self) &+ 1
-        let length = 64 + Int(rng.next() % UInt64(valueCapacity - 64))
-        slot.storeBytes(of: key, toByteOffset: 0, as: UInt64.self)
-        slot.storeBytes(of: version, toByteOffset: 8, as: UInt64.self)
-        slot.storeBytes(of: UInt32(length), toByteOffset: 24, as: UInt32.self)
-        var off = 0
-        while off < length {
-            let w = rng.next()
-            withUnsafeBytes(of: w) { b in
-                for i in 0..<min(8, length - off) { slot.storeBytes(of: b[i], toByteOffset: 32 + off + i, as: UInt8.self) }
-            }
-            off += 8
-        }
-        slot.storeBytes(of: checksum(UnsafeRawPointer(slot), length: length), toByteOffset: 16, as: UInt64.self)
-    }
-
-    /// Checks a slot: nil when empty, else whether its checksum holds.
-    static func verify(_ slot: UnsafeRawPointer, expectedKey: UInt64) -> Bool? {
-        let version = slot.load(fromByteOffset: 8, as: UInt64.self)
-        if version == 0 { return nil }
-        let length = Int(slot.load(fromByteOffset: 24, as: UInt32.self))
-        guard length <= valueCapacity, slot.load(as: UInt64.self) == expectedKey else { return false }
-        return checksum(slot, length: length) == slot.load(fromByteOffset: 16, as: UInt64.self)
-    }
-}
-
-/// One vCPU's architectural state: everything needed to continue exactly where it stopped.
-public struct VCPUState: Sendable, Codable, Equatable {
-    public var rng: UInt64
-    public var cursor: Int
-    public var ops: UInt64
-}
-
-/// The device state a paused guest hands over (vCPUs, workload, counters).
-public struct GuestDeviceState: Sendable, Codable, Equatable {
-    public var workload: Workload
-    public var memoryBytes: Int
-    public var vcpus: [VCPUState]
-    /// CLOCK_MONOTONIC when the pause began (downtime is measured from here).
-    public var pausedAtNs: UInt64
-    public var integrityFailures: UInt64
-    public var zipfSkew: Double = 0.99
-
-    public func encoded() -> [UInt8] { Array((try? JSONEncoder().encode(self)) ?? Data()) }
-    public static func decode(_ bytes: [UInt8]) throws -> GuestDeviceState {
-        try JSONDecoder().decode(GuestDeviceState.self, from: Data(bytes))
-    }
-}
-
-/// Zipf sampler over 0..<n (Gray et al., as in YCSB): O(n) set-up, O(1) draws.
-struct Zipf: Sendable {
-    let n: Int, theta: Double, alpha: Double, zetan: Double, eta: Double
-    init(n: Int, theta: Double = 0.99) {
-        let theta = min(max(theta, 0.01), 0.999)  // the generator needs 0 < theta < 1
-        self.n = n
-        self.theta = theta
-        // zeta(n): the first terms exactly, the tail by its integral (Euler-Maclaurin
-        // midpoint), so set-up is O(1) even for millions of keys: a resume must not wait.
-        var z = 0.0
-        let exact = min(max(n, 1), 1000)
-        for i in 1...exact { z += 1 / pow(Double(i), theta) }
-        if n > exact { z += (pow(Double(n) + 0.5, 1 - theta) - pow(Double(exact) + 0.5, 1 - theta)) / (1 - theta) }
-        zetan = z
-        let zeta2 = 1 + 1 / pow(2, theta)
-        alpha = 1 / (1 - theta)
-        eta = (1 - pow(2 / Double(n), 1 - theta)) / (1 - zeta2 / zetan)
-    }
-    func next(_ u: Double) -> Int {
-        let uz = u * zetan
-        if uz < 1 { return 0 }
-        if uz < 1 + pow(0.5, theta) { return 1 }
-        return min(n - 1, Int(Double(n) * pow(eta * u - eta + 1, alpha)))
-    }
-}
-
 /// The reference guest: vCPU threads running a workload over guest RAM at
 /// `base`. It can pause at a safe point (between two operations), hand out its
 /// device state, and resume from one over other memory.
@@ -118,7 +10,8 @@ public final class ReferenceGuest: @unchecked Sendable {
     public let base: UnsafeMutableRawPointer
     public let memoryBytes: Int
     public let workload: Workload
-    public let pageSize = 4096
+    /// The page size of the guest's memory (the unit of `pages` and dirty tracking).
+    public let pageSize: Int
     /// One slot per vCPU, written only by that vCPU's thread.
     private let states: UnsafeMutableBufferPointer<VCPUState>
     private let zipf: Zipf?
@@ -137,20 +30,22 @@ public final class ReferenceGuest: @unchecked Sendable {
     private let tracking: MemoryMapping?
     public var pages: Int { memoryBytes / pageSize }
 
-    /// A guest over `base`. `trackDirty` records every page the guest writes.
     /// Skew of the zipf distributions (kv keys, zipf page touches).
     public let zipfSkew: Double
 
+    /// A guest over `base`, memory made of `pageSize` pages (by default the host's:
+    /// an anonymous mapping's). `trackDirty` records every page the guest writes.
     public init(base: UnsafeMutableRawPointer, memoryBytes: Int, workload: Workload, vcpus: [VCPUState], trackDirty: Bool,
-                zipfSkew: Double = 0.99) throws {
+                zipfSkew: Double = 0.99, pageSize: Int = MemoryMapping.systemPageSize) throws {
         self.zipfSkew = zipfSkew
         self.base = base
         self.memoryBytes = memoryBytes
+        self.pageSize = pageSize
         self.workload = workload
         states = .allocate(capacity: vcpus.count)
         _ = states.initialize(from: vcpus)
         switch workload {
-        case .zipf: zipf = Zipf(n: memoryBytes / 4096, theta: zipfSkew)
+        case .zipf: zipf = Zipf(n: memoryBytes / pageSize, theta: zipfSkew)
         case .kv: zipf = Zipf(n: max(1, KVLayout.slotCount(memoryBytes: memoryBytes) / max(vcpus.count, 1)), theta: zipfSkew)
         default: zipf = nil
         }
@@ -158,7 +53,7 @@ public final class ReferenceGuest: @unchecked Sendable {
         if trackDirty {
             // Zero-filled lazily by the kernel: resuming must not wait for a memset
             // proportional to RAM size.
-            let pages = memoryBytes / 4096
+            let pages = memoryBytes / pageSize
             let digestsAt = (pages + 7) & ~7
             tracking = try MemoryMapping.anonymous(length: digestsAt + pages * 8)
             dirty = tracking!.base.bindMemory(to: UInt8.self, capacity: pages)

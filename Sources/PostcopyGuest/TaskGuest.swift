@@ -5,42 +5,6 @@ import PostcopyCore
 import Glibc
 #endif
 
-/// The guest's end of a paravirtual async-page-fault channel: shared memory
-/// (a memfd with the two rings) and two eventfds, ready to hand to the daemon.
-public final class APFGuestChannel: @unchecked Sendable {
-    public let memfd: OwnedFD
-    public let requestFD: OwnedFD
-    public let completionFD: OwnedFD
-    let mapping: MemoryMapping
-    let channel: OpaquePointer
-
-    public init(requestEntries: UInt32 = 256, completionEntries: UInt32 = 256) throws(SystemError) {
-        let bytes = apf_channel_bytes(requestEntries, completionEntries)
-        let m = cpc_memfd_create("apf-channel", 1 /* MFD_CLOEXEC */)
-        guard m >= 0 else { throw SystemError("memfd_create", errno: -m) }
-        memfd = OwnedFD(m)
-        guard ftruncate(m, off_t(bytes)) == 0 else { throw SystemError("ftruncate of the APF channel", errno: errno) }
-        mapping = try MemoryMapping.file(fd: m, length: bytes, writable: true)
-        let r = cpc_eventfd(0, 0o2000000 /* EFD_CLOEXEC */), c = cpc_eventfd(0, 0o2000000 /* EFD_CLOEXEC */)
-        guard r >= 0, c >= 0 else { throw SystemError("eventfd", errno: -min(r, c)) }
-        requestFD = OwnedFD(r)
-        completionFD = OwnedFD(c)
-        guard let ch = apf_channel_create(mapping.base, bytes, requestEntries, completionEntries, r, c) else {
-            throw SystemError("apf_channel_create", errno: EINVAL)
-        }
-        channel = ch
-        _ = apf_install_handler()
-    }
-
-    deinit { apf_channel_destroy(channel) }
-
-    /// The shared memory (for tests that play a hostile guest).
-    public var mappingBase: UnsafeRawPointer { UnsafeRawPointer(mapping.base) }
-
-    /// The fds in the order the daemon expects them (memfd, request, completion).
-    public var fds: [Int32] { [memfd.raw, requestFD.raw, completionFD.raw] }
-}
-
 /// A guest of cooperative tasks on vCPU threads (the guest-side APF library's
 /// scheduler): each task reads random words of random pages. With an APF
 /// channel, a task that touches a missing page parks on its token and the
@@ -57,15 +21,20 @@ public final class TaskGuest: @unchecked Sendable {
     private var threads: [PThread] = []
     private let base: UnsafeMutableRawPointer
     private let pages: Int
+    /// The page size of the guest's memory (the unit tasks read and touch in).
+    public let pageSize: Int
     public static let stackBytes = 256 << 10
 
+    /// A guest over `bytes` at `base`, made of `pageSize` pages (by default the
+    /// host's: an anonymous mapping's).
     public init(base: UnsafeMutableRawPointer, bytes: Int, vcpus: Int, tasksPerVCPU: Int, think: UInt32, seed: UInt64,
-                channel: APFGuestChannel?) {
+                channel: APFGuestChannel?, pageSize: Int = MemoryMapping.systemPageSize) {
         self.vcpus = vcpus
         self.tasksPerVCPU = tasksPerVCPU
         self.channel = channel
         self.base = base
-        pages = bytes / 4096
+        self.pageSize = pageSize
+        pages = bytes / pageSize
         let n = vcpus * tasksPerVCPU
         taskStats = .allocate(capacity: n)
         taskStats.initialize(repeating: apf_task_stats(), count: n)
@@ -76,7 +45,7 @@ public final class TaskGuest: @unchecked Sendable {
         args = .allocate(capacity: vcpus)
         for v in 0..<vcpus {
             (args + v).initialize(to: apf_random_args(base: UnsafePointer(base.assumingMemoryBound(to: UInt8.self)), pages: UInt64(pages),
-                                                      page_size: 4096, seed: seed &+ UInt64(v) &* 0x9E37_79B9, think: think,
+                                                      page_size: UInt64(pageSize), seed: seed &+ UInt64(v) &* 0x9E37_79B9, think: think,
                                                       stop: stopFlag, stats: taskStats + v * tasksPerVCPU, checksum: 0))
         }
     }
@@ -146,8 +115,8 @@ public final class TaskGuest: @unchecked Sendable {
         let tasks = tasksPerVCPU
         for v in 0..<vcpus {
             let from = min(v * slices, pages), to = min(from + slices, pages)
-            (per + v).initialize(to: apf_touch_args(base: UnsafePointer(base.assumingMemoryBound(to: UInt8.self)) + from * 4096,
-                                                    pages: UInt64(to - from), page_size: 4096, tasks: Int32(tasks), checksum: 0))
+            (per + v).initialize(to: apf_touch_args(base: UnsafePointer(base.assumingMemoryBound(to: UInt8.self)) + from * pageSize,
+                                                    pages: UInt64(to - from), page_size: UInt64(pageSize), tasks: Int32(tasks), checksum: 0))
             let stats = UnsafeMutablePointer<apf_task_stats>.allocate(capacity: tasks)
             stats.initialize(repeating: apf_task_stats(), count: tasks)
             let vs = UnsafeMutablePointer<apf_vcpu_stats>.allocate(capacity: 1)

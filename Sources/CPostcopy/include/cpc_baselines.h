@@ -1,0 +1,15 @@
+// Baselines the benchmarks compare to (baselines.c). Part of cpostcopy.h.
+#ifndef CPC_BASELINES_H
+#define CPC_BASELINES_H
+
+#include <stdint.h>
+
+/// Raw loopback TCP: 16-byte request, 4 KiB reply, blocking sockets, TCP_NODELAY.
+/// Fills out_ns[0..<samples]; returns samples measured or -errno.
+int cpc_baseline_tcp_rtt(int samples, uint64_t *out_ns);
+/// Local userfaultfd fault service: a thread touches `pages` fresh pages, a
+/// handler sleeping in poll() resolves each with UFFDIO_COPY from memory.
+/// Returns pages measured or -errno.
+int cpc_baseline_uffd_fault(int pages, uint64_t *out_ns);
+
+#endif
