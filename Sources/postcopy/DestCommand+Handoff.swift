@@ -9,7 +9,7 @@ extension DestCommand {
     /// The page-fault daemon for VMMs (Firecracker's external handler protocol).
     func runHandoff(_ path: String, logger: Logger) throws {
         let kind = common.transport
-        let endpoint = Endpoint(parsing: connect)!
+        let endpoint = connect
         let json = common.json
         // `--transport rdma` without a device fails now, not when a VMM arrives.
         let (_, reason) = try Transports.connect(kind, to: endpoint, maxBatchPages: batchPages, authKey: nil)

@@ -18,7 +18,7 @@ struct DestCommand: ParsableCommand {
             """)
 
     @Option(name: .long, help: "Source address, HOST:PORT.")
-    var connect: String
+    var connect: Endpoint
 
     @Option(name: .long, help: "Serve VMMs instead: listen on this Unix socket for Firecracker-style handoffs (regions JSON + userfaultfd).")
     var handoff: String?
@@ -68,7 +68,6 @@ struct DestCommand: ParsableCommand {
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
-        guard Endpoint(parsing: connect) != nil else { throw ValidationError("--connect must be HOST:PORT (got '\(connect)')") }
         guard (1...1024).contains(threads) else { throw ValidationError("--threads must be 1...1024") }
         guard (1...Int(PostcopyWire.Protocol.maxPagesPerRequest)).contains(batchPages) else {
             throw ValidationError("--batch-pages must be 1...\(PostcopyWire.Protocol.maxPagesPerRequest)")
@@ -111,7 +110,7 @@ struct DestCommand: ParsableCommand {
             }
         }
         let key = try common.loadKey()
-        let (transport, reason) = try Transports.connect(common.transport, to: Endpoint(parsing: connect)!, maxBatchPages: batchPages,
+        let (transport, reason) = try Transports.connect(common.transport, to: connect, maxBatchPages: batchPages,
                                                          authKey: key, logger: logger)
         if !common.json { FileHandle.standardError.write("transport: \(transport.name) (\(reason))\n".data(using: .utf8)!) }
         let dest = StandaloneDestination(options: options, logger: logger)

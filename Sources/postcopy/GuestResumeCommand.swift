@@ -21,7 +21,7 @@ struct GuestResumeCommand: ParsableCommand {
 
     @Option(name: .long, help: "The daemon's handoff socket (not needed with --stop-and-copy).") var handoff: String?
     @Flag(name: .long, help: "Baseline: copy all RAM while paused, then resume (no userfaultfd, no daemon).") var stopAndCopy = false
-    @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: String
+    @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: Endpoint
     @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Option(name: .long, help: "Run a task guest instead of the key-value workload: this many cooperative tasks per vCPU thread, each reading random words of random pages.") var tasks: Int = 0
@@ -32,7 +32,6 @@ struct GuestResumeCommand: ParsableCommand {
     @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
 
     func validate() throws {
-        guard Endpoint(parsing: source) != nil else { throw ValidationError("--source must be HOST:PORT") }
         guard (0...GuestLimits.maxTasksPerVCPU).contains(tasks) else { throw ValidationError("--tasks must be 0...\(GuestLimits.maxTasksPerVCPU)") }
         guard !apf || (tasks > 0 && handoff != nil && !stopAndCopy) else { throw ValidationError("--apf needs --tasks N and --handoff") }
         guard workWindowMs > 0 else { throw ValidationError("--work-window-ms must be positive") }
@@ -43,7 +42,7 @@ struct GuestResumeCommand: ParsableCommand {
     func run() throws {
         if let reason = Userfaultfd.unavailableReason() { throw fail(reason) }
         // Device state and digests; with --stop-and-copy also every page, in its batches.
-        let control = TCPTransport(endpoint: Endpoint(parsing: source)!, maxBatchPages: StopAndCopy.batchPages, authKey: try key.loadKey())
+        let control = TCPTransport(endpoint: source, maxBatchPages: StopAndCopy.batchPages, authKey: try key.loadKey())
         let info: SessionInfo
         do { info = try control.connect() } catch { throw fail("cannot reach the source: \(error)") }
         let bytes = info.table.totalPages * info.table.pageSize

@@ -21,7 +21,7 @@ struct GuestRunCommand: ParsableCommand {
     @OptionGroup var shape: GuestShape
     @Option(name: .long, help: "Percentage of key-value slots filled at boot (the rest of RAM stays zero).") var fillPercent: Int = 75
     @Option(name: .long, help: "Seed of the workload.") var seed: UInt64 = 1
-    @Option(name: .long, help: "Listen address for destinations, HOST:PORT (port 0: any; printed first).") var listen: String = "127.0.0.1:0"
+    @Option(name: .long, help: "Listen address for destinations, HOST:PORT (port 0: any; printed first).") var listen = Endpoint(host: "127.0.0.1", port: 0)
     @Option(name: .long, help: "Guest memory file (default: an anonymous memfd).") var memory: String?
     @Option(name: .long, help: "Pause by itself after this many seconds (default: wait for \"pause\" on stdin).") var pauseAfter: Double?
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
@@ -32,7 +32,6 @@ struct GuestRunCommand: ParsableCommand {
 
     func validate() throws {
         guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }
-        guard Endpoint(parsing: listen) != nil else { throw ValidationError("--listen must be HOST:PORT") }
     }
 
     func run() throws {
@@ -58,8 +57,8 @@ struct GuestRunCommand: ParsableCommand {
         let authKey = try key.loadKey()
         let server: PageServer
         do {
-            let rdma = try Transports.listenRDMA(transport, host: Endpoint(parsing: listen)!.host, memory: ram, logger: logger)
-            server = try PageServer(memory: memoryState, listen: Endpoint(parsing: listen)!, exitAfterCompletion: false,
+            let rdma = try Transports.listenRDMA(transport, host: listen.host, memory: ram, logger: logger)
+            server = try PageServer(memory: memoryState, listen: listen, exitAfterCompletion: false,
                                     backgroundPriority: backgroundPriority, authKey: authKey,
                                     rdma: rdma, logger: logger)
         } catch { throw fail("\(error)") }

@@ -14,6 +14,12 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 extension TouchMode: ExpressibleByArgument {}
 extension Workload: ExpressibleByArgument {}
 
+/// `HOST:PORT` or `[IPv6]:PORT`.
+extension Endpoint: ExpressibleByArgument {
+    public init?(argument: String) { self.init(parsing: argument) }
+    public var defaultValueDescription: String { description }
+}
+
 /// `--background on|off` of `dest`.
 enum BackgroundStreaming: String, CaseIterable, ExpressibleByArgument {
     case on, off

@@ -19,7 +19,7 @@ struct SourceCommand: ParsableCommand {
     var memory: String
 
     @Option(name: .long, help: "Address to listen on, HOST:PORT (port 0 picks a free port, printed on stdout).")
-    var listen: String = "127.0.0.1:7070"
+    var listen = Endpoint(host: "127.0.0.1", port: 7070)
 
     @Option(name: .long, help: "Device-state blob to hand to the destination (optional).")
     var deviceState: String?
@@ -28,10 +28,6 @@ struct SourceCommand: ParsableCommand {
     var serveForever = false
 
     @OptionGroup var common: CommonOptions
-
-    func validate() throws {
-        guard Endpoint(parsing: listen) != nil else { throw ValidationError("--listen must be HOST:PORT (got '\(listen)')") }
-    }
 
     func run() throws {
         let logger = common.makeLogger("postcopy.source")
@@ -50,10 +46,10 @@ struct SourceCommand: ParsableCommand {
             throw fail("cannot serve \(memory): \(error)")
         }
         let key = try common.loadKey()
-        let rdma = try Transports.listenRDMA(common.transport, host: Endpoint(parsing: listen)!.host, memory: mem.mapping, file: file.fd.raw, logger: logger)
+        let rdma = try Transports.listenRDMA(common.transport, host: listen.host, memory: mem.mapping, file: file.fd.raw, logger: logger)
         let server: PageServer
         do {
-            server = try PageServer(memory: mem, listen: Endpoint(parsing: listen)!, exitAfterCompletion: !serveForever,
+            server = try PageServer(memory: mem, listen: listen, exitAfterCompletion: !serveForever,
                                   backgroundPriority: common.backgroundPriority,
                                   authKey: key, rdma: rdma, logger: logger)
         } catch {
