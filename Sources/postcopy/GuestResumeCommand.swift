@@ -28,8 +28,9 @@ struct GuestResumeCommand: ParsableCommand {
     @Flag(name: .long, help: "Paravirtual async page faults for the task guest: RAM registered with UFFD_FEATURE_SIGBUS, a touched missing page parks the task (\"page not present\") and the vCPU runs another one until \"page ready\".") var apf = false
     @Option(name: .long, help: "Arithmetic iterations per read in the task guest (compute between memory touches).") var think: UInt32 = 100
     @Option(name: .long, help: "Milliseconds after resuming at which the task guest's work is counted (the same interval for every run).") var workWindowMs: Int = 1000
-    @OptionGroup var key: KeyOptions
-    @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
+    @OptionGroup var io: GuestIOOptions
+    var key: KeyOptions { io.key }
+    var json: Bool { io.json }
 
     func validate() throws {
         guard (0...GuestLimits.maxTasksPerVCPU).contains(tasks) else { throw ValidationError("--tasks must be 0...\(GuestLimits.maxTasksPerVCPU)") }

@@ -27,8 +27,9 @@ struct GuestRunCommand: ParsableCommand {
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Option(name: .long, help: "How destinations may fetch: tcp, rdma (also offer one-sided RDMA READ of guest RAM; the listen address must be the RDMA device's) or auto (RDMA when possible).") var transport: TransportKind = .auto
     @Option(name: .long, help: "Scheduling of the thread streaming background pages to a destination: normal, low (nice 10) or idle (SCHED_IDLE).") var backgroundPriority: ThreadPriority = .normal
-    @OptionGroup var key: KeyOptions
-    @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
+    @OptionGroup var io: GuestIOOptions
+    var key: KeyOptions { io.key }
+    var json: Bool { io.json }
 
     func validate() throws {
         guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }

@@ -103,3 +103,9 @@ enum GuestLimits {
     /// Most cooperative tasks per vCPU thread of the task guest (`guest resume --tasks`).
     static let maxTasksPerVCPU = 4096
 }
+
+/// `--key-file` and `--json` of the guest commands (`--json`: one event line per `GuestEvent`).
+struct GuestIOOptions: ParsableArguments {
+    @OptionGroup var key: KeyOptions
+    @Flag(name: .long, help: "JSON Lines on stdout.") var json = false
+}
