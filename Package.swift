@@ -15,8 +15,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
-        // Kernel interfaces (userfaultfd ioctls, eventfd, gettid, scheduling) and the
-        // hot byte loops (zero-page scan, xxh64 digest) live in one prefixed C shim.
+        // Kernel interfaces (userfaultfd, epoll/eventfd/poll, threads, clocks, TCP and
+        // Unix sockets) and the hot byte loops (zero-page scan, xxh64 digest): one
+        // prefixed C shim, one file per section of its umbrella header.
         .target(name: "CPostcopy"),
         // Wire format: frames, codec, handshake. Knows nothing of sockets or threads.
         .target(name: "PostcopyWire"),
@@ -24,9 +25,8 @@ let package = Package(
         .target(
             name: "PostcopyCore",
             dependencies: [
-                "CPostcopy", "PostcopyWire",
+                "CPostcopy",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
-                .product(name: "Logging", package: "swift-log"),
             ]),
         // Transport protocol and its TCP implementation.
         .target(
@@ -60,6 +60,7 @@ let package = Package(
             name: "PostcopyDestination",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // VMM handoff: Firecracker's external page-fault handler protocol.
@@ -74,13 +75,14 @@ let package = Package(
         // Reference guest: workloads on vCPU threads over guest RAM, pause/resume.
         .target(
             name: "PostcopyGuest",
-            dependencies: ["CPostcopy", "CGuestAPF", "PostcopyCore", "PostcopyWire"]),
+            dependencies: ["CPostcopy", "CGuestAPF", "PostcopyCore"]),
         .executableTarget(
             name: "postcopy",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA",
                 "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest", "PostcopyTesting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // Benchmark driver: runs `postcopy migrate` and the baselines, tables, JSON, SVG plots.
@@ -91,7 +93,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "PostcopyWireTests", dependencies: ["PostcopyWire"]),
-        .testTarget(name: "PostcopyGuestTests", dependencies: ["PostcopyGuest", "PostcopyCore"]),
+        .testTarget(name: "PostcopyGuestTests", dependencies: ["CPostcopy", "PostcopyGuest", "PostcopyCore"]),
         .testTarget(
             name: "PostcopyCoreTests",
             dependencies: ["PostcopyCore", .product(name: "Histogram", package: "hdrhistogram-swift")]),

@@ -11,7 +11,7 @@ struct BaselineCommand: ParsableCommand {
         discussion: "Benchmarks report the project's latencies as ratios against these, measured in the same run.")
 
     @Argument(help: "tcp-rtt or uffd-fault")
-    var which: String
+    var which: BaselineKind
 
     @Option(name: .long, help: "Number of samples.")
     var samples: Int = 20_000
@@ -20,25 +20,24 @@ struct BaselineCommand: ParsableCommand {
     var json = false
 
     func validate() throws {
-        guard ["tcp-rtt", "uffd-fault"].contains(which) else { throw ValidationError("baseline must be tcp-rtt or uffd-fault") }
         guard (100...10_000_000).contains(samples) else { throw ValidationError("--samples must be 100...10000000") }
     }
 
     func run() throws {
         var out = [UInt64](repeating: 0, count: samples)
         let n = out.withUnsafeMutableBufferPointer { p in
-            which == "tcp-rtt" ? cpc_baseline_tcp_rtt(Int32(samples), p.baseAddress) : cpc_baseline_uffd_fault(Int32(samples), p.baseAddress)
+            which == .tcpRTT ? cpc_baseline_tcp_rtt(Int32(samples), p.baseAddress) : cpc_baseline_uffd_fault(Int32(samples), p.baseAddress)
         }
-        guard n > 0 else { throw fail("\(which) baseline failed: \(SystemError(which, errno: -n))") }
+        guard n > 0 else { throw fail("\(which.rawValue) baseline failed: \(SystemError(which.rawValue, errno: -n))") }
         var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
         h.autoResize = true
         // The first 1% warms caches and the connection; it is not part of the result.
         for v in out[(Int(n) / 100)..<Int(n)] { _ = h.record(max(v, 1)) }
         let s = LatencySummary(h)
         if json {
-            emitJSON(BaselineReport(baseline: which, latency: s))
+            emitJSON(BaselineReport(baseline: which.rawValue, latency: s))
         } else {
-            print("\(which): p50 \(formatDuration(ns: s.p50Ns))  p99 \(formatDuration(ns: s.p99Ns))  max \(formatDuration(ns: s.maxNs))  (\(s.count) samples)")
+            print("\(which.rawValue): p50 \(formatDuration(ns: s.p50Ns))  p99 \(formatDuration(ns: s.p99Ns))  max \(formatDuration(ns: s.maxNs))  (\(s.count) samples)")
         }
     }
 }
@@ -46,4 +45,10 @@ struct BaselineCommand: ParsableCommand {
 struct BaselineReport: Codable {
     var baseline: String
     var latency: LatencySummary
+}
+
+/// `baseline tcp-rtt|uffd-fault`.
+enum BaselineKind: String, CaseIterable, ExpressibleByArgument {
+    case tcpRTT = "tcp-rtt"
+    case uffdFault = "uffd-fault"
 }

@@ -15,9 +15,7 @@ func apfVMM(_ daemon: HandoffServer, size: Int) throws -> (TestVMM, APFGuestChan
     let vmm = try TestVMM(size: size, sigbus: true)
     try vmm.handOver(daemon.path)
     let ch = try APFGuestChannel()
-    let fds = ch.fds
-    let n = APFEnable.json.withUnsafeBytes { b in fds.withUnsafeBufferPointer { cpc_send_with_fds(vmm.socket!.raw, b.baseAddress, b.count, $0.baseAddress, 3) } }
-    #expect(n == APFEnable.json.count)
+    try #require(vmm.client).enableAPF(fds: ch.fds)
     return (vmm, ch)
 }
 

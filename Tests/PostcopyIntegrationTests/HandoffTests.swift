@@ -17,7 +17,7 @@ final class TestVMM: @unchecked Sendable {
     let mappings: [MemoryMapping]
     let regions: [VMMRegion]
     let uffd: Userfaultfd
-    var socket: OwnedFD?
+    var client: VMMHandoffClient?
 
     /// Guest memory of `size` bytes split into regions of `splits` bytes each (the
     /// last takes the rest); `huge`: 2 MiB hugetlbfs pages, as Firecracker's huge_pages "2M".
@@ -39,24 +39,20 @@ final class TestVMM: @unchecked Sendable {
 
     /// Connects and sends `json` (default: the real regions) with `fds` (default: the uffd).
     func handOver(_ path: String, json: [UInt8]? = nil, fds: [Int32]? = nil) throws {
-        let s = cpc_unix_connect(path)
-        guard s >= 0 else { throw SystemError("connect \(path)", errno: -s) }
-        socket = OwnedFD(s)
-        let bytes = json ?? HandoffMessage.encode(regions)
-        let f = fds ?? [uffd.fd.raw]
-        let n = bytes.withUnsafeBytes { b in f.withUnsafeBufferPointer { cpc_send_with_fds(s, b.baseAddress, b.count, $0.baseAddress, Int32(f.count)) } }
-        guard n == bytes.count else { throw SystemError("sendmsg", errno: n < 0 ? Int32(-n) : EIO) }
+        let c = try VMMHandoffClient(path: path)
+        client = c
+        if json == nil && fds == nil {
+            try c.handOver(regions, uffd: uffd.fd.raw)
+        } else {
+            // Deliberately malformed handoffs go out as raw messages.
+            try c.send(json ?? HandoffMessage.encode(regions), fds: fds ?? [uffd.fd.raw])
+        }
     }
 
     /// True when the daemon closed our socket within `ms`.
-    func closedByDaemon(within ms: Int32 = 10_000) -> Bool {
-        guard let s = socket?.raw else { return false }
-        guard cpc_poll1(s, Int16(POLLIN), ms) > 0 else { return false }
-        var b: UInt8 = 0
-        return recv(s, &b, 1, 0) == 0
-    }
+    func closedByDaemon(within ms: Int32 = 10_000) -> Bool { client?.closedByDaemon(within: ms) ?? false }
 
-    func goAway() { socket?.close() }
+    func goAway() { client?.close() }
 
     /// Reads every page from `threads` threads in random order.
     func touchAll(threads: Int, seed: UInt64 = 3) {

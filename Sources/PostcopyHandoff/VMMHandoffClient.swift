@@ -1,0 +1,57 @@
+import CPostcopy
+import Foundation
+import PostcopyCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The VMM's end of the handoff socket, as Firecracker drives an external
+/// page-fault handler: connect to the daemon's Unix socket (`AF_UNIX`,
+/// `SOCK_STREAM`), send the regions as JSON with the userfaultfd as the single
+/// `SCM_RIGHTS` fd in one `sendmsg(2)`, and keep the socket open while the guest
+/// runs; closing it ends the VMM's session at the daemon (`HandoffServer`).
+public final class VMMHandoffClient: Sendable {
+    /// The connected socket (-1 once closed).
+    public let socket: OwnedFD
+
+    /// Connects to the daemon listening at `path` (`connect(2)`).
+    public init(path: String) throws(SystemError) {
+        let s = cpc_unix_connect(path)
+        guard s >= 0 else { throw SystemError("connect", errno: -s) }
+        socket = OwnedFD(s)
+    }
+
+    /// Hands guest memory over: `regions` in Firecracker's `GuestRegionUffdMapping`
+    /// JSON (`HandoffMessage.encode`) with `uffd`, the userfaultfd they are registered with.
+    public func handOver(_ regions: [VMMRegion], uffd: Int32) throws(SystemError) {
+        try send(HandoffMessage.encode(regions), fds: [uffd])
+    }
+
+    /// Enables paravirtual async page faults (`APFEnable`): `fds` are the channel
+    /// memfd, the request eventfd and the completion eventfd, in that order.
+    public func enableAPF(fds: [Int32]) throws(SystemError) {
+        try send(APFEnable.json, fds: fds)
+    }
+
+    /// One message with `fds` attached as `SCM_RIGHTS`, in one `sendmsg(2)`
+    /// (the lower level, also for sending messages the daemon must refuse).
+    public func send(_ bytes: [UInt8], fds: [Int32]) throws(SystemError) {
+        let s = socket.raw
+        let n = bytes.withUnsafeBytes { b in
+            fds.withUnsafeBufferPointer { cpc_send_with_fds(s, b.baseAddress, b.count, $0.baseAddress, Int32(fds.count)) }
+        }
+        guard n == bytes.count else { throw SystemError("sendmsg", errno: n < 0 ? Int32(-n) : EIO) }
+    }
+
+    /// True when the daemon closed its end within `ms` milliseconds (it refused
+    /// the handoff, or the session ended).
+    public func closedByDaemon(within ms: Int32 = 10_000) -> Bool {
+        let s = socket.raw
+        guard s >= 0, cpc_poll1(s, Int16(POLLIN), ms) > 0 else { return false }
+        var b: UInt8 = 0
+        return recv(s, &b, 1, 0) == 0
+    }
+
+    /// The VMM goes away: the daemon releases its session.
+    public func close() { socket.close() }
+}

@@ -1,0 +1,47 @@
+import ArgumentParser
+import Foundation
+import Logging
+import PostcopyCore
+import PostcopyHandoff
+import PostcopyTransport
+
+extension DestCommand {
+    /// The page-fault daemon for VMMs (Firecracker's external handler protocol).
+    func runHandoff(_ path: String, logger: Logger) throws {
+        let kind = common.transport
+        let endpoint = connect
+        let json = common.json
+        // `--transport rdma` without a device fails now, not when a VMM arrives.
+        let (_, reason) = try Transports.connect(kind, to: endpoint, maxBatchPages: batchPages, authKey: nil)
+        logger.info("transport for VMMs: \(reason)")
+        let key = try common.loadKey()
+        let server: HandoffServer
+        do {
+            server = try HandoffServer(
+                path: path, source: endpoint, engineConfig: engineConfig(), authKey: key, logger: logger,
+                transport: kind,
+                onComplete: { pid, at in
+                    if json {
+                        emitEvent(.complete(.init(vmmPid: Int(pid), completedAtNs: at)))
+                    } else {
+                        print("VMM pid \(pid): every page is in")
+                    }
+                },
+                onSessionEnd: { report in
+                    if json {
+                        emitEvent(.session(report))
+                    } else {
+                        let l = report.faultLatency
+                        print("VMM pid \(report.vmmPid) gone: \(report.completed ? "complete" : "INCOMPLETE") \(report.error ?? ""); faults \(report.faults), demand \(report.demandPages), background \(report.backgroundPages); fault service p50 \(formatDuration(ns: l.p50Ns)) p99 \(formatDuration(ns: l.p99Ns)) max \(formatDuration(ns: l.maxNs))")
+                    }
+                })
+        } catch {
+            throw fail("\(error)")
+        }
+        server.start()
+        if json { emitEvent(.listening(.init(handoff: path))) } else { print("waiting for VMMs on \(path)") }
+        server.wait(sessions: once ? 1 : 0)
+        server.stop()
+        if once, server.stats.completed.load(ordering: .relaxed) == 0 { throw ExitCode(1) }
+    }
+}

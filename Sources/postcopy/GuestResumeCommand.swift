@@ -1,0 +1,128 @@
+import ArgumentParser
+import CPostcopy
+import Foundation
+import PostcopyCore
+import PostcopyDestination
+import PostcopyGuest
+import PostcopyHandoff
+import PostcopyTransport
+
+struct GuestResumeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "resume",
+        abstract: "Resume the guest at the destination over empty memory handed to a page-fault daemon.",
+        discussion: """
+            Plays a Firecracker-style VMM: maps fresh guest RAM, creates a userfaultfd (with \
+            UFFD_FEATURE_EVENT_REMOVE), registers the RAM, hands both to the daemon at --handoff, then \
+            waits for the source guest's device state and resumes the vCPUs at once: every page they \
+            touch is faulted in by the daemon. After --run-for seconds it stops and checks integrity: \
+            every key-value checksum, and every page it did not write against the source's page digests.
+            """)
+
+    @Option(name: .long, help: "The daemon's handoff socket (not needed with --stop-and-copy).") var handoff: String?
+    @Flag(name: .long, help: "Baseline: copy all RAM while paused, then resume (no userfaultfd, no daemon).") var stopAndCopy = false
+    @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: Endpoint
+    @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
+    @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
+    @Option(name: .long, help: "Run a task guest instead of the key-value workload: this many cooperative tasks per vCPU thread, each reading random words of random pages.") var tasks: Int = 0
+    @Flag(name: .long, help: "Paravirtual async page faults for the task guest: RAM registered with UFFD_FEATURE_SIGBUS, a touched missing page parks the task (\"page not present\") and the vCPU runs another one until \"page ready\".") var apf = false
+    @Option(name: .long, help: "Arithmetic iterations per read in the task guest (compute between memory touches).") var think: UInt32 = 100
+    @Option(name: .long, help: "Milliseconds after resuming at which the task guest's work is counted (the same interval for every run).") var workWindowMs: Int = 1000
+    @OptionGroup var io: GuestIOOptions
+    var key: KeyOptions { io.key }
+    var json: Bool { io.json }
+
+    func validate() throws {
+        guard (0...GuestLimits.maxTasksPerVCPU).contains(tasks) else { throw ValidationError("--tasks must be 0...\(GuestLimits.maxTasksPerVCPU)") }
+        guard !apf || (tasks > 0 && handoff != nil && !stopAndCopy) else { throw ValidationError("--apf needs --tasks N and --handoff") }
+        guard workWindowMs > 0 else { throw ValidationError("--work-window-ms must be positive") }
+        guard runFor > 0 else { throw ValidationError("--run-for must be positive") }
+        guard stopAndCopy || handoff != nil else { throw ValidationError("--handoff is required unless --stop-and-copy") }
+    }
+
+    func run() throws {
+        if let reason = Userfaultfd.unavailableReason() { throw fail(reason) }
+        // Device state and digests; with --stop-and-copy also every page, in its batches.
+        let control = TCPTransport(endpoint: source, maxBatchPages: StopAndCopy.batchPages, authKey: try key.loadKey())
+        let info: SessionInfo
+        do { info = try control.connect() } catch { throw fail("cannot reach the source: \(error)") }
+        let bytes = info.table.totalPages * info.table.pageSize
+        let ram = try MemoryMapping.anonymous(length: bytes)
+        var uffd: Userfaultfd?
+        var vmm: VMMHandoffClient?
+        var apfChannel: APFGuestChannel?
+        if let handoff, !stopAndCopy {
+            // Guest RAM and its uffd, exactly as Firecracker sets them up.
+            // With --apf, a touch of a missing page raises SIGBUS in the touching
+            // thread instead of blocking it (the guest library turns it into an async fault).
+            let u = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE | (apf ? CPC_UFFD_FEATURE_SIGBUS : 0))
+            try u.registerMissing(ram.range)
+            uffd = u
+            let client: VMMHandoffClient
+            do { client = try VMMHandoffClient(path: handoff) } catch { throw fail("cannot reach the daemon at \(handoff): \(error)") }
+            vmm = client
+            let region = VMMRegion(base: ram.address, size: UInt64(bytes), offset: 0, pageSize: UInt64(info.table.pageSize))
+            do { try client.handOver([region], uffd: u.fd.raw) } catch { throw fail("handoff sendmsg failed: \(error)") }
+            if apf {
+                // The guest enables async page faults (like writing KVM's async-PF MSR).
+                let ch = try APFGuestChannel()
+                apfChannel = ch
+                do { try client.enableAPF(fds: ch.fds) } catch { throw fail("sending the APF channel failed: \(error)") }
+            }
+        }
+        if json { emitEvent(.ready(.init(memoryBytes: bytes))) } else { print("destination ready: waiting for the source to pause") }
+
+        // Like QEMU's -incoming: everything is set up; only the device state is missing.
+        let blob: [UInt8]
+        do { blob = try control.fetchDeviceState(timeoutMs: 3_600_000) } catch { throw fail("no device state from the source: \(error)") }
+        let receivedAt = nowNanoseconds()
+        let state: GuestDeviceState
+        do { state = try GuestDeviceState.decode(blob) } catch { throw fail("device state is not a reference guest's: \(error)") }
+        guard state.memoryBytes == bytes else { throw fail("device state is for \(state.memoryBytes) bytes of RAM, the source serves \(bytes)") }
+        let baseline = stopAndCopy ? StopAndCopy(control: control, table: info.table) : nil
+        try baseline?.copy(into: ram, json: json)
+        if tasks > 0 {
+            try runTaskGuest(ram: ram, state: state, receivedAt: receivedAt, control: control, info: info, channel: apfChannel)
+            _ = (uffd, vmm)
+            return
+        }
+        let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: state.workload, vcpus: state.vcpus, trackDirty: true,
+                                       zipfSkew: state.zipfSkew)
+        guest.start()
+        let resumedAt = guest.release()
+        let downtime = resumedAt &- state.pausedAtNs
+        if json {
+            emitEvent(.resumed(.init(resumedAtNs: resumedAt, downtimeNs: downtime, deviceStateReceivedNs: receivedAt &- state.pausedAtNs,
+                                     restoreNs: resumedAt - receivedAt)))
+        } else {
+            print("resumed: downtime \(formatDuration(ns: downtime))")
+        }
+        // The source's page digests (ready once its RAM was scanned after the pause).
+        let digests = Locked<[UInt64]?>(nil)
+        let table = info.table
+        let fetcher = PThread(name: "digests") {
+            guard let all = try? control.fetchAllPageDigests(table) else { return }
+            digests.withLock { $0 = all }
+            baseline?.confirmComplete()
+        }
+        let reporter = try OpsReporter(side: "destination", json: json, intervalMs: reportMs) { guest.totalOps }
+        usleep(useconds_t(runFor * 1e6))
+        _ = guest.pause(pausedAt: nowNanoseconds())
+        reporter.finish()
+        fetcher.join()
+        control.close()
+        let store = guest.verifyStore()
+        guard let sourceDigests = digests.withLock({ $0 }) else { throw fail("could not fetch the source's page digests") }
+        let pagesCheck = guest.verifyPages(against: sourceDigests)
+        let failures = guest.integrityFailures
+        let ok = store.failed == 0 && pagesCheck.mismatched == 0 && failures == 0
+        let result = GuestEvent.verified(.init(
+            ok: ok, kvSlotsVerified: store.verified, kvSlotsFailed: store.failed, getChecksumFailures: failures,
+            pagesVerified: pagesCheck.verified, pagesVerifiedBeforeFirstWrite: pagesCheck.verifiedBeforeWrite,
+            pagesMismatched: pagesCheck.mismatched, ops: guest.totalOps))
+        if json { emitEvent(result) } else { print("integrity: \(ok ? "OK" : "FAILED") \(result.line)") }
+        vmm?.close()  // the VMM goes away: the daemon releases its session
+        withExtendedLifetime((ram, uffd)) {}
+        if !ok { throw ExitCode(3) }
+    }
+}

@@ -1,0 +1,100 @@
+import ArgumentParser
+import CPostcopy
+import Foundation
+import Logging
+import PostcopyCore
+import PostcopyGuest
+import PostcopySource
+import PostcopyTransport
+
+struct GuestRunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run the guest at the source and serve its RAM; pause on a \"pause\" line on stdin.",
+        discussion: """
+            Boots the guest (fills the key-value store), runs the workload, and serves its RAM to \
+            destinations like `postcopy source` does. On a line "pause" on standard input (or after \
+            --pause-after seconds) the vCPUs stop at a safe point, the device state is published, and \
+            the guest's RAM is frozen and served until a destination completed and every connection closed.
+            """)
+
+    @OptionGroup var shape: GuestShape
+    @Option(name: .long, help: "Percentage of key-value slots filled at boot (the rest of RAM stays zero).") var fillPercent: Int = 75
+    @Option(name: .long, help: "Seed of the workload.") var seed: UInt64 = 1
+    @Option(name: .long, help: "Listen address for destinations, HOST:PORT (port 0: any; printed first).") var listen = Endpoint(host: "127.0.0.1", port: 0)
+    @Option(name: .long, help: "Guest memory file (default: an anonymous memfd).") var memory: String?
+    @Option(name: .long, help: "Pause by itself after this many seconds (default: wait for \"pause\" on stdin).") var pauseAfter: Double?
+    @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
+    @Option(name: .long, help: "How destinations may fetch: tcp, rdma (also offer one-sided RDMA READ of guest RAM; the listen address must be the RDMA device's) or auto (RDMA when possible).") var transport: TransportKind = .auto
+    @Option(name: .long, help: "Scheduling of the thread streaming background pages to a destination: normal, low (nice 10) or idle (SCHED_IDLE).") var backgroundPriority: ThreadPriority = .normal
+    @OptionGroup var io: GuestIOOptions
+    var key: KeyOptions { io.key }
+    var json: Bool { io.json }
+
+    func validate() throws {
+        guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }
+    }
+
+    func run() throws {
+        var logger = Logger(label: "postcopy.guest")
+        logger.logLevel = .warning
+        let bytes = shape.size.bytes
+        let fd: Int32
+        if let memory {
+            fd = open(memory, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw fail("cannot create \(memory): \(SystemError("open", errno: errno))") }
+        } else {
+            fd = cpc_memfd_create("guest-ram", 1 /* MFD_CLOEXEC */)
+            guard fd >= 0 else { throw fail("memfd_create: \(SystemError("memfd_create", errno: -fd))") }
+        }
+        defer { close(fd) }
+        guard ftruncate(fd, off_t(bytes)) == 0 else { throw fail("cannot size guest memory: \(SystemError("ftruncate", errno: errno))") }
+        let ram = try MemoryMapping.file(fd: fd, length: bytes, writable: true)
+        let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: shape.workload,
+                                       vcpus: ReferenceGuest.freshVCPUs(shape.vcpus, seed: seed), trackDirty: false,
+                                       zipfSkew: shape.zipfSkew)
+        guest.populate(fillPercent: fillPercent, seed: seed)
+        let memoryState = try SourceMemory(mapping: ram, pageSize: guest.pageSize)
+        let authKey = try key.loadKey()
+        let server: PageServer
+        do {
+            let rdma = try Transports.listenRDMA(transport, host: listen.host, memory: ram, logger: logger)
+            server = try PageServer(memory: memoryState, listen: listen, exitAfterCompletion: false,
+                                    backgroundPriority: backgroundPriority, authKey: authKey,
+                                    rdma: rdma, logger: logger)
+        } catch { throw fail("\(error)") }
+        server.start()
+        if json {
+            emitEvent(.listening(.init(port: server.port, memoryBytes: bytes)))
+        } else {
+            print("guest running at the source, \(formatBytes(Double(bytes))), workload \(shape.workload.rawValue); serving on port \(server.port); type \"pause\" to switch over")
+        }
+        guest.start()
+        guest.release()
+        let reporter = try OpsReporter(side: "source", json: json, intervalMs: reportMs) { guest.totalOps }
+        if let pauseAfter {
+            usleep(useconds_t(pauseAfter * 1e6))
+        } else {
+            while let line = readLine(), line.trimmingCharacters(in: .whitespaces) != "pause" {}
+        }
+        let pausedAt = nowNanoseconds()
+        let state = guest.pause(pausedAt: pausedAt)
+        let cpuAtPause = processCPUNanoseconds()  // from here on, the process only serves RAM
+        memoryState.freeze(deviceState: state.encoded())
+        let frozenAt = nowNanoseconds()
+        reporter.finish()
+        if json {
+            emitEvent(.paused(.init(pausedAtNs: pausedAt, stopNs: frozenAt - pausedAt, ops: guest.totalOps)))
+        } else {
+            print("paused: vCPUs stopped and device state published in \(formatDuration(ns: frozenAt - pausedAt)); serving RAM")
+        }
+        server.waitUntilCompletedAndIdle()
+        server.stop()
+        let s = server.stats
+        let report = GuestEvent.sourceDone(.init(
+            demandPages: s.demandPages.load(ordering: .relaxed), backgroundPages: s.backgroundPages.load(ordering: .relaxed),
+            pagesSentTwice: s.pagesSentTwice.load(ordering: .relaxed), bytesSent: s.bytesSent.load(ordering: .relaxed),
+            cpuSeconds: Double(processCPUNanoseconds() - cpuAtPause) / 1e9))
+        if json { emitEvent(report) } else { print("source done: \(report.line)") }
+    }
+}
