@@ -14,7 +14,7 @@ extension PostcopyEngine {
     /// fault thread has read the pending events.
     func install(globalFirst first: Int, count: Int, payload: UnsafeRawBufferPointer?,
                  expected: PageStates.State, onFaultThread: Bool) throws(TransportError) {
-        assert(!onFaultThread || faultThread.isCurrent, "fault-thread install off the fault thread")
+        assert(onFaultThread ? faultThread.isCurrent : backgroundThread.isCurrent, "install on a thread that does not own it")
         var i = 0
         var spins = 0
         while i < count {

@@ -161,39 +161,7 @@ struct RecoveryTests {
             Issue.record("\(kind): the migration should survive this, failed: \(e)")
         }
     }
-}
 
-/// Log messages of a logger kept for a test to read (level, text).
-final class CapturedLog: Sendable {
-    let messages = Locked<[(level: Logger.Level, text: String)]>([])
-
-    var logger: Logger {
-        var l = Logger(label: "test.captured") { _ in Handler(log: self) }
-        l.logLevel = .debug
-        return l
-    }
-
-    /// Warnings and errors so far.
-    var complaints: [String] { messages.withLock { $0.filter { $0.level >= .warning }.map(\.text) } }
-
-    func contains(_ text: String) -> Bool { messages.withLock { $0.contains { $0.text.contains(text) } } }
-
-    struct Handler: LogHandler {
-        let log: CapturedLog
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .debug
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { metadata[key] }
-            set { metadata[key] = newValue }
-        }
-        func log(event: LogEvent) {
-            log.messages.withLock { $0.append((event.level, event.message.description)) }
-        }
-    }
-}
-
-@Suite("the source ending after completion", .serialized, .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable (reason printed above)"))
-struct SourceEndAfterCompletionTests {
     /// Every page is in, then the source exits (as it does once the migration is
     /// over): that is the normal end, not a lost connection. The engine must not
     /// reconnect, warn, or fail (it used to: "connection to the source lost …
@@ -229,5 +197,35 @@ struct SourceEndAfterCompletionTests {
         #expect(engine.recoveryTimes.withLock { $0 }.isEmpty)
         #expect(log.complaints.isEmpty, "\(log.complaints)")
         #expect(vmm.contents() == Array(mem.mapping.bytes))
+    }
+
+}
+
+/// Log messages of a logger kept for a test to read (level, text).
+final class CapturedLog: Sendable {
+    let messages = Locked<[(level: Logger.Level, text: String)]>([])
+
+    var logger: Logger {
+        var l = Logger(label: "test.captured") { _ in Handler(log: self) }
+        l.logLevel = .debug
+        return l
+    }
+
+    /// Warnings and errors so far.
+    var complaints: [String] { messages.withLock { $0.filter { $0.level >= .warning }.map(\.text) } }
+
+    func contains(_ text: String) -> Bool { messages.withLock { $0.contains { $0.text.contains(text) } } }
+
+    struct Handler: LogHandler {
+        let log: CapturedLog
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .debug
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) {
+            log.messages.withLock { $0.append((event.level, event.message.description)) }
+        }
     }
 }
