@@ -15,8 +15,9 @@ import Glibc
 /// and background keeps at most `window` batches in flight.
 ///
 /// The work is spread over extensions by concern: `FaultThread.swift` (the
-/// fault loop and the uffd events), `BackgroundStreamer.swift`, `PageInstaller.swift`,
-/// `RequestTracking.swift`, `ChannelRecovery.swift`, `APFWaiters.swift`.
+/// fault loop), `UffdEvents.swift` (faults, REMOVE), `BackgroundStreamer.swift`,
+/// `PageInstaller.swift`, `RequestTracking.swift`, `ChannelRecovery.swift`,
+/// `APFWaiters.swift`.
 public final class PostcopyEngine: @unchecked Sendable {
     public let uffd: Userfaultfd
     public var regions: [GuestRegion] { map.regions }
