@@ -198,7 +198,6 @@ struct RecoveryTests {
         #expect(log.complaints.isEmpty, "\(log.complaints)")
         #expect(vmm.contents() == Array(mem.mapping.bytes))
     }
-
 }
 
 /// Log messages of a logger kept for a test to read (level, text).
