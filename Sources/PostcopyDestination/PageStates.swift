@@ -1,5 +1,6 @@
 import CPostcopy
 import PostcopyCore
+import PostcopyWire
 import Synchronization
 
 /// The destination's truth about every guest page (global page numbering):
@@ -87,4 +88,29 @@ final class PageStates: @unchecked Sendable {
     }
 
     var isComplete: Bool { settled == count }
+
+    func count(of s: State) -> Int {
+        var n = 0
+        for p in 0..<count where state(p) == s { n += 1 }
+        return n
+    }
+
+    /// Marks zero every page the zero maps flag that is still missing, then
+    /// keeps guest pages (`unitPages` source pages each) uniform: one is zero
+    /// only if all its source pages are; otherwise it is fetched whole.
+    func applyZeroMaps(_ maps: [ZeroMap], table: RegionTable, unitPages: Int) {
+        for z in maps {
+            let first = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
+            for i in 0..<Int(z.pageCount) where z.isZero(i) && state(first + i) == .missing { set(first + i, .zero) }
+        }
+        guard unitPages > 1 else { return }
+        var u = 0
+        while u < count {
+            let end = min(u + unitPages, count)
+            if (u..<end).contains(where: { state($0) != .zero }) {
+                for p in u..<end where state(p) == .zero { set(p, .missing) }
+            }
+            u = end
+        }
+    }
 }

@@ -1,7 +1,8 @@
 import CPostcopy
 import Foundation
+import Logging
 import PostcopyCore
-import PostcopyDestination
+@_spi(Testing) import PostcopyDestination
 import PostcopySource
 import PostcopyTesting
 import PostcopyTransport
@@ -159,6 +160,72 @@ struct RecoveryTests {
             print("fault \(kind): \(proxy.affected) replies affected, completed in \(took), \(r.recoveryNs.count) reconnect(s), every byte equal")
         case (_, .failure(let e)):
             Issue.record("\(kind): the migration should survive this, failed: \(e)")
+        }
+    }
+
+    /// Every page is in, then the source exits (as it does once the migration is
+    /// over): that is the normal end, not a lost connection. The engine must not
+    /// reconnect, warn, or fail (it used to: "connection to the source lost …
+    /// reconnecting", then "postcopy engine failed" when the VMM went away).
+    @Test(.timeLimit(.minutes(1)))
+    func aSourceExitingAfterCompletionIsNotALoss() throws {
+        let mem = try TempMemory(size: 4 << 20, zeroPercent: 10, seed: 45)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let vmm = try TestVMM(size: 4 << 20)
+        let transport = TCPTransport(endpoint: Endpoint(host: "127.0.0.1", port: server.port), maxBatchPages: 128)
+        defer { transport.close() }
+        let info = try transport.connect()
+        let log = CapturedLog()
+        var config = EngineConfig()
+        config.recoveryDeadline = 2
+        let engine = try PostcopyEngine(
+            uffd: vmm.uffd, regions: [GuestRegion(base: vmm.mappings[0].address, size: vmm.mappings[0].length, sourceFirstPage: 0)],
+            session: info, zeroMaps: [], demand: try transport.openChannel(.demand), background: try transport.openChannel(.background),
+            reconnect: { () throws(TransportError) in try transport.reconnect() }, config: config, logger: log.logger)
+        engine.start()
+        // Nothing touches guest memory: the background stream settles every page
+        // while the fault thread still watches the demand channel.
+        try engine.waitForCompletion()
+        #expect(engine.waitForBackgroundDone(timeoutMs: 10_000))
+        _ = try transport.complete(Complete(pagesReceived: UInt64(info.table.totalPages), digest: nil))
+        server.stop()  // the source exits: every connection to it closes
+        #expect(waitFor("the engine to notice the source's end") {
+            log.contains("closed after the last page") || !log.complaints.isEmpty
+        })
+        engine.stop()
+        #expect(engine.failureReason == nil)
+        #expect(engine.recoveryTimes.withLock { $0 }.isEmpty)
+        #expect(log.complaints.isEmpty, "\(log.complaints)")
+        #expect(vmm.contents() == Array(mem.mapping.bytes))
+    }
+}
+
+/// Log messages of a logger kept for a test to read (level, text).
+final class CapturedLog: Sendable {
+    let messages = Locked<[(level: Logger.Level, text: String)]>([])
+
+    var logger: Logger {
+        var l = Logger(label: "test.captured") { _ in Handler(log: self) }
+        l.logLevel = .debug
+        return l
+    }
+
+    /// Warnings and errors so far.
+    var complaints: [String] { messages.withLock { $0.filter { $0.level >= .warning }.map(\.text) } }
+
+    func contains(_ text: String) -> Bool { messages.withLock { $0.contains { $0.text.contains(text) } } }
+
+    struct Handler: LogHandler {
+        let log: CapturedLog
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .debug
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) {
+            log.messages.withLock { $0.append((event.level, event.message.description)) }
         }
     }
 }

@@ -9,104 +9,6 @@ import Synchronization
 import Glibc
 #endif
 
-/// How the built-in guest stand-in touches memory (until a VMM hands memory over).
-public enum TouchMode: String, Sendable, CaseIterable {
-    case none
-    case random
-    case sequential
-    /// Every thread touches every page, all in the same random order: many
-    /// threads fault on the same page at once (exercises fault coalescing).
-    case shared
-}
-
-public struct DestinationOptions: Sendable {
-    public var engine = EngineConfig()
-    public var touch: TouchMode = .random
-    public var threads = 4
-    /// Guest compute between two touches, in microseconds (busy, like a vCPU running).
-    public var thinkMicroseconds = 0
-    public var seed: UInt64 = 1
-    /// Where to write the device state received from the source (nil: keep in memory only).
-    public var deviceStateOut: String?
-    /// Called with guest RAM (one buffer per region) after completion, before it is unmapped.
-    public var inspect: (@Sendable ([UnsafeRawBufferPointer]) -> Void)?
-    public init() {}
-}
-
-/// Everything a run measured. Field names are the stable `--json` schema.
-public struct DestinationReport: Sendable, Codable {
-    public var transport: String
-    public var transportReason: String
-    public var sessionID: UInt64
-    public var pageSize: Int
-    public var guestBytes: Int
-    public var totalPages: Int
-    public var zeroPages: Int
-    public var nonZeroPages: Int
-    public var demandPages: UInt64
-    public var backgroundPages: UInt64
-    public var zeroPagesFaulted: UInt64
-    public var faults: UInt64
-    public var faultsCoalesced: UInt64
-    public var eexist: UInt64
-    public var eagain: UInt64
-    public var bytesSent: UInt64
-    public var bytesReceived: UInt64
-    /// bytes received / (non-zero pages × page size).
-    public var wireOverhead: Double
-    public var handshakeSeconds: Double
-    public var timeToFullCopySeconds: Double
-    public var digestSeconds: Double
-    public var totalSeconds: Double
-    public var faultLatency: LatencySummary
-    public var guestTouchLatency: LatencySummary
-    public var touchedPages: Int
-    public var deviceStateBytes: Int
-    public var sourceDigest: String
-    public var destinationDigest: String
-    public var digestMatch: Bool
-    public var sourceConfirmedDigest: Bool
-    public var pagesSentTwice: UInt64
-    public var rssOutsideGuestMaxBytes: Int
-    public var cpuSeconds: Double
-    public var uffdOrigin: String
-    /// How long each reconnect after a broken connection took (empty: none).
-    public var recoveryNs: [UInt64]
-    /// With `--verify-against`: bytes compared with the memory file, and the
-    /// first offset that differs (nil: every byte equal).
-    public var verifiedBytes: Int? = nil
-    public var firstDifferentByte: Int? = nil
-
-    enum CodingKeys: String, CodingKey {
-        case transport, transportReason = "transport_reason", sessionID = "session_id", pageSize = "page_size"
-        case guestBytes = "guest_bytes", totalPages = "total_pages", zeroPages = "zero_pages", nonZeroPages = "non_zero_pages"
-        case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted"
-        case faults, faultsCoalesced = "faults_coalesced", eexist, eagain
-        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", wireOverhead = "wire_overhead"
-        case handshakeSeconds = "handshake_seconds", timeToFullCopySeconds = "time_to_full_copy_seconds"
-        case digestSeconds = "digest_seconds", totalSeconds = "total_seconds"
-        case faultLatency = "fault_latency", guestTouchLatency = "guest_touch_latency", touchedPages = "touched_pages"
-        case deviceStateBytes = "device_state_bytes", sourceDigest = "source_digest", destinationDigest = "destination_digest"
-        case digestMatch = "digest_match", sourceConfirmedDigest = "source_confirmed_digest", pagesSentTwice = "pages_sent_twice"
-        case rssOutsideGuestMaxBytes = "rss_outside_guest_max_bytes", cpuSeconds = "cpu_seconds", uffdOrigin = "uffd_origin"
-        case recoveryNs = "recovery_ns", verifiedBytes = "verified_bytes", firstDifferentByte = "first_different_byte"
-    }
-}
-
-public enum DestinationError: Error, CustomStringConvertible {
-    case system(SystemError)
-    case transport(TransportError)
-    case incompatible(String)
-
-    public var description: String {
-        switch self {
-        case .system(let e): return e.description
-        case .transport(let e): return e.description
-        case .incompatible(let s): return s
-        }
-    }
-}
-
 /// Runs a destination on its own: maps and registers guest RAM itself, touches
 /// it like a guest would (threads), and verifies the digest at the end.
 public final class StandaloneDestination: Sendable {
@@ -114,7 +16,8 @@ public final class StandaloneDestination: Sendable {
     public let options: DestinationOptions
     /// Live counters once the engine runs (for a progress bar).
     public let live = Locked<(EngineCounters, Int)?>(nil)
-    public let debugEngine = Locked<PostcopyEngine?>(nil)
+    /// The engine of the current run, for a test's watchdog message.
+    @_spi(Testing) public let debugEngine = Locked<PostcopyEngine?>(nil)
 
     public init(options: DestinationOptions, logger: Logger) {
         self.options = options
@@ -284,73 +187,5 @@ func writeFile(_ path: String, _ bytes: [UInt8]) throws(SystemError) {
     while off < bytes.count {
         let n = try libcCall("write(\(path))") { bytes.withUnsafeBytes { write(fd, $0.baseAddress! + off, bytes.count - off) } }
         off += n
-    }
-}
-
-/// Threads that read one byte of every page, in random or sequential order, and
-/// time each read that took a userfaultfd fault (guest-observed fault latency).
-final class GuestToucher: @unchecked Sendable {
-    struct Result {
-        var summary: LatencySummary
-        var pages: Int
-    }
-    private let mode: TouchMode
-    private let threadCount: Int
-    private let seed: UInt64
-    private let thinkNanoseconds: UInt64
-    private let addresses: [UInt64]
-    private let engine: PostcopyEngine
-    private var threads: [PThread] = []
-    private let merged = Locked<(Histogram<UInt64>, Int)>((Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three), 0))
-
-    init(mode: TouchMode, threads: Int, seed: UInt64, thinkNanoseconds: UInt64, regions: [GuestRegion], pageSize: Int, engine: PostcopyEngine) {
-        self.mode = mode
-        self.thinkNanoseconds = thinkNanoseconds
-        threadCount = max(1, threads)
-        self.seed = seed
-        self.engine = engine
-        var a: [UInt64] = []
-        if mode != .none {
-            for r in regions { for i in 0..<(r.size / pageSize) { a.append(r.base + UInt64(i * pageSize)) } }
-            if mode == .random || mode == .shared {
-                var rng = SplitMix64(seed: seed)
-                a.shuffle(using: &rng)
-            }
-        }
-        addresses = a
-    }
-
-    func start() {
-        guard mode != .none else { return }
-        let n = threadCount
-        let per = (addresses.count + n - 1) / n
-        // In shared mode another thread's fault also marks a page, so per-touch
-        // latency would be mislabelled there: it is not recorded.
-        let record = mode != .shared
-        for t in 0..<n {
-            let slice = mode == .shared ? 0..<addresses.count : min(t * per, addresses.count)..<min((t + 1) * per, addresses.count)
-            threads.append(PThread(name: "guest-vcpu\(t)") { [self] in
-                var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
-                h.autoResize = true
-                for i in slice {
-                    let a = addresses[i]
-                    let t0 = nowNanoseconds()
-                    _ = cpc_touch_read(UnsafeRawPointer(bitPattern: UInt(a))!)
-                    let dt = nowNanoseconds() - t0
-                    if record, engine.pageFaulted(address: a) { _ = h.record(max(dt, 1)) }
-                    if thinkNanoseconds > 0 {
-                        let until = nowNanoseconds() + thinkNanoseconds
-                        while nowNanoseconds() < until {}
-                    }
-                }
-                let hist = h
-                merged.withLock { $0.0.add(hist); $0.1 += slice.count }
-            })
-        }
-    }
-
-    func join() -> Result {
-        for t in threads { t.join() }
-        return merged.withLock { Result(summary: LatencySummary($0.0), pages: $0.1) }
     }
 }

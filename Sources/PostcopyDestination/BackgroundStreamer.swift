@@ -1,0 +1,158 @@
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+
+/// Paces background requests to `bytesPerSecond` (0: no limit), counted from
+/// when the stream starts: a batch may leave once the bytes requested so far,
+/// itself included, fit in the budget earned since.
+struct TokenBucket {
+    let bytesPerSecond: Int
+    private let started = nowNanoseconds()
+    private var requested = 0
+
+    init(bytesPerSecond: Int) { self.bytesPerSecond = bytesPerSecond }
+
+    /// Milliseconds to wait (at most 1000) before `bytes` more may be
+    /// requested, or nil when they may go now.
+    func delayMs(before bytes: Int) -> Int32? {
+        guard bytesPerSecond > 0 else { return nil }
+        let allowed = Double(bytesPerSecond) * Double(nowNanoseconds() - started) / 1e9
+        let next = Double(requested + bytes)
+        guard next > allowed else { return nil }
+        return Int32(min(1000, ((next - allowed) / Double(bytesPerSecond) * 1000).rounded(.up)))
+    }
+
+    mutating func spend(_ bytes: Int) { requested += bytes }
+}
+
+/// The background thread: streams the pages no guest asked for, after the
+/// most recent demand fault first (locality), with at most `window` batches in
+/// flight and at most `backgroundRate` bytes per second.
+extension PostcopyEngine {
+    func backgroundLoop() throws(TransportError) {
+        assert(backgroundThread.isCurrent)
+        let channels = currentChannels()
+        var generation = channels.generation
+        guard var background = channels.background else { return }
+        if let zeroMapProvider {
+            guard try applyZeroMaps(from: zeroMapProvider, generation: &generation, background: &background) else { return }
+        }
+        let epoll: Epoll
+        do {
+            epoll = try Epoll()
+            try epoll.add(background.pollDescriptor, for: .channel)
+            try epoll.add(shutdown.fd.raw, for: .shutdown)
+        } catch { throw .local(error) }
+        var cursor = 0
+        var followed = -1
+        var outstanding = 0
+        var exhausted = false
+        var tokens: [UInt64] = []
+        var bucket = TokenBucket(bytesPerSecond: config.backgroundRate)
+        let batchBytes = max(config.batchPages, unitPages) * pageSize
+        var stall = StallWatch(timeout: config.stallTimeout)
+        while true {
+            if channelGeneration != generation {
+                let old = background
+                let now = currentChannels()
+                generation = now.generation
+                guard let b = now.background else { return }
+                background = b
+                do {
+                    outstanding = try switchChannel(epoll, from: old, to: background, watched: true, background: true)
+                    stall.progressed()
+                } catch {
+                    if try recover(from: generation, cause: error) == .sourceDone { return }
+                    continue
+                }
+            }
+            var waitMs: Int32 = -1
+            do {
+                while !exhausted, outstanding < (config.window ?? background.suggestedWindow ?? 4) {
+                    if let delay = bucket.delayMs(before: batchBytes) {
+                        waitMs = delay
+                        break
+                    }
+                    // Locality: restart the scan just after the most recent demand fault.
+                    let last = lastDemandPage.load(ordering: .relaxed)
+                    if last != followed {
+                        followed = last
+                        if last + unitPages < table.totalPages { cursor = last + unitPages }
+                    }
+                    guard let run = claimBackgroundRun(from: cursor) else {
+                        exhausted = true
+                        break
+                    }
+                    cursor = run.first + run.count
+                    let (region, page) = table.locate(globalPage: run.first)
+                    bucket.spend(run.count * pageSize)
+                    if outstanding == 0 { stall.progressed() }
+                    outstanding += 1
+                    try submit(background, region: region, page: page, count: run.count, class: .background)
+                }
+            } catch {
+                if try recover(from: generation, cause: error) == .sourceDone { return }
+                continue
+            }
+            if exhausted && outstanding == 0 { return }
+            do { try epoll.wait(&tokens, timeoutMs: outstanding > 0 ? stall.pollMs : waitMs) } catch { throw .local(error) }
+            if tokens.contains(.shutdown) { return }
+            do throws(TransportError) {
+                let n = try background.drainCompletions { (h, payload) throws(TransportError) in
+                    try handleCompletion(h, payload, onFaultThread: false)
+                }
+                outstanding -= n
+                if n > 0 { stall.progressed() }
+                try stall.check(inFlight: outstanding, "background")
+            } catch {
+                if try recover(from: generation, cause: error) == .sourceDone { return }
+            }
+        }
+    }
+
+    /// Before streaming: asks `provider` for the zero map (reconnecting after a
+    /// connection loss) and applies it. False when the source went away after
+    /// every page was already in: nothing is left to stream.
+    private func applyZeroMaps(from provider: ZeroMapProvider, generation: inout Int,
+                               background: inout PageChannel) throws(TransportError) -> Bool {
+        var fetched: [ZeroMap]?
+        while fetched == nil {
+            do { fetched = try provider() } catch {
+                if try recover(from: generation, cause: error) == .sourceDone { return false }
+                let now = currentChannels()
+                generation = now.generation
+                if let b = now.background { background = b }
+            }
+        }
+        let maps = fetched ?? []
+        let complete: Bool = pages.lock.withLock {
+            pages.applyZeroMaps(maps, table: table, unitPages: unitPages)
+            counters.zeroPagesKnown.store(pages.count(of: .zero), ordering: .relaxed)
+            counters.settledPages.store(pages.settled, ordering: .relaxed)
+            return pages.isComplete
+        }
+        if complete { markComplete(at: nowNanoseconds()) }
+        return true
+    }
+
+    /// Claims (marks in flight) the next run of missing pages at or after
+    /// `cursor`: whole guest pages, inside one source region and one guest
+    /// region, at most a batch. Nil when no page is missing.
+    private func claimBackgroundRun(from cursor: Int) -> (first: Int, count: Int)? {
+        assert(backgroundThread.isCurrent)
+        return pages.lock.withLock { () -> (first: Int, count: Int)? in
+            guard let found = pages.nextMissing(from: cursor) else { return nil }
+            let first = found / unitPages * unitPages  // whole guest pages share a state
+            let (region, page) = table.locate(globalPage: first)
+            let g = map.region(ofGlobal: first)
+            let regionEnd = min(first - page + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize)
+            var n = 0
+            let batch = max(config.batchPages / unitPages, 1) * unitPages
+            while n < batch, first + n < regionEnd, pages.state(first + n) == .missing {
+                for q in (first + n)..<(first + n + unitPages) { pages.set(q, .inflightBackground) }
+                n += unitPages
+            }
+            return (first, n)
+        }
+    }
+}

@@ -1,0 +1,25 @@
+import PostcopyCore
+
+/// How the built-in guest stand-in touches memory (until a VMM hands memory over).
+public enum TouchMode: String, Sendable, CaseIterable {
+    case none
+    case random
+    case sequential
+    /// Every thread touches every page, all in the same random order: many
+    /// threads fault on the same page at once (exercises fault coalescing).
+    case shared
+}
+
+public struct DestinationOptions: Sendable {
+    public var engine = EngineConfig()
+    public var touch: TouchMode = .random
+    public var threads = 4
+    /// Guest compute between two touches, in microseconds (busy, like a vCPU running).
+    public var thinkMicroseconds = 0
+    public var seed: UInt64 = 1
+    /// Where to write the device state received from the source (nil: keep in memory only).
+    public var deviceStateOut: String?
+    /// Called with guest RAM (one buffer per region) after completion, before it is unmapped.
+    public var inspect: (@Sendable ([UnsafeRawBufferPointer]) -> Void)?
+    public init() {}
+}

@@ -1,0 +1,29 @@
+import PostcopyCore
+
+/// Scheduling knobs of the engine.
+public struct EngineConfig: Sendable {
+    /// Stream pages the guest has not asked for (off: demand only, for benchmarks).
+    public var background = true
+    /// Pages per background request.
+    public var batchPages = 128
+    /// Background requests kept in flight at most (bounds what a demand reply can
+    /// wait behind in the kernel and what the background installer holds); nil:
+    /// what the background channel suggests (RDMA: 16), else 4.
+    public var window: Int? = nil
+    /// Background bytes per second at most (0: as fast as the window allows).
+    public var backgroundRate: Int = 0
+    /// Seconds to keep reconnecting after the connection to the source breaks
+    /// (guest threads stay parked meanwhile); 0 fails at the first break.
+    public var recoveryDeadline: Double = 60
+    /// Seconds without any reply while requests are in flight after which the
+    /// connection counts as broken (a source that hangs, a reply lost): the
+    /// engine reconnects and re-sends them. 0: wait forever.
+    public var stallTimeout: Double = 20
+    /// Scheduling of the background thread (see `ThreadPriority` for why normal is the default).
+    public var backgroundPriority: ThreadPriority = .normal
+    /// Page size of the guest memory the uffd serves: the source's page size, or
+    /// 2 MiB for hugetlbfs-backed VMM memory (installed 2 MiB at a time: one
+    /// fault fetches the 512 source pages of its huge page).
+    public var guestPageSize: Int = 0
+    public init() {}
+}

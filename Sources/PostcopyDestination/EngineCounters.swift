@@ -1,0 +1,20 @@
+import Synchronization
+
+/// Live counters, readable from another thread (progress bar).
+public final class EngineCounters: Sendable {
+    public let faults = Atomic<UInt64>(0)
+    /// Faults that came as async "page not present" requests (a subset of `faults`).
+    public let apfFaults = Atomic<UInt64>(0)
+    public let faultsCoalesced = Atomic<UInt64>(0)
+    public let demandPages = Atomic<UInt64>(0)
+    public let backgroundPages = Atomic<UInt64>(0)
+    public let zeroFaults = Atomic<UInt64>(0)
+    public let settledPages = Atomic<Int>(0)
+    public let eexist = Atomic<UInt64>(0)
+    public let eagain = Atomic<UInt64>(0)
+    public let removedRanges = Atomic<UInt64>(0)
+    /// Pages the zero map says are zero (never transferred).
+    public let zeroPagesKnown = Atomic<Int>(0)
+    /// Pages the source flagged as zero in a reply (no payload sent).
+    public let zeroPagesReceived = Atomic<UInt64>(0)
+}

@@ -1,0 +1,36 @@
+/// Translates between addresses of the space the uffd serves and global source
+/// page numbers, over regions that passed `GuestRegion.layoutProblem`.
+struct RegionMap: Sendable {
+    /// Sorted by source page.
+    let regions: [GuestRegion]
+    let pageSize: Int
+
+    init(_ regions: [GuestRegion], pageSize: Int) {
+        self.regions = regions.sorted { $0.sourceFirstPage < $1.sourceFirstPage }
+        self.pageSize = pageSize
+    }
+
+    /// The global page at `address`, or nil outside every region.
+    func globalPage(_ address: UInt64) -> Int? {
+        for r in regions where r.range.contains(address) {
+            return r.sourceFirstPage + Int((address - r.base) / UInt64(pageSize))
+        }
+        return nil
+    }
+
+    /// The guest region holding global page p.
+    func region(ofGlobal p: Int) -> GuestRegion {
+        var lo = 0, hi = regions.count - 1
+        while lo < hi {
+            let mid = (lo + hi + 1) / 2
+            if regions[mid].sourceFirstPage <= p { lo = mid } else { hi = mid - 1 }
+        }
+        return regions[lo]
+    }
+
+    /// Where global page p lives in the served address space.
+    func address(ofGlobal p: Int) -> UInt64 {
+        let r = region(ofGlobal: p)
+        return r.base + UInt64((p - r.sourceFirstPage) * pageSize)
+    }
+}

@@ -1,0 +1,51 @@
+import PostcopyTransport
+import PostcopyWire
+
+/// Requests in flight and the replies that settle them: every request is
+/// registered in `inflight` by id before it leaves, and a reply is installed
+/// only if it matches one exactly.
+extension PostcopyEngine {
+    /// A request with the next id (not yet registered in `inflight`).
+    func newRequest(region: Int, page: Int, count: Int, class cls: PageClass) -> PageRequest {
+        PageRequest(requestID: nextRequestID.wrappingAdd(1, ordering: .relaxed).oldValue, region: UInt16(region),
+                    pageClass: cls, pageOffset: UInt64(page), pageCount: UInt32(count))
+    }
+
+    func submit(_ channel: PageChannel, region: Int, page: Int, count: Int, class cls: PageClass) throws(TransportError) {
+        let r = newRequest(region: region, page: page, count: count, class: cls)
+        inflight.withLock { $0[r.requestID] = r }
+        try channel.submit(r)
+    }
+
+    /// A reply drained from a channel by the fault thread (demand) or the
+    /// background thread (`onFaultThread` false), the thread that installs it.
+    func handleCompletion(_ h: PageDataHeader, _ payload: UnsafeRawBufferPointer, onFaultThread: Bool) throws(TransportError) {
+        // Only pages we asked for may be installed: a peer cannot make us fill
+        // (or overwrite) anything else.
+        let request = inflight.withLock { $0.removeValue(forKey: h.requestID) }
+        guard let request, request.region == h.region, request.pageOffset == h.pageOffset,
+              request.pageCount == h.pageCount, request.pageClass == h.pageClass else {
+            throw .protocolViolation("reply \(h.requestID) (pages \(h.pageOffset)..<\(h.pageOffset + UInt64(h.pageCount)) of region \(h.region)) matches no request in flight: not requested")
+        }
+        let first = table.firstGlobalPage[Int(h.region)] + Int(h.pageOffset)
+        let count = Int(h.pageCount)
+        let expected: PageStates.State = h.pageClass == .background ? .inflightBackground : .inflightDemand
+        let ok = pages.lock.withLock {
+            (first..<(first + count)).allSatisfy { pages.state($0) == expected || pages.wasRemovedInflight($0) }
+        }
+        guard ok else {
+            throw .protocolViolation("pages \(h.pageOffset)..<\(h.pageOffset + UInt64(h.pageCount)) of region \(h.region) were not requested as \(h.pageClass)")
+        }
+        try install(globalFirst: first, count: count, payload: h.isZero ? nil : payload, expected: expected,
+                    onFaultThread: onFaultThread)
+        if h.isZero {
+            // The source found these all zero (it had no zero map yet): filled
+            // with UFFDIO_ZEROPAGE, no payload crossed the wire.
+            counters.zeroPagesReceived.add(UInt64(count), ordering: .relaxed)
+        } else if h.pageClass == .background {
+            counters.backgroundPages.add(UInt64(count), ordering: .relaxed)
+        } else {
+            counters.demandPages.add(UInt64(count), ordering: .relaxed)
+        }
+    }
+}

@@ -1,0 +1,99 @@
+import CPostcopy
+import PostcopyCore
+import PostcopyTransport
+
+/// The fault thread's handling of userfaultfd messages: page faults (and async
+/// "page not present" requests, which take the same path) and REMOVE events.
+extension PostcopyEngine {
+    func readEvents() throws(TransportError) {
+        assert(faultThread.isCurrent)
+        let msgs = fault.msgs
+        while true {
+            let n: Int
+            do { n = try uffd.readEvents(msgs, max: FaultThreadState.messageCapacity) } catch { throw .local(error) }
+            if n == 0 { return }
+            let now = nowNanoseconds()
+            for i in 0..<n {
+                if msgs[i].event == CPC_UFFD_EVENT_REMOVE {
+                    handleRemove(start: msgs[i].arg.remove.start, end: msgs[i].arg.remove.end)
+                    continue
+                }
+                guard msgs[i].event == CPC_UFFD_EVENT_PAGEFAULT else { continue }
+                handleFault(address: msgs[i].arg.pagefault.address, at: now)
+            }
+        }
+    }
+
+    /// A guest touched a missing page (a uffd fault, or an async "page not
+    /// present" from the APF channel): fetch it once, however many wait for it.
+    func handleFault(address: UInt64, at now: UInt64) {
+        assert(faultThread.isCurrent)
+        let addr = address & ~UInt64(unitBytes - 1)
+        guard let p = map.globalPage(addr) else {
+            logger.error("fault at 0x\(String(addr, radix: 16)) outside guest memory; ignored")
+            return
+        }
+        counters.faults.add(1, ordering: .relaxed)
+        enum Action { case fetch, zero, wake, wait }
+        let action: Action = pages.lock.withLock {
+            pages.markFaulted(p, at: now)
+            switch pages.state(p) {
+            case .missing:
+                for q in p..<(p + unitPages) { pages.set(q, .inflightDemand) }
+                return .fetch
+            case .zero:
+                for q in p..<(p + unitPages) { pages.set(q, .inflightDemand) }
+                return .zero
+            case .present:
+                _ = pages.takeWaiter(p)
+                return .wake
+            case .inflightDemand, .inflightBackground:
+                return .wait
+            }
+        }
+        switch action {
+        case .fetch:
+            lastDemandPage.store(p, ordering: .relaxed)
+            fault.deferredDemand.append(p)
+        case .zero:
+            fault.deferredZero.append(p)
+        case .wake:
+            // Installed between the fault and now; the copy already woke
+            // the range, but a wake is cheap and never loses a waiter.
+            uffd.wake(addr, length: unitBytes)
+            releaseAPFWaiters([p])
+        case .wait:
+            counters.faultsCoalesced.add(1, ordering: .relaxed)
+        }
+    }
+
+    /// UFFD_EVENT_REMOVE: the VMM discarded [start, end) (MADV_DONTNEED: balloon,
+    /// hot-unplug). Those pages must never again be filled from the source; touched
+    /// later they read as zero. In-flight fetches for them are dropped on arrival,
+    /// and threads parked on them are woken to fault again (and get a zero page).
+    func handleRemove(start: UInt64, end: UInt64) {
+        assert(faultThread.isCurrent)
+        var lo = start & ~UInt64(unitBytes - 1)
+        var touched: [(UInt64, Int)] = []
+        while lo < end {
+            guard let p = map.globalPage(lo) else { lo += UInt64(pageSize); continue }
+            let r = map.region(ofGlobal: p)
+            let last = min(end, r.base + UInt64(r.size))
+            let n = Int((last - lo + UInt64(pageSize) - 1) / UInt64(pageSize))
+            pages.lock.withLock {
+                for q in p..<(p + n) { pages.markRemoved(q) }
+                counters.settledPages.store(pages.settled, ordering: .relaxed)
+            }
+            touched.append((lo, n * pageSize))
+            lo += UInt64(n * pageSize)
+        }
+        counters.removedRanges.add(1, ordering: .relaxed)
+        for (a, len) in touched { uffd.wake(a, length: len) }
+        // Async waiters too: their access runs again and asks anew (a zero page).
+        releaseAPFWaiters(touched.flatMap { (a, len) -> [Int] in
+            guard let p = map.globalPage(a) else { return [] }
+            return Array(stride(from: p, to: p + len / pageSize, by: unitPages))
+        })
+        if pages.lock.withLock({ pages.isComplete }) { markComplete(at: nowNanoseconds()) }
+    }
+}
