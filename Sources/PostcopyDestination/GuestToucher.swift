@@ -16,7 +16,7 @@ final class GuestToucher: @unchecked Sendable {
     private let addresses: [UInt64]
     private let engine: PostcopyEngine
     private var threads: [PThread] = []
-    private let merged = Locked<(Histogram<UInt64>, Int)>((Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three), 0))
+    private let merged = Locked<(Histogram<UInt64>, Int)>((LatencyHistogram.make(), 0))
 
     init(mode: TouchMode, threads: Int, seed: UInt64, thinkNanoseconds: UInt64, regions: [GuestRegion], pageSize: Int, engine: PostcopyEngine) {
         self.mode = mode
@@ -45,8 +45,7 @@ final class GuestToucher: @unchecked Sendable {
         for t in 0..<n {
             let slice = mode == .shared ? 0..<addresses.count : min(t * per, addresses.count)..<min((t + 1) * per, addresses.count)
             threads.append(PThread(name: "guest-vcpu\(t)") { [self] in
-                var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
-                h.autoResize = true
+                var h = LatencyHistogram.make()
                 for i in slice {
                     let a = addresses[i]
                     let t0 = nowNanoseconds()

@@ -140,15 +140,9 @@ public final class StandaloneDestination: Sendable {
         options.inspect?(mappings.map { $0.bytes })
         let ack: CompleteAck
         let complete = Complete(pagesReceived: UInt64(table.totalPages), digest: digest)
-        do {
-            ack = try transport.complete(complete)
-        } catch where error.isConnectionLoss && options.engine.recoveryDeadline > 0 {
-            // Cut after the last page: the session is still there to confirm.
-            do {
-                _ = try transport.reconnect()
-                ack = try transport.complete(complete)
-            } catch { throw .transport(error) }
-        } catch { throw .transport(error) }
+        do { ack = try transport.complete(complete, reconnectingOnce: options.engine.recoveryDeadline > 0) } catch {
+            throw .transport(error)
+        }
         let wire = transport.bytesOnWire
         transport.close()
         let rssMax = rss.finish(excluding: guestRanges)

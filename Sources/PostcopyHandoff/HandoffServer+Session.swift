@@ -91,7 +91,8 @@ extension HandoffServer {
         // Replies for pages the VMM removed may still be on their way
         // on the main connection; it is free once the stream has ended.
         let idle = engine.waitForBackgroundDone(timeoutMs: Self.backgroundDrainTimeoutMs)
-        let ack = idle ? try? transport.complete(Complete(pagesReceived: UInt64(engine.table.totalPages), digest: nil)) : nil
+        let ack = idle ? try? transport.complete(Complete(pagesReceived: UInt64(engine.table.totalPages), digest: nil),
+                                                 reconnectingOnce: engineConfig.recoveryDeadline > 0) : nil
         logger.info("VMM pid \(pid): every page is in (source acknowledged: \(ack != nil))")
         onComplete?(pid, engine.streamEnd)
     }

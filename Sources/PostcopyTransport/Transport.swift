@@ -74,6 +74,16 @@ public protocol Transport: AnyObject, Sendable {
 }
 
 extension Transport {
+    /// `complete`, and when the connection was cut after the last page and
+    /// `reconnectingOnce` allows it, once more after a reconnect: the source
+    /// keeps the session, so there is still someone to confirm to.
+    public func complete(_ c: Complete, reconnectingOnce: Bool) throws(TransportError) -> CompleteAck {
+        do { return try complete(c) } catch where error.isConnectionLoss && reconnectingOnce {
+            _ = try reconnect()
+            return try complete(c)
+        }
+    }
+
     /// The zero map of every region, in chunks the source accepts.
     public func fetchWholeZeroMap(_ table: RegionTable) throws(TransportError) -> [ZeroMap] {
         var maps: [ZeroMap] = []

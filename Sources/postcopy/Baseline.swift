@@ -29,8 +29,7 @@ struct BaselineCommand: ParsableCommand {
             which == .tcpRTT ? cpc_baseline_tcp_rtt(Int32(samples), p.baseAddress) : cpc_baseline_uffd_fault(Int32(samples), p.baseAddress)
         }
         guard n > 0 else { throw fail("\(which.rawValue) baseline failed: \(SystemError(which.rawValue, errno: -n))") }
-        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
-        h.autoResize = true
+        var h = LatencyHistogram.make()
         // The first 1% warms caches and the connection; it is not part of the result.
         for v in out[(Int(n) / 100)..<Int(n)] { _ = h.record(max(v, 1)) }
         let s = LatencySummary(h)

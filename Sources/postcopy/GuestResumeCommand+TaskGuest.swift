@@ -10,7 +10,7 @@ extension GuestResumeCommand {
     /// work done in the first --work-window-ms and over --run-for, then bring every
     /// page in from inside tasks and check every page against the source's RAM.
     func runTaskGuest(ram: MemoryMapping, state: GuestDeviceState, receivedAt: UInt64, control: TCPTransport, info: SessionInfo,
-                      channel: APFGuestChannel?) throws {
+                      channel: APFGuestChannel?, baseline: StopAndCopy?) throws {
         let guest = TaskGuest(base: ram.base, bytes: ram.length, vcpus: state.vcpus.count, tasksPerVCPU: tasks, think: think,
                               seed: 7, channel: channel)
         let resumedAt = nowNanoseconds()
@@ -40,6 +40,7 @@ extension GuestResumeCommand {
         do { digests = try control.fetchAllPageDigests(info.table) } catch {
             throw fail("could not fetch the source's page digests: \(error)")
         }
+        baseline?.confirmComplete()
         let (pages, pageSize) = (info.table.totalPages, info.table.pageSize)
         control.close()
         var mismatched = 0

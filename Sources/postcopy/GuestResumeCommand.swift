@@ -82,7 +82,8 @@ struct GuestResumeCommand: ParsableCommand {
         let baseline = stopAndCopy ? StopAndCopy(control: control, table: info.table) : nil
         try baseline?.copy(into: ram, json: json)
         if tasks > 0 {
-            try runTaskGuest(ram: ram, state: state, receivedAt: receivedAt, control: control, info: info, channel: apfChannel)
+            try runTaskGuest(ram: ram, state: state, receivedAt: receivedAt, control: control, info: info, channel: apfChannel,
+                             baseline: baseline)
             _ = (uffd, vmm)
             return
         }
