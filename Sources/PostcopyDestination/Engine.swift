@@ -110,7 +110,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         pageSize = table.pageSize
         map = RegionMap(regions, pageSize: pageSize)
         let guestPage = config.guestPageSize == 0 ? table.pageSize : config.guestPageSize
-        guard guestPage % table.pageSize == 0, guestPage / table.pageSize <= Int(Protocol.maxPagesPerRequest) else {
+        guard guestPage % table.pageSize == 0, guestPage / table.pageSize <= Int(WireProtocol.maxPagesPerRequest) else {
             throw SystemError("guest page size \(guestPage) is not a multiple of the source page size \(table.pageSize)", errno: EINVAL)
         }
         unitPages = guestPage / table.pageSize

@@ -18,7 +18,7 @@ extension PageServer {
         let serverNonce = Authentication.nonce()
         try conn.send(.authChallenge(AuthChallenge(serverNonce: serverNonce,
                                                    proof: Authentication.sourceProof(key: key, clientNonce: nonce, serverNonce: serverNonce))))
-        let reply = try conn.receive(timeoutMs: Protocol.handshakeTimeoutMs)
+        let reply = try conn.receive(timeoutMs: WireProtocol.handshakeTimeoutMs)
         guard case .authResponse(let r) = reply,
               Authentication.equal(r.proof, Authentication.destinationProof(key: key, clientNonce: nonce, serverNonce: serverNonce)) else {
             return try refuse("authentication failed: wrong key")

@@ -26,7 +26,7 @@ extension PageServer {
     /// The handshake (hello, authentication, session), the welcome, then every
     /// frame of the channel, each to its handler.
     func serveChannel(_ conn: any FrameConnection) throws(TransportError) {
-        let first = try conn.receive(timeoutMs: Protocol.handshakeTimeoutMs)
+        let first = try conn.receive(timeoutMs: WireProtocol.handshakeTimeoutMs)
         guard case .hello(let hello) = first else {
             throw .protocolViolation("first frame must be hello, got \(first.type)")
         }

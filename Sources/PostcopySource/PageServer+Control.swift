@@ -10,7 +10,7 @@ extension PageServer {
         guard let state = waitUntilFrozen(channel.conn) else { return .end }
         let total = UInt64(state.count)
         guard d.offset <= total else { throw .protocolViolation("device state offset \(d.offset) beyond \(total)") }
-        let n = Int(min(UInt64(d.maxLength), total - d.offset, UInt64(Protocol.maxDeviceStateChunk)))
+        let n = Int(min(UInt64(d.maxLength), total - d.offset, UInt64(WireProtocol.maxDeviceStateChunk)))
         let start = Int(d.offset)
         try channel.conn.send(.deviceState(DeviceState(totalSize: total, offset: d.offset, data: Array(state[start..<(start + n)]))))
         return .next

@@ -28,7 +28,7 @@ extension PageServer {
         }
         let table = memory.table
         let pageSize = table.pageSize
-        let prefixBytes = Protocol.headerSize + PageDataHeader.encodedSize
+        let prefixBytes = WireProtocol.headerSize + PageDataHeader.encodedSize
         var prefixes: [UInt8] = []
         prefixes.reserveCapacity(requests.count * prefixBytes)
         var payloads: [UnsafeRawBufferPointer] = []

@@ -5,8 +5,8 @@ extension PageServer {
     /// Which pages of a run are all-zero (one bit each), from the RAM scan.
     func zeroMap(_ z: ZeroMapRequest) throws(TransportError) -> ZeroMap {
         let table = memory.table
-        guard z.pageCount >= 1, z.pageCount <= Protocol.maxZeroMapPages else {
-            throw .protocolViolation("zero map request for \(z.pageCount) pages (1...\(Protocol.maxZeroMapPages) allowed)")
+        guard z.pageCount >= 1, z.pageCount <= WireProtocol.maxZeroMapPages else {
+            throw .protocolViolation("zero map request for \(z.pageCount) pages (1...\(WireProtocol.maxZeroMapPages) allowed)")
         }
         do {
             try table.validate(region: z.region, pageOffset: z.firstPage, pageCount: z.pageCount)

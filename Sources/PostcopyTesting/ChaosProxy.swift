@@ -116,10 +116,10 @@ public final class ChaosProxy: @unchecked Sendable {
             if n <= 0 { return }
             pending.append(contentsOf: UnsafeRawBufferPointer(start: buf, count: n))
             var used = 0
-            while pending.count - used >= Protocol.headerSize {
+            while pending.count - used >= WireProtocol.headerSize {
                 let len = pending.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: used + 4, as: UInt32.self))) }
-                guard pending.count - used >= Protocol.headerSize + len else { break }
-                let frame = Array(pending[used..<(used + Protocol.headerSize + len)])
+                guard pending.count - used >= WireProtocol.headerSize + len else { break }
+                let frame = Array(pending[used..<(used + WireProtocol.headerSize + len)])
                 used += frame.count
                 var hit = false
                 if frame[2] == MessageType.pageData.rawValue {

@@ -35,7 +35,7 @@ public final class TCPConnection: @unchecked Sendable {
         self.fd = OwnedFD(fd)
         self.peer = peer
         self.maxBody = maxBody
-        capacity = Self.frameOrigin + Protocol.headerSize + maxBody
+        capacity = Self.frameOrigin + WireProtocol.headerSize + maxBody
         buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
         start = Self.frameOrigin
         end = Self.frameOrigin
@@ -49,7 +49,7 @@ public final class TCPConnection: @unchecked Sendable {
     /// Raises or lowers the frame limit once the handshake fixed the page size;
     /// buffered bytes are kept.
     public func setMaxBody(_ n: Int) {
-        let newCapacity = Self.frameOrigin + Protocol.headerSize + n
+        let newCapacity = Self.frameOrigin + WireProtocol.headerSize + n
         precondition(end - start <= newCapacity - Self.frameOrigin, "buffered data exceeds the new capacity")
         let nb = UnsafeMutableRawPointer.allocate(byteCount: newCapacity, alignment: 4096)
         nb.copyMemory(from: buffer + start, byteCount: end - start)
@@ -169,14 +169,14 @@ public final class TCPConnection: @unchecked Sendable {
 
     private func parseBuffered() throws(TransportError) -> Message? {
         let avail = end - start
-        guard avail >= Protocol.headerSize else { return nil }
+        guard avail >= WireProtocol.headerSize else { return nil }
         let header: FrameHeader
         do {
             header = try FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: avail), maxBody: maxBody)
         } catch { throw .wire(error) }
-        let total = Protocol.headerSize + header.bodyLength
+        let total = WireProtocol.headerSize + header.bodyLength
         guard avail >= total else { return nil }
-        let body = UnsafeRawBufferPointer(start: buffer + start + Protocol.headerSize, count: header.bodyLength)
+        let body = UnsafeRawBufferPointer(start: buffer + start + WireProtocol.headerSize, count: header.bodyLength)
         start += total
         do {
             let m = try Codec.decode(header, body: body, pageSize: pageSize)
@@ -194,7 +194,7 @@ public final class TCPConnection: @unchecked Sendable {
     /// Where a frame starts in the buffer: 32 bytes (frame header + page-data
     /// header) before a page boundary, so page payloads land page-aligned.
     /// UFFDIO_COPY then copies whole cache lines from an aligned source.
-    static let frameOrigin = 4096 - (Protocol.headerSize + PageDataHeader.encodedSize)
+    static let frameOrigin = 4096 - (WireProtocol.headerSize + PageDataHeader.encodedSize)
 
     /// Reads from the socket without running past the current frame once its
     /// length is known, and at most one page reply's worth before that; so the
@@ -211,10 +211,10 @@ public final class TCPConnection: @unchecked Sendable {
             start = Self.frameOrigin
         }
         let avail = end - start
-        var want = Protocol.headerSize + PageDataHeader.encodedSize + (pageSize ?? 4096)
-        if avail >= Protocol.headerSize,
+        var want = WireProtocol.headerSize + PageDataHeader.encodedSize + (pageSize ?? 4096)
+        if avail >= WireProtocol.headerSize,
            let h = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: avail), maxBody: maxBody) {
-            want = Protocol.headerSize + h.bodyLength
+            want = WireProtocol.headerSize + h.bodyLength
         }
         let room = readAhead ? capacity - end : min(capacity - end, max(want - avail, 1))
         let r = cpc_recv(fd.raw, buffer + end, room)

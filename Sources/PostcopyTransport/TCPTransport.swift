@@ -39,7 +39,7 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         try c.send(.hello(Hello(role: role, capabilities: nonce == nil ? [.zeroMap, .urgentChannel] : [.zeroMap, .urgentChannel, .authentication],
                                 sessionID: sessionID,
                                 extensions: nonce.map { [HandshakeExtension(type: ExtensionType.clientNonce, value: $0)] } ?? [])))
-        var reply = try c.receive(timeoutMs: Protocol.handshakeTimeoutMs)
+        var reply = try c.receive(timeoutMs: WireProtocol.handshakeTimeoutMs)
         if case .authChallenge(let challenge) = reply {
             guard let authKey, let nonce else {
                 throw .unavailable("the source at \(endpoint) requires authentication: give the shared key with --key-file")
@@ -48,7 +48,7 @@ public final class TCPTransport: Transport, @unchecked Sendable {
                 throw .protocolViolation("the source at \(endpoint) could not prove the shared key; refusing it")
             }
             try c.send(.authResponse(AuthResponse(proof: Authentication.destinationProof(key: authKey, clientNonce: nonce, serverNonce: challenge.serverNonce))))
-            reply = try c.receive(timeoutMs: Protocol.handshakeTimeoutMs)
+            reply = try c.receive(timeoutMs: WireProtocol.handshakeTimeoutMs)
         } else if authKey != nil {
             throw .protocolViolation("the source at \(endpoint) did not authenticate; refusing to take pages from it")
         }
@@ -85,7 +85,7 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         return ch
     }
 
-    private func control(_ m: Message, timeoutMs: Int32 = Protocol.controlReplyTimeoutMs) throws(TransportError) -> Message {
+    private func control(_ m: Message, timeoutMs: Int32 = WireProtocol.controlReplyTimeoutMs) throws(TransportError) -> Message {
         guard let main = lock.withLock({ main }) else { throw .protocolViolation("control call before connect") }
         try main.send(m)
         return try main.receive(timeoutMs: timeoutMs)
@@ -105,8 +105,8 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         var total: UInt64 = 1
         var first = true
         while UInt64(out.count) < total {
-            let r = try control(.deviceStateRequest(DeviceStateRequest(offset: UInt64(out.count), maxLength: UInt32(Protocol.maxDeviceStateChunk))),
-                                timeoutMs: first ? timeoutMs : Protocol.controlReplyTimeoutMs)
+            let r = try control(.deviceStateRequest(DeviceStateRequest(offset: UInt64(out.count), maxLength: UInt32(WireProtocol.maxDeviceStateChunk))),
+                                timeoutMs: first ? timeoutMs : WireProtocol.controlReplyTimeoutMs)
             guard case .deviceState(let d) = r, d.offset == UInt64(out.count), first || d.totalSize == total,
                   !d.data.isEmpty || d.totalSize == 0 else {
                 throw .protocolViolation("device state reply does not match the request")

@@ -87,7 +87,7 @@ extension Transport {
     /// The zero map of every region, in chunks the source accepts.
     public func fetchWholeZeroMap(_ table: RegionTable) throws(TransportError) -> [ZeroMap] {
         var maps: [ZeroMap] = []
-        for c in Self.chunks(table, maxPages: Protocol.maxZeroMapPages) {
+        for c in Self.chunks(table, maxPages: WireProtocol.maxZeroMapPages) {
             maps.append(try fetchZeroMap(region: c.region, firstPage: c.first, pageCount: c.count))
         }
         return maps

@@ -15,7 +15,7 @@ public enum WireError: Error, Equatable, Sendable, CustomStringConvertible {
         case .oversized(let l, let limit): return "frame body of \(l) bytes exceeds the limit of \(limit)"
         case .truncated(let f, let n, let a): return "truncated frame: \(f) needs \(n) bytes, \(a) left"
         case .invalid(let f, let r): return "invalid \(f): \(r)"
-        case .unsupportedVersion(let v): return "unsupported protocol version \(v) (this build speaks \(Protocol.version))"
+        case .unsupportedVersion(let v): return "unsupported protocol version \(v) (this build speaks \(WireProtocol.version))"
         }
     }
 }

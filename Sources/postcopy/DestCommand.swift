@@ -69,8 +69,8 @@ struct DestCommand: ParsableCommand {
 
     func validate() throws {
         guard (1...1024).contains(threads) else { throw ValidationError("--threads must be 1...1024") }
-        guard (1...Int(PostcopyWire.Protocol.maxPagesPerRequest)).contains(batchPages) else {
-            throw ValidationError("--batch-pages must be 1...\(PostcopyWire.Protocol.maxPagesPerRequest)")
+        guard (1...Int(PostcopyWire.WireProtocol.maxPagesPerRequest)).contains(batchPages) else {
+            throw ValidationError("--batch-pages must be 1...\(PostcopyWire.WireProtocol.maxPagesPerRequest)")
         }
         guard recoveryDeadline >= 0 else { throw ValidationError("--recovery-deadline must be 0 or more seconds") }
         guard stallTimeout >= 0 else { throw ValidationError("--stall-timeout must be 0 or more seconds") }

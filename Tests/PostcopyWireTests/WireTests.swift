@@ -11,7 +11,7 @@ private func roundTrip(_ m: Message, pageSize: Int? = 4096) throws -> Message {
     }
 }
 
-private func decodeBytes(_ bytes: [UInt8], pageSize: Int? = 4096, maxBody: Int = Protocol.defaultMaxBody) throws(WireError) -> Message {
+private func decodeBytes(_ bytes: [UInt8], pageSize: Int? = 4096, maxBody: Int = WireProtocol.defaultMaxBody) throws(WireError) -> Message {
     let r: Result<Message, WireError> = bytes.withUnsafeBytes { raw in
         Result { () throws(WireError) in try Codec.decodeFrame(raw, pageSize: pageSize, maxBody: maxBody).0 }
     }
@@ -96,7 +96,7 @@ struct WireCodecTests {
         let full = samplePage.withUnsafeBytes { Codec.encode(.pageData(h, payload: $0)) }
         let prefix = Codec.encodePageDataPrefix(h, payloadLength: samplePage.count)
         #expect(prefix + samplePage == full)
-        #expect(prefix.count == Protocol.headerSize + PageDataHeader.encodedSize)
+        #expect(prefix.count == WireProtocol.headerSize + PageDataHeader.encodedSize)
     }
 
     @Test func littleEndianOnTheWire() {
@@ -157,7 +157,7 @@ struct WireCodecTests {
     }
 
     @Test func pageCountBounds() {
-        for count: UInt32 in [0, Protocol.maxPagesPerRequest + 1] {
+        for count: UInt32 in [0, WireProtocol.maxPagesPerRequest + 1] {
             let frame = Codec.encode(.pageRequest(PageRequest(requestID: 1, region: 0, pageClass: .demand, pageOffset: 0, pageCount: count)))
             #expect(throws: WireError.self) { _ = try decodeBytes(frame) }
         }
