@@ -1,4 +1,4 @@
-/// Protocol constants.
+/// The wire protocol's constants and limits, shared by both sides.
 public enum WireProtocol {
     /// First two bytes of every frame ("PC" little-endian).
     public static let frameMagic: UInt16 = 0x4350
