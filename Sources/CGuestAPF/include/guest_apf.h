@@ -8,6 +8,11 @@
 // posts "page ready (token)", the task runs again and re-executes the access.
 //
 // Shared memory layout: see Sources/PostcopyHandoff/APFRing.swift (version 1).
+//
+// One .c a section: channel.c (header, request and completion rings, batched
+// notifications), fault.c (SIGBUS handler), tasks.c (ucontext tasks and the
+// per-vCPU scheduler), workloads.c (reference workloads); what they share is in
+// the private apf_internal.h.
 #ifndef GUEST_APF_H
 #define GUEST_APF_H
 #include <stddef.h>

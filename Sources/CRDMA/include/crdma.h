@@ -3,6 +3,11 @@
 // (or a count) on success and -errno on failure, and fills `err` with the stage
 // that failed, so the Swift side maps errors in one place. Teardown runs in
 // exact reverse order of setup.
+//
+// One .c a section: connect.c (destination connection lifecycle), read.c (READ,
+// CQ polling, completion channel), memory.c (registration), listen.c (source
+// side), common.c (device count, shared helpers); the structs and the helpers
+// the files share are in the private crdma_internal.h.
 #ifndef CRDMA_H
 #define CRDMA_H
 #include <stddef.h>
