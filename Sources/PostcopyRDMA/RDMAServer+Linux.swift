@@ -30,9 +30,9 @@ public final class RDMAServer: @unchecked Sendable {
     private let lock = NSLockLite()
     private var connections: Set<UnsafeMutableRawPointer> = []
     public let acceptedConnections = Atomic<UInt64>(0)
-    /// Refuse every new connect request (an operator draining RDMA, or tests
-    /// standing in for a device that went away).
-    public let refuseNewConnections = Atomic<Bool>(false)
+    /// Refuse every new connect request (tests standing in for a device that
+    /// went away; no operator control offers it yet).
+    @_spi(Testing) public let refuseNewConnections = Atomic<Bool>(false)
     public let rejectedConnections = Atomic<UInt64>(0)
 
     /// A writable alias of a read-only memory file, registered instead of the
@@ -164,8 +164,8 @@ public final class RDMAServer: @unchecked Sendable {
     }
 
     /// Tears every QP down (their READs fail with a flush or retry error at the
-    /// destination), for failover tests and `stop`.
-    public func disconnectAll() {
+    /// destination): failover tests.
+    @_spi(Testing) public func disconnectAll() {
         let ids = lock.withLock { connections }
         for id in ids { crdma_listener_disconnect(id) }
     }

@@ -7,7 +7,6 @@ import PostcopySource
 import PostcopyTransport
 import PostcopyWire
 import Synchronization
-import Foundation
 import Testing
 
 /// The RDMA device's IP (soft-RoCE in the test VM: scripts/vm/run.sh exports it).
