@@ -9,6 +9,7 @@
 #
 # Usage: bench/run.sh            (about a minute)
 # Env:   IDLE_SIZE (64M)  BG_SIZE (1G)  COPY_RUNS (3)  PORT (7390)
+#        INSTALL (copy; or continue: passed to every destination as --install)
 #        POSTCOPY_BIN (a postcopy binary to measure instead of building this tree's)
 #        OUT (results folder, bench/results)
 set -euo pipefail
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 IDLE_SIZE=${IDLE_SIZE:-64M}
 BG_SIZE=${BG_SIZE:-1G}
 COPY_RUNS=${COPY_RUNS:-3}
+INSTALL=${INSTALL:-copy}
 PORT=${PORT:-7390}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -39,7 +41,7 @@ trap cleanup EXIT
 
 # migrate NAME MEMORY DEST-ARGS...: one source + one destination over loopback TCP, JSON of both kept.
 source bench/lib.sh
-migrate() { local name=$1 mem=$2; shift 2; bench_migrate "$name" 127.0.0.1 tcp "$mem" "$@"; }
+migrate() { local name=$1 mem=$2; shift 2; bench_migrate "$name" 127.0.0.1 tcp "$mem" --install "$INSTALL" "$@"; }
 
 echo "baselines..." >&2
 "$B" baseline tcp-rtt --samples 20000 --json > "$OUT/baseline-tcp-rtt.json"

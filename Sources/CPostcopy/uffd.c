@@ -14,6 +14,7 @@
 
 _Static_assert(sizeof(struct uffd_msg) == 32, "uffd_msg layout");
 _Static_assert(sizeof(struct uffdio_copy) == 40, "uffdio_copy layout");
+_Static_assert(sizeof(struct uffdio_continue) == 32, "uffdio_continue layout");
 
 int cpc_uffd_open(int flags, int *via_dev) {
     int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
@@ -62,6 +63,14 @@ int cpc_uffd_zeropage(int uffd, uint64_t start, uint64_t len, uint64_t mode, int
     int r = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
     int e = errno;
     if (zeroed) *zeroed = z.zeropage;
+    return r < 0 ? -e : 0;
+}
+
+int cpc_uffd_continue(int uffd, uint64_t start, uint64_t len, uint64_t mode, int64_t *mapped) {
+    struct uffdio_continue c = { .range = { .start = start, .len = len }, .mode = mode, .mapped = 0 };
+    int r = ioctl(uffd, UFFDIO_CONTINUE, &c);
+    int e = errno;
+    if (mapped) *mapped = c.mapped;
     return r < 0 ? -e : 0;
 }
 

@@ -42,7 +42,44 @@ public final class MemoryMapping: @unchecked Sendable {
     deinit { munmap(base, length) }
 }
 
+/// Guest RAM in a memory file (memfd, shmem): the guest's view of it and the
+/// file, so that the daemon can map its own alias of the same pages.
+public struct SharedMemory: Sendable {
+    public let file: OwnedFD
+    public let guest: MemoryMapping
+    public var length: Int { guest.length }
+
+    /// Another shared read-write mapping of the whole file: writes through it
+    /// land in the same page cache pages the guest view maps.
+    public func alias() throws(SystemError) -> MemoryMapping {
+        try MemoryMapping.file(fd: file.raw, length: length, writable: true)
+    }
+}
+
 extension MemoryMapping {
+    /// A fresh memfd (`memfd_create(2)`) of `length` bytes, mapped shared: the
+    /// guest view. Nothing is allocated yet; `SharedMemory.alias()` maps it again.
+    public static func sharedMemfd(length: Int, name: String = "guest-ram") throws(SystemError) -> SharedMemory {
+        let raw = try sysCall("memfd_create(\(name))") { cpc_memfd_create(name, CPC_MFD_CLOEXEC) }
+        let file = OwnedFD(raw)
+        _ = try libcCall("ftruncate(memfd \(name), \(length))") { ftruncate(raw, off_t(length)) }
+        return SharedMemory(file: file, guest: try .file(fd: raw, length: length, writable: true))
+    }
+
+    /// Allocates every page of the mapping as a write fault would, without
+    /// writing the bytes (`madvise(MADV_POPULATE_WRITE)`, Linux 5.14), in chunks
+    /// so an interrupted call (EINTR) redoes little; a chunk is idempotent.
+    public func populateWrite(chunk: Int = 64 << 20) throws(SystemError) {
+        var off = 0
+        while off < length {
+            let n = min(chunk, length - off)
+            _ = try sysCall("madvise(MADV_POPULATE_WRITE, \(n) bytes at offset \(off))") {
+                cpc_madvise_populate_write(base + off, n)
+            }
+            off += n
+        }
+    }
+
     /// This host's page size, sysconf(_SC_PAGESIZE): what anonymous mappings are
     /// made of, and the default page size of guests over them.
     public static let systemPageSize = Int(sysconf(Int32(_SC_PAGESIZE)))

@@ -10,8 +10,19 @@ public enum TouchMode: String, Sendable, CaseIterable {
     case shared
 }
 
+/// Where guest RAM lives and how received pages reach it (see `InstallPath`).
+public enum InstallMode: String, Sendable, CaseIterable {
+    /// Anonymous memory; pages installed with UFFDIO_COPY.
+    case copy
+    /// A memfd per region; the daemon writes pages into its own preallocated
+    /// alias of it and maps them with UFFDIO_CONTINUE.
+    case `continue`
+}
+
 public struct DestinationOptions: Sendable {
+    /// The engine's knobs; `engine.installPath` is set from `install` by the run.
     public var engine = EngineConfig()
+    public var install: InstallMode = .copy
     public var touch: TouchMode = .random
     public var threads = 4
     /// Guest compute between two touches, in microseconds (busy, like a vCPU running).

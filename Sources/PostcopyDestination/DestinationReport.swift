@@ -22,7 +22,12 @@ public struct DestinationReport: Sendable, Codable {
     public var bytesReceived: UInt64
     /// bytes received / (non-zero pages × page size).
     public var wireOverhead: Double
+    /// From the start to the stream's start, preallocation included.
     public var handshakeSeconds: Double
+    /// `InstallMode`: copy or continue.
+    public var installPath: String
+    /// Allocating guest RAM through the alias before the stream (continue; 0 for copy).
+    public var preallocationSeconds: Double
     public var timeToFullCopySeconds: Double
     public var digestSeconds: Double
     public var totalSeconds: Double
@@ -51,7 +56,8 @@ public struct DestinationReport: Sendable, Codable {
         case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted"
         case faults, faultsCoalesced = "faults_coalesced", eexist, eagain
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", wireOverhead = "wire_overhead"
-        case handshakeSeconds = "handshake_seconds", timeToFullCopySeconds = "time_to_full_copy_seconds"
+        case handshakeSeconds = "handshake_seconds", installPath = "install_path", preallocationSeconds = "preallocation_seconds"
+        case timeToFullCopySeconds = "time_to_full_copy_seconds"
         case digestSeconds = "digest_seconds", totalSeconds = "total_seconds"
         case faultLatency = "fault_latency", guestTouchLatency = "guest_touch_latency", touchedPages = "touched_pages"
         case deviceStateBytes = "device_state_bytes", sourceDigest = "source_digest", destinationDigest = "destination_digest"

@@ -80,6 +80,8 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// change covers whole guest pages, so all pages of one share a state.
     let unitPages: Int
     var unitBytes: Int { unitPages * pageSize }
+    /// The install path, resolved against the regions.
+    let installer: Installer
     /// A zeroed guest page to copy from where UFFDIO_ZEROPAGE does not exist (hugetlbfs).
     let zeroUnit: MemoryMapping?
     /// Pages known zero from the zero map (never transferred).
@@ -117,6 +119,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         for r in regions where r.base % UInt64(guestPage) != 0 || r.size % guestPage != 0 || r.sourceFirstPage % unitPages != 0 {
             throw SystemError("guest region at 0x\(String(r.base, radix: 16)) is not aligned to its \(guestPage)-byte pages", errno: EINVAL)
         }
+        installer = try Installer(config.installPath, map: map)
         zeroUnit = unitPages > 1 ? try MemoryMapping.anonymous(length: guestPage) : nil
         self.config = config
         fault = FaultThreadState(stallTimeout: config.stallTimeout)

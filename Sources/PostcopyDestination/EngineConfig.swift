@@ -25,5 +25,8 @@ public struct EngineConfig: Sendable {
     /// 2 MiB for hugetlbfs-backed VMM memory (installed 2 MiB at a time: one
     /// fault fetches the 512 source pages of its huge page).
     public var guestPageSize: Int = 0
+    /// How pages reach the guest (`UFFDIO_COPY`, or written through an alias and
+    /// mapped with `UFFDIO_CONTINUE`).
+    public var installPath: InstallPath = .copy
     public init() {}
 }

@@ -4,7 +4,8 @@ import PostcopyTransport
 import Glibc
 #endif
 
-/// Filling guest pages through the uffd and settling them in the page table.
+/// Filling guest pages through the uffd and settling them in the page table, by
+/// either install path (`InstallPath`: UFFDIO_COPY, or alias + UFFDIO_CONTINUE).
 extension PostcopyEngine {
     /// Installs pages [first, first+count) (global, one guest region) from
     /// `payload` (nil = zeros) and settles them. Only pages still in `expected`
@@ -30,22 +31,14 @@ extension PostcopyEngine {
             }
             if run == 0 { break }
             let dst = map.address(ofGlobal: first + i)
-            let len = run * pageSize
             let r: Userfaultfd.FillResult
-            do {
-                if let payload {
-                    r = try uffd.copy(to: dst, from: payload.baseAddress! + i * pageSize, length: len)
-                } else if let zeroUnit {
-                    // hugetlbfs has no UFFDIO_ZEROPAGE: copy one zeroed guest page.
-                    r = try uffd.copy(to: dst, from: zeroUnit.base, length: unitBytes)
-                } else {
-                    r = try uffd.zeropage(at: dst, length: len)
-                }
-            } catch { throw .local(error) }
+            do { r = try fill(dst, page: first + i, pages: run, from: payload.map { $0.baseAddress! + i * pageSize }) } catch {
+                throw .local(error)
+            }
             var filled = 0
             switch r {
             case .done:
-                filled = payload == nil && zeroUnit != nil ? unitPages : run
+                filled = payload == nil && zeroUnit != nil && isCopy ? unitPages : run
             case .exists(let n):
                 counters.eexist.add(1, ordering: .relaxed)
                 // Pages before the present one are in; wake anyone waiting on it.
@@ -56,7 +49,7 @@ extension PostcopyEngine {
                 filled = n / unitBytes * unitPages
                 if filled == 0 {
                     spins += 1
-                    if spins > 1_000_000 { throw .local(SystemError("UFFDIO_COPY kept returning EAGAIN", errno: EAGAIN)) }
+                    if spins > 1_000_000 { throw .local(SystemError("UFFDIO_\(isCopy ? "COPY" : "CONTINUE") kept returning EAGAIN", errno: EAGAIN)) }
                     // A remove is pending: its event must be read before the
                     // kernel finishes it, and only the fault thread reads events.
                     if onFaultThread { try readEvents() } else { sched_yield() }
@@ -64,6 +57,31 @@ extension PostcopyEngine {
             }
             if filled > 0 { settle(first + i, filled, onFaultThread: onFaultThread) }
             i += filled
+        }
+    }
+
+    private var isCopy: Bool { if case .copy = installer { true } else { false } }
+
+    /// One fill of `count` pages at guest address `dst` (global page `p`) from
+    /// `src` (nil: zeros), by the engine's install path.
+    private func fill(_ dst: UInt64, page p: Int, pages count: Int, from src: UnsafeRawPointer?) throws(SystemError) -> Userfaultfd.FillResult {
+        let len = count * pageSize
+        switch installer {
+        case .copy:
+            if let src { return try uffd.copy(to: dst, from: src, length: len) }
+            // hugetlbfs has no UFFDIO_ZEROPAGE: copy one zeroed guest page.
+            if let zeroUnit { return try uffd.copy(to: dst, from: zeroUnit.base, length: unitBytes) }
+            return try uffd.zeropage(at: dst, length: len)
+        case .continue(let deltas):
+            // The bytes go into the alias first: the guest cannot see them until
+            // CONTINUE maps the pages, and never before they are complete. A
+            // zero page needs no write: the preallocated fresh file is zeros
+            // there (ZEROPAGE would not map a page that is in the page cache).
+            if let src {
+                let alias = UnsafeMutableRawPointer(bitPattern: UInt(dst &+ deltas[map.regionIndex(ofGlobal: p)]))!
+                alias.copyMemory(from: src, byteCount: len)
+            }
+            return try uffd.continue(at: dst, length: len)
         }
     }
 

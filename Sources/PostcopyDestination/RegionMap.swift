@@ -19,13 +19,16 @@ struct RegionMap: Sendable {
     }
 
     /// The guest region holding global page p.
-    func region(ofGlobal p: Int) -> GuestRegion {
+    func region(ofGlobal p: Int) -> GuestRegion { regions[regionIndex(ofGlobal: p)] }
+
+    /// The index in `regions` of the region holding global page p.
+    func regionIndex(ofGlobal p: Int) -> Int {
         var lo = 0, hi = regions.count - 1
         while lo < hi {
             let mid = (lo + hi + 1) / 2
             if regions[mid].sourceFirstPage <= p { lo = mid } else { hi = mid - 1 }
         }
-        return regions[lo]
+        return lo
     }
 
     /// Where global page p lives in the served address space.

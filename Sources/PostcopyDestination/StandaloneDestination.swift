@@ -51,7 +51,7 @@ public final class StandaloneDestination: Sendable {
         let t0 = nowNanoseconds()
         let cpu0 = processCPUNanoseconds()
         let uffd: Userfaultfd
-        do { uffd = try Userfaultfd() } catch { throw .system(error) }
+        do { uffd = try Userfaultfd(features: StandaloneGuestMemory.uffdFeatures(options.install)) } catch { throw .system(error) }
 
         // A connection cut before the session exists is simply tried again; only
         // a connection that was up and broke: a source that refuses or does not
@@ -67,18 +67,13 @@ public final class StandaloneDestination: Sendable {
         }
         logger.info("session \(info.welcome.sessionID): \(table.regions.count) region(s), \(formatBytes(Double(table.totalPages * table.pageSize)))")
 
-        // Guest RAM: one anonymous mapping per region, registered MISSING.
-        var mappings: [MemoryMapping] = []
-        var regions: [GuestRegion] = []
-        do {
-            for r in table.regions {
-                let m = try MemoryMapping.anonymous(length: Int(r.size))
-                try uffd.registerMissing(m.range)
-                mappings.append(m)
-                regions.append(GuestRegion(base: m.address, size: m.length, sourceFirstPage: table.firstGlobalPage[regions.count]))
-            }
-        } catch { throw .system(error) }
-        let guestRanges = mappings.map { $0.range }
+        // Guest RAM (and, for continue, the preallocated aliases), before anything streams.
+        let memory: StandaloneGuestMemory
+        do { memory = try StandaloneGuestMemory(table: table, mode: options.install, uffd: uffd) } catch { throw .system(error) }
+        let (mappings, regions) = (memory.guest, memory.regions)
+        var config = options.engine
+        config.installPath = memory.installPath
+        let guestRanges = memory.excludedRanges
         let rss = ResidentMemorySampler(excluding: guestRanges)
         defer { _ = rss.finish(excluding: guestRanges) }  // also on every error path
 
@@ -110,7 +105,7 @@ public final class StandaloneDestination: Sendable {
             engine = try PostcopyEngine(uffd: uffd, regions: regions, session: info, zeroMaps: zeroMaps,
                                         demand: demand, background: background,
                                         reconnect: { () throws(TransportError) in try transport.reconnect() },
-                                        config: options.engine, logger: logger)
+                                        config: config, logger: logger)
         } catch { throw .system(error) }
         live.withLock { $0 = (engine.counters, table.totalPages) }
         debugEngine.withLock { $0 = engine }
@@ -159,7 +154,8 @@ public final class StandaloneDestination: Sendable {
             faultsCoalesced: c.faultsCoalesced.load(ordering: .relaxed), eexist: c.eexist.load(ordering: .relaxed),
             eagain: c.eagain.load(ordering: .relaxed), bytesSent: wire.sent, bytesReceived: wire.received,
             wireOverhead: nonZero == 0 ? 0 : Double(wire.received) / Double(nonZero * table.pageSize),
-            handshakeSeconds: Double(handshakeDone - t0) / 1e9,
+            handshakeSeconds: Double(handshakeDone - t0) / 1e9, installPath: options.install.rawValue,
+            preallocationSeconds: Double(memory.preallocationNanoseconds) / 1e9,
             timeToFullCopySeconds: Double(engine.streamEnd - engine.streamStart) / 1e9,
             digestSeconds: Double(d1 - d0) / 1e9, totalSeconds: Double(nowNanoseconds() - t0) / 1e9,
             faultLatency: engine.faultLatency, guestTouchLatency: touchLatency.summary,
@@ -169,7 +165,7 @@ public final class StandaloneDestination: Sendable {
             pagesSentTwice: ack.pagesSentTwice, rssOutsideGuestMaxBytes: rssMax,
             cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, uffdOrigin: uffd.origin,
             recoveryNs: setupRecoveries + engine.recoveryTimes.withLock { $0 })
-        withExtendedLifetime(mappings) {}  // guest RAM stays mapped until the report is built
+        withExtendedLifetime(memory) {}  // guest RAM stays mapped until the report is built
         return report
     }
 }

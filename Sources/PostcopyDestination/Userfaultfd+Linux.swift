@@ -36,6 +36,9 @@ public final class Userfaultfd: Sendable {
         guard ioctls & needed == needed else {
             throw SystemError("UFFDIO_API: kernel does not offer REGISTER/UNREGISTER (ioctls 0x\(String(ioctls, radix: 16)))", errno: ENOTSUP)
         }
+        if requested & CPC_UFFD_FEATURE_MINOR_SHMEM != 0, granted & CPC_UFFD_FEATURE_MINOR_SHMEM == 0 {
+            throw SystemError("UFFDIO_API: this kernel does not offer UFFD_FEATURE_MINOR_SHMEM (MINOR faults on shared memory, Linux 5.14+), needed to install pages with UFFDIO_CONTINUE", errno: ENOTSUP)
+        }
         guard granted & requested == requested else {
             throw SystemError("UFFDIO_API: features 0x\(String(requested & ~granted, radix: 16)) not granted", errno: ENOTSUP)
         }
@@ -55,6 +58,22 @@ public final class Userfaultfd: Sendable {
         }
     }
 
+    /// UFFDIO_REGISTER in MISSING | MINOR mode, for shared memory (shmem) the
+    /// uffd was opened for with `CPC_UFFD_FEATURE_MINOR_SHMEM`: a page in the page
+    /// cache but not mapped here faults MINOR, a hole faults MISSING. Checks that
+    /// CONTINUE, COPY and WAKE are allowed on the range.
+    public func registerMissingAndMinor(_ range: Range<UInt64>) throws(SystemError) {
+        var ioctls: UInt64 = 0
+        _ = try sysCall("UFFDIO_REGISTER(MISSING|MINOR) 0x\(String(range.lowerBound, radix: 16))+\(range.count)") {
+            cpc_uffd_register(fd.raw, range.lowerBound, UInt64(range.count),
+                              CPC_UFFDIO_REGISTER_MODE_MISSING | CPC_UFFDIO_REGISTER_MODE_MINOR, &ioctls)
+        }
+        let needed = CPC_IOCTL_BIT_CONTINUE | CPC_IOCTL_BIT_COPY | CPC_IOCTL_BIT_WAKE
+        guard ioctls & needed == needed else {
+            throw SystemError("UFFDIO_REGISTER(MINOR): range does not allow CONTINUE/COPY/WAKE (ioctls 0x\(String(ioctls, radix: 16)))", errno: ENOTSUP)
+        }
+    }
+
     public func unregister(_ range: Range<UInt64>) throws(SystemError) {
         _ = try sysCall("UFFDIO_UNREGISTER") { cpc_uffd_unregister(fd.raw, range.lowerBound, UInt64(range.count)) }
     }
@@ -70,7 +89,7 @@ public final class Userfaultfd: Sendable {
         wake(range.lowerBound, length: range.count)
     }
 
-    /// Outcome of one UFFDIO_COPY / UFFDIO_ZEROPAGE.
+    /// Outcome of one UFFDIO_COPY / UFFDIO_ZEROPAGE / UFFDIO_CONTINUE.
     public enum FillResult: Equatable, Sendable {
         /// All bytes installed (threads waiting on them are woken).
         case done
@@ -102,6 +121,16 @@ public final class Userfaultfd: Sendable {
         return try classify(r, n, "UFFDIO_ZEROPAGE 0x\(String(dst, radix: 16))+\(len)")
     }
 
+    /// UFFDIO_CONTINUE of `len` bytes at `dst`: maps pages whose bytes are already
+    /// in the page cache (written through an alias) into a MINOR-registered range.
+    /// `.exists`: some page is mapped already (the caller wakes); `.again`: partial,
+    /// or a remove pending.
+    public func `continue`(at dst: UInt64, length len: Int) throws(SystemError) -> FillResult {
+        var n: Int64 = 0
+        let r = cpc_uffd_continue(fd.raw, dst, UInt64(len), 0, &n)
+        return try classify(r, n, "UFFDIO_CONTINUE 0x\(String(dst, radix: 16))+\(len)")
+    }
+
     /// UFFDIO_WAKE: wakes threads faulting on a range that is already filled.
     public func wake(_ dst: UInt64, length len: Int) {
         _ = cpc_uffd_wake(fd.raw, dst, UInt64(len))
@@ -117,9 +146,9 @@ public final class Userfaultfd: Sendable {
 
     /// Whether this kernel lets this process create a userfaultfd; nil if yes,
     /// else the reason (for tests that must skip, and for clear CLI errors).
-    public static func unavailableReason() -> String? {
+    public static func unavailableReason(minorShmem: Bool = false) -> String? {
         do {
-            _ = try Userfaultfd()
+            _ = try Userfaultfd(features: minorShmem ? CPC_UFFD_FEATURE_MINOR_SHMEM : 0)
             return nil
         } catch {
             return "userfaultfd unavailable: \(error) (needs CONFIG_USERFAULTFD and root, /dev/userfaultfd access or vm.unprivileged_userfaultfd=1)"

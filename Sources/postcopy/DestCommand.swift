@@ -35,6 +35,13 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "Guest compute between two touches, in microseconds (a busy loop, like a running vCPU).")
     var thinkUs: Int = 0
 
+    @Option(name: .long, help: """
+        How pages reach guest RAM: copy (anonymous memory, UFFDIO_COPY allocates and fills each page) or \
+        continue (guest RAM in a memfd; the daemon writes each page into its own alias of it, preallocated \
+        before streaming starts, and maps it with UFFDIO_CONTINUE).
+        """)
+    var install: InstallMode = .copy
+
     @Option(name: .long, help: "Background streaming: on, or off (demand faults only; for latency measurements).")
     var background: BackgroundStreaming = .on
 
@@ -84,9 +91,10 @@ struct DestCommand: ParsableCommand {
     func run() throws {
         let logger = common.makeLogger("postcopy.dest")
         if let handoff { return try runHandoff(handoff, logger: logger) }
-        if let reason = Userfaultfd.unavailableReason() { throw fail(reason) }
+        if let reason = Userfaultfd.unavailableReason(minorShmem: install == .continue) { throw fail(reason) }
         var options = DestinationOptions()
         options.touch = touch
+        options.install = install
         options.threads = threads
         options.thinkMicroseconds = thinkUs
         options.seed = seed

@@ -12,6 +12,7 @@ extension TransportKind: ExpressibleByArgument {}
 extension ThreadPriority: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 extension TouchMode: ExpressibleByArgument {}
+extension InstallMode: ExpressibleByArgument {}
 extension Workload: ExpressibleByArgument {}
 
 /// `HOST:PORT` or `[IPv6]:PORT`.
