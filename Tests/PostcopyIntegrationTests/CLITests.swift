@@ -47,8 +47,9 @@ func runCLI(_ args: [String]) throws -> RunResult { try runProcess(postcopyBinar
 
 @Suite("postcopy CLI", .serialized, .enabled(if: postcopyBinary != nil, "postcopy binary not built"))
 struct CLITests {
-    @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
-    func sourceAndDestProcessesMigrateAndReportJSON() throws {
+    @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"), arguments: InstallMode.allCases)
+    func sourceAndDestProcessesMigrateAndReportJSON(install: InstallMode) throws {
+        if skipped(install) { return }
         let mem = "/dev/shm/postcopy-cli-test-\(getpid()).ram"
         defer { unlink(mem) }
         let made = try runCLI(["make-memory", mem, "--size", "16M", "--zero-percent", "20"])
@@ -73,9 +74,13 @@ struct CLITests {
         #expect(port != nil, "banner: \(String(decoding: banner, as: UTF8.self))")
         guard let port else { source.terminate(); return }
 
-        let dest = try runCLI(["dest", "--connect", "127.0.0.1:\(port)", "--touch", "random", "--threads", "4", "--json", "--transport", "tcp"])
+        let dest = try runCLI(["dest", "--connect", "127.0.0.1:\(port)", "--touch", "random", "--threads", "4", "--json", "--transport", "tcp",
+                               "--install", install.rawValue])
         #expect(dest.status == 0, "dest failed: \(dest.stderr)")
         let report = try JSONSerialization.jsonObject(with: Data(dest.stdout.utf8)) as? [String: Any]
+        #expect(report?["install_path"] as? String == install.rawValue)
+        let prealloc = report?["preallocation_seconds"] as? Double ?? -1
+        #expect(install == .continue ? prealloc > 0 : prealloc == 0, "preallocation_seconds \(prealloc)")
         #expect(report?["digest_match"] as? Bool == true)
         #expect(report?["source_confirmed_digest"] as? Bool == true)
         #expect((report?["faults"] as? Int ?? 0) > 0)

@@ -10,47 +10,51 @@ import Testing
 /// End-to-end migrations with the real kernel userfaultfd over loopback TCP.
 @Suite("migration over loopback TCP", .serialized, .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable (reason printed above)"))
 struct MigrationTests {
-    @Test(.timeLimit(.minutes(3)))
-    func randomTouchesFromFourThreadsEveryByteEqual() throws {
+    @Test(.timeLimit(.minutes(3)), arguments: InstallMode.allCases)
+    func randomTouchesFromFourThreadsEveryByteEqual(install: InstallMode) throws {
+        if skipped(install) { return }
         let mem = try TempMemory(size: 32 << 20, zeroPercent: 20)
         let server = try startServer(mem, deviceState: Array("vcpu-state".utf8))
         defer { server.stop() }
         let cmp = ByteComparison(expected: mem.mapping.bytes)
-        let r = try runDestination(port: server.port, touch: .random, threads: 4, compare: cmp)
+        let r = try runDestination(port: server.port, touch: .random, threads: 4, install: install, compare: cmp)
         #expect(cmp.firstDifference == nil, "first differing byte at \(String(describing: cmp.firstDifference))")
         #expect(r.digestMatch && r.sourceConfirmedDigest)
         #expect(r.faults > 0, "the guest threads must really fault")
         #expect(r.demandPages + r.backgroundPages == UInt64(r.nonZeroPages))
         #expect(r.pagesSentTwice == 0)
+        #expect(r.installPath == install.rawValue)
         #expect(r.deviceStateBytes == 10)
         #expect(r.faultLatency.count > 0 && r.faultLatency.p50Ns > 0)
         #expect(r.wireOverhead < 1.02, "wire overhead \(r.wireOverhead)")
         #expect(server.stats.pagesSentTwice.load(ordering: .relaxed) == 0)
     }
 
-    @Test(.timeLimit(.minutes(3)))
-    func demandOnlyEveryPageFaultedIn() throws {
+    @Test(.timeLimit(.minutes(3)), arguments: InstallMode.allCases)
+    func demandOnlyEveryPageFaultedIn(install: InstallMode) throws {
+        if skipped(install) { return }
         let mem = try TempMemory(size: 8 << 20, zeroPercent: 30, seed: 99)
         let server = try startServer(mem)
         defer { server.stop() }
         let cmp = ByteComparison(expected: mem.mapping.bytes)
-        let r = try runDestination(port: server.port, touch: .sequential, threads: 2, background: false, compare: cmp)
+        let r = try runDestination(port: server.port, touch: .sequential, threads: 2, background: false, install: install, compare: cmp)
         #expect(cmp.firstDifference == nil)
         #expect(r.digestMatch)
         #expect(r.backgroundPages == 0)
         #expect(r.demandPages == UInt64(r.nonZeroPages), "every non-zero page came by demand")
-        #expect(r.zeroPagesFaulted == UInt64(r.zeroPages), "every zero page was filled by UFFDIO_ZEROPAGE")
+        #expect(r.zeroPagesFaulted == UInt64(r.zeroPages), "every zero page was filled (UFFDIO_ZEROPAGE, or CONTINUE alone)")
         #expect(r.guestTouchLatency.count == UInt64(r.totalPages))
     }
 
-    @Test(.timeLimit(.minutes(3)))
-    func concurrentFaultsOnOnePageFetchItOnce() throws {
+    @Test(.timeLimit(.minutes(3)), arguments: InstallMode.allCases)
+    func concurrentFaultsOnOnePageFetchItOnce(install: InstallMode) throws {
+        if skipped(install) { return }
         let mem = try TempMemory(size: 4 << 20, zeroPercent: 10, seed: 5)
         let server = try startServer(mem)
         defer { server.stop() }
         let cmp = ByteComparison(expected: mem.mapping.bytes)
         // Demand only, 4 threads touching the same pages in the same order.
-        let r = try runDestination(port: server.port, touch: .shared, threads: 4, background: false, compare: cmp)
+        let r = try runDestination(port: server.port, touch: .shared, threads: 4, background: false, install: install, compare: cmp)
         #expect(cmp.firstDifference == nil)
         #expect(r.digestMatch)
         #expect(r.pagesSentTwice == 0, "a page was fetched twice")
@@ -59,25 +63,27 @@ struct MigrationTests {
         #expect(r.touchedPages == 4 * r.totalPages)
     }
 
-    @Test(.timeLimit(.minutes(3)))
-    func backgroundOnlyNoGuestTouches() throws {
+    @Test(.timeLimit(.minutes(3)), arguments: InstallMode.allCases)
+    func backgroundOnlyNoGuestTouches(install: InstallMode) throws {
+        if skipped(install) { return }
         let mem = try TempMemory(size: 16 << 20, zeroPercent: 0, seed: 3)
         let server = try startServer(mem)
         defer { server.stop() }
         let cmp = ByteComparison(expected: mem.mapping.bytes)
-        let r = try runDestination(port: server.port, touch: .none, threads: 1, compare: cmp)
+        let r = try runDestination(port: server.port, touch: .none, threads: 1, install: install, compare: cmp)
         #expect(cmp.firstDifference == nil)
         #expect(r.faults == 0 && r.demandPages == 0)
         #expect(r.backgroundPages == UInt64(r.totalPages))
     }
 
-    @Test(.timeLimit(.minutes(3)))
-    func allZeroMemoryTransfersNoPages() throws {
+    @Test(.timeLimit(.minutes(3)), arguments: InstallMode.allCases)
+    func allZeroMemoryTransfersNoPages(install: InstallMode) throws {
+        if skipped(install) { return }
         let mem = try TempMemory(size: 4 << 20, zeroPercent: 100)
         let server = try startServer(mem)
         defer { server.stop() }
         let cmp = ByteComparison(expected: mem.mapping.bytes)
-        let r = try runDestination(port: server.port, touch: .random, threads: 2, compare: cmp)
+        let r = try runDestination(port: server.port, touch: .random, threads: 2, install: install, compare: cmp)
         #expect(cmp.firstDifference == nil)
         #expect(r.zeroPages == r.totalPages)
         #expect(r.demandPages == 0 && r.backgroundPages == 0)
@@ -86,13 +92,14 @@ struct MigrationTests {
     /// Guest threads still faulting when the last page lands must all be woken
     /// (zero pages are settled without being installed, so late faults on them
     /// race with the unregister). Many short runs make the race likely.
-    @Test(.timeLimit(.minutes(3)))
-    func lateFaultsAfterCompletionNeverPark() throws {
+    @Test(.timeLimit(.minutes(3)), arguments: InstallMode.allCases)
+    func lateFaultsAfterCompletionNeverPark(install: InstallMode) throws {
+        if skipped(install) { return }
         let mem = try TempMemory(size: 2 << 20, zeroPercent: 50, seed: 11)
         let server = try startServer(mem)
         defer { server.stop() }
         for _ in 0..<40 {
-            let r = try runDestination(port: server.port, touch: .random, threads: 4)
+            let r = try runDestination(port: server.port, touch: .random, threads: 4, install: install)
             #expect(r.digestMatch)
             #expect(r.touchedPages == r.totalPages)
         }

@@ -15,6 +15,20 @@ let uffdSkipReason: String? = {
     return r
 }()
 
+/// Why the CONTINUE install path cannot run here (no MINOR faults on shmem), or nil. Probed once.
+let minorSkipReason: String? = {
+    let r = uffdSkipReason ?? Userfaultfd.unavailableReason(minorShmem: true)
+    if let r { print("SKIP (the continue install path needs UFFD_FEATURE_MINOR_SHMEM): \(r)") }
+    return r
+}()
+
+/// True (after printing why) when a test of `install` cannot run on this kernel.
+func skipped(_ install: InstallMode, _ test: String = #function) -> Bool {
+    guard install == .continue, let reason = minorSkipReason else { return false }
+    print("SKIP \(test) with --install continue: \(reason)")
+    return true
+}
+
 func testLogger(_ label: String) -> Logger {
     var l = Logger(label: label)
     // POSTCOPY_TEST_LOG=debug|info|... for diagnosis.
@@ -70,8 +84,9 @@ final class ByteComparison: @unchecked Sendable {
 }
 
 func runDestination(port: Int, touch: TouchMode, threads: Int, background: Bool = true,
-                    compare: ByteComparison? = nil) throws -> DestinationReport {
+                    install: InstallMode = .copy, compare: ByteComparison? = nil) throws -> DestinationReport {
     var options = DestinationOptions()
+    options.install = install
     options.touch = touch
     options.threads = threads
     options.engine.background = background
