@@ -50,28 +50,28 @@ int cpc_uffd_unregister(int uffd, uint64_t start, uint64_t len) {
     return cpc_neg_errno(ioctl(uffd, UFFDIO_UNREGISTER, &r));
 }
 
+// A filling ioctl (COPY, ZEROPAGE, CONTINUE): 0 or -errno; *out receives the
+// kernel's byte count field `count` of `arg`, also on a partial result.
+static int fill_ioctl(int uffd, unsigned long request, void *arg, const int64_t *count, int64_t *out) {
+    int r = ioctl(uffd, request, arg);
+    int e = errno;
+    if (out) *out = *count;
+    return r < 0 ? -e : 0;
+}
+
 int cpc_uffd_copy(int uffd, uint64_t dst, const void *src, uint64_t len, uint64_t mode, int64_t *copied) {
     struct uffdio_copy c = { .dst = dst, .src = (uint64_t)(uintptr_t)src, .len = len, .mode = mode, .copy = 0 };
-    int r = ioctl(uffd, UFFDIO_COPY, &c);
-    int e = errno;
-    if (copied) *copied = c.copy;
-    return r < 0 ? -e : 0;
+    return fill_ioctl(uffd, UFFDIO_COPY, &c, (const int64_t *)&c.copy, copied);
 }
 
 int cpc_uffd_zeropage(int uffd, uint64_t start, uint64_t len, uint64_t mode, int64_t *zeroed) {
     struct uffdio_zeropage z = { .range = { .start = start, .len = len }, .mode = mode, .zeropage = 0 };
-    int r = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
-    int e = errno;
-    if (zeroed) *zeroed = z.zeropage;
-    return r < 0 ? -e : 0;
+    return fill_ioctl(uffd, UFFDIO_ZEROPAGE, &z, (const int64_t *)&z.zeropage, zeroed);
 }
 
 int cpc_uffd_continue(int uffd, uint64_t start, uint64_t len, uint64_t mode, int64_t *mapped) {
     struct uffdio_continue c = { .range = { .start = start, .len = len }, .mode = mode, .mapped = 0 };
-    int r = ioctl(uffd, UFFDIO_CONTINUE, &c);
-    int e = errno;
-    if (mapped) *mapped = c.mapped;
-    return r < 0 ? -e : 0;
+    return fill_ioctl(uffd, UFFDIO_CONTINUE, &c, (const int64_t *)&c.mapped, mapped);
 }
 
 int cpc_uffd_wake(int uffd, uint64_t start, uint64_t len) {
