@@ -11,7 +11,8 @@ struct DestCommand: ParsableCommand {
         commandName: "dest",
         abstract: "Receive a guest's RAM by postcopy: fault pages in on demand, stream the rest.",
         discussion: """
-            Maps guest RAM, registers it with userfaultfd (MISSING mode) and, with --touch, runs \
+            Maps guest RAM, registers it with userfaultfd (MISSING mode; MISSING | MINOR with --install \
+            continue) and, with --touch, runs \
             threads that read every page the way a guest would. Demand faults are fetched on their \
             own connection ahead of the background stream. At the end the RAM digest is compared with \
             the source's; a mismatch exits with status 3.
