@@ -82,6 +82,13 @@ public final class PostcopyEngine: @unchecked Sendable {
     var unitBytes: Int { unitPages * pageSize }
     /// The install path, resolved against the regions.
     let installer: Installer
+    /// Held by the background thread across one run's check, fill and settle,
+    /// and by the fault thread while it applies a REMOVE: a page the VMM
+    /// removed is never filled from the source after the remove is applied, and
+    /// on the continue path no alias write of a removed page survives the
+    /// punch (`handleRemove`). The demand path needs no lock: the fault thread
+    /// applies removes itself.
+    let removeGuard = NSLockLite()
     /// A zeroed guest page to copy from where UFFDIO_ZEROPAGE does not exist (hugetlbfs).
     let zeroUnit: MemoryMapping?
     /// Pages known zero from the zero map (never transferred).

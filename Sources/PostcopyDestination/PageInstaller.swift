@@ -19,45 +19,70 @@ extension PostcopyEngine {
         var i = 0
         var spins = 0
         while i < count {
-            // The run of pages from i that may still be filled.
-            let run: Int = pages.lock.withLock {
-                while i < count, pages.state(first + i) != expected {
-                    pages.forgetRemovedInflight(first + i)
-                    i += 1
+            // One run under the remove guard (background only; see `removeGuard`).
+            // Released between runs, so a remove pending behind an EAGAIN can be
+            // applied by the fault thread.
+            let step: (filled: Int, done: Bool) = try onFaultThread
+                ? installRun(first, &i, count, payload, expected, onFaultThread: true, spins: &spins)
+                : removeGuard.withLock { () throws(TransportError) in
+                    try installRun(first, &i, count, payload, expected, onFaultThread: false, spins: &spins)
                 }
-                var n = 0
-                while i + n < count, pages.state(first + i + n) == expected { n += 1 }
-                return n
-            }
-            if run == 0 { break }
-            let dst = map.address(ofGlobal: first + i)
-            let r: Userfaultfd.FillResult
-            do { r = try fill(dst, page: first + i, pages: run, from: payload.map { $0.baseAddress! + i * pageSize }) } catch {
-                throw .local(error)
-            }
-            var filled = 0
-            switch r {
-            case .done:
-                filled = payload == nil && zeroUnit != nil && isCopy ? unitPages : run
-            case .exists(let n):
-                counters.eexist.add(1, ordering: .relaxed)
-                // Pages before the present one are in; wake anyone waiting on it.
-                filled = n / unitBytes * unitPages + unitPages
-                uffd.wake(dst + UInt64(n / unitBytes * unitBytes), length: unitBytes)
-            case .again(let n):
-                counters.eagain.add(1, ordering: .relaxed)
-                filled = n / unitBytes * unitPages
-                if filled == 0 {
-                    spins += 1
-                    if spins > 1_000_000 { throw .local(SystemError("UFFDIO_\(isCopy ? "COPY" : "CONTINUE") kept returning EAGAIN", errno: EAGAIN)) }
-                    // A remove is pending: its event must be read before the
-                    // kernel finishes it, and only the fault thread reads events.
-                    if onFaultThread { try readEvents() } else { sched_yield() }
-                }
-            }
-            if filled > 0 { settle(first + i, filled, onFaultThread: onFaultThread) }
-            i += filled
+            if step.done { break }
+            if step.filled == 0 && !onFaultThread { sched_yield() }
         }
+    }
+
+    /// Fills and settles the run of pages from `i` still in `expected` state,
+    /// advancing `i`. `done`: no page left to fill.
+    private func installRun(_ first: Int, _ i: inout Int, _ count: Int, _ payload: UnsafeRawBufferPointer?,
+                            _ expected: PageStates.State, onFaultThread: Bool, spins: inout Int) throws(TransportError) -> (filled: Int, done: Bool) {
+        // The run of pages from i that may still be filled.
+        let run: Int = pages.lock.withLock {
+            while i < count, pages.state(first + i) != expected {
+                pages.forgetRemovedInflight(first + i)
+                i += 1
+            }
+            var n = 0
+            while i + n < count, pages.state(first + i + n) == expected { n += 1 }
+            return n
+        }
+        if run == 0 { return (0, true) }
+        let dst = map.address(ofGlobal: first + i)
+        let r: Userfaultfd.FillResult
+        do { r = try fill(dst, page: first + i, pages: run, from: payload.map { $0.baseAddress! + i * pageSize }) } catch {
+            throw .local(error)
+        }
+        var filled = 0
+        switch r {
+        case .done:
+            filled = payload == nil && zeroUnit != nil && isCopy ? unitPages : run
+        case .exists(let n):
+            counters.eexist.add(1, ordering: .relaxed)
+            // Pages before the present one are in; wake anyone waiting on it.
+            filled = n / unitBytes * unitPages + unitPages
+            uffd.wake(dst + UInt64(n / unitBytes * unitBytes), length: unitBytes)
+        case .again(let n):
+            counters.eagain.add(1, ordering: .relaxed)
+            filled = n / unitBytes * unitPages
+            if filled == 0 {
+                spins += 1
+                if spins > 1_000_000 { throw .local(SystemError("UFFDIO_\(isCopy ? "COPY" : "CONTINUE") kept returning EAGAIN", errno: EAGAIN)) }
+                // A remove is pending: its event must be read before the
+                // kernel finishes it, and only the fault thread reads events
+                // (the background thread yields outside the remove guard).
+                if onFaultThread { try readEvents() }
+            }
+        }
+        if filled > 0 {
+            if isCopy {
+                counters.pagesCopied.add(UInt64(filled), ordering: .relaxed)
+            } else {
+                counters.pagesContinued.add(UInt64(filled), ordering: .relaxed)
+            }
+            settle(first + i, filled, onFaultThread: onFaultThread)
+        }
+        i += filled
+        return (filled, false)
     }
 
     private var isCopy: Bool { if case .copy = installer { true } else { false } }
@@ -72,14 +97,17 @@ extension PostcopyEngine {
             // hugetlbfs has no UFFDIO_ZEROPAGE: copy one zeroed guest page.
             if let zeroUnit { return try uffd.copy(to: dst, from: zeroUnit.base, length: unitBytes) }
             return try uffd.zeropage(at: dst, length: len)
-        case .continue(let deltas):
+        case .continue(let deltas, _):
             // The bytes go into the alias first: the guest cannot see them until
             // CONTINUE maps the pages, and never before they are complete. A
-            // zero page needs no write: the preallocated fresh file is zeros
-            // there (ZEROPAGE would not map a page that is in the page cache).
+            // zero page is written as zeros too: the file may hold anything
+            // there (the VMM's file, or a page the VMM removed and we punched),
+            // and ZEROPAGE would not map a page that is in the page cache.
+            let alias = UnsafeMutableRawPointer(bitPattern: UInt(dst &+ deltas[map.regionIndex(ofGlobal: p)]))!
             if let src {
-                let alias = UnsafeMutableRawPointer(bitPattern: UInt(dst &+ deltas[map.regionIndex(ofGlobal: p)]))!
                 alias.copyMemory(from: src, byteCount: len)
+            } else {
+                alias.initializeMemory(as: UInt8.self, repeating: 0, count: len)
             }
             return try uffd.continue(at: dst, length: len)
         }

@@ -53,7 +53,10 @@ struct StandaloneGuestMemory {
     var installPath: InstallPath {
         switch mode {
         case .copy: .copy
-        case .continue: .continue(aliases: Dictionary(uniqueKeysWithValues: zip(guest.map(\.address), aliases.map(\.address))))
+        case .continue:
+            .continue(aliases: (0..<guest.count).map {
+                SharedAlias(guestBase: guest[$0].address, aliasBase: aliases[$0].address, fileFD: files[$0].raw, fileOffset: 0)
+            })
         }
     }
 

@@ -71,21 +71,37 @@ extension PostcopyEngine {
     /// hot-unplug). Those pages must never again be filled from the source; touched
     /// later they read as zero. In-flight fetches for them are dropped on arrival,
     /// and threads parked on them are woken to fault again (and get a zero page).
+    ///
+    /// On the continue path the removed range is also punched out of the memory
+    /// file (what MADV_REMOVE does; after MADV_DONTNEED on shared memory the
+    /// file would otherwise still hold the bytes): with the remove guard held, no
+    /// background write into the alias is under way, and none that came before
+    /// survives, so the guest reads zeros there, as on the copy path.
     func handleRemove(start: UInt64, end: UInt64) {
         assert(faultThread.isCurrent)
         var lo = start & ~UInt64(unitBytes - 1)
         var touched: [(UInt64, Int)] = []
-        while lo < end {
-            guard let p = map.globalPage(lo) else { lo += UInt64(pageSize); continue }
-            let r = map.region(ofGlobal: p)
-            let last = min(end, r.base + UInt64(r.size))
-            let n = Int((last - lo + UInt64(pageSize) - 1) / UInt64(pageSize))
-            pages.lock.withLock {
-                for q in p..<(p + n) { pages.markRemoved(q) }
-                counters.settledPages.store(pages.settled, ordering: .relaxed)
+        removeGuard.withLock {
+            while lo < end {
+                guard let p = map.globalPage(lo) else { lo += UInt64(pageSize); continue }
+                let ri = map.regionIndex(ofGlobal: p)
+                let r = map.regions[ri]
+                let last = min(end, r.base + UInt64(r.size))
+                let n = Int((last - lo + UInt64(pageSize) - 1) / UInt64(pageSize))
+                pages.lock.withLock {
+                    for q in p..<(p + n) { pages.markRemoved(q) }
+                    counters.settledPages.store(pages.settled, ordering: .relaxed)
+                }
+                if case .continue(_, let files) = installer {
+                    let off = files[ri].offset + (lo - r.base)
+                    let rc = cpc_fallocate_punch_hole(files[ri].fd, Int64(off), Int64(n * pageSize))
+                    if rc < 0 {
+                        logger.error("REMOVE at 0x\(String(lo, radix: 16)): punching \(n * pageSize) bytes of the memory file failed: \(SystemError("fallocate", errno: -rc)); the pages are zeroed when touched")
+                    }
+                }
+                touched.append((lo, n * pageSize))
+                lo += UInt64(n * pageSize)
             }
-            touched.append((lo, n * pageSize))
-            lo += UInt64(n * pageSize)
         }
         counters.removedRanges.add(1, ordering: .relaxed)
         for (a, len) in touched { uffd.wake(a, length: len) }

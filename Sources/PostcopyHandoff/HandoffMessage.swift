@@ -11,12 +11,29 @@ public struct VMMRegion: Sendable, Equatable {
     /// the same bytes in the source's memory.
     public var offset: UInt64
     public var pageSize: UInt64
+    /// The shared memory file the region is mapped from (this project's
+    /// extension, absent in Firecracker's message): the daemon maps its own
+    /// alias of it and installs pages with UFFDIO_CONTINUE.
+    public var file: MemoryFileRange?
 
-    public init(base: UInt64, size: UInt64, offset: UInt64, pageSize: UInt64) {
+    /// Where a region's bytes live in a memory file the VMM sent: `index` counts
+    /// the SCM_RIGHTS fds that follow the userfaultfd (0 = the second fd),
+    /// `offset` is the byte offset in that file of the region's first byte.
+    public struct MemoryFileRange: Sendable, Equatable {
+        public var index: Int
+        public var offset: UInt64
+        public init(index: Int, offset: UInt64) {
+            self.index = index
+            self.offset = offset
+        }
+    }
+
+    public init(base: UInt64, size: UInt64, offset: UInt64, pageSize: UInt64, file: MemoryFileRange? = nil) {
         self.base = base
         self.size = size
         self.offset = offset
         self.pageSize = pageSize
+        self.file = file
     }
 }
 
@@ -26,6 +43,10 @@ public enum HandoffError: Error, Sendable, CustomStringConvertible {
     case malformedJSON(String)
     case noFileDescriptor
     case tooManyFileDescriptors(Int)
+    /// The fds after the userfaultfd do not match the files the regions name.
+    case fileDescriptors(String)
+    /// A memory file, or the VMM's mapping or registration of it, is unusable.
+    case sharedMemory(String)
     case invalidRegion(String)
     case unsupportedPageSize(UInt64)
     case layout(String)
@@ -36,7 +57,10 @@ public enum HandoffError: Error, Sendable, CustomStringConvertible {
         switch self {
         case .malformedJSON(let s): return "malformed handoff message: \(s)"
         case .noFileDescriptor: return "handoff message carried no userfaultfd (expected exactly one SCM_RIGHTS fd)"
-        case .tooManyFileDescriptors(let n): return "handoff message carried \(n) file descriptors (expected exactly one, the userfaultfd)"
+        case .tooManyFileDescriptors(let n):
+            return "handoff message carried \(n) file descriptors (expected the userfaultfd, then at most \(HandoffMessage.maxMemoryFiles) memory files)"
+        case .fileDescriptors(let s): return "file descriptors: \(s)"
+        case .sharedMemory(let s): return "shared guest memory: \(s)"
         case .invalidRegion(let s): return "invalid region: \(s)"
         case .unsupportedPageSize(let p):
             return "page size \(p) is neither 4 KiB nor 2 MiB"
@@ -50,6 +74,8 @@ public enum HandoffError: Error, Sendable, CustomStringConvertible {
 public enum HandoffMessage {
     /// The largest handoff message accepted (a few hundred regions).
     public static let maxBytes = 64 * 1024
+    /// Memory files a VMM may send after its userfaultfd (one per region at most).
+    public static let maxMemoryFiles = 15
 
     private struct Raw: Decodable {
         var base_host_virt_addr: UInt64
@@ -57,6 +83,8 @@ public enum HandoffMessage {
         var offset: UInt64
         var page_size: UInt64?
         var page_size_kib: UInt64?
+        var mem_fd_index: Int?
+        var mem_fd_offset: UInt64?
     }
 
     /// Parses and checks the JSON array a VMM sends. `page_size_kib` is deprecated
@@ -95,15 +123,54 @@ public enum HandoffMessage {
             guard !r.base_host_virt_addr.addingReportingOverflow(r.size).overflow, !r.offset.addingReportingOverflow(r.size).overflow else {
                 throw .invalidRegion("region \(i) wraps around the address space")
             }
-            out.append(VMMRegion(base: r.base_host_virt_addr, size: r.size, offset: r.offset, pageSize: ps))
+            var file: VMMRegion.MemoryFileRange?
+            switch (r.mem_fd_index, r.mem_fd_offset) {
+            case (nil, nil): break
+            case (let fi?, let o?):
+                guard (0..<maxMemoryFiles).contains(fi) else {
+                    throw .invalidRegion("region \(i): mem_fd_index \(fi) is not in 0..<\(maxMemoryFiles)")
+                }
+                guard o % ps == 0 else { throw .invalidRegion("region \(i): mem_fd_offset \(o) is not aligned to its page size \(ps)") }
+                guard !o.addingReportingOverflow(r.size).overflow else { throw .invalidRegion("region \(i): its file range wraps around") }
+                file = .init(index: fi, offset: o)
+            default:
+                throw .malformedJSON("region \(i) has only one of \"mem_fd_index\" and \"mem_fd_offset\"")
+            }
+            if i > 0, (file == nil) != (out[0].file == nil) {
+                throw .invalidRegion("region \(i) \(file == nil ? "names no" : "names a") memory file but region 0 \(file == nil ? "does" : "does not"): all regions or none")
+            }
+            out.append(VMMRegion(base: r.base_host_virt_addr, size: r.size, offset: r.offset, pageSize: ps, file: file))
         }
         return out
     }
 
-    /// Encodes regions exactly as Firecracker sends them (for tests and the reference guest).
+    /// Memory files named by `regions` (0 when none: Firecracker's message).
+    public static func memoryFileCount(_ regions: [VMMRegion]) -> Int {
+        regions.compactMap { $0.file?.index }.max().map { $0 + 1 } ?? 0
+    }
+
+    /// Checks the fds that came after the userfaultfd (`extra` of them) against
+    /// the files `regions` name: every fd named, every name an fd.
+    public static func checkFileDescriptors(_ regions: [VMMRegion], extra: Int) throws(HandoffError) {
+        let named = Set(regions.compactMap { $0.file?.index })
+        if named.isEmpty {
+            guard extra == 0 else { throw .fileDescriptors("\(extra) fd(s) came after the userfaultfd but no region names a memory file (mem_fd_index)") }
+            return
+        }
+        if let missing = named.sorted().first(where: { $0 >= extra }) {
+            throw .fileDescriptors("a region names memory file \(missing) but only \(extra) came after the userfaultfd")
+        }
+        if let unused = (0..<extra).first(where: { !named.contains($0) }) {
+            throw .fileDescriptors("memory file \(unused) is named by no region")
+        }
+    }
+
+    /// Encodes regions exactly as Firecracker sends them, plus `mem_fd_index` and
+    /// `mem_fd_offset` for regions in a memory file (for tests and the reference guest).
     public static func encode(_ regions: [VMMRegion]) -> [UInt8] {
-        let objects = regions.map {
-            "{\"base_host_virt_addr\":\($0.base),\"size\":\($0.size),\"offset\":\($0.offset),\"page_size\":\($0.pageSize),\"page_size_kib\":\($0.pageSize)}"
+        let objects = regions.map { r in
+            let file = r.file.map { ",\"mem_fd_index\":\($0.index),\"mem_fd_offset\":\($0.offset)" } ?? ""
+            return "{\"base_host_virt_addr\":\(r.base),\"size\":\(r.size),\"offset\":\(r.offset),\"page_size\":\(r.pageSize),\"page_size_kib\":\(r.pageSize)\(file)}"
         }
         return Array(("[" + objects.joined(separator: ",") + "]").utf8)
     }

@@ -11,23 +11,27 @@ extension HandoffServer {
     /// Largest later message (an async-page-fault enable).
     static let laterMessageMaxBytes = 4096
 
+    /// Descriptors kept from one message: the userfaultfd and the memory files.
+    static let maxFDs = 1 + HandoffMessage.maxMemoryFiles
+
     /// One message from a VMM: `n` is recvmsg's result (bytes, 0 at EOF, -errno),
-    /// `fds` the descriptors that came with it (at most 4 kept; `truncated` when
-    /// there were more).
+    /// `fds` the descriptors that came with it (at most `maxFDs` kept;
+    /// `truncated` when there were more).
     static func receiveMessage(_ conn: OwnedFD, maxBytes: Int) -> (n: Int, bytes: [UInt8], fds: [Int32], nfds: Int32, truncated: Bool) {
         var buf = [UInt8](repeating: 0, count: maxBytes)
-        var fds = [Int32](repeating: -1, count: 4)
+        var fds = [Int32](repeating: -1, count: maxFDs)
         var nfds: Int32 = 0, ctrunc: Int32 = 0
         let n = buf.withUnsafeMutableBytes { b in
             fds.withUnsafeMutableBufferPointer { f in
-                cpc_recv_with_fds(conn.raw, b.baseAddress, b.count, f.baseAddress, 4, &nfds, &ctrunc)
+                cpc_recv_with_fds(conn.raw, b.baseAddress, b.count, f.baseAddress, Int32(maxFDs), &nfds, &ctrunc)
             }
         }
-        return (n, Array(buf.prefix(max(n, 0))), Array(fds.prefix(Int(min(max(nfds, 0), 4)))), nfds, ctrunc != 0)
+        return (n, Array(buf.prefix(max(n, 0))), Array(fds.prefix(Int(min(max(nfds, 0), Int32(maxFDs))))), nfds, ctrunc != 0)
     }
 
-    /// Reads the one handoff message: JSON bytes and the fds that came with it.
-    func receiveHandoff(_ conn: OwnedFD) throws(HandoffError) -> ([UInt8], Int32) {
+    /// Reads the one handoff message: JSON bytes, the userfaultfd (the first fd)
+    /// and the memory files that followed it (none in Firecracker's message).
+    func receiveHandoff(_ conn: OwnedFD) throws(HandoffError) -> ([UInt8], Int32, [Int32]) {
         // The VMM sends right after connecting; a silent peer is not a VMM.
         guard cpc_poll1(conn.raw, Int16(POLLIN), Self.handoffTimeoutMs) > 0 else {
             throw .malformedJSON("no handoff message within \(Self.handoffTimeoutMs / 1000) s")
@@ -36,9 +40,9 @@ extension HandoffServer {
         func closeAll() { for fd in m.fds { close(fd) } }
         if m.n < 0 { closeAll(); throw .system(SystemError("recvmsg from VMM", errno: Int32(-m.n))) }
         if m.n == 0 { closeAll(); throw .malformedJSON("the VMM closed the socket without sending its regions") }
-        if m.nfds > 1 || m.truncated { closeAll(); throw .tooManyFileDescriptors(Int(m.nfds)) }
-        guard m.nfds == 1 else { throw .noFileDescriptor }
-        return (m.bytes, m.fds[0])
+        if Int(m.nfds) > Self.maxFDs || m.truncated { closeAll(); throw .tooManyFileDescriptors(Int(m.nfds)) }
+        guard m.nfds >= 1 else { throw .noFileDescriptor }
+        return (m.bytes, m.fds[0], Array(m.fds.dropFirst()))
     }
 
     /// A later message from the VMM: the guest enabling async page faults

@@ -17,23 +17,36 @@ extension HandoffServer {
         let pid = cpc_peer_pid(conn.raw)
         let json: [UInt8]
         let uffdFD: Int32
+        var memoryFDs: [Int32]
         do {
-            (json, uffdFD) = try receiveHandoff(conn)
+            (json, uffdFD, memoryFDs) = try receiveHandoff(conn)
         } catch {
             reject(pid, error)
             return
         }
         let uffd = Userfaultfd(adopting: uffdFD)
         let regions: [VMMRegion]
-        do {
+        var shared: VMMSharedMemory?
+        var config = engineConfig
+        do throws(HandoffError) {
+            defer { for fd in memoryFDs { close(fd) } }  // until VMMSharedMemory owns them
             regions = try HandoffMessage.parse(json, hostPageSize: Int(getpagesize()))
+            try HandoffMessage.checkFileDescriptors(regions, extra: memoryFDs.count)
+            if HandoffMessage.memoryFileCount(regions) > 0 {
+                let fds = memoryFDs
+                memoryFDs = []
+                let s = try VMMSharedMemory(regions: regions, fds: fds, vmmPid: pid, hostPageSize: Int(getpagesize()))
+                config.installPath = s.installPath
+                shared = s
+            }
         } catch {
             reject(pid, error)
             return
         }
+        defer { withExtendedLifetime(shared) {} }  // the aliases outlive the engine
+        onPrepared?(pid, config.installPath.name, Double(shared?.preallocationNanoseconds ?? 0) / 1e9)
         // 2 MiB (hugetlbfs) guest pages are fetched and installed whole.
         let guestPage = Int(regions[0].pageSize)
-        var config = engineConfig
         config.guestPageSize = guestPage
         let transport = makeTransport(guestPage: guestPage, config: config)
         defer { transport.close() }
@@ -78,8 +91,10 @@ extension HandoffServer {
             }
         }
         engine.stop()
-        let report = sessionReport(pid: pid, regions: regions, engine: engine, transport: transport, completed: completed,
+        var report = sessionReport(pid: pid, regions: regions, engine: engine, transport: transport, completed: completed,
                                    failure: failure, cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, progress: progress)
+        report.installPath = config.installPath.name
+        report.preallocationSeconds = Double(shared?.preallocationNanoseconds ?? 0) / 1e9
         stats.reports.withLock { $0.append(report) }
         onSessionEnd?(report)
         logger.info("VMM pid \(pid) went away; its session is released")
@@ -111,6 +126,7 @@ extension HandoffServer {
             faultLatency: LatencySummary(hist), faultLatencyCDF: latencyCDF(hist),
             stallSeconds: Double(engine.stallNanoseconds) / 1e9, zeroPages: c.zeroPagesKnown.load(ordering: .relaxed) + Int(c.zeroPagesReceived.load(ordering: .relaxed)),
             bytesSent: wire.sent, bytesReceived: wire.received, cpuSeconds: cpuSeconds,
-            progress: progress)
+            progress: progress, pagesCopied: c.pagesCopied.load(ordering: .relaxed),
+            pagesContinued: c.pagesContinued.load(ordering: .relaxed))
     }
 }

@@ -20,7 +20,11 @@ public final class HandoffStats: Sendable {
 /// The destination daemon's VMM socket, speaking Firecracker's protocol for
 /// external page-fault handlers: a VMM connects, sends in one `sendmsg` a JSON
 /// array of its regions with its userfaultfd as the single SCM_RIGHTS fd, and
-/// keeps the socket open while it runs. Each VMM gets its own source session and
+/// keeps the socket open while it runs. Extension: when guest RAM is a shared
+/// memory file, the regions name it (`mem_fd_index`, `mem_fd_offset`) and the
+/// files follow the userfaultfd as further fds; the daemon then writes pages
+/// through its own alias of them and maps them with UFFDIO_CONTINUE
+/// (`VMMSharedMemory`). Each VMM gets its own source session and
 /// engine; a bad message or a VMM going away ends only that VMM's session.
 ///
 /// Split by concern: receiving the VMM's messages (`HandoffServer+Receive`),
@@ -40,6 +44,9 @@ public final class HandoffServer: Sendable {
     /// Told when a VMM's memory is complete (pid, CLOCK_MONOTONIC ns of the last page) and when its session ends.
     public let onComplete: (@Sendable (Int32, UInt64) -> Void)?
     public let onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)?
+    /// Told when a VMM's handoff was accepted and its memory prepared, before
+    /// its pages stream: (pid, install path, seconds spent preallocating).
+    public let onPrepared: (@Sendable (Int32, String, Double) -> Void)?
 
     /// Shared key for the source (see `Authentication`), or nil.
     public let authKey: [UInt8]?
@@ -51,7 +58,9 @@ public final class HandoffServer: Sendable {
     public init(path: String, source: Endpoint, engineConfig: EngineConfig, authKey: [UInt8]? = nil, logger: Logger,
                 transport: TransportKind = .tcp,
                 onComplete: (@Sendable (Int32, UInt64) -> Void)? = nil,
-                onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)? = nil) throws(HandoffError) {
+                onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)? = nil,
+                onPrepared: (@Sendable (Int32, String, Double) -> Void)? = nil) throws(HandoffError) {
+        self.onPrepared = onPrepared
         self.transportKind = transport
         self.authKey = authKey
         self.onComplete = onComplete

@@ -27,6 +27,15 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var cpuSeconds: Double
     /// Pages present over time: [CLOCK_MONOTONIC ns, demand pages, background pages, settled pages].
     public var progress: [[UInt64]]
+    /// "copy" (anonymous memory, UFFDIO_COPY) or "continue" (shared memory
+    /// written through the daemon's alias, UFFDIO_CONTINUE).
+    public var installPath: String = "copy"
+    /// Allocating the guest's memory through the alias, before the engine
+    /// started (continue only; 0 on the copy path).
+    public var preallocationSeconds: Double = 0
+    /// Pages each install path put in place (the other one's stays 0).
+    public var pagesCopied: UInt64 = 0
+    public var pagesContinued: UInt64 = 0
 
     enum CodingKeys: String, CodingKey {
         case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
@@ -34,5 +43,7 @@ public struct HandoffSessionReport: Sendable, Codable {
         case removeEvents = "remove_events", timeToFullCopySeconds = "time_to_full_copy_seconds", faultLatency = "fault_latency"
         case faultLatencyCDF = "fault_latency_cdf", stallSeconds = "stall_seconds", zeroPages = "zero_pages"
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", cpuSeconds = "cpu_seconds", progress
+        case installPath = "install_path", preallocationSeconds = "preallocation_seconds"
+        case pagesCopied = "pages_copied", pagesContinued = "pages_continued"
     }
 }

@@ -22,9 +22,11 @@ public final class VMMHandoffClient: Sendable {
     }
 
     /// Hands guest memory over: `regions` in Firecracker's `GuestRegionUffdMapping`
-    /// JSON (`HandoffMessage.encode`) with `uffd`, the userfaultfd they are registered with.
-    public func handOver(_ regions: [VMMRegion], uffd: Int32) throws(SystemError) {
-        try send(HandoffMessage.encode(regions), fds: [uffd])
+    /// JSON (`HandoffMessage.encode`) with `uffd`, the userfaultfd they are
+    /// registered with, then the memory files the regions name (`VMMRegion.file`
+    /// indexes `files`; none for anonymous memory, Firecracker's message).
+    public func handOver(_ regions: [VMMRegion], uffd: Int32, files: [Int32] = []) throws(SystemError) {
+        try send(HandoffMessage.encode(regions), fds: [uffd] + files)
     }
 
     /// Enables paravirtual async page faults (`APFEnable`): `fds` are the channel

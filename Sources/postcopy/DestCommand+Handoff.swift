@@ -32,7 +32,14 @@ extension DestCommand {
                         emitEvent(.session(report))
                     } else {
                         let l = report.faultLatency
-                        print("VMM pid \(report.vmmPid) gone: \(report.completed ? "complete" : "INCOMPLETE") \(report.error ?? ""); faults \(report.faults), demand \(report.demandPages), background \(report.backgroundPages); fault service p50 \(formatDuration(ns: l.p50Ns)) p99 \(formatDuration(ns: l.p99Ns)) max \(formatDuration(ns: l.maxNs))")
+                        print("VMM pid \(report.vmmPid) gone (install path \(report.installPath)): \(report.completed ? "complete" : "INCOMPLETE") \(report.error ?? ""); faults \(report.faults), demand \(report.demandPages), background \(report.backgroundPages); fault service p50 \(formatDuration(ns: l.p50Ns)) p99 \(formatDuration(ns: l.p99Ns)) max \(formatDuration(ns: l.maxNs))")
+                    }
+                },
+                onPrepared: { pid, path, prealloc in
+                    if json {
+                        emitEvent(.prepared(.init(vmmPid: Int(pid), installPath: path, preallocationSeconds: prealloc)))
+                    } else {
+                        print("VMM pid \(pid): install path \(path)\(path == "copy" ? "" : ", guest RAM preallocated in \(fixed(prealloc, 3)) s")")
                     }
                 })
         } catch {

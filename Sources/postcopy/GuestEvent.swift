@@ -24,6 +24,9 @@ enum GuestEvent: Codable, Sendable {
     case verified(Verified)
     /// `guest run`: the source stopped serving.
     case sourceDone(SourceDone)
+    /// `dest --handoff`: a VMM's handoff was accepted and its memory prepared
+    /// (preallocated through the alias on the continue path).
+    case prepared(Prepared)
     /// `dest --handoff`: a VMM has every page.
     case complete(Complete)
     /// `dest --handoff`: a VMM's session ended.
@@ -94,6 +97,13 @@ enum GuestEvent: Codable, Sendable {
         }
     }
 
+    struct Prepared: Codable, Sendable {
+        var vmmPid: Int, installPath: String, preallocationSeconds: Double
+        enum CodingKeys: String, CodingKey {
+            case vmmPid = "vmm_pid", installPath = "install_path", preallocationSeconds = "preallocation_seconds"
+        }
+    }
+
     struct Complete: Codable, Sendable {
         var vmmPid: Int, completedAtNs: UInt64
         enum CodingKeys: String, CodingKey { case vmmPid = "vmm_pid", completedAtNs = "completed_at_ns" }
@@ -125,6 +135,7 @@ enum GuestEvent: Codable, Sendable {
         case .taskWork: "task_work"
         case .verified: "verified"
         case .sourceDone: "source_done"
+        case .prepared: "prepared"
         case .complete: "complete"
         case .session: "session"
         }
@@ -141,6 +152,7 @@ enum GuestEvent: Codable, Sendable {
         case .taskWork(let p): p
         case .verified(let p): p
         case .sourceDone(let p): p
+        case .prepared(let p): p
         case .complete(let p): p
         case .session(let p): p
         }
@@ -164,6 +176,7 @@ enum GuestEvent: Codable, Sendable {
         case "task_work": self = .taskWork(try TaskWork(from: decoder))
         case "verified": self = .verified(try Verified(from: decoder))
         case "source_done": self = .sourceDone(try SourceDone(from: decoder))
+        case "prepared": self = .prepared(try Prepared(from: decoder))
         case "complete": self = .complete(try Complete(from: decoder))
         case "session": self = .session(try HandoffSessionReport(from: decoder))
         case let other: throw DecodingError.dataCorruptedError(forKey: .event, in: c, debugDescription: "unknown event \(other)")
@@ -181,6 +194,7 @@ extension GuestEvent {
     var taskWork: TaskWork? { if case .taskWork(let e) = self { e } else { nil } }
     var verified: Verified? { if case .verified(let e) = self { e } else { nil } }
     var sourceDone: SourceDone? { if case .sourceDone(let e) = self { e } else { nil } }
+    var prepared: Prepared? { if case .prepared(let e) = self { e } else { nil } }
     var complete: Complete? { if case .complete(let e) = self { e } else { nil } }
     var session: HandoffSessionReport? { if case .session(let e) = self { e } else { nil } }
 }

@@ -14,6 +14,9 @@ struct GuestResumeCommand: ParsableCommand {
         discussion: """
             Plays a Firecracker-style VMM: maps fresh guest RAM, creates a userfaultfd (with \
             UFFD_FEATURE_EVENT_REMOVE), registers the RAM, hands both to the daemon at --handoff, then \
+            (with --memory shared, the default: a memfd, registered MISSING | MINOR and handed over \
+            too, so the daemon writes pages through its own preallocated alias and maps them with \
+            UFFDIO_CONTINUE; --memory anonymous: Firecracker's plain message, UFFDIO_COPY), then \
             waits for the source guest's device state and resumes the vCPUs at once: every page they \
             touch is faulted in by the daemon. After --run-for seconds it stops and checks integrity: \
             every key-value checksum, and every page it did not write against the source's page digests.
@@ -22,6 +25,7 @@ struct GuestResumeCommand: ParsableCommand {
     @Option(name: .long, help: "The daemon's handoff socket (not needed with --stop-and-copy).") var handoff: String?
     @Flag(name: .long, help: "Baseline: copy all RAM while paused, then resume (no userfaultfd, no daemon).") var stopAndCopy = false
     @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: Endpoint
+    @Option(name: .long, help: "Guest RAM handed to the daemon: shared (a memfd; the daemon installs by UFFDIO_CONTINUE) or anonymous (UFFDIO_COPY). Ignored with --stop-and-copy.") var memory: GuestMemoryKind = .shared
     @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Option(name: .long, help: "Run a task guest instead of the key-value workload: this many cooperative tasks per vCPU thread, each reading random words of random pages.") var tasks: Int = 0
@@ -47,7 +51,9 @@ struct GuestResumeCommand: ParsableCommand {
         let info: SessionInfo
         do { info = try control.connect() } catch { throw fail("cannot reach the source: \(error)") }
         let bytes = info.table.totalPages * info.table.pageSize
-        let ram = try MemoryMapping.anonymous(length: bytes)
+        let postcopy = handoff != nil && !stopAndCopy
+        let shared = postcopy && memory == .shared ? try MemoryMapping.sharedMemfd(length: bytes) : nil
+        let ram = try shared?.guest ?? MemoryMapping.anonymous(length: bytes)
         var uffd: Userfaultfd?
         var vmm: VMMHandoffClient?
         var apfChannel: APFGuestChannel?
@@ -55,14 +61,20 @@ struct GuestResumeCommand: ParsableCommand {
             // Guest RAM and its uffd, exactly as Firecracker sets them up.
             // With --apf, a touch of a missing page raises SIGBUS in the touching
             // thread instead of blocking it (the guest library turns it into an async fault).
-            let u = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE | (apf ? CPC_UFFD_FEATURE_SIGBUS : 0))
-            try u.registerMissing(ram.range)
+            // Shared memory also gets MINOR faults (a page in the file's page cache
+            // but not mapped yet), which the daemon resolves with UFFDIO_CONTINUE.
+            let u = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE | (apf ? CPC_UFFD_FEATURE_SIGBUS : 0)
+                                    | (shared != nil ? CPC_UFFD_FEATURE_MINOR_SHMEM : 0))
+            if shared != nil { try u.registerMissingAndMinor(ram.range) } else { try u.registerMissing(ram.range) }
             uffd = u
             let client: VMMHandoffClient
             do { client = try VMMHandoffClient(path: handoff) } catch { throw fail("cannot reach the daemon at \(handoff): \(error)") }
             vmm = client
-            let region = VMMRegion(base: ram.address, size: UInt64(bytes), offset: 0, pageSize: UInt64(info.table.pageSize))
-            do { try client.handOver([region], uffd: u.fd.raw) } catch { throw fail("handoff sendmsg failed: \(error)") }
+            let region = VMMRegion(base: ram.address, size: UInt64(bytes), offset: 0, pageSize: UInt64(info.table.pageSize),
+                                   file: shared.map { _ in .init(index: 0, offset: 0) })
+            do { try client.handOver([region], uffd: u.fd.raw, files: shared.map { [$0.file.raw] } ?? []) } catch {
+                throw fail("handoff sendmsg failed: \(error)")
+            }
             if apf {
                 // The guest enables async page faults (like writing KVM's async-PF MSR).
                 let ch = try APFGuestChannel()
@@ -84,7 +96,7 @@ struct GuestResumeCommand: ParsableCommand {
         if tasks > 0 {
             try runTaskGuest(ram: ram, state: state, receivedAt: receivedAt, control: control, info: info, channel: apfChannel,
                              baseline: baseline)
-            _ = (uffd, vmm)
+            withExtendedLifetime((uffd, vmm, shared)) {}
             return
         }
         let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: state.workload, vcpus: state.vcpus, trackDirty: true,
@@ -123,7 +135,7 @@ struct GuestResumeCommand: ParsableCommand {
             pagesMismatched: pagesCheck.mismatched, ops: guest.totalOps))
         if json { emitEvent(result) } else { print("integrity: \(ok ? "OK" : "FAILED") \(result.line)") }
         vmm?.close()  // the VMM goes away: the daemon releases its session
-        withExtendedLifetime((ram, uffd)) {}
+        withExtendedLifetime((ram, uffd, shared)) {}
         if !ok { throw ExitCode(3) }
     }
 }

@@ -29,6 +29,7 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Background streaming cap at the destination (bytes/s, e.g. 500M; 0 = none).") var backgroundRate = ByteCount(argument: "0")!
     @Option(name: .long, help: "Scheduling of the background streaming threads at the source and the destination: normal, low (nice 10) or idle (SCHED_IDLE: they run only on CPU that demand faults and the guest leave free).") var backgroundPriority: ThreadPriority = .normal
     @Option(name: .long, help: "postcopy, or stop-and-copy (the baseline: copy all RAM while paused, then resume).") var mode: MigrationMode = .postcopy
+    @Option(name: .long, help: "Destination guest RAM: shared (a memfd; the daemon writes pages through its preallocated alias and maps them with UFFDIO_CONTINUE) or anonymous (Firecracker's plain handoff; UFFDIO_COPY).") var memory: GuestMemoryKind = .shared
     @Option(name: .long, help: "Transport: tcp, rdma (one-sided RDMA READ; --address must be an RDMA device's IP) or auto.") var transport: TransportKind = .tcp
     @Option(name: .long, help: "IP address the source serves on and the destination connects to (for RDMA: the RDMA device's IP).") var address: String = "127.0.0.1"
     @Option(name: .long, help: "At the destination, run a task guest: this many cooperative tasks per vCPU reading random pages (0: the guest's own workload).") var tasks: Int = 0
@@ -87,11 +88,14 @@ struct MigrateCommand: ParsableCommand {
         }
         let dest = try Child("destination guest", ["guest", "resume", "--source", "\(address):\(port)", "--run-for", "\(after)",
                                                    "--json", "--report-ms", "100", "--key-file", keyFile]
-                                                   + (postcopy ? ["--handoff", socket] : ["--stop-and-copy"])
+                                                   + (postcopy ? ["--handoff", socket, "--memory", memory.rawValue] : ["--stop-and-copy"])
                                                    + (tasks > 0 ? ["--tasks", "\(tasks)", "--think", "\(think)", "--work-window-ms", "\(workWindowMs)"] : [])
                                                    + (apf ? ["--apf"] : []))
         children.append(dest)
         guard dest.waitFor(\.ready, seconds: 60) != nil else { throw abort("the destination guest did not get ready") }
+        // The daemon has taken the VMM's memory over (and preallocated it): no
+        // allocation is left for after the switchover.
+        if let d = daemon, d.waitFor(\.prepared, seconds: 300) == nil { throw abort("the destination daemon did not take the guest's memory over") }
         let wait = Double(bootedAt) / 1e9 + before - Double(nowNanoseconds()) / 1e9
         if wait > 0 { usleep(useconds_t(wait * 1e6)) }
         say("switching over: pausing the source guest")
@@ -164,6 +168,8 @@ struct MigrateCommand: ParsableCommand {
             "integrity": verified.flatMap { jsonObject(GuestEvent.verified($0)) } ?? [String: Any](),
             "demand_pages": session?.demandPages ?? 0, "background_pages": session?.backgroundPages ?? 0,
             "faults": session?.faults ?? 0,
+            "install_path": session?.installPath ?? "none", "preallocation_seconds": session?.preallocationSeconds ?? 0,
+            "pages_copied": session?.pagesCopied ?? 0, "pages_continued": session?.pagesContinued ?? 0,
             "exit_status": ["source": sourceStatus, "daemon": daemonStatus, "destination": destStatus],
         ]
         if let w = dest.first(\.taskWork) { result["task_work"] = jsonObject(GuestEvent.taskWork(w)) }
@@ -181,6 +187,7 @@ struct MigrateCommand: ParsableCommand {
                   time to full copy   \(completedAt.map { fixed(Double($0 - pausedAt) / 1e9, 3) + " s after the pause" } ?? "not reached")
                   guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  
                                       M ops/s every 100 ms: before [\(perSecond(Array(beforeOps.suffix(10))))] during [\(perSecond(duringOps))] after [\(perSecond(Array(afterOps.prefix(10))))]
+                  install path        \(session.map { $0.installPath == "copy" ? "copy (anonymous RAM, UFFDIO_COPY)" : "continue (shared RAM preallocated in \(fixed($0.preallocationSeconds, 3)) s before the switchover, UFFDIO_CONTINUE)" } ?? "none (stop-and-copy)")
                   pages               \(session?.demandPages ?? 0) demanded, \(session?.backgroundPages ?? 0) streamed, \(session?.faults ?? 0) faults
                   fault service       p50 \(ns(\.p50Ns))  p90 \(ns(\.p90Ns))  p99 \(ns(\.p99Ns))  p99.9 \(ns(\.p999Ns))  max \(ns(\.maxNs))
                   integrity           \(verified?.ok == true ? "OK" : "FAILED"): \(verified?.kvSlotsVerified ?? 0) key-value checksums hold (\(unknown(verified?.kvSlotsFailed)) failed, \(verified.map { "\($0.getChecksumFailures)" } ?? "?") failed GETs); \(verified?.pagesVerified ?? 0) pages equal the source's RAM at pause, \(unknown(verified?.pagesMismatched)) differ (\(verified?.pagesVerifiedBeforeFirstWrite ?? 0) of them written at the destination were digested just before their first write)

@@ -26,6 +26,16 @@ enum BackgroundStreaming: String, CaseIterable, ExpressibleByArgument {
     case on, off
 }
 
+/// `--memory shared|anonymous` of `guest resume` and `migrate`: what the
+/// destination VMM backs guest RAM with, and so the daemon's install path.
+enum GuestMemoryKind: String, CaseIterable, ExpressibleByArgument {
+    /// A memfd, handed to the daemon with the userfaultfd: pages are written
+    /// through the daemon's preallocated alias and mapped with UFFDIO_CONTINUE.
+    case shared
+    /// Anonymous memory (Firecracker's plain handoff): UFFDIO_COPY.
+    case anonymous
+}
+
 /// A byte count as the CLI spells it (`64M`, `1G`, `0`), keeping that spelling
 /// for help defaults and for the arguments `migrate` passes on to its children.
 struct ByteCount: ExpressibleByArgument, CustomStringConvertible {

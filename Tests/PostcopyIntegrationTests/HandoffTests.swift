@@ -18,19 +18,42 @@ final class TestVMM: @unchecked Sendable {
     let regions: [VMMRegion]
     let uffd: Userfaultfd
     var client: VMMHandoffClient?
+    /// With `shared`: the one memory file every region is mapped from (at its
+    /// cumulative offset), registered MISSING | MINOR and handed over too.
+    let file: OwnedFD?
 
     /// Guest memory of `size` bytes split into regions of `splits` bytes each (the
     /// last takes the rest); `huge`: 2 MiB hugetlbfs pages, as Firecracker's huge_pages "2M".
-    init(size: Int, splits: [Int] = [], huge: Bool = false, sigbus: Bool = false) throws {
-        uffd = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE | (sigbus ? CPC_UFFD_FEATURE_SIGBUS : 0))
+    /// `shared`: guest RAM is one memfd (hugetlb with `huge`), as QEMU's
+    /// memory-backend-memfd; `minor: false` leaves out the MINOR registration
+    /// (a VMM the daemon must refuse).
+    init(size: Int, splits: [Int] = [], huge: Bool = false, sigbus: Bool = false, shared: Bool = false, minor: Bool = true) throws {
+        let minorFeature = huge ? CPC_UFFD_FEATURE_MINOR_HUGETLBFS : CPC_UFFD_FEATURE_MINOR_SHMEM
+        uffd = try Userfaultfd(features: CPC_UFFD_FEATURE_EVENT_REMOVE | (sigbus ? CPC_UFFD_FEATURE_SIGBUS : 0)
+                               | (shared && minor ? minorFeature : 0))
+        if shared {
+            let raw = cpc_memfd_create("test-vmm-ram", CPC_MFD_CLOEXEC | (huge ? CPC_MFD_HUGETLB : 0))
+            guard raw >= 0 else { throw SystemError("memfd_create", errno: -raw) }
+            file = OwnedFD(raw)
+            guard ftruncate(raw, off_t(size)) == 0 else { throw SystemError("ftruncate", errno: errno) }
+        } else {
+            file = nil
+        }
         var maps: [MemoryMapping] = []
         var regs: [VMMRegion] = []
         var offset = 0
         for len in splits + [size - splits.reduce(0, +)] {
-            let m = huge ? try MemoryMapping.anonymousHuge(length: len) : try MemoryMapping.anonymous(length: len)
-            try uffd.registerMissing(m.range, hugetlb: huge)
+            let m: MemoryMapping
+            if let file {
+                m = try MemoryMapping.file(fd: file.raw, length: len, offset: offset, writable: true)
+                if minor { try uffd.registerMissingAndMinor(m.range) } else { try uffd.registerMissing(m.range, hugetlb: huge) }
+            } else {
+                m = huge ? try MemoryMapping.anonymousHuge(length: len) : try MemoryMapping.anonymous(length: len)
+                try uffd.registerMissing(m.range, hugetlb: huge)
+            }
             maps.append(m)
-            regs.append(VMMRegion(base: m.address, size: UInt64(len), offset: UInt64(offset), pageSize: huge ? 2 << 20 : 4096))
+            regs.append(VMMRegion(base: m.address, size: UInt64(len), offset: UInt64(offset), pageSize: huge ? 2 << 20 : 4096,
+                                  file: file == nil ? nil : .init(index: 0, offset: UInt64(offset))))
             offset += len
         }
         mappings = maps
@@ -41,11 +64,12 @@ final class TestVMM: @unchecked Sendable {
     func handOver(_ path: String, json: [UInt8]? = nil, fds: [Int32]? = nil) throws {
         let c = try VMMHandoffClient(path: path)
         client = c
+        let files = file.map { [$0.raw] } ?? []
         if json == nil && fds == nil {
-            try c.handOver(regions, uffd: uffd.fd.raw)
+            try c.handOver(regions, uffd: uffd.fd.raw, files: files)
         } else {
             // Deliberately malformed handoffs go out as raw messages.
-            try c.send(json ?? HandoffMessage.encode(regions), fds: fds ?? [uffd.fd.raw])
+            try c.send(json ?? HandoffMessage.encode(regions), fds: fds ?? [uffd.fd.raw] + files)
         }
     }
 
@@ -153,7 +177,7 @@ struct HandoffTests {
             ("missing field", "[{\"base_host_virt_addr\":\(base),\"size\":\(size),\"page_size\":4096}]", 1, "offset"),
             ("negative size", "[{\"base_host_virt_addr\":\(base),\"size\":-4096,\"offset\":0,\"page_size\":4096}]", 1, "malformed"),
             ("no fd", nil, 0, "no userfaultfd"),
-            ("two fds", nil, 2, "2 file descriptors"),
+            ("an fd after the uffd, no file named", nil, 2, "no region names a memory file"),
             ("zero-size region", "[\(region(base, 0, 0)),\(region(base + size, size, 0))]", 1, "size 0"),
             ("page size 8 KiB", "[\(region(base, size, 0, ps: 8192))]", 1, "neither 4 KiB nor 2 MiB"),
             ("page size 1 GiB", "[\(region(base, size, 0, ps: 1 << 30))]", 1, "neither 4 KiB nor 2 MiB"),

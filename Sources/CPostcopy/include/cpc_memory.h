@@ -25,5 +25,9 @@ int cpc_madvise_populate_write(void *addr, size_t len);
 /// in [offset, offset+len) (shmem: drops them from the page cache and zaps
 /// every mapping of them). 0 or -errno.
 int cpc_fallocate_punch_hole(int fd, int64_t offset, int64_t len);
+/// fstatfs(2)'s f_type (the filesystem's magic: TMPFS_MAGIC for memfd and
+/// tmpfs, HUGETLBFS_MAGIC) of the file `fd`, or -errno.
+int64_t cpc_fs_type(int fd);
+static const unsigned int CPC_MFD_HUGETLB = MFD_HUGETLB;
 
 #endif
