@@ -5,7 +5,8 @@
 #
 # Usage: bash fuzz/run.sh [RUNS] [TARGET...]
 #   RUNS     inputs per target (default 1000000; CI runs 100000)
-#   TARGET   wire (frame decoder), handoff (VMM JSON), apf (shared APF rings); default all
+#   TARGET   wire (frame decoder), handoff (VMM JSON, memory files, smaps), apf (shared APF rings);
+#            default all
 # Crashes are written to .build-fuzz/crash-* and make this script fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +23,11 @@ build() {
         wire) srcs=(Sources/PostcopyWire/*.swift fuzz/wire.swift fuzz/common.swift) ;;
         handoff)
             # HandoffMessage.swift needs only SystemError from PostcopyCore: stubbed.
-            sed '/^import PostcopyCore$/d' Sources/PostcopyHandoff/HandoffMessage.swift > "$OUT/HandoffMessage.swift"
-            srcs=("$OUT/HandoffMessage.swift" fuzz/stubs-handoff.swift fuzz/handoff.swift fuzz/common.swift) ;;
+            # SharedMemoryCheck.swift (no system calls) needs only HandoffMessage.swift.
+            for f in HandoffMessage SharedMemoryCheck; do
+                sed '/^import PostcopyCore$/d' Sources/PostcopyHandoff/$f.swift > "$OUT/$f.swift"
+            done
+            srcs=("$OUT/HandoffMessage.swift" "$OUT/SharedMemoryCheck.swift" fuzz/stubs-handoff.swift fuzz/handoff.swift fuzz/common.swift) ;;
         apf) srcs=(Sources/PostcopyHandoff/APFRing.swift fuzz/apf.swift fuzz/common.swift) ;;
         *) echo "unknown fuzz target $1 (wire, handoff, apf)" >&2; exit 64 ;;
     esac

@@ -14,6 +14,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 static int read_full(int fd, void *p, size_t n) {
@@ -134,4 +135,58 @@ int cpc_baseline_uffd_fault(int pages, uint64_t *out_ns) {
     free(src);
     close(uffd);
     return pages;
+}
+
+struct stream_tx { int lfd; size_t write_size; size_t total; int err; };
+
+static void *stream_sender(void *arg) {
+    struct stream_tx *s = arg;
+    int fd = accept(s->lfd, NULL, NULL);
+    if (fd < 0) { s->err = errno; return NULL; }
+    char *buf = malloc(s->write_size);
+    memset(buf, 0xA5, s->write_size);
+    for (size_t sent = 0; sent < s->total; sent += s->write_size) {
+        if (write_full(fd, buf, s->write_size) < 0) { s->err = errno ? errno : EPIPE; break; }
+    }
+    free(buf);
+    close(fd);
+    return NULL;
+}
+
+int cpc_baseline_tcp_stream(size_t write_size, size_t total, uint64_t *out_ns, uint64_t *out_recv_cpu_ns) {
+    if (write_size == 0 || total < write_size) return -EINVAL;
+    total -= total % write_size;
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (lfd < 0) return -errno;
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr = { htonl(INADDR_LOOPBACK) }, .sin_port = 0 };
+    socklen_t l = sizeof a;
+    if (bind(lfd, (struct sockaddr *)&a, sizeof a) < 0 || listen(lfd, 1) < 0 ||
+        getsockname(lfd, (struct sockaddr *)&a, &l) < 0) { int e = errno; close(lfd); return -e; }
+    struct stream_tx tx = { lfd, write_size, total, 0 };
+    pthread_t t;
+    pthread_create(&t, NULL, stream_sender, &tx);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) { int e = errno; close(fd); close(lfd); pthread_join(t, NULL); return -e; }
+    // The receiver reads each write's worth into one buffer, as the page
+    // transport reads one reply: the baseline for the destination's stream.
+    char *buf = malloc(write_size);
+    memset(buf, 0, write_size);
+    struct timespec c0, c1;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+    uint64_t t0 = cpc_now_ns();
+    size_t got = 0;
+    int rc = 0;
+    while (got < total) {
+        if (read_full(fd, buf, write_size) < 0) { rc = -(errno ? errno : EPIPE); break; }
+        got += write_size;
+    }
+    *out_ns = cpc_now_ns() - t0;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+    *out_recv_cpu_ns = (uint64_t)(c1.tv_sec - c0.tv_sec) * 1000000000ull + (uint64_t)(c1.tv_nsec - c0.tv_nsec);
+    free(buf);
+    close(fd);
+    pthread_join(t, NULL);
+    close(lfd);
+    if (rc == 0 && tx.err) rc = -tx.err;
+    return rc;
 }

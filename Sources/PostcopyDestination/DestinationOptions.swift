@@ -32,5 +32,9 @@ public struct DestinationOptions: Sendable {
     public var deviceStateOut: String?
     /// Called with guest RAM (one buffer per region) after completion, before it is unmapped.
     public var inspect: (@Sendable ([UnsafeRawBufferPointer]) -> Void)?
+    /// Called by the guest stand-in with each page it touched, just after the
+    /// touch (its byte offset in guest RAM, counting regions in order, and its
+    /// bytes): for tests that check what the guest could read mid-migration.
+    public var onTouch: (@Sendable (Int, UnsafeRawBufferPointer) -> Void)?
     public init() {}
 }

@@ -28,6 +28,10 @@ public struct DestinationReport: Sendable, Codable {
     public var installPath: String
     /// Allocating guest RAM through the alias before the stream (continue; 0 for copy).
     public var preallocationSeconds: Double
+    /// Pages each install path put in place, and those received straight into the alias.
+    public var pagesCopied: UInt64 = 0
+    public var pagesContinued: UInt64 = 0
+    public var pagesReceivedInPlace: UInt64 = 0
     public var timeToFullCopySeconds: Double
     public var digestSeconds: Double
     public var totalSeconds: Double
@@ -57,6 +61,7 @@ public struct DestinationReport: Sendable, Codable {
         case faults, faultsCoalesced = "faults_coalesced", eexist, eagain
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", wireOverhead = "wire_overhead"
         case handshakeSeconds = "handshake_seconds", installPath = "install_path", preallocationSeconds = "preallocation_seconds"
+        case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place"
         case timeToFullCopySeconds = "time_to_full_copy_seconds"
         case digestSeconds = "digest_seconds", totalSeconds = "total_seconds"
         case faultLatency = "fault_latency", guestTouchLatency = "guest_touch_latency", touchedPages = "touched_pages"

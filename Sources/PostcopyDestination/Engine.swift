@@ -82,6 +82,8 @@ public final class PostcopyEngine: @unchecked Sendable {
     var unitBytes: Int { unitPages * pageSize }
     /// The install path, resolved against the regions.
     let installer: Installer
+    /// Where replies' payloads land on the continue path (set once, in init).
+    private(set) var alias: AliasPlacement!
     /// Held by the background thread across one run's check, fill and settle,
     /// and by the fault thread while it applies a REMOVE: a page the VMM
     /// removed is never filled from the source after the remove is applied, and
@@ -145,6 +147,8 @@ public final class PostcopyEngine: @unchecked Sendable {
         self.pages = pages
         counters.settledPages.store(zeroPagesAtStart, ordering: .relaxed)
         counters.zeroPagesKnown.store(zeroPagesAtStart, ordering: .relaxed)
+        alias = AliasPlacement(self)
+        if config.receiveInPlace { placeReplies(on: [demand, background]) }
     }
 
     /// Starts the fault thread (and the background thread when enabled).

@@ -28,5 +28,9 @@ public struct EngineConfig: Sendable {
     /// How pages reach the guest (`UFFDIO_COPY`, or written through an alias and
     /// mapped with `UFFDIO_CONTINUE`).
     public var installPath: InstallPath = .copy
+    /// On the continue path, receive replies' payloads straight into the alias
+    /// (`InPlaceReceive.swift`) instead of into the channel's buffer and then
+    /// copying them there. On by default; off only to measure the difference.
+    public var receiveInPlace = true
     public init() {}
 }

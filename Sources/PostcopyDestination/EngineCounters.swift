@@ -21,4 +21,6 @@ public final class EngineCounters: Sendable {
     /// UFFDIO_CONTINUE (continue path): each install path counts its own.
     public let pagesCopied = Atomic<UInt64>(0)
     public let pagesContinued = Atomic<UInt64>(0)
+    /// Pages whose payload was received straight into the alias (continue path).
+    public let pagesReceivedInPlace = Atomic<UInt64>(0)
 }

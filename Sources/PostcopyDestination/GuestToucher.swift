@@ -13,20 +13,28 @@ final class GuestToucher: @unchecked Sendable {
     private let threadCount: Int
     private let seed: UInt64
     private let thinkNanoseconds: UInt64
-    private let addresses: [UInt64]
+    /// Guest address and byte offset in guest RAM of each page to touch, in order.
+    private let addresses: [(address: UInt64, offset: Int)]
+    private let pageSize: Int
+    private let onTouch: (@Sendable (Int, UnsafeRawBufferPointer) -> Void)?
     private let engine: PostcopyEngine
     private var threads: [PThread] = []
     private let merged = Locked<(Histogram<UInt64>, Int)>((LatencyHistogram.make(), 0))
 
-    init(mode: TouchMode, threads: Int, seed: UInt64, thinkNanoseconds: UInt64, regions: [GuestRegion], pageSize: Int, engine: PostcopyEngine) {
+    init(mode: TouchMode, threads: Int, seed: UInt64, thinkNanoseconds: UInt64, regions: [GuestRegion], pageSize: Int, engine: PostcopyEngine,
+         onTouch: (@Sendable (Int, UnsafeRawBufferPointer) -> Void)? = nil) {
         self.mode = mode
+        self.pageSize = pageSize
+        self.onTouch = onTouch
         self.thinkNanoseconds = thinkNanoseconds
         threadCount = max(1, threads)
         self.seed = seed
         self.engine = engine
-        var a: [UInt64] = []
+        var a: [(address: UInt64, offset: Int)] = []
         if mode != .none {
-            for r in regions { for i in 0..<(r.size / pageSize) { a.append(r.base + UInt64(i * pageSize)) } }
+            for r in regions {
+                for i in 0..<(r.size / pageSize) { a.append((r.base + UInt64(i * pageSize), (r.sourceFirstPage + i) * pageSize)) }
+            }
             if mode == .random || mode == .shared {
                 var rng = SplitMix64(seed: seed)
                 a.shuffle(using: &rng)
@@ -47,11 +55,12 @@ final class GuestToucher: @unchecked Sendable {
             threads.append(PThread(name: "guest-vcpu\(t)") { [self] in
                 var h = LatencyHistogram.make()
                 for i in slice {
-                    let a = addresses[i]
+                    let (a, offset) = addresses[i]
                     let t0 = nowNanoseconds()
                     _ = cpc_touch_read(UnsafeRawPointer(bitPattern: UInt(a))!)
                     let dt = nowNanoseconds() - t0
                     if record, engine.pageFaulted(address: a) { _ = h.record(max(dt, 1)) }
+                    onTouch?(offset, UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(a)), count: pageSize))
                     if thinkNanoseconds > 0 {
                         let until = nowNanoseconds() + thinkNanoseconds
                         while nowNanoseconds() < until {}

@@ -36,20 +36,26 @@ extension PostcopyEngine {
     /// advancing `i`. `done`: no page left to fill.
     private func installRun(_ first: Int, _ i: inout Int, _ count: Int, _ payload: UnsafeRawBufferPointer?,
                             _ expected: PageStates.State, onFaultThread: Bool, spins: inout Int) throws(TransportError) -> (filled: Int, done: Bool) {
-        // The run of pages from i that may still be filled.
-        let run: Int = pages.lock.withLock {
+        // The run of pages from i that may still be filled, and whether they
+        // were removed while in flight (continue path: they stay in flight,
+        // and are zeroed now that their reply, which may have landed in the
+        // alias, is in).
+        let (run, removed): (Int, Bool) = pages.lock.withLock {
             while i < count, pages.state(first + i) != expected {
                 pages.forgetRemovedInflight(first + i)
                 i += 1
             }
+            guard i < count else { return (0, false) }
+            let removed = !isCopy && pages.wasRemovedInflight(first + i)
             var n = 0
-            while i + n < count, pages.state(first + i + n) == expected { n += 1 }
-            return n
+            while i + n < count, pages.state(first + i + n) == expected,
+                  (!isCopy && pages.wasRemovedInflight(first + i + n)) == removed { n += 1 }
+            return (n, removed)
         }
         if run == 0 { return (0, true) }
         let dst = map.address(ofGlobal: first + i)
         let r: Userfaultfd.FillResult
-        do { r = try fill(dst, page: first + i, pages: run, from: payload.map { $0.baseAddress! + i * pageSize }) } catch {
+        do { r = try fill(dst, page: first + i, pages: run, from: removed ? nil : payload.map { $0.baseAddress! + i * pageSize }) } catch {
             throw .local(error)
         }
         var filled = 0
@@ -74,6 +80,7 @@ extension PostcopyEngine {
             }
         }
         if filled > 0 {
+            if removed { pages.lock.withLock { for q in (first + i)..<(first + i + filled) { pages.forgetRemovedInflight(q) } } }
             if isCopy {
                 counters.pagesCopied.add(UInt64(filled), ordering: .relaxed)
             } else {
@@ -85,7 +92,7 @@ extension PostcopyEngine {
         return (filled, false)
     }
 
-    private var isCopy: Bool { if case .copy = installer { true } else { false } }
+    var isCopy: Bool { if case .copy = installer { true } else { false } }
 
     /// One fill of `count` pages at guest address `dst` (global page `p`) from
     /// `src` (nil: zeros), by the engine's install path.
@@ -105,7 +112,8 @@ extension PostcopyEngine {
             // and ZEROPAGE would not map a page that is in the page cache.
             let alias = UnsafeMutableRawPointer(bitPattern: UInt(dst &+ deltas[map.regionIndex(ofGlobal: p)]))!
             if let src {
-                alias.copyMemory(from: src, byteCount: len)
+                // Received in place (`InPlaceReceive.swift`): already there.
+                if src != UnsafeRawPointer(alias) { alias.copyMemory(from: src, byteCount: len) }
             } else {
                 alias.initializeMemory(as: UInt8.self, repeating: 0, count: len)
             }

@@ -66,10 +66,15 @@ final class PageStates: @unchecked Sendable {
     private var removedInflight: Set<Int> = []
 
     /// UFFD_EVENT_REMOVE for page p: from now on it is zero (never fetched).
-    func markRemoved(_ p: Int) {
+    /// A page in flight is flagged; with `keepInflight` (the continue path,
+    /// whose reply may be landing in the alias right now) it also stays in
+    /// flight, so nothing else writes it until the reply is in: the installer
+    /// then zeroes it instead of using the reply.
+    func markRemoved(_ p: Int, keepInflight: Bool) {
         let s = state(p)
-        if s == .inflightDemand || s == .inflightBackground { removedInflight.insert(p) }
-        set(p, .zero)
+        let inflight = s == .inflightDemand || s == .inflightBackground
+        if inflight { removedInflight.insert(p) }
+        if !(inflight && keepInflight) { set(p, .zero) }
     }
 
     func wasRemovedInflight(_ p: Int) -> Bool { removedInflight.contains(p) }

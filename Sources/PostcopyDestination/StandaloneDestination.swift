@@ -115,7 +115,7 @@ public final class StandaloneDestination: Sendable {
         // still compares against the source's RAM at pause).
         let touch = GuestToucher(mode: options.touch, threads: options.threads, seed: options.seed,
                                  thinkNanoseconds: UInt64(options.thinkMicroseconds) * 1000,
-                                 regions: regions, pageSize: table.pageSize, engine: engine)
+                                 regions: regions, pageSize: table.pageSize, engine: engine, onTouch: options.onTouch)
         touch.start()
         var waitError: TransportError?
         do { try engine.waitForCompletion() } catch { waitError = error }
@@ -145,7 +145,7 @@ public final class StandaloneDestination: Sendable {
         let c = engine.counters
         let zeroPages = engine.zeroPagesAtStart
         let nonZero = table.totalPages - zeroPages
-        let report = DestinationReport(
+        var report = DestinationReport(
             transport: transport.name, transportReason: transportReason, sessionID: info.welcome.sessionID,
             pageSize: table.pageSize, guestBytes: table.totalPages * table.pageSize, totalPages: table.totalPages,
             zeroPages: zeroPages, nonZeroPages: nonZero,
@@ -165,6 +165,9 @@ public final class StandaloneDestination: Sendable {
             pagesSentTwice: ack.pagesSentTwice, rssOutsideGuestMaxBytes: rssMax,
             cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, uffdOrigin: uffd.origin,
             recoveryNs: setupRecoveries + engine.recoveryTimes.withLock { $0 })
+        report.pagesCopied = c.pagesCopied.load(ordering: .relaxed)
+        report.pagesContinued = c.pagesContinued.load(ordering: .relaxed)
+        report.pagesReceivedInPlace = c.pagesReceivedInPlace.load(ordering: .relaxed)
         withExtendedLifetime(memory) {}  // guest RAM stays mapped until the report is built
         return report
     }

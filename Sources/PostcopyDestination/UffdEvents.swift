@@ -89,7 +89,7 @@ extension PostcopyEngine {
                 let last = min(end, r.base + UInt64(r.size))
                 let n = Int((last - lo + UInt64(pageSize) - 1) / UInt64(pageSize))
                 pages.lock.withLock {
-                    for q in p..<(p + n) { pages.markRemoved(q) }
+                    for q in p..<(p + n) { pages.markRemoved(q, keepInflight: !isCopy) }
                     counters.settledPages.store(pages.settled, ordering: .relaxed)
                 }
                 if case .continue(_, let files) = installer {

@@ -64,6 +64,7 @@ extension HandoffServer {
         let cpu0 = processCPUNanoseconds()
         engine.start()
         var completed = false
+        var cpuToFullCopy: UInt64?
         var failure: String?
         var progress: [[UInt64]] = []
         var apf: APFChannel?
@@ -85,6 +86,7 @@ extension HandoffServer {
                     logger.error("VMM pid \(pid): postcopy failed: \(e); its vCPUs stay parked on missing pages")
                 } else {
                     completed = true
+                    cpuToFullCopy = processCPUNanoseconds() - cpu0
                     sample()
                     finish(pid: pid, engine: engine, transport: transport)
                 }
@@ -94,6 +96,7 @@ extension HandoffServer {
         var report = sessionReport(pid: pid, regions: regions, engine: engine, transport: transport, completed: completed,
                                    failure: failure, cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, progress: progress)
         report.installPath = config.installPath.name
+        report.cpuSecondsToFullCopy = cpuToFullCopy.map { Double($0) / 1e9 }
         report.preallocationSeconds = Double(shared?.preallocationNanoseconds ?? 0) / 1e9
         stats.reports.withLock { $0.append(report) }
         onSessionEnd?(report)
@@ -127,6 +130,6 @@ extension HandoffServer {
             stallSeconds: Double(engine.stallNanoseconds) / 1e9, zeroPages: c.zeroPagesKnown.load(ordering: .relaxed) + Int(c.zeroPagesReceived.load(ordering: .relaxed)),
             bytesSent: wire.sent, bytesReceived: wire.received, cpuSeconds: cpuSeconds,
             progress: progress, pagesCopied: c.pagesCopied.load(ordering: .relaxed),
-            pagesContinued: c.pagesContinued.load(ordering: .relaxed))
+            pagesContinued: c.pagesContinued.load(ordering: .relaxed), pagesReceivedInPlace: c.pagesReceivedInPlace.load(ordering: .relaxed))
     }
 }

@@ -25,6 +25,9 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var bytesReceived: UInt64
     /// CPU time of the daemon process while this session ran.
     public var cpuSeconds: Double
+    /// CPU time of the daemon from the engine's start (after preallocation,
+    /// before the pause) until every page was in: the postcopy window's cost.
+    public var cpuSecondsToFullCopy: Double?
     /// Pages present over time: [CLOCK_MONOTONIC ns, demand pages, background pages, settled pages].
     public var progress: [[UInt64]]
     /// "copy" (anonymous memory, UFFDIO_COPY) or "continue" (shared memory
@@ -36,14 +39,16 @@ public struct HandoffSessionReport: Sendable, Codable {
     /// Pages each install path put in place (the other one's stays 0).
     public var pagesCopied: UInt64 = 0
     public var pagesContinued: UInt64 = 0
+    /// Pages whose bytes were received straight into the alias (continue path).
+    public var pagesReceivedInPlace: UInt64 = 0
 
     enum CodingKeys: String, CodingKey {
         case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
         case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted"
         case removeEvents = "remove_events", timeToFullCopySeconds = "time_to_full_copy_seconds", faultLatency = "fault_latency"
         case faultLatencyCDF = "fault_latency_cdf", stallSeconds = "stall_seconds", zeroPages = "zero_pages"
-        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", cpuSeconds = "cpu_seconds", progress
+        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", cpuSeconds = "cpu_seconds", cpuSecondsToFullCopy = "cpu_seconds_to_full_copy", progress
         case installPath = "install_path", preallocationSeconds = "preallocation_seconds"
-        case pagesCopied = "pages_copied", pagesContinued = "pages_continued"
+        case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place"
     }
 }

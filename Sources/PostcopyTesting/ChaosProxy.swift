@@ -21,6 +21,9 @@ public struct ResponseFault: Sendable, Equatable {
         case reorder
         /// Forward nothing more on that connection for `delayMs` (the source hangs).
         case stall
+        /// Forward the reply's headers and part of its payload, ending in the
+        /// middle of a page, wait `delayMs`, then cut the connection.
+        case truncate
     }
     public var kind: Kind
     /// Every `every`-th page reply on a connection is affected (1: all).
@@ -125,7 +128,7 @@ public final class ChaosProxy: @unchecked Sendable {
                 if frame[2] == MessageType.pageData.rawValue {
                     replies += 1
                     // A stall is the source hanging once, not every connection after it.
-                    let affectedSoFar = fault.kind == .stall ? affectedCount.load(ordering: .relaxed) : affectedHere
+                    let affectedSoFar = fault.kind == .stall || fault.kind == .truncate ? affectedCount.load(ordering: .relaxed) : affectedHere
                     hit = replies % fault.every == 0 && affectedSoFar < fault.limit
                 }
                 if !hit {
@@ -149,6 +152,13 @@ public final class ChaosProxy: @unchecked Sendable {
                 case .stall:
                     usleep(useconds_t(fault.delayMs * 1000))
                     if !send(frame) { return }
+                case .truncate:
+                    let headers = WireProtocol.headerSize + PageDataHeader.encodedSize
+                    let payload = frame.count - headers
+                    let keep = payload > 0 ? headers + payload / 2 + 100 : frame.count / 2
+                    _ = send(Array(frame[0..<keep]))
+                    usleep(useconds_t(fault.delayMs * 1000))
+                    return  // cut: both sides shut down
                 }
             }
             pending.removeFirst(used)

@@ -30,6 +30,18 @@ public final class TCPConnection: @unchecked Sendable {
     /// receives only small frames (the source's request stream), so a burst of
     /// requests is taken in one recv and answered in one send.
     public var readAhead = false
+    /// Where page payloads may be received straight into place (the reader
+    /// thread's; not with `readAhead`). Once set, each frame's headers are read
+    /// alone first, so no payload byte is ever read into the buffer before the
+    /// placement was asked.
+    public var placement: PagePlacement?
+    /// The page reply whose payload is being received into place: its headers
+    /// wait in the buffer at `start`, `got` of `total` payload bytes are in.
+    /// A cut before the last byte leaves the reply undelivered (the engine
+    /// re-requests it; the partial bytes are never mapped).
+    private var placed: (to: UnsafeMutableRawPointer, total: Int, got: Int)?
+    /// Frame header + page-data header.
+    static let pagePrefix = WireProtocol.headerSize + PageDataHeader.encodedSize
 
     public init(fd: Int32, peer: String, maxBody: Int) {
         self.fd = OwnedFD(fd)
@@ -168,6 +180,16 @@ public final class TCPConnection: @unchecked Sendable {
     }
 
     private func parseBuffered() throws(TransportError) -> Message? {
+        if let p = placed {
+            guard p.got == p.total else { return nil }
+            placed = nil
+            let h: PageDataHeader
+            do {
+                h = try Codec.decodePageDataHeader(UnsafeRawBufferPointer(start: buffer + start + WireProtocol.headerSize, count: PageDataHeader.encodedSize))
+            } catch { throw .wire(error) }
+            start += Self.pagePrefix
+            return .pageData(h, payload: UnsafeRawBufferPointer(start: p.to, count: p.total))
+        }
         let avail = end - start
         guard avail >= WireProtocol.headerSize else { return nil }
         let header: FrameHeader
@@ -201,6 +223,13 @@ public final class TCPConnection: @unchecked Sendable {
     /// buffer is (nearly) always empty between frames and each frame starts at
     /// `frameOrigin`. Returns false when the socket would block.
     private func fill() throws(TransportError) -> Bool {
+        if var p = placed {
+            let r = cpc_recv(fd.raw, p.to + p.got, p.total - p.got)
+            guard try received(r) else { return false }
+            p.got += r
+            placed = p
+            return true
+        }
         if start == end {
             start = Self.frameOrigin
             end = Self.frameOrigin
@@ -216,17 +245,41 @@ public final class TCPConnection: @unchecked Sendable {
            let h = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: avail), maxBody: maxBody) {
             want = WireProtocol.headerSize + h.bodyLength
         }
+        let placing = placement != nil && !readAhead
+        if placing && avail < Self.pagePrefix { want = Self.pagePrefix }  // the headers alone first
         let room = readAhead ? capacity - end : min(capacity - end, max(want - avail, 1))
         let r = cpc_recv(fd.raw, buffer + end, room)
+        guard try received(r) else { return false }
+        end += r
+        if placing && end - start == Self.pagePrefix { place() }
+        return true
+    }
+
+    /// Accounts for one recv; false when it would block.
+    private func received(_ r: Int) throws(TransportError) -> Bool {
         if r == -Int(EAGAIN) { return false }
         if r == 0 { throw .closed(peer) }
         if r < 0 {
             if r == -Int(ECONNRESET) { throw .closed("\(peer) (connection reset)") }
             throw .system(SystemError("recv from \(peer)", errno: Int32(-r)))
         }
-        end += r
         received.add(UInt64(r), ordering: .relaxed)
         return true
+    }
+
+    /// The headers of a frame are in (and nothing after them): when it is a
+    /// page reply with a payload of exactly its pages and the placement has a
+    /// place for it, its payload goes there. Anything else (a malformed header
+    /// included) takes the ordinary path, which reports it.
+    private func place() {
+        guard let placement, let pageSize,
+              let f = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: end - start), maxBody: maxBody),
+              f.type == .pageData, f.bodyLength > PageDataHeader.encodedSize,
+              let h = try? Codec.decodePageDataHeader(UnsafeRawBufferPointer(start: buffer + start + WireProtocol.headerSize, count: PageDataHeader.encodedSize)),
+              !h.isZero else { return }
+        let bytes = f.bodyLength - PageDataHeader.encodedSize
+        guard bytes == Int(h.pageCount) * pageSize, let to = placement.placement(for: h, payloadBytes: bytes) else { return }
+        placed = (to, bytes, 0)
     }
 }
 

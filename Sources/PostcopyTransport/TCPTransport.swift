@@ -198,6 +198,8 @@ final class TCPPageChannel: PageChannel, @unchecked Sendable {
     var bytesSent: UInt64 { connection.bytesSent }
     var bytesReceived: UInt64 { connection.bytesReceived }
 
+    func setPlacement(_ placement: PagePlacement?) { connection.placement = placement }
+
     func submit(_ request: PageRequest) throws(TransportError) {
         try connection.send(.pageRequest(request))
     }

@@ -34,6 +34,23 @@ public protocol PageChannel: AnyObject, Sendable {
     /// RDMA completion queue).
     var busyPoll: Bool { get }
     var suggestedWindow: Int? { get }
+    /// Lets replies' payloads be received straight into place (see
+    /// `PagePlacement`); nil: into the channel's own buffer. A transport that
+    /// cannot place (or does not need to) ignores it.
+    func setPlacement(_ placement: PagePlacement?)
+}
+
+/// Where the payload of a page reply is received, decided when its headers
+/// have arrived and before any byte of the payload has: the destination's
+/// alias of shared guest memory, at the pages' final offset, so each page is
+/// written once. The completion then hands the installer a payload that is
+/// already in place. Called on the thread that drains the channel.
+public protocol PagePlacement: AnyObject, Sendable {
+    /// Where to receive `payloadBytes` (exactly `pageCount` pages) of the
+    /// reply `header`, or nil to receive them into the channel's buffer (a
+    /// reply that matches no request in flight, pages not in the state the
+    /// request left them in, anything unusual: the ordinary checks then run).
+    func placement(for header: PageDataHeader, payloadBytes: Int) -> UnsafeMutableRawPointer?
 }
 
 extension PageChannel {
@@ -41,6 +58,7 @@ extension PageChannel {
         for r in requests { try submit(r) }
     }
     public var busyPoll: Bool { false }
+    public func setPlacement(_ placement: PagePlacement?) {}
     /// How many background requests to keep in flight when not configured.
     public var suggestedWindow: Int? { nil }
 }

@@ -1,5 +1,28 @@
 // Decoding half of `Codec` (encoding: Codec.swift).
 extension Codec {
+    /// The page-data header at the start of a pageData frame body (its first
+    /// `PageDataHeader.encodedSize` bytes), checked as `decode` checks it; for a
+    /// receiver that puts the payload straight into place (the payload length
+    /// is the caller's to check: `pageCount` pages, or none when zero).
+    public static func decodePageDataHeader(_ bytes: UnsafeRawBufferPointer) throws(WireError) -> PageDataHeader {
+        var r = ByteReader(bytes)
+        return try decodePageDataHeader(&r)
+    }
+
+    static func decodePageDataHeader(_ r: inout ByteReader) throws(WireError) -> PageDataHeader {
+        let id = try r.u64("pageData.requestID")
+        let region = try r.u16("pageData.region")
+        let cls = try pageClass(try r.u8("pageData.class"))
+        let flags = try r.u8("pageData.flags")
+        guard flags & ~1 == 0 else { throw .invalid(field: "pageData.flags", reason: "unknown bits 0x\(String(flags, radix: 16))") }
+        let offset = try r.u64("pageData.pageOffset")
+        let count = try r.u32("pageData.pageCount")
+        guard count >= 1, count <= WireProtocol.maxPagesPerRequest else {
+            throw .invalid(field: "pageData.pageCount", reason: "\(count) pages (1...\(WireProtocol.maxPagesPerRequest) allowed)")
+        }
+        return PageDataHeader(requestID: id, region: region, pageClass: cls, isZero: flags & 1 != 0, pageOffset: offset, pageCount: count)
+    }
+
     /// Decodes a frame body of the given type. `pageSize` (once known from the
     /// handshake) makes page payload lengths exact.
     public static func decode(_ header: FrameHeader, body: UnsafeRawBufferPointer, pageSize: Int?) throws(WireError) -> Message {
@@ -66,24 +89,13 @@ extension Codec {
             }
             message = .pageRequest(PageRequest(requestID: id, region: region, pageClass: cls, pageOffset: offset, pageCount: count))
         case .pageData:
-            let id = try r.u64("pageData.requestID")
-            let region = try r.u16("pageData.region")
-            let cls = try pageClass(try r.u8("pageData.class"))
-            let flags = try r.u8("pageData.flags")
-            guard flags & ~1 == 0 else { throw .invalid(field: "pageData.flags", reason: "unknown bits 0x\(String(flags, radix: 16))") }
-            let offset = try r.u64("pageData.pageOffset")
-            let count = try r.u32("pageData.pageCount")
-            guard count >= 1, count <= WireProtocol.maxPagesPerRequest else {
-                throw .invalid(field: "pageData.pageCount", reason: "\(count) pages (1...\(WireProtocol.maxPagesPerRequest) allowed)")
-            }
-            let isZero = flags & 1 != 0
-            let expected = isZero ? 0 : Int(count) * (pageSize ?? 0)
+            let h = try decodePageDataHeader(&r)
+            let expected = h.isZero ? 0 : Int(h.pageCount) * (pageSize ?? 0)
             guard pageSize != nil, r.remaining == expected else {
                 throw .invalid(field: "pageData.payload", reason: "\(r.remaining) bytes, expected \(expected)")
             }
             let payload = try r.slice(expected, "pageData.payload")
-            message = .pageData(PageDataHeader(requestID: id, region: region, pageClass: cls, isZero: isZero,
-                                               pageOffset: offset, pageCount: count), payload: payload)
+            message = .pageData(h, payload: payload)
         case .zeroMapRequest:
             message = .zeroMapRequest(ZeroMapRequest(region: try r.u16("zeroMapRequest.region"),
                                                      firstPage: try r.u64("zeroMapRequest.firstPage"),

@@ -52,6 +52,8 @@ struct PostcopyBench: ParsableCommand {
     @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
     @Option(name: .long, help: "Skew of the zipf distributions (kv keys, zipf page touches), 0.01-0.999.") var zipfSkew: Double = 0.99
     @Option(name: .long, help: "Migration modes: postcopy, stop-and-copy, postcopy-blocking and postcopy-apf (comma-separated); the last two run the task guest at the destination (--tasks per vCPU, random reads) with blocking or asynchronous page faults.") var modes: String = "postcopy,stop-and-copy"
+    @Option(name: .long, help: "Install paths of the postcopy modes: continue (shared guest RAM, preallocated, UFFDIO_CONTINUE) and copy (anonymous guest RAM, UFFDIO_COPY), comma-separated; both run in one bench for a side-by-side.") var install: String = "continue"
+    @Option(name: .long, help: "Write sizes of the raw loopback TCP stream baselines (4K, and the transport's batch: 512K).") var streamWriteSizes: String = "4K,512K"
     @Option(name: .long, help: "Tasks per vCPU thread of the task guest (postcopy-blocking, postcopy-apf).") var tasks: Int = 8
     @Option(name: .long, help: "The task guest's work is counted over this many ms after it resumed.") var workWindowMs: Int = 500
     @Option(name: .long, help: "Transports: tcp, rdma (comma-separated).") var transports: String = "tcp"
@@ -71,6 +73,9 @@ struct PostcopyBench: ParsableCommand {
         for w in list(workloads) where !["kv", "scan", "random", "zipf"].contains(w) { throw ValidationError("bad workload '\(w)'") }
         for m in list(modes) where !["postcopy", "stop-and-copy", "postcopy-blocking", "postcopy-apf"].contains(m) { throw ValidationError("bad mode '\(m)'") }
         guard tasks >= 1, workWindowMs >= 1 else { throw ValidationError("--tasks and --work-window-ms must be positive") }
+        for i in list(install) where !["copy", "continue"].contains(i) { throw ValidationError("bad install path '\(i)' (copy, continue)") }
+        guard !list(install).isEmpty else { throw ValidationError("--install needs copy, continue or both") }
+        for w in list(streamWriteSizes) where parseByteSize(w) == nil { throw ValidationError("bad stream write size '\(w)'") }
         for t in list(transports) where !["tcp", "rdma"].contains(t) { throw ValidationError("bad transport '\(t)'") }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("bad --background-rate") }
@@ -95,6 +100,14 @@ struct PostcopyBench: ParsableCommand {
             }
             baselines[b.replacingOccurrences(of: "-", with: "_")] = lat
         }
+        say("baselines: raw loopback TCP stream at \(streamWriteSizes) writes...")
+        var streams: [[String: Any]] = []
+        for w in list(streamWriteSizes) {
+            let r = try runPostcopy(["baseline", "tcp-stream", "--write-size", w, "--bytes", "1G", "--json"])
+            guard r.status == 0, let j = r.json else { throw fail("baseline tcp-stream \(w) failed: \(r.stderr)") }
+            streams.append(j)
+        }
+        baselines["tcp_stream"] = streams
         let a = (baselines["tcp_rtt"] as? [String: Any])?["p50_ns"] as? Int ?? 0
         let b = (baselines["uffd_fault"] as? [String: Any])?["p50_ns"] as? Int ?? 0
 
@@ -104,8 +117,10 @@ struct PostcopyBench: ParsableCommand {
             for size in list(sizes) {
                 for workload in list(workloads) {
                     for mode in list(modes) {
+                      // Stop-and-copy installs nothing through the daemon: once.
+                      for inst in mode == "stop-and-copy" ? ["none"] : list(install) {
                         for i in 1...`repeat` {
-                            say("\(transport) \(size) \(workload) \(mode) run \(i)/\(`repeat`)...")
+                            say("\(transport) \(size) \(workload) \(mode)\(inst == "none" ? "" : " (\(inst))") run \(i)/\(`repeat`)...")
                             let taskMode = mode.hasPrefix("postcopy-")
                             let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
                                         "--mode", taskMode ? "postcopy" : mode, "--zipf-skew", "\(zipfSkew)",
@@ -113,20 +128,22 @@ struct PostcopyBench: ParsableCommand {
                                         "--before", "\(before)", "--after", "\(after)", "--json"]
                                 + (taskMode ? ["--tasks", "\(tasks)", "--work-window-ms", "\(workWindowMs)"] : [])
                                 + (mode == "postcopy-apf" ? ["--apf"] : [])
+                                + (inst == "none" ? [] : ["--memory", inst == "continue" ? "shared" : "anonymous"])
                             let r = try runPostcopy(args)
                             var run = r.json ?? [:]
                             run["config"] = ["size": size, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus,
                                              "zipf_skew": zipfSkew,
-                                             "mode": mode, "transport": transport, "background_rate": parseByteSize(backgroundRate)!,
+                                             "mode": mode, "install": inst, "transport": transport, "background_rate": parseByteSize(backgroundRate)!,
                                              "background_priority": backgroundPriority, "before_seconds": before, "after_seconds": after, "repeat_index": i]
                             if r.status != 0 || run["ok"] as? Bool != true {
                                 let why = (run["reasons"] as? [String])?.joined(separator: "; ") ?? ""
                                 let detail = why.isEmpty ? String(r.stderr.split(separator: "\n").prefix(3).joined(separator: " | ")) : why
-                                failures.append("\(transport) \(size) \(workload) \(mode) run \(i): exit \(r.status): \(detail)")
+                                failures.append("\(transport) \(size) \(workload) \(mode) \(inst) run \(i): exit \(r.status): \(detail)")
                                 run["ok"] = false
                             }
                             runs.append(run)
                         }
+                      }
                     }
                 }
             }
@@ -151,12 +168,13 @@ struct PostcopyBench: ParsableCommand {
             }
         }
         let apf = apfSummary(runs)
+        let installs = installSummary(runs, streams: streams)
         let config: [String: Any] = ["tasks": tasks, "work_window_ms": workWindowMs, "sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "zipf_skew": zipfSkew, "modes": list(modes),
-                                     "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!, "background_priority": backgroundPriority,
+                                     "install": list(install), "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!, "background_priority": backgroundPriority,
                                      "repeat": `repeat`, "before_seconds": before, "after_seconds": after]
         let doc: [String: Any] = ["schema_version": 1, "tool": "postcopy-bench", "started_at": ISO8601DateFormatter().string(from: Date()),
                                   "machine": machine, "config": config, "baselines": baselines, "runs": runs, "failures": failures,
-                                  "apf_summary": apf]
+                                  "apf_summary": apf, "install_summary": installs]
         if let plot { try writePlots(runs, to: plot) }
         let d = try JSONSerialization.data(withJSONObject: doc, options: [.sortedKeys, .prettyPrinted])
         if let output { try (d + Data("\n".utf8)).write(to: URL(fileURLWithPath: output)) }
@@ -164,9 +182,13 @@ struct PostcopyBench: ParsableCommand {
             FileHandle.standardOutput.write(d + Data("\n".utf8))
         } else {
             printTable(runs, a: a, b: b, machine: machine)
+            for s in streams {
+                print("raw loopback TCP stream, \(s["write_size"] ?? 0)-byte writes: \(fixed((s["bytes_per_second"] as? Double ?? 0) / Double(1 << 30), 2)) GiB/s, receiver CPU \(fixed(s["receiver_cpu_seconds_per_gib"] as? Double ?? 0, 3)) s/GiB")
+            }
+            for s in installs { print(s["line"] as? String ?? "") }
             for s in apf {
                 let f: (Any?) -> String = { v in (v as? Double).map { fixed($0, 2) } ?? "-" }
-                print("APF \(s["transport"] ?? "") \(s["size"] ?? "") (\(tasks) tasks per vCPU, random reads): work in the first \(workWindowMs) ms after resuming, "
+                print("APF \(s["transport"] ?? "") \(s["size"] ?? "") \(s["install"] ?? "") (\(tasks) tasks per vCPU, random reads): work in the first \(workWindowMs) ms after resuming, "
                       + "median of \(s["runs"] ?? 0) runs each: async \(s["apf_ops_in_window"] ?? "-") vs blocking \(s["blocking_ops_in_window"] ?? "-") reads "
                       + "= \(f(s["apf_over_blocking"]))x; per-task stall (async) p50 \(f(s["apf_task_stall_p50_ms"])) ms, max \(f(s["apf_task_stall_max_ms"])) ms")
             }
@@ -175,6 +197,60 @@ struct PostcopyBench: ParsableCommand {
             say("FAILED: " + failures.joined(separator: "\n        "))
             throw ExitCode(1)
         }
+    }
+
+    /// The install paths side by side, per transport, size and workload
+    /// (medians over the repeats): full copy against stop-and-copy, the
+    /// stream against the raw TCP stream at the batch's write size, and the
+    /// daemon's CPU per GiB received.
+    func installSummary(_ runs: [[String: Any]], streams: [[String: Any]]) -> [[String: Any]] {
+        func cfg(_ r: [String: Any], _ k: String) -> String { "\((r["config"] as? [String: Any])?[k] ?? "")" }
+        func median(_ v: [Double]) -> Double? { v.isEmpty ? nil : v.sorted()[v.count / 2] }
+        let batchStream = streams.max { ($0["write_size"] as? Int ?? 0) < ($1["write_size"] as? Int ?? 0) }
+        let rawBps = batchStream?["bytes_per_second"] as? Double
+        var out: [[String: Any]] = []
+        var seen = Set<String>()
+        for r in runs where cfg(r, "mode") == "postcopy" && r["ok"] as? Bool == true {
+            let key = [cfg(r, "transport"), cfg(r, "size"), cfg(r, "workload")].joined(separator: " ")
+            guard seen.insert(key).inserted else { continue }
+            let same = runs.filter { [cfg($0, "transport"), cfg($0, "size"), cfg($0, "workload")].joined(separator: " ") == key && $0["ok"] as? Bool == true }
+            let sc = median(same.filter { cfg($0, "mode") == "stop-and-copy" }.compactMap { $0["time_to_full_copy_seconds"] as? Double })
+            var s: [String: Any] = ["transport": cfg(r, "transport"), "size": cfg(r, "size"), "workload": cfg(r, "workload")]
+            if let sc { s["stop_and_copy_seconds"] = sc }
+            if let rawBps { s["raw_tcp_stream_bytes_per_second"] = rawBps; s["raw_tcp_stream_write_size"] = batchStream?["write_size"] ?? 0 }
+            var parts: [String] = []
+            for inst in list(install) {
+                let mine = same.filter { cfg($0, "mode") == "postcopy" && cfg($0, "install") == inst }
+                guard !mine.isEmpty else { continue }
+                let full = mine.compactMap { $0["time_to_full_copy_seconds"] as? Double }
+                let cpu = mine.compactMap { $0["daemon_cpu_seconds_per_gib"] as? Double }
+                let bps = mine.compactMap { $0["stream_bytes_per_second"] as? Double }
+                let pre = mine.compactMap { $0["preallocation_seconds"] as? Double }
+                var e: [String: Any] = ["runs": mine.count, "full_copy_seconds_each": full, "daemon_cpu_seconds_per_gib_each": cpu,
+                                        "stream_bytes_per_second_each": bps, "preallocation_seconds_each": pre]
+                let f = median(full), c = median(cpu), b = median(bps)
+                if let f { e["full_copy_seconds"] = f }
+                if let c { e["daemon_cpu_seconds_per_gib"] = c }
+                if let b { e["stream_bytes_per_second"] = b }
+                if let f, let sc, sc > 0 { e["full_copy_over_stop_and_copy"] = f / sc }
+                if let b, let rawBps, rawBps > 0 { e["stream_over_raw_tcp_stream"] = b / rawBps }
+                s[inst] = e
+                parts.append("\(inst): full copy \(f.map { fixed($0, 3) } ?? "-") s"
+                             + ((e["full_copy_over_stop_and_copy"] as? Double).map { " (\(fixed($0, 2))x stop-and-copy)" } ?? "")
+                             + ", stream \(b.map { fixed($0 / Double(1 << 30), 2) } ?? "-") GiB/s"
+                             + ((e["stream_over_raw_tcp_stream"] as? Double).map { " (\(fixed($0, 2))x raw TCP)" } ?? "")
+                             + ", daemon CPU \(c.map { fixed($0, 3) } ?? "-") s/GiB"
+                             + (inst == "continue" ? ", preallocated in \(median(pre).map { fixed($0, 3) } ?? "-") s before the pause" : ""))
+            }
+            if let a = (s["continue"] as? [String: Any])?["daemon_cpu_seconds_per_gib"] as? Double,
+               let b = (s["copy"] as? [String: Any])?["daemon_cpu_seconds_per_gib"] as? Double, b > 0 {
+                s["continue_cpu_saving"] = 1 - a / b
+                parts.append("continue uses \(fixed(100 * (1 - a / b), 0)) % less daemon CPU per GiB")
+            }
+            s["line"] = "install paths, \(key), median of \(`repeat`) run(s)" + (sc.map { ", stop-and-copy \(fixed($0, 3)) s" } ?? "") + ": " + parts.joined(separator: "; ")
+            out.append(s)
+        }
+        return out
     }
 
     /// Async against blocking page faults, per transport and size: the median
@@ -186,14 +262,14 @@ struct PostcopyBench: ParsableCommand {
         var out: [[String: Any]] = []
         var seen = Set<String>()
         for r in runs where cfg(r, "mode") == "postcopy-apf" && r["ok"] as? Bool == true {
-            let key = cfg(r, "transport") + " " + cfg(r, "size") + " " + cfg(r, "workload")
+            let key = [cfg(r, "transport"), cfg(r, "size"), cfg(r, "workload"), cfg(r, "install")].joined(separator: " ")
             guard seen.insert(key).inserted else { continue }
-            let same = runs.filter { cfg($0, "transport") + " " + cfg($0, "size") + " " + cfg($0, "workload") == key && $0["ok"] as? Bool == true }
+            let same = runs.filter { [cfg($0, "transport"), cfg($0, "size"), cfg($0, "workload"), cfg($0, "install")].joined(separator: " ") == key && $0["ok"] as? Bool == true }
             let work: (String) -> [Int] = { m in same.filter { cfg($0, "mode") == m }.compactMap { ($0["task_work"] as? [String: Any])?["ops_in_window"] as? Int } }
             let a = median(work("postcopy-apf")), b = median(work("postcopy-blocking"))
             let stalls = same.filter { cfg($0, "mode") == "postcopy-apf" }.compactMap { ($0["task_work"] as? [String: Any])?["task_stall_ns"] as? [String: Any] }
             var s: [String: Any] = ["transport": cfg(r, "transport"), "size": cfg(r, "size"), "workload": cfg(r, "workload"),
-                                    "runs": work("postcopy-apf").count, "apf_ops_in_window_each": work("postcopy-apf"),
+                                    "install": cfg(r, "install"), "runs": work("postcopy-apf").count, "apf_ops_in_window_each": work("postcopy-apf"),
                                     "blocking_ops_in_window_each": work("postcopy-blocking")]
             if let a { s["apf_ops_in_window"] = a }
             if let b { s["blocking_ops_in_window"] = b }
@@ -208,7 +284,7 @@ struct PostcopyBench: ParsableCommand {
     func printTable(_ runs: [[String: Any]], a: Int, b: Int, machine: [String: Any]) {
         let us: (Any?) -> String = { v in (v as? Int).map { fixed(Double($0) / 1000, 1) + " µs" } ?? "-" }
         print("postcopy-bench: kernel \(machine["kernel"] ?? "?"), \(machine["cores"] ?? "?") cores; baselines p50: raw TCP 4 KiB round trip \(us(a)), local uffd fault \(us(b))")
-        let header = ["transport", "size", "workload", "mode", "downtime", "vs s&c", "full copy", "fault p50", "p50/(tcp+uffd)", "p99", "p99.9", "max", "stall", "ops/s before", "during", "after", "demand", "bg", "zero", "B/page", "src CPU", "dst CPU"]
+        let header = ["transport", "size", "workload", "mode", "install", "downtime", "vs s&c", "full copy", "fault p50", "p50/(tcp+uffd)", "p99", "p99.9", "max", "stall", "ops/s before", "during", "after", "demand", "bg", "zero", "B/page", "src CPU", "dst CPU", "dst CPU/GiB"]
         var rows: [[String]] = [header]
         for r in runs {
             let c = r["config"] as? [String: Any] ?? [:]
@@ -219,7 +295,7 @@ struct PostcopyBench: ParsableCommand {
             }
             let ok = r["ok"] as? Bool == true
             rows.append([
-                "\(c["transport"] ?? "")", "\(c["size"] ?? "")", "\(c["workload"] ?? "")", "\(c["mode"] ?? "")" + (ok ? "" : " FAILED"),
+                "\(c["transport"] ?? "")", "\(c["size"] ?? "")", "\(c["workload"] ?? "")", "\(c["mode"] ?? "")" + (ok ? "" : " FAILED"), "\(c["install"] ?? "")",
                 (r["downtime_ns"] as? Int).map { formatDuration(ns: UInt64(max($0, 0))) } ?? "-",
                 (r["downtime_over_stop_and_copy"] as? Double).map { fixed($0, 3) + "x" } ?? "-",
                 (r["time_to_full_copy_seconds"] as? Double).map { fixed($0, 3) + " s" } ?? "-",
@@ -231,6 +307,7 @@ struct PostcopyBench: ParsableCommand {
                 (r["bytes_per_guest_page"] as? Double).map { fixed($0, 0) } ?? "-",
                 (r["source_cpu_seconds"] as? Double).map { fixed($0, 2) + " s" } ?? "-",
                 (r["daemon_cpu_seconds"] as? Double).map { fixed($0, 2) + " s" } ?? "-",
+                (r["daemon_cpu_seconds_per_gib"] as? Double).map { fixed($0, 3) + " s" } ?? "-",
             ])
         }
         let widths = header.indices.map { i in rows.map { $0[i].count }.max() ?? 0 }
@@ -244,7 +321,8 @@ struct PostcopyBench: ParsableCommand {
         let okRuns = runs.filter { $0["ok"] as? Bool == true }
         func label(_ r: [String: Any]) -> String {
             let c = r["config"] as? [String: Any] ?? [:]
-            return "\(c["transport"] ?? "") \(c["size"] ?? "") \(c["workload"] ?? "")"
+            let inst = c["install"] as? String ?? "none"
+            return "\(c["transport"] ?? "") \(c["size"] ?? "") \(c["workload"] ?? "")" + (inst == "none" ? "" : " \(inst)")
         }
         let post = okRuns.filter { ($0["config"] as? [String: Any])?["mode"] as? String == "postcopy" }
         // 1. Fault-latency CDF per transport (and size).

@@ -7,23 +7,32 @@ import PostcopyCore
 struct BaselineCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "baseline",
-        abstract: "Measure a baseline in this process: tcp-rtt (raw loopback 4 KiB round trip) or uffd-fault (local userfaultfd fault service).",
+        abstract: "Measure a baseline in this process: tcp-rtt (raw loopback 4 KiB round trip), uffd-fault (local userfaultfd fault service) or tcp-stream (raw loopback TCP throughput).",
         discussion: "Benchmarks report the project's latencies as ratios against these, measured in the same run.")
 
-    @Argument(help: "tcp-rtt or uffd-fault")
+    @Argument(help: "tcp-rtt, uffd-fault or tcp-stream")
     var which: BaselineKind
 
-    @Option(name: .long, help: "Number of samples.")
+    @Option(name: .long, help: "Number of samples (tcp-rtt, uffd-fault).")
     var samples: Int = 20_000
+
+    @Option(name: .long, help: "tcp-stream: bytes per write and per receive (e.g. 4K, or the transport's batch, 512K).")
+    var writeSize: String = "512K"
+
+    @Option(name: .long, help: "tcp-stream: bytes to stream.")
+    var bytes: String = "1G"
 
     @Flag(name: .long, help: "JSON output.")
     var json = false
 
     func validate() throws {
         guard (100...10_000_000).contains(samples) else { throw ValidationError("--samples must be 100...10000000") }
+        guard let w = parseByteSize(writeSize), (1...(64 << 20)).contains(w) else { throw ValidationError("--write-size must be 1 byte to 64 MiB") }
+        guard let b = parseByteSize(bytes), b >= w, b <= (64 << 30) else { throw ValidationError("--bytes must be at least --write-size and at most 64 GiB") }
     }
 
     func run() throws {
+        if which == .tcpStream { return try stream() }
         var out = [UInt64](repeating: 0, count: samples)
         let n = out.withUnsafeMutableBufferPointer { p in
             which == .tcpRTT ? cpc_baseline_tcp_rtt(Int32(samples), p.baseAddress) : cpc_baseline_uffd_fault(Int32(samples), p.baseAddress)
@@ -41,13 +50,47 @@ struct BaselineCommand: ParsableCommand {
     }
 }
 
+extension BaselineCommand {
+    /// Raw loopback TCP throughput at one write size, and the receiver's CPU per GiB.
+    func stream() throws {
+        let w = parseByteSize(writeSize)!, total = parseByteSize(bytes)!
+        var ns: UInt64 = 0, cpu: UInt64 = 0
+        let r = cpc_baseline_tcp_stream(w, total, &ns, &cpu)
+        guard r == 0, ns > 0 else { throw fail("tcp-stream baseline failed: \(SystemError("tcp-stream", errno: -r))") }
+        let moved = total - total % w
+        let gib = Double(moved) / Double(1 << 30)
+        let report = StreamBaselineReport(baseline: which.rawValue, writeSize: w, bytes: moved, seconds: Double(ns) / 1e9,
+                                          bytesPerSecond: Double(moved) / (Double(ns) / 1e9),
+                                          receiverCPUSecondsPerGiB: Double(cpu) / 1e9 / gib)
+        if json {
+            emitJSON(report)
+        } else {
+            print("tcp-stream: \(formatBytes(Double(moved))) in \(formatBytes(Double(w))) writes: \(formatBytes(report.bytesPerSecond))/s, receiver CPU \(fixed(report.receiverCPUSecondsPerGiB, 3)) s/GiB")
+        }
+    }
+}
+
+struct StreamBaselineReport: Codable {
+    var baseline: String
+    var writeSize: Int
+    var bytes: Int
+    var seconds: Double
+    var bytesPerSecond: Double
+    var receiverCPUSecondsPerGiB: Double
+    enum CodingKeys: String, CodingKey {
+        case baseline, writeSize = "write_size", bytes, seconds, bytesPerSecond = "bytes_per_second"
+        case receiverCPUSecondsPerGiB = "receiver_cpu_seconds_per_gib"
+    }
+}
+
 struct BaselineReport: Codable {
     var baseline: String
     var latency: LatencySummary
 }
 
-/// `baseline tcp-rtt|uffd-fault`.
+/// `baseline tcp-rtt|uffd-fault|tcp-stream`.
 enum BaselineKind: String, CaseIterable, ExpressibleByArgument {
     case tcpRTT = "tcp-rtt"
     case uffdFault = "uffd-fault"
+    case tcpStream = "tcp-stream"
 }

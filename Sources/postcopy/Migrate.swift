@@ -162,6 +162,7 @@ struct MigrateCommand: ParsableCommand {
             "bytes_received": session?.bytesReceived ?? sourceDone?.bytesSent ?? 0,
             "bytes_sent": session?.bytesSent ?? 0,
             "source_cpu_seconds": sourceDone?.cpuSeconds ?? 0, "daemon_cpu_seconds": session?.cpuSeconds ?? 0,
+            "daemon_cpu_seconds_to_full_copy": session?.cpuSecondsToFullCopy ?? 0,
             "prefetch_pages": 0,
             "ops_per_s_before": beforeOps, "ops_per_s_during": duringOps, "ops_per_s_after": afterOps,
             "fault_latency": latency.flatMap(jsonObject) ?? [String: Any](),
@@ -170,10 +171,17 @@ struct MigrateCommand: ParsableCommand {
             "faults": session?.faults ?? 0,
             "install_path": session?.installPath ?? "none", "preallocation_seconds": session?.preallocationSeconds ?? 0,
             "pages_copied": session?.pagesCopied ?? 0, "pages_continued": session?.pagesContinued ?? 0,
+            "pages_received_in_place": session?.pagesReceivedInPlace ?? 0,
             "exit_status": ["source": sourceStatus, "daemon": daemonStatus, "destination": destStatus],
         ]
         if let w = dest.first(\.taskWork) { result["task_work"] = jsonObject(GuestEvent.taskWork(w)) }
-        if let completedAt { result["time_to_full_copy_seconds"] = Double(completedAt - pausedAt) / 1e9 }
+        if let completedAt {
+            let t = Double(completedAt - pausedAt) / 1e9
+            result["time_to_full_copy_seconds"] = t
+            let bytes = session?.bytesReceived ?? sourceDone?.bytesSent ?? 0
+            if t > 0 { result["stream_bytes_per_second"] = Double(bytes) / t }
+            if let cpu = session?.cpuSecondsToFullCopy, bytes > 0 { result["daemon_cpu_seconds_per_gib"] = cpu / (Double(bytes) / Double(1 << 30)) }
+        }
         if json {
             emitEvent(result)
         } else {
@@ -188,6 +196,7 @@ struct MigrateCommand: ParsableCommand {
                   guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  
                                       M ops/s every 100 ms: before [\(perSecond(Array(beforeOps.suffix(10))))] during [\(perSecond(duringOps))] after [\(perSecond(Array(afterOps.prefix(10))))]
                   install path        \(session.map { $0.installPath == "copy" ? "copy (anonymous RAM, UFFDIO_COPY)" : "continue (shared RAM preallocated in \(fixed($0.preallocationSeconds, 3)) s before the switchover, UFFDIO_CONTINUE)" } ?? "none (stop-and-copy)")
+                  daemon CPU          \((result["daemon_cpu_seconds_per_gib"] as? Double).map { fixed($0, 3) + " s per GiB received, from the engine's start to the full copy" } ?? "-")
                   pages               \(session?.demandPages ?? 0) demanded, \(session?.backgroundPages ?? 0) streamed, \(session?.faults ?? 0) faults
                   fault service       p50 \(ns(\.p50Ns))  p90 \(ns(\.p90Ns))  p99 \(ns(\.p99Ns))  p99.9 \(ns(\.p999Ns))  max \(ns(\.maxNs))
                   integrity           \(verified?.ok == true ? "OK" : "FAILED"): \(verified?.kvSlotsVerified ?? 0) key-value checksums hold (\(unknown(verified?.kvSlotsFailed)) failed, \(verified.map { "\($0.getChecksumFailures)" } ?? "?") failed GETs); \(verified?.pagesVerified ?? 0) pages equal the source's RAM at pause, \(unknown(verified?.pagesMismatched)) differ (\(verified?.pagesVerifiedBeforeFirstWrite ?? 0) of them written at the destination were digested just before their first write)

@@ -72,6 +72,11 @@ final class ByteComparison: @unchecked Sendable {
 
     var firstDifference: Int? { lock.withLock { _firstDifference } }
 
+    /// Whether `bytes` differ from the expected ones at byte `offset`.
+    func differs(at offset: Int, _ bytes: UnsafeRawBufferPointer) -> Bool {
+        offset + bytes.count > expected.count || memcmp(bytes.baseAddress!, expected.baseAddress! + offset, bytes.count) != 0
+    }
+
     func check(_ regions: [UnsafeRawBufferPointer]) {
         var diff: Int? = nil
         if regions.count != 1 || regions[0].count != expected.count {

@@ -2,6 +2,7 @@
 #ifndef CPC_BASELINES_H
 #define CPC_BASELINES_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /// Raw loopback TCP: 16-byte request, 4 KiB reply, blocking sockets, TCP_NODELAY.
@@ -11,5 +12,9 @@ int cpc_baseline_tcp_rtt(int samples, uint64_t *out_ns);
 /// handler sleeping in poll() resolves each with UFFDIO_COPY from memory.
 /// Returns pages measured or -errno.
 int cpc_baseline_uffd_fault(int pages, uint64_t *out_ns);
+/// Raw loopback TCP stream: a thread sends `total` bytes in `write_size`
+/// writes, this thread receives each write's worth into one buffer. Sets the
+/// wall time and the receiving thread's CPU time; returns 0 or -errno.
+int cpc_baseline_tcp_stream(size_t write_size, size_t total, uint64_t *out_ns, uint64_t *out_recv_cpu_ns);
 
 #endif
