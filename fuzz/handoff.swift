@@ -241,7 +241,7 @@ func smapsEntry(_ m: VMMMapping, flags: [String], path: String?, perms: String? 
 
 @_cdecl("LLVMFuzzerInitialize")
 public func fuzzInit(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>) -> Int32 {
-    guard let dir = getenv("FUZZ_WRITE_SEEDS").map({ String(cString: $0) }) else { return 0 }
+    guard let dir = getenv("FUZZ_WRITE_SEEDS") else { return 0 }
     writeSeeds(dir)
     exit(0)
 }
@@ -249,7 +249,8 @@ public func fuzzInit(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutableP
 /// Seeds from the real encoder (and `sharedInput`, `smapsEntry`). Returns before
 /// `exit` so that LeakSanitizer finds nothing of them still allocated.
 @inline(never)
-func writeSeeds(_ dir: String) {
+func writeSeeds(_ cDir: UnsafePointer<CChar>) {
+    let dir = String(cString: cDir)
     typealias File = VMMRegion.MemoryFileRange
     let gib: UInt64 = 1 << 30, huge: UInt64 = 2 << 20
     // Guest RAM in memfds, as a VMM extended for shared memory sends it.
@@ -276,36 +277,45 @@ func writeSeeds(_ dir: String) {
     ]
     for (i, s) in messages.enumerated() { writeSeed(dir, "handoff-\(i)", s) }
 
-    // The VMM's smaps: its binary, heap, the guest memfds (shared, registered
-    // MISSING and MINOR: um ui), its stack.
+    // The VMM's smaps (fs/proc/task_mmu.c): the guest memfds are shared and
+    // registered MISSING and MINOR (um ui). smaps-N are whole entries, counters
+    // and all; the shared-N texts keep only what `VMMMapping.parse` reads (the
+    // header and VmFlags), small enough for the fuzzer to stay fast.
     let memfdFlags = ["rd", "wr", "sh", "mr", "mw", "me", "ms", "um", "ui", "sd"]
     let hugeFlags = ["rd", "wr", "sh", "mr", "mw", "me", "ms", "de", "ht", "um", "ui", "sd"]
     func vma(_ start: UInt64, _ end: UInt64, shared: Bool = true, offset: UInt64 = 0, _ dev: (UInt32, UInt32), _ inode: UInt64, _ flags: [String]) -> VMMMapping {
         VMMMapping(start: start, end: end, shared: shared, fileOffset: offset, deviceMajor: dev.0, deviceMinor: dev.1, inode: inode, flags: Set(flags))
     }
     let shmemDev: (UInt32, UInt32) = (0, 1), hugeDev: (UInt32, UInt32) = (0, 0x0f)
-    let head = smapsEntry(vma(0x5581_1c40_0000, 0x5581_1c6a_3000, shared: false, (8, 1), 1_835_227, ["rd", "ex", "mr", "mw", "me", "sd"]),
-                          flags: ["rd", "ex", "mr", "mw", "me", "sd"], path: "/usr/bin/firecracker", perms: "r-xp")
-        + smapsEntry(vma(0x5581_1d2e_1000, 0x5581_1d30_2000, shared: false, (0, 0), 0, []),
-                     flags: ["rd", "wr", "mr", "mw", "me", "ac", "sd"], path: "[heap]")
-    let tail = smapsEntry(vma(0x7ffd_4a1c_2000, 0x7ffd_4a1e_3000, shared: false, (0, 0), 0, []),
-                          flags: ["rd", "wr", "mr", "mw", "me", "gd", "ac"], path: "[stack]")
-    func guest(_ v: VMMMapping, _ name: String = "guest", pageKiB: UInt64 = 4) -> String {
-        smapsEntry(v, flags: pageKiB > 4 ? hugeFlags : memfdFlags, path: "/memfd:\(name) (deleted)", kernelPageKiB: pageKiB)
+    let binaryFlags = ["rd", "ex", "mr", "mw", "me", "sd"], stackFlags = ["rd", "wr", "mr", "mw", "me", "gd", "ac"]
+    func binary(detail: Bool) -> String {
+        smapsEntry(vma(0x5581_1c40_0000, 0x5581_1c6a_3000, shared: false, (8, 1), 1_835_227, binaryFlags),
+                   flags: binaryFlags, path: "/usr/bin/firecracker", perms: "r-xp", detail: detail)
+    }
+    func stack(detail: Bool) -> String {
+        smapsEntry(vma(0x7ffd_4a1c_2000, 0x7ffd_4a1e_3000, shared: false, (0, 0), 0, stackFlags), flags: stackFlags, path: "[stack]", detail: detail)
+    }
+    func guest(_ v: VMMMapping, _ name: String = "guest", pageKiB: UInt64 = 4, flags: [String]? = nil, detail: Bool = false) -> String {
+        smapsEntry(v, flags: flags ?? (pageKiB > 4 ? hugeFlags : memfdFlags), path: "/memfd:\(name) (deleted)", kernelPageKiB: pageKiB, detail: detail)
     }
     let guest0 = vma(0x7f3c_0000_0000, 0x7f3c_0000_0000 + gib, shmemDev, 2051, memfdFlags)
-    let oneText = head + guest(guest0) + tail
+    let huge0 = vma(0x7f40_0000_0000, 0x7f40_4000_0000, hugeDev, 40961, hugeFlags)
+    let smaps = [
+        guest(guest0, detail: true),
+        guest(huge0, "guest-huge", pageKiB: 2048, detail: true),
+        binary(detail: true) + guest(guest0, detail: true) + stack(detail: true),
+    ]
+    for (i, s) in smaps.enumerated() { writeSeed(dir, "smaps-\(i)", [0x01] + Array(s.utf8)) }
+
+    let oneText = binary(detail: false) + guest(guest0) + stack(detail: false)
     // Region 0 in two VMAs (split by an madvise), region 2 further into memfd 0.
-    let threeText = head
-        + guest(vma(0x7f3c_0000_0000, 0x7f3c_8000_0000, shmemDev, 2051, memfdFlags))
+    let threeText = guest(vma(0x7f3c_0000_0000, 0x7f3c_8000_0000, shmemDev, 2051, memfdFlags))
         + guest(vma(0x7f3c_8000_0000, 0x7f3c_c000_0000, offset: 2 * gib, shmemDev, 2051, memfdFlags))
         + guest(vma(0x7f3d_0000_0000, 0x7f3d_4000_0000, shmemDev, 2052, memfdFlags), "guest-hotplug")
-        + guest(vma(0x7f3e_0000_0000, 0x7f3e_2000_0000, offset: 3 * gib, shmemDev, 2051, memfdFlags)) + tail
-    let hugeText = head + guest(vma(0x7f40_0000_0000, 0x7f40_4000_0000, hugeDev, 40961, hugeFlags), "guest-huge", pageKiB: 2048) + tail
+        + guest(vma(0x7f3e_0000_0000, 0x7f3e_2000_0000, offset: 3 * gib, shmemDev, 2051, memfdFlags))
+    let hugeText = guest(huge0, "guest-huge", pageKiB: 2048)
     // Registered MISSING only (no ui): refused.
-    let missingOnlyText = head + smapsEntry(guest0, flags: ["rd", "wr", "sh", "mr", "mw", "me", "ms", "um", "sd"], path: "/memfd:guest (deleted)") + tail
-    for (i, s) in [oneText, threeText, hugeText].enumerated() { writeSeed(dir, "smaps-\(i)", [0x01] + Array(s.utf8)) }
-
+    let missingOnlyText = guest(guest0, flags: ["rd", "wr", "sh", "mr", "mw", "me", "ms", "um", "sd"])
     func memfd(_ inode: UInt64, _ size: UInt64) -> MemoryFileInfo {
         MemoryFileInfo(kind: .shmem, deviceMajor: shmemDev.0, deviceMinor: shmemDev.1, inode: inode, size: size, blockSize: 4096)
     }

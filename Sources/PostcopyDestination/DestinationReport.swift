@@ -30,6 +30,9 @@ public struct DestinationReport: Sendable, Codable {
     public var preallocationSeconds: Double
     /// Pages each install path put in place, and those received straight into the alias.
     public var pagesCopied: UInt64 = 0
+    /// CPU time of this process from the engine's start (preallocation done)
+    /// to the full copy: the postcopy window's cost (guest stand-in threads included).
+    public var cpuSecondsToFullCopy: Double = 0
     public var pagesContinued: UInt64 = 0
     public var pagesReceivedInPlace: UInt64 = 0
     public var timeToFullCopySeconds: Double
@@ -61,6 +64,7 @@ public struct DestinationReport: Sendable, Codable {
         case faults, faultsCoalesced = "faults_coalesced", eexist, eagain
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", wireOverhead = "wire_overhead"
         case handshakeSeconds = "handshake_seconds", installPath = "install_path", preallocationSeconds = "preallocation_seconds"
+        case cpuSecondsToFullCopy = "cpu_seconds_to_full_copy"
         case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place"
         case timeToFullCopySeconds = "time_to_full_copy_seconds"
         case digestSeconds = "digest_seconds", totalSeconds = "total_seconds"

@@ -32,5 +32,7 @@ public struct EngineConfig: Sendable {
     /// (`InPlaceReceive.swift`) instead of into the channel's buffer and then
     /// copying them there. On by default; off only to measure the difference.
     public var receiveInPlace = true
+    /// Demand replies too (one page each), not only the background stream's.
+    public var receiveDemandInPlace = true
     public init() {}
 }

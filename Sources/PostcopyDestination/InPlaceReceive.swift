@@ -17,6 +17,12 @@ final class AliasPlacement: PagePlacement, @unchecked Sendable {
     func placement(for header: PageDataHeader, payloadBytes: Int) -> UnsafeMutableRawPointer? {
         engine?.placement(for: header, payloadBytes: payloadBytes)
     }
+    var placementRegions: [UnsafeMutableRawBufferPointer] {
+        guard let e = engine, case .continue(let deltas, _) = e.installer else { return [] }
+        return e.map.regions.enumerated().map { i, r in
+            UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: UInt(r.base &+ deltas[i])), count: r.size)
+        }
+    }
 }
 
 extension PostcopyEngine {
@@ -43,9 +49,10 @@ extension PostcopyEngine {
         return UnsafeMutableRawPointer(bitPattern: UInt(map.address(ofGlobal: first) &+ deltas[ri]))
     }
 
-    /// Sets the placement on channels (the continue path's; nothing on the copy path).
+    /// Sets the placement on channels, [demand, background] (the continue
+    /// path's; nothing on the copy path).
     func placeReplies(on channels: [PageChannel?]) {
         guard case .continue = installer else { return }
-        for c in channels { c?.setPlacement(alias) }
+        for (i, c) in channels.enumerated() where i > 0 || config.receiveDemandInPlace { c?.setPlacement(alias) }
     }
 }

@@ -109,6 +109,7 @@ public final class StandaloneDestination: Sendable {
         } catch { throw .system(error) }
         live.withLock { $0 = (engine.counters, table.totalPages) }
         debugEngine.withLock { $0 = engine }
+        let cpuAtStart = processCPUNanoseconds()
         engine.start()
 
         // The guest stand-in: threads touching every page (reads, so the digest
@@ -119,6 +120,7 @@ public final class StandaloneDestination: Sendable {
         touch.start()
         var waitError: TransportError?
         do { try engine.waitForCompletion() } catch { waitError = error }
+        let cpuToFullCopy = processCPUNanoseconds() - cpuAtStart
         if let waitError {
             // Guest threads stay parked on their faults; the caller exits non-zero.
             engine.stop()
@@ -165,6 +167,7 @@ public final class StandaloneDestination: Sendable {
             pagesSentTwice: ack.pagesSentTwice, rssOutsideGuestMaxBytes: rssMax,
             cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, uffdOrigin: uffd.origin,
             recoveryNs: setupRecoveries + engine.recoveryTimes.withLock { $0 })
+        report.cpuSecondsToFullCopy = Double(cpuToFullCopy) / 1e9
         report.pagesCopied = c.pagesCopied.load(ordering: .relaxed)
         report.pagesContinued = c.pagesContinued.load(ordering: .relaxed)
         report.pagesReceivedInPlace = c.pagesReceivedInPlace.load(ordering: .relaxed)

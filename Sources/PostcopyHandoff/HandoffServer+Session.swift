@@ -44,6 +44,10 @@ extension HandoffServer {
             return
         }
         defer { withExtendedLifetime(shared) {} }  // the aliases outlive the engine
+        // Memory preallocated: no allocation is left for after the pause. (Not
+        // after the engine's setup: over RDMA the source grants READ access
+        // only once paused, so the channels, and the alias's registration with
+        // them, come after the pause.)
         onPrepared?(pid, config.installPath.name, Double(shared?.preallocationNanoseconds ?? 0) / 1e9)
         // 2 MiB (hugetlbfs) guest pages are fetched and installed whole.
         let guestPage = Int(regions[0].pageSize)

@@ -47,10 +47,23 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
     private var all: [Buffer] = []
     private struct InFlight {
         let request: PageRequest
-        let buffer: Buffer
+        /// The staging buffer, or nil when the READ lands in place.
+        let buffer: Buffer?
         let sizeClass: Int
         let length: Int
+        /// Where the READ lands: the buffer's base, or the pages' final place.
+        let to: UnsafeMutableRawPointer
     }
+    /// READs straight into place (`PagePlacement`): the placement's memory,
+    /// registered for local write only (this side's NIC writes it; no remote
+    /// access is granted). Registration pins the (preallocated) pages.
+    private var placement: PagePlacement?
+    private var placedMRs: [(start: UInt, end: UInt, mr: UnsafeMutableRawPointer, lkey: UInt32)] = []
+    /// Why READs do not land in place although a placement was set (registration refused).
+    public private(set) var placementProblem: String?
+    private let readsInPlace = Atomic<UInt64>(0)
+    /// READs that landed straight in place.
+    public var readsPlaced: UInt64 { readsInPlace.load(ordering: .relaxed) }
     private var inflight: [UInt64: InFlight] = [:]
     private var waiting: [PageRequest] = []
     private var nextWR: UInt64 = 1
@@ -104,6 +117,8 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
         guard let c = conn else { return }
         for b in all { crdma_dereg(b.mr) }
         all = []
+        for m in placedMRs { crdma_dereg(m.mr) }
+        placedMRs = []
         pool = [:]
         crdma_conn_destroy(c)
         conn = nil
@@ -141,6 +156,44 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
         try postWaiting()
     }
 
+    /// Registers the placement's memory with this QP's protection domain (local
+    /// write only); READs then land there when the placement says so. If the
+    /// NIC refuses the registration, READs keep going through staging buffers
+    /// (`placementProblem` says why).
+    public func setPlacement(_ placement: PagePlacement?) {
+        guard let c = conn else { return }
+        for m in placedMRs { crdma_dereg(m.mr) }
+        placedMRs = []
+        self.placement = nil
+        placementProblem = nil
+        guard let placement else { return }
+        for r in placement.placementRegions {
+            var lkey: UInt32 = 0
+            var mr: UnsafeMutableRawPointer?
+            let rc = crdma_conn_reg(c, r.baseAddress!, r.count, &lkey, &mr)
+            guard rc == 0, let mr else {
+                placementProblem = "ibv_reg_mr of \(r.count) bytes of guest memory (local write): \(String(cString: strerror(-rc)))"
+                for m in placedMRs { crdma_dereg(m.mr) }
+                placedMRs = []
+                return
+            }
+            let start = UInt(bitPattern: r.baseAddress!)
+            placedMRs.append((start, start + UInt(r.count), mr, lkey))
+        }
+        self.placement = placement
+    }
+
+    /// Where the READ of `r` lands in place, with the key of its registration.
+    private func placed(_ r: PageRequest, length: Int) -> (UnsafeMutableRawPointer, UInt32)? {
+        guard let placement else { return nil }
+        let h = PageDataHeader(requestID: r.requestID, region: r.region, pageClass: r.pageClass, isZero: false,
+                               pageOffset: r.pageOffset, pageCount: r.pageCount)
+        guard let to = placement.placement(for: h, payloadBytes: length) else { return nil }
+        let a = UInt(bitPattern: to)
+        guard let m = placedMRs.first(where: { $0.start <= a && a + UInt(length) <= $0.end }) else { return nil }
+        return (to, m.lkey)
+    }
+
     private func postWaiting() throws(TransportError) {
         guard let c = conn else { throw .closed("RDMA channel closed") }
         var i = 0
@@ -149,15 +202,18 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
             let r = waiting[i]
             let (address, length) = remoteRange(region: r.region, pageOffset: r.pageOffset, pageCount: r.pageCount)!
             let sizeClass = Int(UInt32(r.pageCount).nextPowerOfTwo)
-            let buffer = try takeBuffer(sizeClass: sizeClass)
+            let inPlace = placed(r, length: length)
+            let buffer = inPlace == nil ? try takeBuffer(sizeClass: sizeClass) : nil
+            let (to, lkey) = inPlace ?? (buffer!.mapping.base, buffer!.lkey)
             let wr = nextWR
             nextWR += 1
-            let rc = crdma_post_read(c, wr, buffer.mapping.base, buffer.lkey, UInt32(length), address, offer.rkey)
+            let rc = crdma_post_read(c, wr, to, lkey, UInt32(length), address, offer.rkey)
             if rc < 0 {
-                pool[sizeClass, default: []].append(buffer)
+                if let buffer { pool[sizeClass, default: []].append(buffer) }
                 throw .closed("ibv_post_send (RDMA READ): \(String(cString: strerror(-rc)))")
             }
-            inflight[wr] = InFlight(request: r, buffer: buffer, sizeClass: sizeClass, length: length)
+            if inPlace != nil { readsInPlace.add(1, ordering: .relaxed) }
+            inflight[wr] = InFlight(request: r, buffer: buffer, sizeClass: sizeClass, length: length, to: to)
             reads.add(1, ordering: .relaxed)
             i += 1
         }
@@ -193,7 +249,7 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
                 guard let f = inflight.removeValue(forKey: wc.wr_id) else {
                     throw .local(SystemError("completion for unknown work request \(wc.wr_id)", errno: EPROTO))
                 }
-                pool[f.sizeClass, default: []].append(f.buffer)
+                if let b = f.buffer { pool[f.sizeClass, default: []].append(b) }
                 guard wc.status == WorkCompletionStatus.success else {
                     let what = "RDMA READ of pages \(f.request.pageOffset)..<\(f.request.pageOffset + UInt64(f.request.pageCount)) of region \(f.request.region): \(String(cString: crdma_wc_status_str(wc.status))) (status \(wc.status), vendor error \(wc.vendor_err))"
                     if wc.status == WorkCompletionStatus.remoteAccessError {
@@ -207,7 +263,7 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
                 received.add(UInt64(f.length), ordering: .relaxed)
                 let h = PageDataHeader(requestID: f.request.requestID, region: f.request.region, pageClass: f.request.pageClass,
                                        isZero: false, pageOffset: f.request.pageOffset, pageCount: f.request.pageCount)
-                try body(h, UnsafeRawBufferPointer(start: f.buffer.mapping.base, count: f.length))
+                try body(h, UnsafeRawBufferPointer(start: f.to, count: f.length))
                 n += 1
             }
         }

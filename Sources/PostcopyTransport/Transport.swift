@@ -51,6 +51,9 @@ public protocol PagePlacement: AnyObject, Sendable {
     /// reply that matches no request in flight, pages not in the state the
     /// request left them in, anything unusual: the ordinary checks then run).
     func placement(for header: PageDataHeader, payloadBytes: Int) -> UnsafeMutableRawPointer?
+    /// Every byte a placement may return, for transports whose hardware writes
+    /// there (RDMA registers it before the first READ).
+    var placementRegions: [UnsafeMutableRawBufferPointer] { get }
 }
 
 extension PageChannel {

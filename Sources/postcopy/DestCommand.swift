@@ -43,6 +43,9 @@ struct DestCommand: ParsableCommand {
         """)
     var install: InstallMode = .copy
 
+    @Option(name: .long, help: ArgumentHelp("With --install continue: which replies are received straight into the alias (all, background, off); the rest is received into a buffer and copied there. For measurements.", visibility: .hidden))
+    var receiveInPlace: String = "all"
+
     @Option(name: .long, help: "Background streaming: on, or off (demand faults only; for latency measurements).")
     var background: BackgroundStreaming = .on
 
@@ -77,6 +80,7 @@ struct DestCommand: ParsableCommand {
 
     func validate() throws {
         guard (1...1024).contains(threads) else { throw ValidationError("--threads must be 1...1024") }
+        guard ["all", "background", "off"].contains(receiveInPlace) else { throw ValidationError("--receive-in-place must be all, background or off") }
         guard (1...Int(PostcopyWire.WireProtocol.maxPagesPerRequest)).contains(batchPages) else {
             throw ValidationError("--batch-pages must be 1...\(PostcopyWire.WireProtocol.maxPagesPerRequest)")
         }
@@ -156,6 +160,8 @@ struct DestCommand: ParsableCommand {
         c.backgroundPriority = common.backgroundPriority
         c.recoveryDeadline = recoveryDeadline
         c.stallTimeout = stallTimeout
+        c.receiveInPlace = receiveInPlace != "off"
+        c.receiveDemandInPlace = receiveInPlace == "all"
         return c
     }
 }

@@ -95,7 +95,16 @@ struct MigrateCommand: ParsableCommand {
         guard dest.waitFor(\.ready, seconds: 60) != nil else { throw abort("the destination guest did not get ready") }
         // The daemon has taken the VMM's memory over (and preallocated it): no
         // allocation is left for after the switchover.
-        if let d = daemon, d.waitFor(\.prepared, seconds: 300) == nil { throw abort("the destination daemon did not take the guest's memory over") }
+        if let d = daemon {
+            // Not a blind wait: a refused handoff (the daemon says why) or a
+            // destination guest that gave up ends it at once.
+            let deadline = nowNanoseconds() + 300_000_000_000
+            while d.waitFor(\.prepared, seconds: 0.1) == nil {
+                if nowNanoseconds() > deadline || !dest.process.isRunning || !d.process.isRunning || d.first(\.session) != nil {
+                    throw abort("the destination daemon did not take the guest's memory over")
+                }
+            }
+        }
         let wait = Double(bootedAt) / 1e9 + before - Double(nowNanoseconds()) / 1e9
         if wait > 0 { usleep(useconds_t(wait * 1e6)) }
         say("switching over: pausing the source guest")

@@ -45,8 +45,9 @@ extension PageServer {
 }
 
 func runRDMADestination(_ transport: Transport, touch: TouchMode = .random, threads: Int = 4, backgroundRate: Int = 0,
-                        compare: ByteComparison) throws -> DestinationReport {
+                        install: InstallMode = .copy, compare: ByteComparison) throws -> DestinationReport {
     var options = DestinationOptions()
+    options.install = install
     options.touch = touch
     options.threads = threads
     options.engine.backgroundRate = backgroundRate
@@ -56,14 +57,24 @@ func runRDMADestination(_ transport: Transport, touch: TouchMode = .random, thre
 
 @Suite("RDMA transport (soft-RoCE)", .serialized, .enabled(if: rdmaSkipReason == nil, "no RDMA here (reason printed above)"))
 struct RDMATests {
-    @Test(.timeLimit(.minutes(10)))
-    func migrationByOneSidedReadEveryByteEqual() throws {
+    /// On both install paths: anonymous RAM (READ into a staging buffer, then
+    /// UFFDIO_COPY) and shared RAM (READ straight into the registered,
+    /// preallocated alias, then UFFDIO_CONTINUE: no page copied by the CPU).
+    @Test(.timeLimit(.minutes(10)), arguments: InstallMode.allCases)
+    func migrationByOneSidedReadEveryByteEqual(install: InstallMode) throws {
         let mem = try TempMemory(size: 16 << 20, zeroPercent: 20)
         let server = try startRDMASource(mem)
         defer { server.stop() }
         let cmp = ByteComparison(expected: mem.mapping.bytes)
         let t = RDMATransport(endpoint: Endpoint(host: rdmaAddress!, port: server.port), maxBatchPages: 128)
-        let r = try runRDMADestination(t, compare: cmp)
+        let r = try runRDMADestination(t, install: install, compare: cmp)
+        print("RDMA \(install): \(r.pagesCopied) pages copied, \(r.pagesContinued) continued, \(r.pagesReceivedInPlace) READ in place")
+        if install == .continue {
+            #expect(r.pagesCopied == 0, "no UFFDIO_COPY on the RDMA shared-memory path")
+            #expect(r.pagesReceivedInPlace == UInt64(r.nonZeroPages), "every non-zero page READ straight into the alias")
+        } else {
+            #expect(r.pagesReceivedInPlace == 0 && r.pagesContinued == 0)
+        }
         #expect(cmp.firstDifference == nil, "first differing byte at \(String(describing: cmp.firstDifference))")
         #expect(r.digestMatch && r.sourceConfirmedDigest)
         #expect(t.name == "rdma" && !t.failedOver)
@@ -202,7 +213,12 @@ struct RDMATests {
     @Test(.timeLimit(.minutes(10)), .enabled(if: postcopyBinary != nil, "no postcopy binary"))
     func runningGuestMigratesOverRDMA() throws {
         let o = try migrateOverRDMA([])
-        print("migrate over RDMA (32 MiB, TCG VM): downtime \(o?["downtime_ns"] ?? "?") ns, full copy \(o?["time_to_full_copy_seconds"] ?? "?") s")
+        print("migrate over RDMA (32 MiB, TCG VM): downtime \(o?["downtime_ns"] ?? "?") ns, full copy \(o?["time_to_full_copy_seconds"] ?? "?") s, pages copied \(o?["pages_copied"] ?? "?"), READ in place \(o?["pages_received_in_place"] ?? "?")")
+        // Shared guest memory (the default): every page READ into the alias and
+        // mapped with CONTINUE; not one through UFFDIO_COPY.
+        #expect(o?["install_path"] as? String == "continue")
+        #expect(o?["pages_copied"] as? Int == 0)
+        #expect((o?["pages_received_in_place"] as? Int ?? 0) > 0)
     }
 
     /// Async page faults with pages fetched by RDMA READ: the daemon's busy-polled
