@@ -118,8 +118,11 @@ public enum SharedMemoryCheck {
                 guard v.shared, v.inode == f.inode, v.deviceMajor == f.deviceMajor, v.deviceMinor == f.deviceMinor else {
                     throw .sharedMemory("region \(i): the VMM's memory at \(hex) is not a shared mapping of memory file \(named.index)")
                 }
-                guard v.fileOffset + (at - v.start) == named.offset + (at - r.base) else {
-                    throw .sharedMemory("region \(i): the VMM maps \(hex) from file offset \(v.fileOffset + (at - v.start)), not \(named.offset + (at - r.base)) as named")
+                // (smaps offsets come from the kernel, but a parsed one near 2^64
+                // must not trap: it simply does not match.)
+                let (mapped, overflow) = v.fileOffset.addingReportingOverflow(at - v.start)
+                guard !overflow, mapped == named.offset + (at - r.base) else {
+                    throw .sharedMemory("region \(i): the VMM maps \(hex) from file offset \(overflow ? "past 2^64" : "\(mapped)"), not \(named.offset + (at - r.base)) as named")
                 }
                 guard v.flags.contains("um") else {
                     throw .sharedMemory("region \(i): \(hex) is not registered with a userfaultfd in MISSING mode")
