@@ -6,12 +6,14 @@
 # the rounds and B's median against A's.
 #
 # Usage: bench/ab.sh OLD_BINARY NEW_BINARY [ROUNDS]     (ROUNDS 2: about 5 minutes)
+# Env:   AB_INSTALL (copy; or continue, for binaries that have it)
 # To build the old one: git worktree add /tmp/old REV && (cd /tmp/old && swift build -c release --product postcopy)
 # Results: bench/results/ab/{A,B}-N/latest.json and bench/results/ab/summary.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { sed -n 2,10p "$0" >&2; exit 2; }
 A=$(realpath "$1"); B=$(realpath "$2"); ROUNDS=${3:-2}
+AB_INSTALL=${AB_INSTALL:-copy}  # the install path both binaries run (copy, or continue)
 for b in "$A" "$B"; do [ -x "$b" ] || { echo "error: $b is not an executable" >&2; exit 2; }; done
 AB=bench/results/ab
 rm -rf "$AB"; mkdir -p "$AB"
@@ -19,16 +21,16 @@ for i in $(seq "$ROUNDS"); do
     for side in A B; do
         bin=$A; [ "$side" = B ] && bin=$B
         echo "== round $i, $side: $bin" >&2
-        POSTCOPY_BIN=$bin OUT="$AB/$side-$i" bash bench/run.sh > "$AB/$side-$i.txt"
+        INSTALLS=$AB_INSTALL POSTCOPY_BIN=$bin OUT="$AB/$side-$i" bash bench/run.sh > "$AB/$side-$i.txt"
         cat "$AB/$side-$i.txt" >&2
     done
 done
-python3 - "$AB" "$ROUNDS" "$A" "$B" <<'PY'
+python3 - "$AB" "$ROUNDS" "$A" "$B" "$AB_INSTALL" <<'PY'
 import json, os, statistics, sys
-ab, rounds, bins = sys.argv[1], int(sys.argv[2]), {"A": sys.argv[3], "B": sys.argv[4]}
-res = {}
+ab, rounds, bins, inst = sys.argv[1], int(sys.argv[2]), {"A": sys.argv[3], "B": sys.argv[4]}, sys.argv[5]
+res = {"install": inst}
 for side in "AB":
-    runs = [json.load(open(os.path.join(ab, f"{side}-{i}", "latest.json"))) for i in range(1, rounds + 1)]
+    runs = [json.load(open(os.path.join(ab, f"{side}-{i}", "latest.json")))["installs"][inst] for i in range(1, rounds + 1)]
     ratio = [r["ratio_c_over_a_plus_b_p50"] for r in runs]
     copy = [statistics.median(r["full_copy_seconds"]) for r in runs]
     every = sorted(t for r in runs for t in r["full_copy_seconds"])
