@@ -13,6 +13,9 @@ public final class EngineCounters: Sendable {
     public let eexist = Atomic<UInt64>(0)
     public let eagain = Atomic<UInt64>(0)
     public let removedRanges = Atomic<UInt64>(0)
+    /// Pages removed while a fetch for them was in flight (their reply is dropped,
+    /// or, on the continue path, zeroed once it has landed).
+    public let removedInFlight = Atomic<UInt64>(0)
     /// Pages the zero map says are zero (never transferred).
     public let zeroPagesKnown = Atomic<Int>(0)
     /// Pages the source flagged as zero in a reply (no payload sent).

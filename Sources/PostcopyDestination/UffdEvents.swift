@@ -89,7 +89,13 @@ extension PostcopyEngine {
                 let last = min(end, r.base + UInt64(r.size))
                 let n = Int((last - lo + UInt64(pageSize) - 1) / UInt64(pageSize))
                 pages.lock.withLock {
-                    for q in p..<(p + n) { pages.markRemoved(q, keepInflight: !isCopy) }
+                    var inflight: UInt64 = 0
+                    for q in p..<(p + n) {
+                        let s = pages.state(q)
+                        if s == .inflightDemand || s == .inflightBackground { inflight += 1 }
+                        pages.markRemoved(q, keepInflight: !isCopy)
+                    }
+                    counters.removedInFlight.add(inflight, ordering: .relaxed)
                     counters.settledPages.store(pages.settled, ordering: .relaxed)
                 }
                 if case .continue(_, let files) = installer {

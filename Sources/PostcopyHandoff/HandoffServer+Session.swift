@@ -134,6 +134,7 @@ extension HandoffServer {
             stallSeconds: Double(engine.stallNanoseconds) / 1e9, zeroPages: c.zeroPagesKnown.load(ordering: .relaxed) + Int(c.zeroPagesReceived.load(ordering: .relaxed)),
             bytesSent: wire.sent, bytesReceived: wire.received, cpuSeconds: cpuSeconds,
             progress: progress, pagesCopied: c.pagesCopied.load(ordering: .relaxed),
-            pagesContinued: c.pagesContinued.load(ordering: .relaxed), pagesReceivedInPlace: c.pagesReceivedInPlace.load(ordering: .relaxed))
+            pagesContinued: c.pagesContinued.load(ordering: .relaxed), pagesReceivedInPlace: c.pagesReceivedInPlace.load(ordering: .relaxed),
+            removedInFlight: c.removedInFlight.load(ordering: .relaxed))
     }
 }

@@ -41,6 +41,8 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var pagesContinued: UInt64 = 0
     /// Pages whose bytes were received straight into the alias (continue path).
     public var pagesReceivedInPlace: UInt64 = 0
+    /// Pages a REMOVE hit while their fetch was in flight.
+    public var removedInFlight: UInt64 = 0
 
     enum CodingKeys: String, CodingKey {
         case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
@@ -49,6 +51,6 @@ public struct HandoffSessionReport: Sendable, Codable {
         case faultLatencyCDF = "fault_latency_cdf", stallSeconds = "stall_seconds", zeroPages = "zero_pages"
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", cpuSeconds = "cpu_seconds", cpuSecondsToFullCopy = "cpu_seconds_to_full_copy", progress
         case installPath = "install_path", preallocationSeconds = "preallocation_seconds"
-        case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place"
+        case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place", removedInFlight = "removed_in_flight"
     }
 }

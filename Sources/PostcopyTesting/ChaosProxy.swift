@@ -24,6 +24,10 @@ public struct ResponseFault: Sendable, Equatable {
         /// Forward the reply's headers and part of its payload, ending in the
         /// middle of a page, wait `delayMs`, then cut the connection.
         case truncate
+        /// Forward the reply's headers and part of its payload, ending in the
+        /// middle of a page, wait `delayMs`, then the rest (a reply that is
+        /// landing for a while).
+        case split
     }
     public var kind: Kind
     /// Every `every`-th page reply on a connection is affected (1: all).
@@ -152,13 +156,14 @@ public final class ChaosProxy: @unchecked Sendable {
                 case .stall:
                     usleep(useconds_t(fault.delayMs * 1000))
                     if !send(frame) { return }
-                case .truncate:
+                case .truncate, .split:
                     let headers = WireProtocol.headerSize + PageDataHeader.encodedSize
                     let payload = frame.count - headers
                     let keep = payload > 0 ? headers + payload / 2 + 100 : frame.count / 2
-                    _ = send(Array(frame[0..<keep]))
+                    if !send(Array(frame[0..<keep])) { return }
                     usleep(useconds_t(fault.delayMs * 1000))
-                    return  // cut: both sides shut down
+                    if fault.kind == .truncate { return }  // cut: both sides shut down
+                    if !send(Array(frame[keep...])) { return }
                 }
             }
             pending.removeFirst(used)

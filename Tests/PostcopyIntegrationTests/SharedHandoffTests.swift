@@ -2,6 +2,8 @@ import CPostcopy
 import Foundation
 import PostcopyCore
 import PostcopyHandoff
+import PostcopyTesting
+import PostcopyTransport
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -64,6 +66,47 @@ struct SharedHandoffTests {
         #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
         let r = daemon.stats.reports.withLock { $0.first }
         #expect((r?.removeEvents ?? 0) >= 2)
+        #expect(r?.pagesCopied == 0)
+        print("REMOVE on shared memory: \(r?.removedInFlight ?? 0) removed pages had a fetch in flight (zeroed once their reply landed)")
+    }
+
+    /// A remove that hits pages whose replies are landing (a proxy forwards
+    /// each reply's headers and half its payload, then the rest 150 ms later),
+    /// on the continue path, where those payloads are received straight into
+    /// the alias: the pages stay in flight until their reply is in, then read
+    /// zero; nothing from the source shows through (were a removed page zeroed
+    /// and mapped at once, the rest of its reply would land over it), and the
+    /// rest of memory arrives intact.
+    @Test(.timeLimit(.minutes(2)))
+    func aRemoveOfPagesInFlightLeavesThemZero() throws {
+        let size = 8 << 20
+        let mem = try TempMemory(size: size, zeroPercent: 0, seed: 45)
+        let source = try startServer(mem)
+        defer { source.stop() }
+        let proxy = try ChaosProxy(target: Endpoint(host: "127.0.0.1", port: source.port),
+                                   fault: ResponseFault(.split, every: 1, delayMs: 150, limit: 6))
+        defer { proxy.stop() }
+        let daemon = try startHandoff(port: proxy.port)
+        defer { daemon.stop() }
+        let vmm = try TestVMM(size: size, shared: true)
+        try vmm.handOver(daemon.path)
+        let base = vmm.mappings[0].base
+        // The first background batch is requested at once; its reply is half in.
+        #expect(waitFor("a reply landing") { proxy.affected >= 1 })
+        usleep(30_000)
+        let removed = 0..<(4 << 20)
+        #expect(madvise(base + removed.lowerBound, removed.count, MADV_REMOVE) == 0)
+        vmm.touchAll(threads: 2)
+        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
+        let got = vmm.contents()
+        let want = Array(mem.mapping.bytes)
+        #expect(got[removed].allSatisfy { $0 == 0 }, "a removed page was filled from the source")
+        #expect(got[removed.upperBound...] == want[removed.upperBound...])
+        vmm.goAway()
+        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
+        let r = daemon.stats.reports.withLock { $0.first }
+        print("REMOVE of pages in flight: \(r?.removedInFlight ?? 0) removed pages had a fetch in flight, \(r?.pagesReceivedInPlace ?? 0) pages received in place")
+        #expect((r?.removedInFlight ?? 0) > 0, "the remove must really hit pages in flight")
         #expect(r?.pagesCopied == 0)
     }
 
