@@ -47,6 +47,8 @@ public final class HandoffServer: Sendable {
     /// Told when a VMM's handoff was accepted and its memory prepared, before
     /// its pages stream: (pid, install path, seconds spent preallocating).
     public let onPrepared: (@Sendable (Int32, String, Double) -> Void)?
+    /// Told when a VMM's handoff is refused: (pid, the reason).
+    public let onRejected: (@Sendable (Int32, String) -> Void)?
 
     /// Shared key for the source (see `Authentication`), or nil.
     public let authKey: [UInt8]?
@@ -59,8 +61,10 @@ public final class HandoffServer: Sendable {
                 transport: TransportKind = .tcp,
                 onComplete: (@Sendable (Int32, UInt64) -> Void)? = nil,
                 onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)? = nil,
-                onPrepared: (@Sendable (Int32, String, Double) -> Void)? = nil) throws(HandoffError) {
+                onPrepared: (@Sendable (Int32, String, Double) -> Void)? = nil,
+                onRejected: (@Sendable (Int32, String) -> Void)? = nil) throws(HandoffError) {
         self.onPrepared = onPrepared
+        self.onRejected = onRejected
         self.transportKind = transport
         self.authKey = authKey
         self.onComplete = onComplete
@@ -123,5 +127,6 @@ public final class HandoffServer: Sendable {
         stats.rejected.add(1, ordering: .relaxed)
         stats.lastRejection.withLock { $0 = error.description }
         logger.error("VMM pid \(pid): handoff refused: \(error)")
+        onRejected?(pid, error.description)
     }
 }

@@ -41,6 +41,9 @@ extension DestCommand {
                     } else {
                         print("VMM pid \(pid): install path \(path)\(path == "copy" ? "" : ", guest RAM preallocated in \(fixed(prealloc, 3)) s")")
                     }
+                },
+                onRejected: { pid, reason in
+                    if json { emitEvent(.refused(.init(vmmPid: Int(pid), reason: reason))) }
                 })
         } catch {
             throw fail("\(error)")

@@ -27,6 +27,8 @@ enum GuestEvent: Codable, Sendable {
     /// `dest --handoff`: a VMM's handoff was accepted and its memory prepared
     /// (preallocated through the alias on the continue path).
     case prepared(Prepared)
+    /// `dest --handoff`: a VMM's handoff was refused (the reason).
+    case refused(Refused)
     /// `dest --handoff`: a VMM has every page.
     case complete(Complete)
     /// `dest --handoff`: a VMM's session ended.
@@ -104,6 +106,11 @@ enum GuestEvent: Codable, Sendable {
         }
     }
 
+    struct Refused: Codable, Sendable {
+        var vmmPid: Int, reason: String
+        enum CodingKeys: String, CodingKey { case vmmPid = "vmm_pid", reason }
+    }
+
     struct Complete: Codable, Sendable {
         var vmmPid: Int, completedAtNs: UInt64
         enum CodingKeys: String, CodingKey { case vmmPid = "vmm_pid", completedAtNs = "completed_at_ns" }
@@ -136,6 +143,7 @@ enum GuestEvent: Codable, Sendable {
         case .verified: "verified"
         case .sourceDone: "source_done"
         case .prepared: "prepared"
+        case .refused: "refused"
         case .complete: "complete"
         case .session: "session"
         }
@@ -153,6 +161,7 @@ enum GuestEvent: Codable, Sendable {
         case .verified(let p): p
         case .sourceDone(let p): p
         case .prepared(let p): p
+        case .refused(let p): p
         case .complete(let p): p
         case .session(let p): p
         }
@@ -177,6 +186,7 @@ enum GuestEvent: Codable, Sendable {
         case "verified": self = .verified(try Verified(from: decoder))
         case "source_done": self = .sourceDone(try SourceDone(from: decoder))
         case "prepared": self = .prepared(try Prepared(from: decoder))
+        case "refused": self = .refused(try Refused(from: decoder))
         case "complete": self = .complete(try Complete(from: decoder))
         case "session": self = .session(try HandoffSessionReport(from: decoder))
         case let other: throw DecodingError.dataCorruptedError(forKey: .event, in: c, debugDescription: "unknown event \(other)")
@@ -195,6 +205,7 @@ extension GuestEvent {
     var verified: Verified? { if case .verified(let e) = self { e } else { nil } }
     var sourceDone: SourceDone? { if case .sourceDone(let e) = self { e } else { nil } }
     var prepared: Prepared? { if case .prepared(let e) = self { e } else { nil } }
+    var refused: Refused? { if case .refused(let e) = self { e } else { nil } }
     var complete: Complete? { if case .complete(let e) = self { e } else { nil } }
     var session: HandoffSessionReport? { if case .session(let e) = self { e } else { nil } }
 }

@@ -100,6 +100,7 @@ struct MigrateCommand: ParsableCommand {
             // destination guest that gave up ends it at once.
             let deadline = nowNanoseconds() + 300_000_000_000
             while d.waitFor(\.prepared, seconds: 0.1) == nil {
+                if let r = d.first(\.refused) { throw abort("the destination daemon refused the guest's handoff: \(r.reason)") }
                 if nowNanoseconds() > deadline || !dest.process.isRunning || !d.process.isRunning || d.first(\.session) != nil {
                     throw abort("the destination daemon did not take the guest's memory over")
                 }

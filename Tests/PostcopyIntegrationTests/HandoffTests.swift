@@ -131,12 +131,13 @@ func migrateThroughDaemon(_ vmm: TestVMM, _ daemon: HandoffServer, expected: [UI
 
 func socketPath() -> String { "/tmp/postcopy-handoff-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock" }
 
-func startHandoff(port: Int, rate: Int = 0, background: Bool = true) throws -> HandoffServer {
+func startHandoff(port: Int, rate: Int = 0, background: Bool = true,
+                  onRejected: (@Sendable (Int32, String) -> Void)? = nil) throws -> HandoffServer {
     var config = EngineConfig()
     config.backgroundRate = rate
     config.background = background
     let server = try HandoffServer(path: socketPath(), source: Endpoint(host: "127.0.0.1", port: port),
-                                   engineConfig: config, logger: testLogger("test.handoff"))
+                                   engineConfig: config, logger: testLogger("test.handoff"), onRejected: onRejected)
     server.start()
     return server
 }

@@ -139,7 +139,10 @@ struct SharedHandoffTests {
         let mem = try TempMemory(size: size, zeroPercent: 10, seed: 44)
         let source = try startServer(mem)
         defer { source.stop() }
-        let daemon = try startHandoff(port: source.port, rate: 4 << 20)
+        // The reasons a daemon's caller hears (`dest --handoff --json` emits
+        // them as "refused" events; `migrate` stops on one with the reason).
+        let told = Locked<[String]>([])
+        let daemon = try startHandoff(port: source.port, rate: 4 << 20, onRejected: { _, why in told.withLock { $0.append(why) } })
         defer { daemon.stop() }
         let good = try TestVMM(size: size, shared: true)
         try good.handOver(daemon.path)
@@ -185,6 +188,7 @@ struct SharedHandoffTests {
             #expect(waitFor(c.name) { daemon.stats.rejected.load(ordering: .relaxed) == rejections })
             let why = daemon.stats.lastRejection.withLock { $0 } ?? ""
             #expect(why.contains(c.needle), "\(c.name): refused with '\(why)'")
+            #expect(told.withLock { $0.last } == why, "\(c.name): the caller was not told the reason")
             c.vmm.goAway()
         }
         // The good VMM was served all along.
