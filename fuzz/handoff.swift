@@ -133,7 +133,7 @@ func checkFilesAccepted(_ regions: [VMMRegion], _ infos: [MemoryFileInfo]) {
         precondition(o < f.size && o + r.size <= f.size, "region \(i) past the end of \(f)")
         for (j, s) in regions.enumerated() where j < i {
             let g = id(s)
-            guard g.inode == f.inode, g.deviceMajor == f.deviceMajor, g.deviceMinor == f.deviceMinor else { continue }
+            guard g.id == f.id else { continue }
             precondition(!(o..<(o + r.size)).overlaps(s.file!.offset..<(s.file!.offset + s.size)), "regions \(j) and \(i) overlap in a file")
         }
     }
@@ -146,8 +146,7 @@ func checkMappingsAccepted(_ regions: [VMMRegion], _ infos: [MemoryFileInfo], _ 
         let named = r.file!, f = infos[named.index]
         for a in [r.base, r.base + r.size - 1] {
             precondition(vmas.contains { v in
-                v.start <= a && a < v.end && v.shared && v.inode == f.inode && v.deviceMajor == f.deviceMajor
-                    && v.deviceMinor == f.deviceMinor && v.flags.contains("um") && v.flags.contains("ui")
+                v.start <= a && a < v.end && v.shared && v.id == f.id && v.flags.contains("um") && v.flags.contains("ui")
                     && v.fileOffset &+ (a &- v.start) == named.offset &+ (a &- r.base)
             }, "region \(i): 0x\(String(a, radix: 16)) accepted without a matching mapping")
         }

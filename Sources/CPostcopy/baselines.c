@@ -39,6 +39,18 @@ static int write_full(int fd, const void *p, size_t n) {
     return 0;
 }
 
+/* A TCP socket listening on 127.0.0.1, on a port the kernel picks (its
+   address in *a); the fd or -errno. */
+static int loopback_listener(struct sockaddr_in *a) {
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (lfd < 0) return -errno;
+    *a = (struct sockaddr_in){ .sin_family = AF_INET, .sin_addr = { htonl(INADDR_LOOPBACK) }, .sin_port = 0 };
+    socklen_t l = sizeof *a;
+    if (bind(lfd, (struct sockaddr *)a, sizeof *a) < 0 || listen(lfd, 1) < 0 ||
+        getsockname(lfd, (struct sockaddr *)a, &l) < 0) { int e = errno; close(lfd); return -e; }
+    return lfd;
+}
+
 struct tcp_srv { int lfd; int samples; };
 
 static void *tcp_server(void *arg) {
@@ -58,12 +70,9 @@ static void *tcp_server(void *arg) {
 }
 
 int cpc_baseline_tcp_rtt(int samples, uint64_t *out_ns) {
-    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (lfd < 0) return -errno;
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr = { htonl(INADDR_LOOPBACK) }, .sin_port = 0 };
-    socklen_t l = sizeof a;
-    if (bind(lfd, (struct sockaddr *)&a, sizeof a) < 0 || listen(lfd, 1) < 0 ||
-        getsockname(lfd, (struct sockaddr *)&a, &l) < 0) { int e = errno; close(lfd); return -e; }
+    struct sockaddr_in a;
+    int lfd = loopback_listener(&a);
+    if (lfd < 0) return lfd;
     struct tcp_srv srv = { lfd, samples };
     pthread_t t;
     pthread_create(&t, NULL, tcp_server, &srv);
@@ -156,12 +165,9 @@ static void *stream_sender(void *arg) {
 int cpc_baseline_tcp_stream(size_t write_size, size_t total, uint64_t *out_ns, uint64_t *out_recv_cpu_ns) {
     if (write_size == 0 || total < write_size) return -EINVAL;
     total -= total % write_size;
-    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (lfd < 0) return -errno;
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr = { htonl(INADDR_LOOPBACK) }, .sin_port = 0 };
-    socklen_t l = sizeof a;
-    if (bind(lfd, (struct sockaddr *)&a, sizeof a) < 0 || listen(lfd, 1) < 0 ||
-        getsockname(lfd, (struct sockaddr *)&a, &l) < 0) { int e = errno; close(lfd); return -e; }
+    struct sockaddr_in a;
+    int lfd = loopback_listener(&a);
+    if (lfd < 0) return lfd;
     struct stream_tx tx = { lfd, write_size, total, 0 };
     pthread_t t;
     pthread_create(&t, NULL, stream_sender, &tx);

@@ -53,7 +53,7 @@ extension PostcopyEngine {
             while lifecycle.load(ordering: .relaxed) < .stopping {
                 do {
                     let (d, b) = try reconnect()
-                    if config.receiveInPlace { placeReplies(on: [d, b]) }
+                    placeReplies(on: [d, b])
                     channelLock.withLock {
                         channels.demand = d
                         channels.background = b

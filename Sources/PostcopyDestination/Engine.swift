@@ -148,7 +148,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         counters.settledPages.store(zeroPagesAtStart, ordering: .relaxed)
         counters.zeroPagesKnown.store(zeroPagesAtStart, ordering: .relaxed)
         alias = AliasPlacement(self)
-        if config.receiveInPlace { placeReplies(on: [demand, background]) }
+        placeReplies(on: [demand, background])
     }
 
     /// Starts the fault thread (and the background thread when enabled).

@@ -30,8 +30,7 @@ extension PostcopyEngine {
     func placement(for h: PageDataHeader, payloadBytes: Int) -> UnsafeMutableRawPointer? {
         guard case .continue(let deltas, _) = installer, !h.isZero else { return nil }
         let request = inflight.withLock { $0[h.requestID] }
-        guard let request, request.region == h.region, request.pageOffset == h.pageOffset,
-              request.pageCount == h.pageCount, request.pageClass == h.pageClass,
+        guard let request, Self.answers(h, request),
               Int(h.region) < table.regions.count,
               h.pageOffset + UInt64(h.pageCount) <= UInt64(table.pageCount(region: Int(h.region))),
               payloadBytes == Int(h.pageCount) * pageSize else { return nil }
@@ -40,7 +39,7 @@ extension PostcopyEngine {
         // One guest region (one alias) holds the whole run.
         let ri = map.regionIndex(ofGlobal: first)
         guard map.regionIndex(ofGlobal: first + count - 1) == ri else { return nil }
-        let expected: PageStates.State = h.pageClass == .background ? .inflightBackground : .inflightDemand
+        let expected = Self.inflightState(h.pageClass)
         let ok = pages.lock.withLock {
             (first..<(first + count)).allSatisfy { pages.state($0) == expected && !pages.wasRemovedInflight($0) }
         }
@@ -50,9 +49,9 @@ extension PostcopyEngine {
     }
 
     /// Sets the placement on channels, [demand, background] (the continue
-    /// path's; nothing on the copy path).
+    /// path's, unless `receiveInPlace` is off; nothing on the copy path).
     func placeReplies(on channels: [PageChannel?]) {
-        guard case .continue = installer else { return }
+        guard case .continue = installer, config.receiveInPlace else { return }
         for (i, c) in channels.enumerated() where i > 0 || config.receiveDemandInPlace { c?.setPlacement(alias) }
     }
 }

@@ -69,12 +69,14 @@ final class PageStates: @unchecked Sendable {
     /// A page in flight is flagged; with `keepInflight` (the continue path,
     /// whose reply may be landing in the alias right now) it also stays in
     /// flight, so nothing else writes it until the reply is in: the installer
-    /// then zeroes it instead of using the reply.
-    func markRemoved(_ p: Int, keepInflight: Bool) {
+    /// then zeroes it instead of using the reply. Returns whether it was in flight.
+    @discardableResult
+    func markRemoved(_ p: Int, keepInflight: Bool) -> Bool {
         let s = state(p)
         let inflight = s == .inflightDemand || s == .inflightBackground
         if inflight { removedInflight.insert(p) }
         if !(inflight && keepInflight) { set(p, .zero) }
+        return inflight
     }
 
     func wasRemovedInflight(_ p: Int) -> Bool { removedInflight.contains(p) }

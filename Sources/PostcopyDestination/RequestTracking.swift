@@ -17,19 +17,28 @@ extension PostcopyEngine {
         try channel.submit(r)
     }
 
+    /// Whether reply `h` answers `request` exactly (same pages, same class).
+    static func answers(_ h: PageDataHeader, _ request: PageRequest) -> Bool {
+        request.region == h.region && request.pageOffset == h.pageOffset && request.pageCount == h.pageCount && request.pageClass == h.pageClass
+    }
+
+    /// The state pages of a request of class `c` are in while it is out.
+    static func inflightState(_ c: PageClass) -> PageStates.State {
+        c == .background ? .inflightBackground : .inflightDemand
+    }
+
     /// A reply drained from a channel by the fault thread (demand) or the
     /// background thread (`onFaultThread` false), the thread that installs it.
     func handleCompletion(_ h: PageDataHeader, _ payload: UnsafeRawBufferPointer, onFaultThread: Bool) throws(TransportError) {
         // Only pages we asked for may be installed: a peer cannot make us fill
         // (or overwrite) anything else.
         let request = inflight.withLock { $0.removeValue(forKey: h.requestID) }
-        guard let request, request.region == h.region, request.pageOffset == h.pageOffset,
-              request.pageCount == h.pageCount, request.pageClass == h.pageClass else {
+        guard let request, Self.answers(h, request) else {
             throw .protocolViolation("reply \(h.requestID) (pages \(h.pageOffset)..<\(h.pageOffset + UInt64(h.pageCount)) of region \(h.region)) matches no request in flight: not requested")
         }
         let first = table.firstGlobalPage[Int(h.region)] + Int(h.pageOffset)
         let count = Int(h.pageCount)
-        let expected: PageStates.State = h.pageClass == .background ? .inflightBackground : .inflightDemand
+        let expected = Self.inflightState(h.pageClass)
         let ok = pages.lock.withLock {
             (first..<(first + count)).allSatisfy { pages.state($0) == expected || pages.wasRemovedInflight($0) }
         }

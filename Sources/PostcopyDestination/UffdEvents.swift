@@ -90,11 +90,7 @@ extension PostcopyEngine {
                 let n = Int((last - lo + UInt64(pageSize) - 1) / UInt64(pageSize))
                 pages.lock.withLock {
                     var inflight: UInt64 = 0
-                    for q in p..<(p + n) {
-                        let s = pages.state(q)
-                        if s == .inflightDemand || s == .inflightBackground { inflight += 1 }
-                        pages.markRemoved(q, keepInflight: !isCopy)
-                    }
+                    for q in p..<(p + n) where pages.markRemoved(q, keepInflight: !isCopy) { inflight += 1 }
                     counters.removedInFlight.add(inflight, ordering: .relaxed)
                     counters.settledPages.store(pages.settled, ordering: .relaxed)
                 }

@@ -1,3 +1,9 @@
+/// A file's identity: device and inode (two fds, or an fd and a mapping, of
+/// the same file have the same one).
+public struct FileID: Sendable, Equatable {
+    public var deviceMajor: UInt32, deviceMinor: UInt32, inode: UInt64
+}
+
 /// What the daemon learned of one memory file a VMM sent (`fstat`, `fstatfs`).
 public struct MemoryFileInfo: Sendable, Equatable {
     public enum Kind: Sendable, Equatable {
@@ -15,6 +21,7 @@ public struct MemoryFileInfo: Sendable, Equatable {
     public var size: UInt64
     /// The file's page size for hugetlbfs (`st_blksize`).
     public var blockSize: UInt64
+    public var id: FileID { FileID(deviceMajor: deviceMajor, deviceMinor: deviceMinor, inode: inode) }
 
     public init(kind: Kind, deviceMajor: UInt32, deviceMinor: UInt32, inode: UInt64, size: UInt64, blockSize: UInt64) {
         self.kind = kind
@@ -38,6 +45,7 @@ public struct VMMMapping: Sendable, Equatable {
     public var inode: UInt64
     /// `VmFlags` (`um`: userfaultfd MISSING, `ui`: userfaultfd MINOR).
     public var flags: Set<String>
+    public var id: FileID { FileID(deviceMajor: deviceMajor, deviceMinor: deviceMinor, inode: inode) }
 
     /// Parses the text of `/proc/PID/smaps`: each mapping's header line
     /// (`start-end perms offset major:minor inode [path]`) and its `VmFlags`.
@@ -96,7 +104,7 @@ public enum SharedMemoryCheck {
                 throw .sharedMemory("memory file \(named.index) (\(f.size) bytes) is smaller than region \(i) needs (\(r.size) bytes at offset \(named.offset))")
             }
             let range = named.offset..<(named.offset + r.size)
-            for c in claimed where sameFile(files[c.file], f) && c.range.overlaps(range) {
+            for c in claimed where files[c.file].id == f.id && c.range.overlaps(range) {
                 throw .sharedMemory("regions \(c.region) and \(i) overlap in memory file \(named.index) (bytes \(max(c.range.lowerBound, range.lowerBound))..<\(min(c.range.upperBound, range.upperBound)))")
             }
             claimed.append((named.index, i, range))
@@ -115,7 +123,7 @@ public enum SharedMemoryCheck {
             for v in sorted where v.end > at && v.start < end {
                 let hex = "0x\(String(at, radix: 16))"
                 guard v.start <= at else { break }
-                guard v.shared, v.inode == f.inode, v.deviceMajor == f.deviceMajor, v.deviceMinor == f.deviceMinor else {
+                guard v.shared, v.id == f.id else {
                     throw .sharedMemory("region \(i): the VMM's memory at \(hex) is not a shared mapping of memory file \(named.index)")
                 }
                 // (smaps offsets come from the kernel, but a parsed one near 2^64
@@ -137,9 +145,5 @@ public enum SharedMemoryCheck {
                 throw .sharedMemory("region \(i): the VMM has nothing mapped at 0x\(String(at, radix: 16))")
             }
         }
-    }
-
-    private static func sameFile(_ a: MemoryFileInfo, _ b: MemoryFileInfo) -> Bool {
-        a.inode == b.inode && a.deviceMajor == b.deviceMajor && a.deviceMinor == b.deviceMinor
     }
 }

@@ -61,9 +61,6 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
     private var placedMRs: [(start: UInt, end: UInt, mr: UnsafeMutableRawPointer, lkey: UInt32)] = []
     /// Why READs do not land in place although a placement was set (registration refused).
     public private(set) var placementProblem: String?
-    private let readsInPlace = Atomic<UInt64>(0)
-    /// READs that landed straight in place.
-    public var readsPlaced: UInt64 { readsInPlace.load(ordering: .relaxed) }
     private var inflight: [UInt64: InFlight] = [:]
     private var waiting: [PageRequest] = []
     private var nextWR: UInt64 = 1
@@ -212,7 +209,6 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
                 if let buffer { pool[sizeClass, default: []].append(buffer) }
                 throw .closed("ibv_post_send (RDMA READ): \(String(cString: strerror(-rc)))")
             }
-            if inPlace != nil { readsInPlace.add(1, ordering: .relaxed) }
             inflight[wr] = InFlight(request: r, buffer: buffer, sizeClass: sizeClass, length: length, to: to)
             reads.add(1, ordering: .relaxed)
             i += 1

@@ -39,7 +39,7 @@ public final class TCPConnection: @unchecked Sendable {
     /// wait in the buffer at `start`, `got` of `total` payload bytes are in.
     /// A cut before the last byte leaves the reply undelivered (the engine
     /// re-requests it; the partial bytes are never mapped).
-    private var placed: (to: UnsafeMutableRawPointer, total: Int, got: Int)?
+    private var placed: (header: PageDataHeader, to: UnsafeMutableRawPointer, total: Int, got: Int)?
     /// Frame header + page-data header.
     static let pagePrefix = WireProtocol.headerSize + PageDataHeader.encodedSize
 
@@ -183,12 +183,8 @@ public final class TCPConnection: @unchecked Sendable {
         if let p = placed {
             guard p.got == p.total else { return nil }
             placed = nil
-            let h: PageDataHeader
-            do {
-                h = try Codec.decodePageDataHeader(UnsafeRawBufferPointer(start: buffer + start + WireProtocol.headerSize, count: PageDataHeader.encodedSize))
-            } catch { throw .wire(error) }
             start += Self.pagePrefix
-            return .pageData(h, payload: UnsafeRawBufferPointer(start: p.to, count: p.total))
+            return .pageData(p.header, payload: UnsafeRawBufferPointer(start: p.to, count: p.total))
         }
         let avail = end - start
         guard avail >= WireProtocol.headerSize else { return nil }
@@ -279,7 +275,7 @@ public final class TCPConnection: @unchecked Sendable {
               !h.isZero else { return }
         let bytes = f.bodyLength - PageDataHeader.encodedSize
         guard bytes == Int(h.pageCount) * pageSize, let to = placement.placement(for: h, payloadBytes: bytes) else { return }
-        placed = (to, bytes, 0)
+        placed = (h, to, bytes, 0)
     }
 }
 
