@@ -27,7 +27,7 @@ build() {
             for f in HandoffMessage SharedMemoryCheck; do
                 sed '/^import PostcopyCore$/d' Sources/PostcopyHandoff/$f.swift > "$OUT/$f.swift"
             done
-            srcs=("$OUT/HandoffMessage.swift" "$OUT/SharedMemoryCheck.swift" fuzz/stubs-handoff.swift fuzz/handoff.swift fuzz/common.swift) ;;
+            srcs=("$OUT/HandoffMessage.swift" "$OUT/SharedMemoryCheck.swift" fuzz/stubs-handoff.swift fuzz/handoff.swift fuzz/handoff-inputs.swift fuzz/common.swift) ;;
         apf) srcs=(Sources/PostcopyHandoff/APFRing.swift fuzz/apf.swift fuzz/common.swift) ;;
         *) echo "unknown fuzz target $1 (wire, handoff, apf)" >&2; exit 64 ;;
     esac

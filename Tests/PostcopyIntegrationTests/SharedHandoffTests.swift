@@ -110,27 +110,6 @@ struct SharedHandoffTests {
         #expect(r?.pagesCopied == 0)
     }
 
-    @Test(.timeLimit(.minutes(2)))
-    func hugetlbSharedMemoryMigratesWholeHugePagesByContinue() throws {
-        if let why = reserveHugePages(8) {
-            print("SKIP hugetlbSharedMemoryMigratesWholeHugePagesByContinue: \(why)")
-            return
-        }
-        let size = 8 << 20
-        let mem = try TempMemory(size: size, zeroPercent: 30, seed: 43)
-        let source = try startServer(mem)
-        defer { source.stop() }
-        let daemon = try startHandoff(port: source.port)
-        defer { daemon.stop() }
-        let vmm = try TestVMM(size: size, splits: [2 << 20], huge: true, shared: true)
-        let r = try migrateThroughDaemon(vmm, daemon, expected: Array(mem.mapping.bytes))
-        #expect(r?.completed == true)
-        #expect(r?.installPath == "continue")
-        #expect((r?.demandPages ?? 1) % 512 == 0, "demand pages \(r?.demandPages ?? 0)")
-        #expect(r?.pagesCopied == 0)
-        #expect(source.stats.pagesSentTwice.load(ordering: .relaxed) == 0)
-    }
-
     /// Each bad extended handoff is refused with its reason, while another VMM's
     /// migration goes on; that VMM completes with every byte.
     @Test(.timeLimit(.minutes(2)))
