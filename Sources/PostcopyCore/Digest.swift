@@ -34,7 +34,15 @@ public enum MemoryDigest {
             }
         }
         pool.forEach { $0.join() }
-        return cpc_xxh64(UnsafeRawPointer(hashes.baseAddress!), chunks.count * 8, 0x5043)
+        return combine(chunkDigests: UnsafeBufferPointer(rebasing: hashes.prefix(chunks.count)))
+    }
+
+    /// The digest of RAM from its chunk digests (xxh64 of each 1 MiB chunk,
+    /// little-endian, in order), for a caller that hashed the chunks itself.
+    public static func combine(chunkDigests: UnsafeBufferPointer<UInt64>) -> UInt64 {
+        var none: UInt64 = 0
+        guard let base = chunkDigests.baseAddress, !chunkDigests.isEmpty else { return cpc_xxh64(&none, 0, 0x5043) }
+        return cpc_xxh64(UnsafeRawPointer(base), chunkDigests.count * 8, 0x5043)
     }
 
     public static func hex(_ d: UInt64) -> String {

@@ -29,6 +29,10 @@ struct TokenBucket {
 /// most recent demand fault first (locality), with at most `window` batches in
 /// flight and at most `backgroundRate` bytes per second.
 extension PostcopyEngine {
+    /// How many requests a batch's worth of window may become when zero pages
+    /// cut the missing pages into short runs (TCP).
+    static let shortRunsPerBatch = 32
+
     func backgroundLoop() throws(TransportError) {
         assert(backgroundThread.isCurrent)
         let channels = currentChannels()
@@ -46,6 +50,11 @@ extension PostcopyEngine {
         var cursor = 0
         var followed = -1
         var outstanding = 0
+        // The window counts pages as well as requests: where zero pages cut the
+        // missing pages into short runs, more (smaller) requests are in flight,
+        // so that the stream keeps its bytes in flight. A transport that bounds
+        // its requests itself (RDMA: the send queue) keeps its window in requests.
+        var outstandingPages = 0
         var exhausted = false
         var tokens: [UInt64] = []
         var bucket = TokenBucket(bytesPerSecond: config.backgroundRate)
@@ -60,6 +69,7 @@ extension PostcopyEngine {
                 background = b
                 do {
                     outstanding = try switchChannel(epoll, from: old, to: background, watched: true, background: true)
+                    outstandingPages = inflightPages(background: true)
                     stall.progressed()
                 } catch {
                     if try recover(from: generation, cause: error) == .sourceDone { return }
@@ -68,7 +78,9 @@ extension PostcopyEngine {
             }
             var waitMs: Int32 = -1
             do {
-                while !exhausted, outstanding < (config.window ?? background.suggestedWindow ?? 4) {
+                let window = config.window ?? background.suggestedWindow ?? 4
+                let requestLimit = background.suggestedWindow == nil ? window * Self.shortRunsPerBatch : window
+                while !exhausted, outstanding < requestLimit, outstandingPages < window * batchBytes / pageSize {
                     if let delay = bucket.delayMs(before: batchBytes) {
                         waitMs = delay
                         break
@@ -88,6 +100,7 @@ extension PostcopyEngine {
                     bucket.spend(run.count * pageSize)
                     if outstanding == 0 { stall.progressed() }
                     outstanding += 1
+                    outstandingPages += run.count
                     try submit(background, region: region, page: page, count: run.count, class: .background)
                 }
             } catch {
@@ -99,6 +112,7 @@ extension PostcopyEngine {
             if tokens.contains(.shutdown) { return }
             do throws(TransportError) {
                 let n = try background.drainCompletions { (h, payload) throws(TransportError) in
+                    outstandingPages -= Int(h.pageCount)
                     try handleCompletion(h, payload, onFaultThread: false)
                 }
                 outstanding -= n

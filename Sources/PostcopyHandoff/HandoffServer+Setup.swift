@@ -30,14 +30,14 @@ extension HandoffServer {
         let demand = try transport.openChannel(.demand)
         let background = try transport.openChannel(.background)
         // The source guest may still be running: the background stream waits
-        // for its pause (the device state being published), then streams at
-        // once; the source flags all-zero batches itself, so no zero map (and
-        // no wait for the source's scan of RAM) is needed. Faults are served now.
+        // for its pause (the device state being published) and the zero map
+        // (the quick first pass of the source's scan: never the digests), then
+        // streams only the pages that hold data. Faults are served now.
         let t = transport
         return try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: [],
                                   zeroMapProvider: { () throws(TransportError) in
                                       _ = try t.fetchDeviceState(timeoutMs: -1)
-                                      return []
+                                      return try t.fetchWholeZeroMap(table)
                                   },
                                   demand: demand, background: background,
                                   reconnect: { () throws(TransportError) in try t.reconnect() },

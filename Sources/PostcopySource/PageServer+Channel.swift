@@ -117,13 +117,28 @@ extension PageServer {
     /// How often the waits for the pause and the scan look at the stop flag (ms).
     static let freezePollIntervalMs = 200
 
-    /// The RAM scan (after the pause); nil when the server stops first.
-    func waitForScan() -> MemoryScan? {
+    /// The zero pages (the scan's first pass, after the pause); nil when the server stops first.
+    func waitForZeroPages() -> ZeroPages? {
         while !stopping.load(ordering: .relaxed) {
-            if let s = memory.waitForScan(timeoutMs: Self.freezePollIntervalMs) { return s }
+            if let z = memory.waitForZeroPages(timeoutMs: Self.freezePollIntervalMs) { return z }
         }
         return nil
     }
+
+    /// The RAM scan (after the pause); nil when the server stops first.
+    /// `urgently`: start the digests now; otherwise they start when every page
+    /// was sent, or once no page was served for `idleBeforeDigestsMs` (a
+    /// destination that fetches over RDMA, or none at all).
+    func waitForScan(urgently: Bool = true) -> MemoryScan? {
+        while !stopping.load(ordering: .relaxed) {
+            let wanting = urgently || memory.idleNanoseconds > Self.idleBeforeDigestsMs * 1_000_000
+            if let s = memory.waitForScan(timeoutMs: Self.freezePollIntervalMs, wanting: wanting) { return s }
+        }
+        return nil
+    }
+
+    /// See `waitForScan(urgently:)`.
+    static let idleBeforeDigestsMs: UInt64 = 500
 
     /// Waits for the guest to pause; nil when the server stops or the peer leaves first.
     func waitUntilFrozen(_ conn: any FrameConnection) -> [UInt8]? {

@@ -22,7 +22,9 @@ extension PageServer {
         do { try table.validate(region: r.region, pageOffset: r.firstPage, pageCount: UInt64(r.pageCount)) } catch {
             throw .protocolViolation(error.description)
         }
-        guard waitUntilFrozen(channel.conn) != nil, let scan = waitForScan() else { return .end }
+        // A guest checking its pages asks at once but needs them only at its
+        // end: the digests do not start for it while pages stream.
+        guard waitUntilFrozen(channel.conn) != nil, let scan = waitForScan(urgently: false) else { return .end }
         let first = table.firstGlobalPage[Int(r.region)] + Int(r.firstPage)
         try channel.conn.send(.pageDigests(PageDigests(region: r.region, firstPage: r.firstPage,
                                                        digests: Array(scan.pageDigests[first..<(first + Int(r.pageCount))]))))

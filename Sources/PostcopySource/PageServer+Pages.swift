@@ -68,6 +68,9 @@ extension PageServer {
             return Result { () throws(TransportError) in try conn.sendv(parts) }
         }
         try result.get()
+        memory.noteServed()
+        // Every page that holds data has gone out once: the digests may run now.
+        if let zeros = memory.zeroPageCount, session.distinctSent + zeros >= table.totalPages { memory.wantDigests() }
         if let refused {
             stats.rejectedConnections.add(1, ordering: .relaxed)
             try? conn.send(.error(ErrorMessage(code: .outOfRange, message: refused)))

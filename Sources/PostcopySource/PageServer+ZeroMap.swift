@@ -11,10 +11,10 @@ extension PageServer {
         do {
             try table.validate(region: z.region, pageOffset: z.firstPage, pageCount: z.pageCount)
         } catch { throw .protocolViolation(error.description) }
-        guard let scan = waitForScan() else { throw .closed("source stopping") }
+        guard let zeros = waitForZeroPages() else { throw .closed("source stopping") }
         let global = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
         var bits = [UInt8](repeating: 0, count: Int((z.pageCount + 7) / 8))
-        for i in 0..<Int(z.pageCount) where scan.zeroBits[(global + i) >> 3] & (1 << UInt8((global + i) & 7)) != 0 {
+        for i in 0..<Int(z.pageCount) where zeros.contains(global + i) {
             bits[i >> 3] |= 1 << UInt8(i & 7)
         }
         return ZeroMap(region: z.region, firstPage: z.firstPage, pageCount: z.pageCount, bits: bits)

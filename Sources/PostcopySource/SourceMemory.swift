@@ -18,32 +18,56 @@ public struct MemoryScan: Sendable {
     public var digest: UInt64
 }
 
+/// Which pages of frozen RAM are all zeros: the first half of the scan, ready
+/// long before the digests (a destination streams only the other pages).
+public struct ZeroPages: Sendable {
+    public var bits: [UInt8]
+    public var count: Int
+
+    public func contains(_ page: Int) -> Bool { bits[page >> 3] & (1 << UInt8(page & 7)) != 0 }
+}
+
 /// What a source serves: guest RAM from a memory file (mapped, never copied into
 /// the heap), the device state, and what a scan of RAM finds (zero pages,
 /// digests). RAM may be live (a guest still runs on it) until `freeze`: the
 /// device state is served from then on, and the scan runs in the background so
-/// that the pause (downtime) does not wait for it.
+/// that the pause (downtime) does not wait for it. The scan publishes the zero
+/// pages first (a quick pass: the holes of the memory file without touching
+/// them, then the first bytes of most pages), the digests after (every byte).
 public final class SourceMemory: Sendable {
     public let mapping: MemoryMapping
     public let table: RegionTable
+    /// The memory file behind `mapping` (at offset 0), when there is one: its
+    /// holes are zero pages that are never read through the mapping, since a
+    /// read fault on a shmem hole allocates and clears a page.
+    let holes: FileHoles?
     private struct State {
         var deviceState: [UInt8]?
         var frozenAt: UInt64 = 0
+        var zeros: ZeroPages?
         var scan: MemoryScan?
     }
     private let state = Locked(State())
     private let frozenEvent: EventFD
+    private let zerosEvent: EventFD
     private let scannedEvent: EventFD
+    /// Signalled when the digests are wanted: see `wantDigests`.
+    private let digestsWanted: EventFD
 
     /// Serves `mapping` as one region. Call `freeze` when the guest is paused.
-    public init(mapping: MemoryMapping, pageSize: Int) throws(SystemError) {
+    /// `file`: the memory file mapped at offset 0 (duplicated, so the caller
+    /// keeps its own), whose holes the scan skips.
+    public init(mapping: MemoryMapping, pageSize: Int, file: Int32? = nil) throws(SystemError) {
         guard mapping.length > 0, mapping.length % pageSize == 0 else {
             throw SystemError("guest memory of \(mapping.length) bytes is not a positive multiple of the page size \(pageSize)", errno: EINVAL)
         }
         self.mapping = mapping
         table = RegionTable(pageSize: pageSize, regions: [RegionDescriptor(size: UInt64(mapping.length), sourceOffset: 0, name: "ram")])
+        holes = try file.map { fd throws(SystemError) in try FileHoles(duplicating: fd) }
         frozenEvent = try EventFD()
+        zerosEvent = try EventFD()
         scannedEvent = try EventFD()
+        digestsWanted = try EventFD()
     }
 
     /// Maps a memory file nobody writes any more, read-only, freezes and scans it now.
@@ -51,7 +75,8 @@ public final class SourceMemory: Sendable {
         guard file.size > 0, file.size % pageSize == 0 else {
             throw SystemError("memory file \(file.path) is \(file.size) bytes, not a positive multiple of the page size \(pageSize)", errno: EINVAL)
         }
-        try self.init(mapping: try MemoryMapping.file(fd: file.fd.raw, length: file.size, writable: false), pageSize: pageSize)
+        try self.init(mapping: try MemoryMapping.file(fd: file.fd.raw, length: file.size, writable: false),
+                      pageSize: pageSize, file: file.fd.raw)
         freeze(deviceState: deviceState)
         _ = waitForScan()
     }
@@ -67,15 +92,53 @@ public final class SourceMemory: Sendable {
         }
         guard first else { return }
         frozenEvent.signal()
-        // The scan is background work: at nice 10 it never slows the switchover
-        // or the demand faults that follow it.
-        let t = PThread(name: "src-scan", priority: .low) { [self] in
-            let scan = Self.scan(mapping, pageSize: table.pageSize)
-            state.withLock { $0.scan = scan }
-            scannedEvent.signal()
+        // The zero pass is short and the background stream waits for it. The
+        // digests only check the migration: they wait until they are wanted
+        // (every page sent, or someone asks), then run at nice 10, so that they
+        // never take CPU from the stream or the demand faults.
+        let scanner = MemoryScanner(mapping: mapping, pageSize: table.pageSize, holes: holes)
+        let t = PThread(name: "src-scan") { [weak self] in
+            let zeros = scanner.zeroPages()
+            guard let wanted = self?.publish(zeros: zeros) else { return }
+            while cpc_poll1(wanted.fd.raw, Int16(POLLIN), 1000) == 0 {
+                if self == nil { return }  // nobody will ever ask
+            }
+            ThreadPriority.low.applyToCurrentThread()
+            let scan = scanner.digests(zeros: zeros)
+            self?.publish(scan: scan)
         }
         _ = t  // detached; it ends when the scan is done
     }
+
+    private func publish(zeros: ZeroPages) -> EventFD {
+        state.withLock { $0.zeros = zeros }
+        zerosEvent.signal()
+        return digestsWanted
+    }
+
+    private func publish(scan: MemoryScan) {
+        state.withLock { $0.scan = scan }
+        scannedEvent.signal()
+    }
+
+    /// Starts the digest pass of the scan (once frozen) if it waits: called
+    /// when every page holding data was sent, and by `waitForScan`.
+    public func wantDigests() { digestsWanted.signal() }
+
+    /// When a page was last served (or the guest paused): see `idleNanoseconds`.
+    private let lastServed = Atomic<UInt64>(0)
+
+    /// A page was served just now.
+    func noteServed() { lastServed.store(nowNanoseconds(), ordering: .relaxed) }
+
+    /// How long no page was served since the pause (0 before the pause).
+    var idleNanoseconds: UInt64 {
+        let since = max(lastServed.load(ordering: .relaxed), state.withLock { $0.frozenAt })
+        return since == 0 ? 0 : nowNanoseconds() &- since
+    }
+
+    /// The number of zero pages, once the first pass is done.
+    public var zeroPageCount: Int? { state.withLock { $0.zeros?.count } }
 
     public var isFrozen: Bool { state.withLock { $0.deviceState != nil } }
 
@@ -84,9 +147,16 @@ public final class SourceMemory: Sendable {
         wait(frozenEvent, timeoutMs: timeoutMs) { $0.deviceState }
     }
 
+    /// The zero pages once the first half of the scan is done.
+    public func waitForZeroPages(timeoutMs: Int = -1) -> ZeroPages? {
+        wait(zerosEvent, timeoutMs: timeoutMs) { $0.zeros }
+    }
+
     /// The scan once done.
-    public func waitForScan(timeoutMs: Int = -1) -> MemoryScan? {
-        wait(scannedEvent, timeoutMs: timeoutMs) { $0.scan }
+    /// `wanting`: start the digests if they wait (see `wantDigests`).
+    public func waitForScan(timeoutMs: Int = -1, wanting: Bool = true) -> MemoryScan? {
+        if wanting { wantDigests() }
+        return wait(scannedEvent, timeoutMs: timeoutMs) { $0.scan }
     }
 
     /// The scan if it is done, without waiting.
@@ -101,38 +171,14 @@ public final class SourceMemory: Sendable {
         }
     }
 
-    /// Whether pages [first, first+count) are all zero (from the scan, or looked at now).
+    /// Whether pages [first, first+count) are all zero (from the scan, or looked
+    /// at now: a run with no data in the memory file is not read).
     func allZero(globalFirst first: Int, count: Int) -> Bool {
-        if let scan = scanIfDone {
-            return (first..<(first + count)).allSatisfy { scan.zeroBits[$0 >> 3] & (1 << UInt8($0 & 7)) != 0 }
+        if let zeros = state.withLock({ $0.zeros }) {
+            return (first..<(first + count)).allSatisfy { zeros.contains($0) }
         }
-        return cpc_is_zero(mapping.base + first * table.pageSize, count * table.pageSize) != 0
-    }
-
-    /// Zero map and page digests in one pass (two threads), then the RAM digest.
-    static func scan(_ m: MemoryMapping, pageSize: Int) -> MemoryScan {
-        let pages = m.length / pageSize
-        let bits = UnsafeMutableBufferPointer<UInt8>.allocate(capacity: (pages + 7) / 8)
-        bits.initialize(repeating: 0)
-        let hashes = UnsafeMutableBufferPointer<UInt64>.allocate(capacity: max(pages, 1))
-        defer { bits.deallocate(); hashes.deallocate() }
-        nonisolated(unsafe) let b = bits, h = hashes
-        nonisolated(unsafe) let base = m.base
-        let half = (pages / 2) & ~7  // split on a byte of the zero map
-        let workers = [0..<half, half..<pages].map { range in
-            PThread(name: "src-scan-part", priority: .low) {
-                for p in range {
-                    let page = base + p * pageSize
-                    if cpc_is_zero(page, pageSize) != 0 { b[p >> 3] |= 1 << UInt8(p & 7) }
-                    h[p] = cpc_xxh64(page, pageSize, 0)
-                }
-            }
-        }
-        workers.forEach { $0.join() }
-        let zeroBits = Array(bits)
-        var zeros = 0
-        for byte in zeroBits { zeros += byte.nonzeroBitCount }
-        return MemoryScan(zeroBits: zeroBits, zeroPages: zeros, pageDigests: Array(hashes.prefix(pages)),
-                          digest: MemoryDigest.compute(regions: [m.bytes]))
+        let pageSize = table.pageSize
+        if let holes, holes.isHole(offset: first * pageSize, length: count * pageSize) { return true }
+        return cpc_is_zero(mapping.base + first * pageSize, count * pageSize) != 0
     }
 }

@@ -54,7 +54,7 @@ struct GuestRunCommand: ParsableCommand {
                                        vcpus: ReferenceGuest.freshVCPUs(shape.vcpus, seed: seed), trackDirty: false,
                                        zipfSkew: shape.zipfSkew)
         guest.populate(fillPercent: fillPercent, seed: seed)
-        let memoryState = try SourceMemory(mapping: ram, pageSize: guest.pageSize)
+        let memoryState = try SourceMemory(mapping: ram, pageSize: guest.pageSize, file: fd)
         let authKey = try key.loadKey()
         let server: PageServer
         do {
