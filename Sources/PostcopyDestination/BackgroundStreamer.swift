@@ -55,6 +55,7 @@ extension PostcopyEngine {
         // so that the stream keeps its bytes in flight. A transport that bounds
         // its requests itself (RDMA: the send queue) keeps its window in requests.
         var outstandingPages = 0
+        var zeroCursor = config.installZeroPagesAhead ? 0 : table.totalPages
         var exhausted = false
         var tokens: [UInt64] = []
         var bucket = TokenBucket(bytesPerSecond: config.backgroundRate)
@@ -107,8 +108,18 @@ extension PostcopyEngine {
                 if try recover(from: generation, cause: error) == .sourceDone { return }
                 continue
             }
-            if exhausted && outstanding == 0 { return }
-            do { try epoll.wait(&tokens, timeoutMs: outstanding > 0 ? stall.pollMs : waitMs) } catch { throw .local(error) }
+            // While the requests are on the wire: map a share of the zero pages
+            // before the guest touches them (each would be a fault).
+            var zeroWork = false
+            if zeroCursor < table.totalPages {
+                do { zeroWork = try installZeroPagesAhead(from: &zeroCursor) } catch {
+                    if try recover(from: generation, cause: error) == .sourceDone { return }
+                    continue
+                }
+            }
+            if exhausted && outstanding == 0 && !zeroWork { return }
+            let timeout = zeroWork ? 0 : (outstanding > 0 ? stall.pollMs : waitMs)
+            do { try epoll.wait(&tokens, timeoutMs: timeout) } catch { throw .local(error) }
             if tokens.contains(.shutdown) { return }
             do throws(TransportError) {
                 let n = try background.drainCompletions { (h, payload) throws(TransportError) in
@@ -123,6 +134,46 @@ extension PostcopyEngine {
             }
         }
     }
+
+    /// Maps up to `zeroPagesAheadPerRound` pages known to be zero (the zero
+    /// map) from `cursor` on, so that the guest's first touch of them is no
+    /// fault: claimed like a background run, then installed as a zero reply
+    /// would be (UFFDIO_ZEROPAGE; on the continue path zeros written through the
+    /// alias, then UFFDIO_CONTINUE). A page removed or faulted meanwhile follows
+    /// the same rules as for a reply. Returns whether zero pages may be left.
+    private func installZeroPagesAhead(from cursor: inout Int) throws(TransportError) -> Bool {
+        assert(backgroundThread.isCurrent)
+        var budget = Self.zeroPagesAheadPerRound
+        while budget > 0 {
+            let run: (first: Int, count: Int)? = pages.lock.withLock {
+                guard let found = pages.next(.zero, from: cursor) else { return nil }
+                let first = found / unitPages * unitPages
+                let g = map.region(ofGlobal: first)
+                let regionEnd = g.sourceFirstPage + g.size / pageSize
+                var n = 0
+                while n < budget, first + n < regionEnd,
+                      (first + n..<first + n + unitPages).allSatisfy({ pages.state($0) == .zero }) {
+                    for q in (first + n)..<(first + n + unitPages) { pages.set(q, .inflightBackground) }
+                    n += unitPages
+                }
+                return (first, n)
+            }
+            guard let run else {
+                cursor = table.totalPages
+                return false
+            }
+            // A unit that is only partly zero stays for its reply or its fault.
+            cursor = run.first + max(run.count, unitPages)
+            guard run.count > 0 else { continue }
+            try install(globalFirst: run.first, count: run.count, payload: nil, expected: .inflightBackground, onFaultThread: false)
+            counters.zeroPagesAhead.add(UInt64(run.count), ordering: .relaxed)
+            budget -= run.count
+        }
+        return true
+    }
+
+    /// Zero pages mapped ahead between two looks at the background channel.
+    static let zeroPagesAheadPerRound = 2048
 
     /// Before streaming: asks `provider` for the zero map (reconnecting after a
     /// connection loss) and applies it. False when the source went away after

@@ -14,6 +14,8 @@ public struct DestinationReport: Sendable, Codable {
     public var demandPages: UInt64
     public var backgroundPages: UInt64
     public var zeroPagesFaulted: UInt64
+    /// Zero pages mapped before the guest touched them.
+    public var zeroPagesMappedAhead: UInt64 = 0
     public var faults: UInt64
     public var faultsCoalesced: UInt64
     public var eexist: UInt64
@@ -60,7 +62,7 @@ public struct DestinationReport: Sendable, Codable {
     enum CodingKeys: String, CodingKey {
         case transport, transportReason = "transport_reason", sessionID = "session_id", pageSize = "page_size"
         case guestBytes = "guest_bytes", totalPages = "total_pages", zeroPages = "zero_pages", nonZeroPages = "non_zero_pages"
-        case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted"
+        case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted", zeroPagesMappedAhead = "zero_pages_mapped_ahead"
         case faults, faultsCoalesced = "faults_coalesced", eexist, eagain
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", wireOverhead = "wire_overhead"
         case handshakeSeconds = "handshake_seconds", installPath = "install_path", preallocationSeconds = "preallocation_seconds"

@@ -34,5 +34,10 @@ public struct EngineConfig: Sendable {
     public var receiveInPlace = true
     /// Demand replies too (one page each), not only the background stream's.
     public var receiveDemandInPlace = true
+    /// Map the pages the zero map says are zero while the stream runs, before
+    /// the guest touches them (`installZeroPagesAhead`), instead of at their
+    /// first fault. No memory cost: UFFDIO_ZEROPAGE maps the shared zero page,
+    /// and the continue path's alias is allocated already.
+    public var installZeroPagesAhead = true
     public init() {}
 }

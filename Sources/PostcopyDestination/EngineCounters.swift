@@ -20,6 +20,8 @@ public final class EngineCounters: Sendable {
     public let zeroPagesKnown = Atomic<Int>(0)
     /// Pages the source flagged as zero in a reply (no payload sent).
     public let zeroPagesReceived = Atomic<UInt64>(0)
+    /// Zero pages mapped before any fault on them (`EngineConfig.installZeroPagesAhead`).
+    public let zeroPagesAhead = Atomic<UInt64>(0)
     /// Pages installed with UFFDIO_COPY / ZEROPAGE (copy path) and with
     /// UFFDIO_CONTINUE (continue path): each install path counts its own.
     public let pagesCopied = Atomic<UInt64>(0)

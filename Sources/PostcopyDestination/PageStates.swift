@@ -94,6 +94,13 @@ final class PageStates: @unchecked Sendable {
         return b >= 0 ? b : nil
     }
 
+    /// The first page at or after `from` in state `s` (no wrap), or nil.
+    func next(_ s: State, from: Int) -> Int? {
+        guard from < count else { return nil }
+        let a = cpc_find_byte(UnsafePointer(states), from, count, s.rawValue)
+        return a >= 0 ? a : nil
+    }
+
     var isComplete: Bool { settled == count }
 
     func count(of s: State) -> Int {

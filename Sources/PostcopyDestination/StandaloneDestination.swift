@@ -152,7 +152,7 @@ public final class StandaloneDestination: Sendable {
             pageSize: table.pageSize, guestBytes: table.totalPages * table.pageSize, totalPages: table.totalPages,
             zeroPages: zeroPages, nonZeroPages: nonZero,
             demandPages: c.demandPages.load(ordering: .relaxed), backgroundPages: c.backgroundPages.load(ordering: .relaxed),
-            zeroPagesFaulted: c.zeroFaults.load(ordering: .relaxed), faults: c.faults.load(ordering: .relaxed),
+            zeroPagesFaulted: c.zeroFaults.load(ordering: .relaxed), zeroPagesMappedAhead: c.zeroPagesAhead.load(ordering: .relaxed), faults: c.faults.load(ordering: .relaxed),
             faultsCoalesced: c.faultsCoalesced.load(ordering: .relaxed), eexist: c.eexist.load(ordering: .relaxed),
             eagain: c.eagain.load(ordering: .relaxed), bytesSent: wire.sent, bytesReceived: wire.received,
             wireOverhead: nonZero == 0 ? 0 : Double(wire.received) / Double(nonZero * table.pageSize),

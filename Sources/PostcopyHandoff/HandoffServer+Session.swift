@@ -128,6 +128,7 @@ extension HandoffServer {
             vmmPid: pid, transport: transport.name, regions: regions.count, guestBytes: Int(regions.reduce(0) { $0 + $1.size }), completed: completed,
             error: failure, faults: c.faults.load(ordering: .relaxed), demandPages: c.demandPages.load(ordering: .relaxed),
             backgroundPages: c.backgroundPages.load(ordering: .relaxed), zeroPagesFaulted: c.zeroFaults.load(ordering: .relaxed),
+            zeroPagesMappedAhead: c.zeroPagesAhead.load(ordering: .relaxed),
             removeEvents: c.removedRanges.load(ordering: .relaxed),
             timeToFullCopySeconds: completed ? Double(engine.streamEnd - engine.streamStart) / 1e9 : nil,
             faultLatency: LatencySummary(hist), faultLatencyCDF: latencyCDF(hist),

@@ -13,6 +13,8 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var demandPages: UInt64
     public var backgroundPages: UInt64
     public var zeroPagesFaulted: UInt64
+    /// Zero pages mapped before the guest touched them.
+    public var zeroPagesMappedAhead: UInt64 = 0
     public var removeEvents: UInt64
     public var timeToFullCopySeconds: Double?
     public var faultLatency: LatencySummary
@@ -47,6 +49,7 @@ public struct HandoffSessionReport: Sendable, Codable {
     enum CodingKeys: String, CodingKey {
         case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
         case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted"
+        case zeroPagesMappedAhead = "zero_pages_mapped_ahead"
         case removeEvents = "remove_events", timeToFullCopySeconds = "time_to_full_copy_seconds", faultLatency = "fault_latency"
         case faultLatencyCDF = "fault_latency_cdf", stallSeconds = "stall_seconds", zeroPages = "zero_pages"
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", cpuSeconds = "cpu_seconds", cpuSecondsToFullCopy = "cpu_seconds_to_full_copy", progress

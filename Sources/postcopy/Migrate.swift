@@ -169,6 +169,7 @@ struct MigrateCommand: ParsableCommand {
             "ops_series_source": opsSeries(source), "ops_series_destination": opsSeries(dest),
             "progress": progress, "fault_latency_cdf": session?.faultLatencyCDF ?? [],
             "stall_seconds": session?.stallSeconds ?? 0, "zero_pages": session?.zeroPages ?? 0,
+            "zero_pages_mapped_ahead": session?.zeroPagesMappedAhead ?? 0,
             "bytes_received": session?.bytesReceived ?? sourceDone?.bytesSent ?? 0,
             "bytes_sent": session?.bytesSent ?? 0,
             "source_cpu_seconds": sourceDone?.cpuSeconds ?? 0, "daemon_cpu_seconds": session?.cpuSeconds ?? 0,

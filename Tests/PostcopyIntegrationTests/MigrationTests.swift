@@ -46,6 +46,24 @@ struct MigrationTests {
         #expect(r.guestTouchLatency.count == UInt64(r.totalPages))
     }
 
+    /// The zero map's pages are mapped while the stream runs, so a guest that
+    /// touches them later takes no fault, and reads zeros.
+    @Test(.timeLimit(.minutes(3)), arguments: InstallMode.allCases)
+    func zeroPagesAreMappedBeforeTheGuestTouchesThem(install: InstallMode) throws {
+        if skipped(install) { return }
+        let mem = try TempMemory(size: 8 << 20, zeroPercent: 40, seed: 21)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        let r = try runDestination(port: server.port, touch: .none, threads: 1, install: install, compare: cmp)
+        #expect(cmp.firstDifference == nil)
+        #expect(r.digestMatch && r.sourceConfirmedDigest)
+        #expect(r.zeroPages > 0)
+        #expect(r.zeroPagesMappedAhead == UInt64(r.zeroPages), "\(r.zeroPagesMappedAhead) of \(r.zeroPages) zero pages mapped ahead")
+        #expect(r.zeroPagesFaulted == 0)
+        #expect(r.backgroundPages == UInt64(r.nonZeroPages))
+    }
+
     @Test(.timeLimit(.minutes(3)), arguments: InstallMode.allCases)
     func concurrentFaultsOnOnePageFetchItOnce(install: InstallMode) throws {
         if skipped(install) { return }
