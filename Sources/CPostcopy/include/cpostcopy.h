@@ -11,6 +11,7 @@
 //   cpc_bytes.h        hot byte loops (zero-page scan, xxh64, fill, find) and
 //                      atomic byte access for flags shared between threads
 //   cpc_baselines.h    the raw TCP and userfaultfd baselines the benchmarks compare to
+//   cpc_dirty.h        dirty tracking: async userfaultfd write-protect, PAGEMAP_SCAN
 //
 // Convention: every wrapper returns the raw non-negative result or -errno, so the
 // Swift side maps errors in exactly one place. Swift imports this umbrella only
@@ -39,6 +40,7 @@ extern "C" {
 #include "cpc_unix_socket.h"
 #include "cpc_bytes.h"
 #include "cpc_baselines.h"
+#include "cpc_dirty.h"
 
 #ifdef __cplusplus
 }
