@@ -7,20 +7,23 @@ import PostcopyCore
 struct BaselineCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "baseline",
-        abstract: "Measure a baseline in this process: tcp-rtt (raw loopback 4 KiB round trip), uffd-fault (local userfaultfd fault service) or tcp-stream (raw loopback TCP throughput).",
+        abstract: "Measure a baseline in this process: tcp-rtt (raw loopback 4 KiB round trip), uffd-fault (local userfaultfd fault service), tcp-stream (raw loopback TCP throughput) or dirty-scan (dirty tracking by async write-protect: protecting guest RAM once, and one scan of the pages written since the last).",
         discussion: "Benchmarks report the project's latencies as ratios against these, measured in the same run.")
 
-    @Argument(help: "tcp-rtt, uffd-fault or tcp-stream")
+    @Argument(help: "tcp-rtt, uffd-fault, tcp-stream or dirty-scan")
     var which: BaselineKind
 
-    @Option(name: .long, help: "Number of samples (tcp-rtt, uffd-fault).")
+    @Option(name: .long, help: "Number of samples (tcp-rtt, uffd-fault; dirty-scan: rounds, at most 500).")
     var samples: Int = 20_000
 
     @Option(name: .long, help: "tcp-stream: bytes per write and per receive (e.g. 4K, or the transport's batch, 512K).")
     var writeSize: String = "512K"
 
-    @Option(name: .long, help: "tcp-stream: bytes to stream.")
+    @Option(name: .long, help: "tcp-stream: bytes to stream; dirty-scan: guest RAM to track (shared memory, allocated first).")
     var bytes: String = "1G"
+
+    @Option(name: .long, help: "dirty-scan: random pages written before each scan.")
+    var written: Int = 1000
 
     @Flag(name: .long, help: "JSON output.")
     var json = false
@@ -33,6 +36,7 @@ struct BaselineCommand: ParsableCommand {
 
     func run() throws {
         if which == .tcpStream { return try stream() }
+        if which == .dirtyScan { return try dirtyScan() }
         var out = [UInt64](repeating: 0, count: samples)
         let n = out.withUnsafeMutableBufferPointer { p in
             which == .tcpRTT ? cpc_baseline_tcp_rtt(Int32(samples), p.baseAddress) : cpc_baseline_uffd_fault(Int32(samples), p.baseAddress)
@@ -88,9 +92,10 @@ struct BaselineReport: Codable {
     var latency: LatencySummary
 }
 
-/// `baseline tcp-rtt|uffd-fault|tcp-stream`.
+/// `baseline tcp-rtt|uffd-fault|tcp-stream|dirty-scan`.
 enum BaselineKind: String, CaseIterable, ExpressibleByArgument {
     case tcpRTT = "tcp-rtt"
     case uffdFault = "uffd-fault"
     case tcpStream = "tcp-stream"
+    case dirtyScan = "dirty-scan"
 }

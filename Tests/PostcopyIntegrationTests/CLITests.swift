@@ -102,6 +102,18 @@ struct CLITests {
         #expect(r.stderr.contains("RDMA"), "stderr: \(r.stderr)")
     }
 
+    @Test(.enabled(if: dirtyTrackingSkipReason == nil, "async userfaultfd write-protect unavailable"))
+    func dirtyScanBaselineReportsWhatItFound() throws {
+        let r = try runCLI(["baseline", "dirty-scan", "--bytes", "16M", "--written", "300", "--samples", "100", "--json"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let doc = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        #expect(doc?["pages_written"] as? Int == 300)
+        #expect(doc?["bytes"] as? Int == 16 << 20)
+        #expect((doc?["scan"] as? [String: Any])?["count"] as? Int == 100)
+        let bad = try runCLI(["baseline", "dirty-scan", "--bytes", "16M", "--written", "5000"])
+        #expect(bad.status != 0 && bad.stderr.contains("--written"), "\(bad.stderr)")
+    }
+
     @Test func badArgumentsExplainThemselves() throws {
         var r = try runCLI(["dest", "--connect", "nonsense"])
         #expect(r.status == 64)
