@@ -33,11 +33,14 @@ extension HandoffServer {
         // for its pause (the device state being published) and the zero map
         // (the quick first pass of the source's scan: never the digests), then
         // streams only the pages that hold data. Faults are served now.
+        // A source that offers no zero map gets none asked of it: its replies
+        // still flag all-zero batches.
         let t = transport
+        let zeroMap = info.welcome.capabilities.contains(.zeroMap)
         return try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: [],
                                   zeroMapProvider: { () throws(TransportError) in
                                       _ = try t.fetchDeviceState(timeoutMs: -1)
-                                      return try t.fetchWholeZeroMap(table)
+                                      return zeroMap ? try t.fetchWholeZeroMap(table) : []
                                   },
                                   demand: demand, background: background,
                                   reconnect: { () throws(TransportError) in try t.reconnect() },
