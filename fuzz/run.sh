@@ -23,11 +23,11 @@ build() {
         wire) srcs=(Sources/PostcopyWire/*.swift fuzz/wire.swift fuzz/common.swift) ;;
         handoff)
             # HandoffMessage.swift needs only SystemError from PostcopyCore: stubbed.
-            # SharedMemoryCheck.swift (no system calls) needs only HandoffMessage.swift.
-            for f in HandoffMessage SharedMemoryCheck; do
+            # SharedMemoryCheck.swift (no system calls) needs only HandoffMessage.swift and FileID.swift.
+            for f in HandoffMessage SharedMemoryCheck FileID; do
                 sed '/^import PostcopyCore$/d' Sources/PostcopyHandoff/$f.swift > "$OUT/$f.swift"
             done
-            srcs=("$OUT/HandoffMessage.swift" "$OUT/SharedMemoryCheck.swift" fuzz/stubs-handoff.swift fuzz/handoff.swift fuzz/handoff-inputs.swift fuzz/common.swift) ;;
+            srcs=("$OUT/HandoffMessage.swift" "$OUT/SharedMemoryCheck.swift" "$OUT/FileID.swift" fuzz/stubs-handoff.swift fuzz/handoff.swift fuzz/handoff-inputs.swift fuzz/common.swift) ;;
         apf) srcs=(Sources/PostcopyHandoff/APFRing.swift fuzz/apf.swift fuzz/common.swift) ;;
         *) echo "unknown fuzz target $1 (wire, handoff, apf)" >&2; exit 64 ;;
     esac

@@ -78,15 +78,15 @@ extension PostcopyEngine {
         return .reconnected
     }
 
-    /// After a reconnect: moves `epoll`'s watch (when `watched`) from the old
-    /// channel to the new one and re-sends, on it, this thread's requests still in
-    /// flight (demand or background). Returns how many; a send that fails throws
-    /// for the caller to recover again.
     /// Pages of this thread's requests in flight (demand or background).
     func inflightPages(background: Bool) -> Int {
         inflight.withLock { $0.values.reduce(0) { ($1.pageClass == .background) == background ? $0 + Int($1.pageCount) : $0 } }
     }
 
+    /// After a reconnect: moves `epoll`'s watch (when `watched`) from the old
+    /// channel to the new one and re-sends, on it, this thread's requests still in
+    /// flight (demand or background). Returns how many; a send that fails throws
+    /// for the caller to recover again.
     func switchChannel(_ epoll: Epoll, from old: PageChannel, to new: PageChannel, watched: Bool,
                        background: Bool) throws(TransportError) -> Int {
         if watched {

@@ -87,11 +87,8 @@ final class PageStates: @unchecked Sendable {
 
     /// Next missing page at or after `from` (wrapping once), or nil when none.
     func nextMissing(from: Int) -> Int? {
-        let raw = UnsafePointer(states)
-        let a = cpc_find_byte(raw, from, count, State.missing.rawValue)
-        if a >= 0 { return a }
-        let b = cpc_find_byte(raw, 0, min(from, count), State.missing.rawValue)
-        return b >= 0 ? b : nil
+        // None at or after `from`: the first one, if any, is before it.
+        next(.missing, from: from) ?? next(.missing, from: 0)
     }
 
     /// The first page at or after `from` in state `s` (no wrap), or nil.

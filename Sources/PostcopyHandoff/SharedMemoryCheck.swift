@@ -1,9 +1,3 @@
-/// A file's identity: device and inode (two fds, or an fd and a mapping, of
-/// the same file have the same one).
-public struct FileID: Sendable, Equatable {
-    public var deviceMajor: UInt32, deviceMinor: UInt32, inode: UInt64
-}
-
 /// What the daemon learned of one memory file a VMM sent (`fstat`, `fstatfs`).
 public struct MemoryFileInfo: Sendable, Equatable {
     public enum Kind: Sendable, Equatable {

@@ -114,8 +114,7 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
         guard let c = conn else { return }
         for b in all { crdma_dereg(b.mr) }
         all = []
-        for m in placedMRs { crdma_dereg(m.mr) }
-        placedMRs = []
+        dropPlacedRegistrations()
         pool = [:]
         crdma_conn_destroy(c)
         conn = nil
@@ -159,8 +158,7 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
     /// (`placementProblem` says why).
     public func setPlacement(_ placement: PagePlacement?) {
         guard let c = conn else { return }
-        for m in placedMRs { crdma_dereg(m.mr) }
-        placedMRs = []
+        dropPlacedRegistrations()
         self.placement = nil
         placementProblem = nil
         guard let placement else { return }
@@ -170,14 +168,18 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
             let rc = crdma_conn_reg(c, r.baseAddress!, r.count, &lkey, &mr)
             guard rc == 0, let mr else {
                 placementProblem = "ibv_reg_mr of \(r.count) bytes of guest memory (local write): \(String(cString: strerror(-rc)))"
-                for m in placedMRs { crdma_dereg(m.mr) }
-                placedMRs = []
+                dropPlacedRegistrations()
                 return
             }
             let start = UInt(bitPattern: r.baseAddress!)
             placedMRs.append((start, start + UInt(r.count), mr, lkey))
         }
         self.placement = placement
+    }
+
+    private func dropPlacedRegistrations() {
+        for m in placedMRs { crdma_dereg(m.mr) }
+        placedMRs = []
     }
 
     /// Where the READ of `r` lands in place, with the key of its registration.

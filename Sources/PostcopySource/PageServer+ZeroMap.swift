@@ -13,10 +13,8 @@ extension PageServer {
         } catch { throw .protocolViolation(error.description) }
         guard let zeros = waitForZeroPages() else { throw .closed("source stopping") }
         let global = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
-        var bits = [UInt8](repeating: 0, count: Int((z.pageCount + 7) / 8))
-        for i in 0..<Int(z.pageCount) where zeros.contains(global + i) {
-            bits[i >> 3] |= 1 << UInt8(i & 7)
-        }
-        return ZeroMap(region: z.region, firstPage: z.firstPage, pageCount: z.pageCount, bits: bits)
+        var bits = PageBitmap(pages: Int(z.pageCount))
+        for i in 0..<Int(z.pageCount) where zeros.contains(global + i) { bits.insert(i) }
+        return ZeroMap(region: z.region, firstPage: z.firstPage, pageCount: z.pageCount, bits: bits.bytes)
     }
 }

@@ -6,27 +6,6 @@ import Synchronization
 import Glibc
 #endif
 
-/// What a scan of frozen guest RAM found.
-public struct MemoryScan: Sendable {
-    /// One bit per page (global numbering), set when the page is all zeros.
-    public var zeroBits: [UInt8]
-    public var zeroPages: Int
-    /// xxh64 of every page, so a destination whose guest already runs can check
-    /// the pages its guest has not written since resuming.
-    public var pageDigests: [UInt64]
-    /// `MemoryDigest` of all of RAM.
-    public var digest: UInt64
-}
-
-/// Which pages of frozen RAM are all zeros: the first half of the scan, ready
-/// long before the digests (a destination streams only the other pages).
-public struct ZeroPages: Sendable {
-    public var bits: [UInt8]
-    public var count: Int
-
-    public func contains(_ page: Int) -> Bool { bits[page >> 3] & (1 << UInt8(page & 7)) != 0 }
-}
-
 /// What a source serves: guest RAM from a memory file (mapped, never copied into
 /// the heap), the device state, and what a scan of RAM finds (zero pages,
 /// digests). RAM may be live (a guest still runs on it) until `freeze`: the

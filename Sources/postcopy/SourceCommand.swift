@@ -65,16 +65,16 @@ struct SourceCommand: ParsableCommand {
         // it is the first JSON line; the report follows as the second).
         let banner: String
         if common.json {
-            banner = "{\"event\":\"listening\",\"port\":\(server.port),\"memory_bytes\":\(mem.mapping.length),\"zero_pages\":\(scan.zeroPages),\"digest\":\"\(MemoryDigest.hex(scan.digest))\"}\n"
+            banner = "{\"event\":\"listening\",\"port\":\(server.port),\"memory_bytes\":\(mem.mapping.length),\"zero_pages\":\(scan.zeros.count),\"digest\":\"\(MemoryDigest.hex(scan.digest))\"}\n"
         } else {
-            banner = "listening on port \(server.port) (\(formatBytes(Double(mem.mapping.length))), \(scan.zeroPages) zero pages, digest \(MemoryDigest.hex(scan.digest)))\n"
+            banner = "listening on port \(server.port) (\(formatBytes(Double(mem.mapping.length))), \(scan.zeros.count) zero pages, digest \(MemoryDigest.hex(scan.digest)))\n"
         }
         FileHandle.standardOutput.write(banner.data(using: .utf8)!)
         server.waitUntilDone()
         server.stop()
         let s = server.stats
         let report = SourceReport(
-            memoryBytes: mem.mapping.length, pageSize: mem.table.pageSize, zeroPages: scan.zeroPages,
+            memoryBytes: mem.mapping.length, pageSize: mem.table.pageSize, zeroPages: scan.zeros.count,
             digest: MemoryDigest.hex(scan.digest), scanSeconds: scanSeconds,
             demandPages: s.demandPages.load(ordering: .relaxed), prefetchPages: s.prefetchPages.load(ordering: .relaxed),
             backgroundPages: s.backgroundPages.load(ordering: .relaxed), pagesSentTwice: s.pagesSentTwice.load(ordering: .relaxed),

@@ -1,0 +1,17 @@
+import Synchronization
+
+/// Counters of one source, readable while it serves.
+public final class SourceStats: Sendable {
+    public let demandPages = Atomic<UInt64>(0)
+    public let prefetchPages = Atomic<UInt64>(0)
+    public let backgroundPages = Atomic<UInt64>(0)
+    public let zeroReplies = Atomic<UInt64>(0)
+    public let pagesSentTwice = Atomic<UInt64>(0)
+    public let bytesSent = Atomic<UInt64>(0)
+    public let bytesReceived = Atomic<UInt64>(0)
+    public let rejectedConnections = Atomic<UInt64>(0)
+    public let completedSessions = Atomic<UInt64>(0)
+    /// Main connections that resumed an existing session (a destination reconnecting).
+    public let resumedSessions = Atomic<UInt64>(0)
+    public let lastDigestMatched = Atomic<Bool>(false)
+}
