@@ -47,6 +47,13 @@ public func fuzzInit(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutableP
         Codec.encode(.authResponse(AuthResponse(proof: [UInt8](repeating: 4, count: 32)))),
         Codec.encode(.rdmaRequest(RDMARequest())),
         Codec.encode(.rdmaOffer(RDMAOffer(port: 4791, token: [UInt8](repeating: 5, count: 16), remoteAddress: 1 << 40, length: 1 << 20, rkey: 9))),
+        Codec.encode(.precopyPassRequest(PrecopyPassRequest(pass: 2))),
+        Codec.encode(.dirtySet(DirtySet(pass: 2, isFinal: false, isLastChunk: true, firstPage: 0, pageCount: 4096,
+                                        runs: [3..<9, 100..<101], decision: ""))),
+        Codec.encode(.dirtySet(DirtySet(pass: 3, isFinal: true, isLastChunk: true, firstPage: 64, pageCount: 40,
+                                        runs: (0..<20).map { UInt64(64 + 2 * $0)..<UInt64(65 + 2 * $0) }, decision: "converged"))),
+        Codec.encode(.pageData(PageDataHeader(requestID: 2, region: 0, pageClass: .precopy, isZero: true, sourcePaused: true, pageOffset: 3, pageCount: 2),
+                               payload: UnsafeRawBufferPointer(start: nil, count: 0))),
     ] }
     for (i, f) in frames.enumerated() { writeSeed(dir, "frame-\(i)", f) }
     writeSeed(dir, "stream", frames.flatMap { $0 })

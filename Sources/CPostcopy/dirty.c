@@ -26,10 +26,10 @@ int cpc_pagemap_open(void) {
 }
 
 int cpc_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
-                             cpc_page_region *vec, uint64_t vec_len, uint64_t *walk_end) {
+                             cpc_page_region *vec, uint64_t vec_len, uint64_t *walk_end, int reprotect) {
     struct pm_scan_arg arg = {
         .size = sizeof arg,
-        .flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+        .flags = (reprotect ? PM_SCAN_WP_MATCHING : 0) | PM_SCAN_CHECK_WPASYNC,
         .start = start,
         .end = end,
         .vec = (uint64_t)(uintptr_t)vec,

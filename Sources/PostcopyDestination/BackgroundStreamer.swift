@@ -38,6 +38,7 @@ extension PostcopyEngine {
         let channels = currentChannels()
         var generation = channels.generation
         guard var background = channels.background else { return }
+        guard try precopyPhase(generation: &generation, background: &background) else { return }
         if let zeroMapProvider {
             guard try applyZeroMaps(from: zeroMapProvider, generation: &generation, background: &background) else { return }
         }
@@ -56,6 +57,8 @@ extension PostcopyEngine {
         // its requests itself (RDMA: the send queue) keeps its window in requests.
         var outstandingPages = 0
         var zeroCursor = config.installZeroPagesAhead ? 0 : table.totalPages
+        // Precopied clean pages are mapped first: no transfer, and each would be a fault.
+        var cleanCursor = precopyProvider == nil ? table.totalPages : 0
         var exhausted = false
         var tokens: [UInt64] = []
         var bucket = TokenBucket(bytesPerSecond: config.backgroundRate)
@@ -111,8 +114,13 @@ extension PostcopyEngine {
             // While the requests are on the wire: map a share of the zero pages
             // before the guest touches them (each would be a fault).
             var zeroWork = false
-            if zeroCursor < table.totalPages {
-                do { zeroWork = try installZeroPagesAhead(from: &zeroCursor) } catch {
+            if zeroCursor < table.totalPages || cleanCursor < table.totalPages {
+                do throws(TransportError) {
+                    var clean = false, zero = false
+                    if cleanCursor < table.totalPages { clean = try installAhead(.clean, from: &cleanCursor, budget: Self.cleanPagesAheadPerRound) }
+                    if zeroCursor < table.totalPages { zero = try installAhead(.zero, from: &zeroCursor, budget: Self.zeroPagesAheadPerRound) }
+                    zeroWork = clean || zero
+                } catch {
                     if try recover(from: generation, cause: error) == .sourceDone { return }
                     continue
                 }
@@ -135,24 +143,25 @@ extension PostcopyEngine {
         }
     }
 
-    /// Maps up to `zeroPagesAheadPerRound` pages known to be zero (the zero
-    /// map) from `cursor` on, so that the guest's first touch of them is no
-    /// fault: claimed like a background run, then installed as a zero reply
-    /// would be (UFFDIO_ZEROPAGE; on the continue path zeros written through the
-    /// alias, then UFFDIO_CONTINUE). A page removed or faulted meanwhile follows
-    /// the same rules as for a reply. Returns whether zero pages may be left.
-    private func installZeroPagesAhead(from cursor: inout Int) throws(TransportError) -> Bool {
+    /// Maps up to `budget` pages in `state` from `cursor` on, so that the
+    /// guest's first touch of them is no fault: zero pages (the zero map),
+    /// installed as a zero reply would be (UFFDIO_ZEROPAGE; on the continue
+    /// path zeros written through the alias, then UFFDIO_CONTINUE), or clean
+    /// precopied pages (UFFDIO_CONTINUE of what the alias holds). Claimed like
+    /// a background run; a page removed or faulted meanwhile follows the same
+    /// rules as for a reply. Returns whether such pages may be left.
+    private func installAhead(_ state: PageStates.State, from cursor: inout Int, budget: Int) throws(TransportError) -> Bool {
         assert(backgroundThread.isCurrent)
-        var budget = Self.zeroPagesAheadPerRound
+        var budget = budget
         while budget > 0 {
             let run: (first: Int, count: Int)? = pages.lock.withLock {
-                guard let found = pages.next(.zero, from: cursor) else { return nil }
+                guard let found = pages.next(state, from: cursor) else { return nil }
                 let first = found / unitPages * unitPages
                 let g = map.region(ofGlobal: first)
                 let regionEnd = g.sourceFirstPage + g.size / pageSize
                 var n = 0
                 while n < budget, first + n < regionEnd,
-                      (first + n..<first + n + unitPages).allSatisfy({ pages.state($0) == .zero }) {
+                      (first + n..<first + n + unitPages).allSatisfy({ pages.state($0) == state }) {
                     for q in (first + n)..<(first + n + unitPages) { pages.set(q, .inflightBackground) }
                     n += unitPages
                 }
@@ -165,8 +174,14 @@ extension PostcopyEngine {
             // A unit that is only partly zero stays for its reply or its fault.
             cursor = run.first + max(run.count, unitPages)
             guard run.count > 0 else { continue }
-            try install(globalFirst: run.first, count: run.count, payload: nil, expected: .inflightBackground, onFaultThread: false)
-            counters.zeroPagesAhead.add(UInt64(run.count), ordering: .relaxed)
+            if state == .clean {
+                try install(globalFirst: run.first, count: run.count, payload: aliasBuffer(globalFirst: run.first, count: run.count),
+                            expected: .inflightBackground, onFaultThread: false)
+                counters.cleanPagesMapped.add(UInt64(run.count), ordering: .relaxed)
+            } else {
+                try install(globalFirst: run.first, count: run.count, payload: nil, expected: .inflightBackground, onFaultThread: false)
+                counters.zeroPagesAhead.add(UInt64(run.count), ordering: .relaxed)
+            }
             budget -= run.count
         }
         return true
@@ -174,6 +189,8 @@ extension PostcopyEngine {
 
     /// Zero pages mapped ahead between two looks at the background channel.
     static let zeroPagesAheadPerRound = 2048
+    /// Clean precopied pages mapped between two looks (cheaper: no zeroing).
+    static let cleanPagesAheadPerRound = 8192
 
     /// Before streaming: asks `provider` for the zero map (reconnecting after a
     /// connection loss) and applies it. False when the source went away after

@@ -80,7 +80,7 @@ extension PostcopyEngine {
 
     /// Pages of this thread's requests in flight (demand or background).
     func inflightPages(background: Bool) -> Int {
-        inflight.withLock { $0.values.reduce(0) { ($1.pageClass == .background) == background ? $0 + Int($1.pageCount) : $0 } }
+        inflight.withLock { $0.values.reduce(0) { $1.pageClass.isStream == background ? $0 + Int($1.pageCount) : $0 } }
     }
 
     /// After a reconnect: moves `epoll`'s watch (when `watched`) from the old
@@ -94,7 +94,7 @@ extension PostcopyEngine {
             do { try epoll.add(new.pollDescriptor, for: .channel) } catch { throw .local(error) }
         }
         let pending = inflight.withLock {
-            $0.values.filter { ($0.pageClass == .background) == background }.sorted { $0.requestID < $1.requestID }
+            $0.values.filter { $0.pageClass.isStream == background }.sorted { $0.requestID < $1.requestID }
         }
         for r in pending { try new.submit(r) }
         return pending.count

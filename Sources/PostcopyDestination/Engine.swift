@@ -106,8 +106,15 @@ public final class PostcopyEngine: @unchecked Sendable {
     public typealias ZeroMapProvider = @Sendable () throws(TransportError) -> [ZeroMap]
     let zeroMapProvider: ZeroMapProvider?
 
+    /// The pages of precopy pass n (`Transport.fetchDirtySet`), on the
+    /// background thread with nothing in flight on its channel; nil: no precopy.
+    public typealias PrecopyProvider = @Sendable (UInt32) throws(TransportError) -> PrecopySet
+    let precopyProvider: PrecopyProvider?
+    /// Signalled when the final dirty set was applied (`PrecopyReceiver.swift`).
+    let finalSetEvent: EventFD
+
     public init(uffd: Userfaultfd, regions: [GuestRegion], session: SessionInfo, zeroMaps: [ZeroMap],
-                zeroMapProvider: ZeroMapProvider? = nil,
+                zeroMapProvider: ZeroMapProvider? = nil, precopy: PrecopyProvider? = nil,
                 demand: PageChannel, background: PageChannel?,
                 reconnect: (@Sendable () throws(TransportError) -> (demand: PageChannel, background: PageChannel))? = nil,
                 config: EngineConfig, logger: Logger) throws(SystemError) {
@@ -128,7 +135,16 @@ public final class PostcopyEngine: @unchecked Sendable {
         for r in regions where r.base % UInt64(guestPage) != 0 || r.size % guestPage != 0 || r.sourceFirstPage % unitPages != 0 {
             throw SystemError("guest region at 0x\(String(r.base, radix: 16)) is not aligned to its \(guestPage)-byte pages", errno: EINVAL)
         }
-        installer = try Installer(config.installPath, map: map)
+        let installer = try Installer(config.installPath, map: map)
+        self.installer = installer
+        // Precopied pages wait unmapped in the alias: the continue path only,
+        // and whole source pages (the final set names source pages).
+        if case .continue = installer, guestPage == table.pageSize, config.precopy, config.background {
+            precopyProvider = precopy
+        } else {
+            precopyProvider = nil
+        }
+        finalSetEvent = try EventFD()
         zeroUnit = unitPages > 1 ? try MemoryMapping.anonymous(length: guestPage) : nil
         self.config = config
         fault = FaultThreadState(stallTimeout: config.stallTimeout)
@@ -144,6 +160,7 @@ public final class PostcopyEngine: @unchecked Sendable {
             pages.applyZeroMaps(zeroMaps, table: table, unitPages: unit)
             return pages.settled
         }
+        pages.finalSetApplied = precopyProvider == nil
         self.pages = pages
         counters.settledPages.store(zeroPagesAtStart, ordering: .relaxed)
         counters.zeroPagesKnown.store(zeroPagesAtStart, ordering: .relaxed)
@@ -222,7 +239,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// For diagnosis: requests in flight by class, channel generation.
     public var debugState: String {
         let all = inflight.withLock { Array($0.values) }
-        let d = all.filter { $0.pageClass != .background }.count
+        let d = all.filter { !$0.pageClass.isStream }.count
         return "generation \(channelLock.withLock { channels.generation }) inflight demand \(d) background \(all.count - d) demandInFlight \(fault.demandInFlight) deferred \(fault.deferredDemand.count) settled \(pages.lock.withLock { pages.settled })/\(pages.count) apf-waiting \(pages.lock.withLock { apfWaiters.values.reduce(0) { $0 + $1.count } }) state \(lifecycle.load(ordering: .relaxed))"
     }
 

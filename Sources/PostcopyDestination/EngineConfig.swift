@@ -39,5 +39,10 @@ public struct EngineConfig: Sendable {
     /// first fault. No memory cost: UFFDIO_ZEROPAGE maps the shared zero page,
     /// and the continue path's alias is allocated already.
     public var installZeroPagesAhead = true
+    /// Copy pages in precopy passes while the source guest still runs, when
+    /// the source offers it (`Capabilities.precopy`): continue path only
+    /// (the pages wait unmapped in the alias for the final dirty set), 4 KiB
+    /// guest pages, TCP.
+    public var precopy = true
     public init() {}
 }

@@ -28,4 +28,16 @@ public final class EngineCounters: Sendable {
     public let pagesContinued = Atomic<UInt64>(0)
     /// Pages whose payload was received straight into the alias (continue path).
     public let pagesReceivedInPlace = Atomic<UInt64>(0)
+    /// Precopy: passes done, pages received in them (a page each time it was
+    /// sent), pages the final dirty set invalidated, pages mapped from the
+    /// alias without a transfer (ahead, or on a fault), and faults that waited
+    /// for the final dirty set.
+    public let precopyPasses = Atomic<UInt64>(0)
+    public let precopyPages = Atomic<UInt64>(0)
+    public let precopyStalePages = Atomic<UInt64>(0)
+    public let cleanPagesMapped = Atomic<UInt64>(0)
+    public let cleanPageFaults = Atomic<UInt64>(0)
+    public let faultsParkedOnFinalSet = Atomic<UInt64>(0)
+    /// When the final dirty set was applied (0: not yet or no precopy).
+    public let finalSetAppliedAt = Atomic<UInt64>(0)
 }

@@ -13,6 +13,8 @@ enum EngineEvent: UInt64 {
     case apfWake
     /// The attached APF channel has "page not present" requests. Fault thread.
     case apfRequests
+    /// The final dirty set was applied: faults parked on precopied pages go on. Fault thread.
+    case finalSet
 }
 
 extension Epoll {

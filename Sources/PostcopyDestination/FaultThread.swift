@@ -10,6 +10,8 @@ struct FaultThreadState: ~Copyable {
     static let messageCapacity = 64
     let msgs = UnsafeMutablePointer<uffd_msg>.allocate(capacity: messageCapacity)
     var deferredZero: [Int] = []
+    /// Clean precopied pages faulted on: mapped from the alias, no transfer.
+    var deferredLocal: [(first: Int, count: Int)] = []
     var deferredDemand: [Int] = []
     var demandInFlight = 0
     var lastDemandBusy: UInt64 = 0
@@ -48,6 +50,7 @@ extension PostcopyEngine {
             try epoll.add(demand.pollDescriptor, for: .channel)
             try epoll.add(shutdown.fd.raw, for: .shutdown)
             try epoll.add(apfWake.fd.raw, for: .apfWake)
+            try epoll.add(finalSetEvent.fd.raw, for: .finalSet)
         } catch { throw .local(error) }
         var tokens: [UInt64] = []
         while true {
@@ -64,7 +67,7 @@ extension PostcopyEngine {
                 }
             }
             // Work queued before a reconnect must not wait for the next event.
-            let queued = !fault.deferredZero.isEmpty || (!fault.deferredDemand.isEmpty && fault.demandInFlight < Self.maxDemandInFlight)
+            let queued = !fault.deferredZero.isEmpty || !fault.deferredLocal.isEmpty || (!fault.deferredDemand.isEmpty && fault.demandInFlight < Self.maxDemandInFlight)
             // A busy-polled channel (RDMA demand QP) is spun on while a READ is
             // out, and a little past the last completion: a guest that faulted
             // once usually faults again at once, and then the next fault is read
@@ -83,6 +86,10 @@ extension PostcopyEngine {
                     refreshAPFWatch(epoll)
                 }
                 if tokens.contains(.apfRequests) { takeAPFRequests(at: nowNanoseconds()) }
+                if tokens.contains(.finalSet) {
+                    finalSetEvent.drain()
+                    retryParkedFaults()
+                }
                 if fault.demandAttached && (tokens.contains(.channel) || spin) {
                     let n = try demand.drainCompletions { (h, payload) throws(TransportError) in
                         try handleCompletion(h, payload, onFaultThread: true)
@@ -142,6 +149,12 @@ extension PostcopyEngine {
 
     private func fillDeferredZeroPages() throws(TransportError) {
         assert(faultThread.isCurrent)
+        while let (p, n) = fault.deferredLocal.popLast() {
+            counters.cleanPageFaults.add(1, ordering: .relaxed)
+            counters.cleanPagesMapped.add(UInt64(n), ordering: .relaxed)
+            try install(globalFirst: p, count: n, payload: aliasBuffer(globalFirst: p, count: n),
+                        expected: .inflightDemand, onFaultThread: true)
+        }
         while let p = fault.deferredZero.popLast() {
             counters.zeroFaults.add(1, ordering: .relaxed)
             try install(globalFirst: p, count: unitPages, payload: nil, expected: .inflightDemand, onFaultThread: true)

@@ -18,6 +18,13 @@ final class PageStates: @unchecked Sendable {
         case inflightDemand = 2
         case inflightBackground = 3
         case present = 4
+        /// Precopy: the bytes of a pass are in the alias (not mapped), and the
+        /// source may have rewritten the page since. Until the final dirty set.
+        case staged = 5
+        case inflightPrecopy = 6
+        /// Staged and not in the final dirty set: the alias holds the page as
+        /// it was at the pause; mapping it needs no transfer (UFFDIO_CONTINUE).
+        case clean = 7
     }
 
     let count: Int
@@ -73,7 +80,7 @@ final class PageStates: @unchecked Sendable {
     @discardableResult
     func markRemoved(_ p: Int, keepInflight: Bool) -> Bool {
         let s = state(p)
-        let inflight = s == .inflightDemand || s == .inflightBackground
+        let inflight = s == .inflightDemand || s == .inflightBackground || s == .inflightPrecopy
         if inflight { removedInflight.insert(p) }
         if !(inflight && keepInflight) { set(p, .zero) }
         return inflight
@@ -81,6 +88,13 @@ final class PageStates: @unchecked Sendable {
 
     func wasRemovedInflight(_ p: Int) -> Bool { removedInflight.contains(p) }
     func forgetRemovedInflight(_ p: Int) { removedInflight.remove(p) }
+
+    /// Faults on pages of a precopy pass (staged or in flight) before the
+    /// final dirty set was applied: (page, address, first-fault time). They
+    /// are handled again once it is.
+    var parkedOnFinalSet: [(page: Int, address: UInt64)] = []
+    /// Whether the final dirty set was applied (or no precopy ran).
+    var finalSetApplied = true
 
     /// Removes and returns the first-fault time if a guest waited on page p.
     func takeWaiter(_ p: Int) -> UInt64? { waiting.removeValue(forKey: p) }

@@ -24,7 +24,11 @@ extension PostcopyEngine {
 
     /// The state pages of a request of class `c` are in while it is out.
     static func inflightState(_ c: PageClass) -> PageStates.State {
-        c == .background ? .inflightBackground : .inflightDemand
+        switch c {
+        case .background: .inflightBackground
+        case .precopy: .inflightPrecopy
+        case .demand, .prefetch: .inflightDemand
+        }
     }
 
     /// A reply drained from a channel by the fault thread (demand) or the
@@ -44,6 +48,11 @@ extension PostcopyEngine {
         }
         guard ok else {
             throw .protocolViolation("pages \(h.pageOffset)..<\(h.pageOffset + UInt64(h.pageCount)) of region \(h.region) were not requested as \(h.pageClass)")
+        }
+        if h.pageClass == .precopy {
+            // Written into the alias only: mapped once the final dirty set says the page is clean.
+            stage(globalFirst: first, count: count, payload: h.isZero ? nil : payload)
+            return
         }
         try install(globalFirst: first, count: count, payload: h.isZero ? nil : payload, expected: expected,
                     onFaultThread: onFaultThread)

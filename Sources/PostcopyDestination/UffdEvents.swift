@@ -26,15 +26,16 @@ extension PostcopyEngine {
 
     /// A guest touched a missing page (a uffd fault, or an async "page not
     /// present" from the APF channel): fetch it once, however many wait for it.
-    func handleFault(address: UInt64, at now: UInt64) {
+    /// `again`: a fault handled before (parked), not counted twice.
+    func handleFault(address: UInt64, at now: UInt64, again: Bool = false) {
         assert(faultThread.isCurrent)
         let addr = address & ~UInt64(unitBytes - 1)
         guard let p = map.globalPage(addr) else {
             logger.error("fault at 0x\(String(addr, radix: 16)) outside guest memory; ignored")
             return
         }
-        counters.faults.add(1, ordering: .relaxed)
-        enum Action { case fetch, zero, wake, wait }
+        if !again { counters.faults.add(1, ordering: .relaxed) }
+        enum Action { case fetch, zero, wake, wait, local(Int, Int), parked }
         let action: Action = pages.lock.withLock {
             pages.markFaulted(p, at: now)
             switch pages.state(p) {
@@ -49,6 +50,22 @@ extension PostcopyEngine {
                 return .wake
             case .inflightDemand, .inflightBackground:
                 return .wait
+            case .clean:
+                // Precopied and clean: in the alias already, only to be mapped,
+                // with the clean pages around it (fault-around: no transfer, and
+                // the guest's next touches nearby are no faults).
+                let block = Self.cleanFaultAroundPages
+                let g = map.region(ofGlobal: p)
+                let lo = max(p / block * block, g.sourceFirstPage), hi = min(p / block * block + block, g.sourceFirstPage + g.size / pageSize)
+                var first = p, end = p + 1
+                while first > lo, pages.state(first - 1) == .clean { first -= 1 }
+                while end < hi, pages.state(end) == .clean { end += 1 }
+                for q in first..<end { pages.set(q, .inflightDemand) }
+                return .local(first, end - first)
+            case .staged, .inflightPrecopy:
+                // Maybe stale: waits for the final dirty set (`retryParkedFaults`).
+                pages.parkedOnFinalSet.append((p, address))
+                return .parked
             }
         }
         switch action {
@@ -64,8 +81,15 @@ extension PostcopyEngine {
             releaseAPFWaiters([p])
         case .wait:
             counters.faultsCoalesced.add(1, ordering: .relaxed)
+        case .local(let first, let count):
+            fault.deferredLocal.append((first, count))
+        case .parked:
+            counters.faultsParkedOnFinalSet.add(1, ordering: .relaxed)
         }
     }
+
+    /// Clean precopied pages mapped with one faulted on: the aligned block around it.
+    static let cleanFaultAroundPages = 512
 
     /// UFFD_EVENT_REMOVE: the VMM discarded [start, end) (MADV_DONTNEED: balloon,
     /// hot-unplug). Those pages must never again be filled from the source; touched

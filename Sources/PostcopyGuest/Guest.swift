@@ -32,12 +32,15 @@ public final class ReferenceGuest: @unchecked Sendable {
 
     /// Skew of the zipf distributions (kv keys, zipf page touches).
     public let zipfSkew: Double
+    /// Percent of operations that write (see `Workload.defaultWritePercent`).
+    public let writePercent: Int
 
     /// A guest over `base`, memory made of `pageSize` pages (by default the host's:
     /// an anonymous mapping's). `trackDirty` records every page the guest writes.
     public init(base: UnsafeMutableRawPointer, memoryBytes: Int, workload: Workload, vcpus: [VCPUState], trackDirty: Bool,
-                zipfSkew: Double = 0.99, pageSize: Int = MemoryMapping.systemPageSize) throws {
+                zipfSkew: Double = 0.99, writePercent: Int? = nil, pageSize: Int = MemoryMapping.systemPageSize) throws {
         self.zipfSkew = zipfSkew
+        self.writePercent = writePercent ?? workload.defaultWritePercent
         self.base = base
         self.memoryBytes = memoryBytes
         self.pageSize = pageSize
@@ -120,7 +123,7 @@ public final class ReferenceGuest: @unchecked Sendable {
         pauseFlag.store(true, ordering: .releasing)
         for t in threads { t.join() }
         return GuestDeviceState(workload: workload, memoryBytes: memoryBytes, vcpus: Array(states), pausedAtNs: pausedAt,
-                                integrityFailures: failures.load(ordering: .relaxed), zipfSkew: zipfSkew)
+                                integrityFailures: failures.load(ordering: .relaxed), zipfSkew: zipfSkew, writePercent: writePercent)
     }
 
     /// Before the first write to a page at the destination, digest it as it
@@ -144,6 +147,7 @@ public final class ReferenceGuest: @unchecked Sendable {
         let mine = max(1, (slots - t + n - 1) / n)  // slots t, t+n, t+2n, ...
         let pageCount = memoryBytes / pageSize
         var local: UInt64 = 0
+        let writes = UInt64(writePercent)
         while !pauseFlag.load(ordering: .relaxed) {
             for _ in 0..<64 {
                 switch workload {
@@ -152,7 +156,7 @@ public final class ReferenceGuest: @unchecked Sendable {
                     let s = t + min(zipf!.next(u), mine - 1) * n
                     guard s < slots else { continue }
                     let off = KVLayout.headerBytes + s * KVLayout.slotSize
-                    if rng.next() % 10 == 0 {
+                    if rng.next() % 100 < writes {
                         markDirty(off)
                         KVLayout.set(base + off, key: UInt64(s), rng: &rng)
                     } else if KVLayout.verify(base + off, expectedKey: UInt64(s)) == false {
@@ -164,10 +168,10 @@ public final class ReferenceGuest: @unchecked Sendable {
                     if p < pageCount { _ = cpc_touch_read(base + p * pageSize) }
                     st.cursor += 1
                 case .random:
-                    _ = cpc_touch_read(base + Int(rng.next() % UInt64(pageCount)) * pageSize)
+                    touch(Int(rng.next() % UInt64(pageCount)), &rng, writes)
                 case .zipf:
                     let u = Double(rng.next() >> 11) / Double(1 << 53)
-                    _ = cpc_touch_read(base + zipf!.next(u) * pageSize)
+                    touch(zipf!.next(u), &rng, writes)
                 }
                 local += 1
             }
@@ -176,6 +180,17 @@ public final class ReferenceGuest: @unchecked Sendable {
         st.ops &+= local
         var tmp = rng
         st.rng = tmp.next()  // continue from a fresh point of the same stream
+    }
+
+    /// Reads page `p`, or (`writes` percent of the time) writes one of its bytes.
+    @inline(__always) private func touch(_ p: Int, _ rng: inout SplitMix64, _ writes: UInt64) {
+        let r = rng.next()
+        if writes > 0 && r % 100 < writes {
+            markDirty(p * pageSize)
+            cpc_store_u8((base + p * pageSize + Int((r >> 8) % UInt64(pageSize))).assumingMemoryBound(to: UInt8.self), UInt8(truncatingIfNeeded: r >> 32))
+        } else {
+            _ = cpc_touch_read(base + p * pageSize)
+        }
     }
 
     /// After the run: checks every key-value slot's checksum.

@@ -8,10 +8,15 @@ public enum Workload: String, Sendable, CaseIterable, Codable {
     case kv
     /// Sequential scan: each vCPU reads its share of pages in order, round and round.
     case scan
-    /// Uniform random page reads.
+    /// Uniform random page reads (and writes: `writePercent`).
     case random
-    /// Zipf-distributed page reads (skew 0.99): a hot set, like most real guests.
+    /// Zipf-distributed page reads (skew 0.99): a hot set, like most real
+    /// guests (and writes: `writePercent`).
     case zipf
+
+    /// Percent of operations that write, unless told: the key-value store's
+    /// 10 % SETs; the page workloads only read.
+    public var defaultWritePercent: Int { self == .kv ? 10 : 0 }
 }
 
 /// One vCPU's architectural state: everything needed to continue exactly where it stopped.
@@ -30,6 +35,8 @@ public struct GuestDeviceState: Sendable, Codable, Equatable {
     public var pausedAtNs: UInt64
     public var integrityFailures: UInt64
     public var zipfSkew: Double = 0.99
+    /// Percent of operations that write (kv: SETs; random, zipf: a byte of the page).
+    public var writePercent: Int = 10
 
     public func encoded() -> [UInt8] { Array((try? JSONEncoder().encode(self)) ?? Data()) }
     public static func decode(_ bytes: [UInt8]) throws -> GuestDeviceState {

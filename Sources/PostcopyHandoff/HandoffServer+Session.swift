@@ -124,7 +124,7 @@ extension HandoffServer {
         let c = engine.counters
         let wire = transport.bytesOnWire
         let hist = engine.faultLatencyHistogram
-        return HandoffSessionReport(
+        var report = HandoffSessionReport(
             vmmPid: pid, transport: transport.name, regions: regions.count, guestBytes: Int(regions.reduce(0) { $0 + $1.size }), completed: completed,
             error: failure, faults: c.faults.load(ordering: .relaxed), demandPages: c.demandPages.load(ordering: .relaxed),
             backgroundPages: c.backgroundPages.load(ordering: .relaxed), zeroPagesFaulted: c.zeroFaults.load(ordering: .relaxed),
@@ -137,5 +137,13 @@ extension HandoffServer {
             progress: progress, pagesCopied: c.pagesCopied.load(ordering: .relaxed),
             pagesContinued: c.pagesContinued.load(ordering: .relaxed), pagesReceivedInPlace: c.pagesReceivedInPlace.load(ordering: .relaxed),
             removedInFlight: c.removedInFlight.load(ordering: .relaxed))
+        report.precopyPasses = c.precopyPasses.load(ordering: .relaxed)
+        report.precopyPages = c.precopyPages.load(ordering: .relaxed)
+        report.precopyStalePages = c.precopyStalePages.load(ordering: .relaxed)
+        report.cleanPagesMapped = c.cleanPagesMapped.load(ordering: .relaxed)
+        report.cleanPageFaults = c.cleanPageFaults.load(ordering: .relaxed)
+        report.faultsParkedOnFinalSet = c.faultsParkedOnFinalSet.load(ordering: .relaxed)
+        report.finalSetAppliedAtNs = c.finalSetAppliedAt.load(ordering: .relaxed)
+        return report
     }
 }

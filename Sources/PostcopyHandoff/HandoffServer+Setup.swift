@@ -37,11 +37,18 @@ extension HandoffServer {
         // still flag all-zero batches.
         let t = transport
         let zeroMap = info.welcome.capabilities.contains(.zeroMap)
+        // A source that offers precopy copies RAM before its guest pauses; over
+        // TCP (RDMA READ of live memory is not offered yet). The engine takes
+        // it on the continue path only (`PrecopyReceiver.swift`).
+        var precopy: PostcopyEngine.PrecopyProvider?
+        if info.welcome.capabilities.contains(.precopy) && transport.name == "tcp" {
+            precopy = { @Sendable (pass: UInt32) throws(TransportError) -> PrecopySet in try t.fetchDirtySet(pass: pass) }
+        }
         return try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: [],
                                   zeroMapProvider: { () throws(TransportError) in
                                       _ = try t.fetchDeviceState(timeoutMs: -1)
                                       return zeroMap ? try t.fetchWholeZeroMap(table) : []
-                                  },
+                                  }, precopy: precopy,
                                   demand: demand, background: background,
                                   reconnect: { () throws(TransportError) in try t.reconnect() },
                                   config: config, logger: logger)

@@ -45,6 +45,17 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var pagesReceivedInPlace: UInt64 = 0
     /// Pages a REMOVE hit while their fetch was in flight.
     public var removedInFlight: UInt64 = 0
+    /// Precopy (hybrid): passes, pages received in them, pages the final dirty
+    /// set invalidated, clean pages mapped without a transfer (ahead / on a
+    /// fault), faults that waited for the final set, and when it was applied
+    /// (CLOCK_MONOTONIC ns; 0: no precopy).
+    public var precopyPasses: UInt64 = 0
+    public var precopyPages: UInt64 = 0
+    public var precopyStalePages: UInt64 = 0
+    public var cleanPagesMapped: UInt64 = 0
+    public var cleanPageFaults: UInt64 = 0
+    public var faultsParkedOnFinalSet: UInt64 = 0
+    public var finalSetAppliedAtNs: UInt64 = 0
 
     enum CodingKeys: String, CodingKey {
         case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
@@ -55,5 +66,8 @@ public struct HandoffSessionReport: Sendable, Codable {
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", cpuSeconds = "cpu_seconds", cpuSecondsToFullCopy = "cpu_seconds_to_full_copy", progress
         case installPath = "install_path", preallocationSeconds = "preallocation_seconds"
         case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place", removedInFlight = "removed_in_flight"
+        case precopyPasses = "precopy_passes", precopyPages = "precopy_pages", precopyStalePages = "precopy_stale_pages"
+        case cleanPagesMapped = "clean_pages_mapped", cleanPageFaults = "clean_page_faults"
+        case faultsParkedOnFinalSet = "faults_parked_on_final_set", finalSetAppliedAtNs = "final_set_applied_at_ns"
     }
 }

@@ -13,4 +13,7 @@ public protocol DirtyTracker: AnyObject, Sendable {
     var pageSize: Int { get }
     var pageCount: Int { get }
     func collect() throws(SystemError) -> DirtyPages
+    /// The pages `collect` would return now, without tracking them anew (for a
+    /// policy that watches how fast the guest writes).
+    func peek() throws(SystemError) -> DirtyPages
 }

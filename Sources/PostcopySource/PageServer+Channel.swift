@@ -44,7 +44,7 @@ extension PageServer {
         // requests carry them).
         let scan = memory.scanIfDone
         try conn.send(.welcome(Welcome(pageSize: UInt32(pageSize), sessionID: session.id,
-                                       capabilities: [.zeroMap, .urgentChannel], regions: memory.table.regions,
+                                       capabilities: precopy?.offered == true ? [.zeroMap, .urgentChannel, .precopy] : [.zeroMap, .urgentChannel], regions: memory.table.regions,
                                        digest: scan?.digest ?? 0,
                                        deviceStateSize: UInt64(memory.waitForDeviceState(timeoutMs: 0)?.count ?? 0))))
         logger.info("\(hello.role) channel from \(conn.peer) joined session \(session.id)")
@@ -104,6 +104,8 @@ extension PageServer {
                 flow = try handlePageDigestRequest(r, channel)
             case .rdmaRequest:
                 flow = try handleRemoteReadRequest(channel)
+            case .precopyPassRequest(let p):
+                flow = try handlePrecopyPass(p, channel)
             case .complete(let c):
                 try handleComplete(c, channel)
                 flow = .next
@@ -144,9 +146,15 @@ extension PageServer {
     func waitUntilFrozen(_ conn: any FrameConnection) -> [UInt8]? {
         while !stopping.load(ordering: .relaxed) {
             if let s = memory.waitForDeviceState(timeoutMs: Self.freezePollIntervalMs) { return s }
-            // A peer that hung up while waiting is not worth waiting for.
-            if cpc_poll1(conn.pollDescriptor, Int16(POLLIN), 0) > 0, (try? conn.tryReceive()) == nil { return nil }
+            if !peerWaits(conn) { return nil }
         }
         return nil
+    }
+
+    /// False when the server stops or the peer hung up while waiting for an
+    /// answer (a peer that hung up is not worth waiting for).
+    func peerWaits(_ conn: any FrameConnection) -> Bool {
+        if stopping.load(ordering: .relaxed) { return false }
+        return !(cpc_poll1(conn.pollDescriptor, Int16(POLLIN), 0) > 0 && (try? conn.tryReceive()) == nil)
     }
 }

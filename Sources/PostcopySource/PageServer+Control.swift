@@ -47,6 +47,20 @@ extension PageServer {
         return .next
     }
 
+    /// The pages of a precopy pass (`PrecopyController`), on the main channel.
+    func handlePrecopyPass(_ p: PrecopyPassRequest, _ channel: ServedChannel) throws(TransportError) -> ChannelFlow {
+        guard channel.role == .main else { throw .protocolViolation("precopy pass asked for on the urgent channel") }
+        guard let precopy, precopy.offered else { throw .protocolViolation("precopy pass asked for, but this source does not precopy") }
+        let conn = channel.conn
+        guard let sets = try precopy.pass(p.pass, session: channel.session.id, alive: { peerWaits(conn) },
+                                          waitFrozen: { waitUntilFrozen(conn) != nil }) else { return .end }
+        for s in sets { try conn.send(.dirtySet(s)) }
+        if let last = sets.last, last.isFinal {
+            logger.info("session \(channel.session.id): final dirty set, \(sets.reduce(0) { $0 + $1.dirtyPages }) pages (\(last.decision))")
+        }
+        return .next
+    }
+
     /// The destination has every page: compare digests, acknowledge, end the session.
     func handleComplete(_ c: Complete, _ channel: ServedChannel) throws(TransportError) {
         let session = channel.session

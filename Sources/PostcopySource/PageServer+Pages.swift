@@ -23,8 +23,14 @@ extension PageServer {
     /// Answers requests in order, in one vectored send. A request out of range
     /// gets the replies before it, then an error, and the connection closes.
     private func servePages(_ requests: [PageRequest], conn: any FrameConnection, session: SourceSession) throws(TransportError) {
-        guard memory.isFrozen else {
+        // Read before any page is: replies flagged paused hold RAM as it is at the pause.
+        let paused = memory.isFrozen
+        let precopying = precopy?.mayServe(session: session.id) == true
+        guard paused || (precopying && requests.allSatisfy({ $0.pageClass == .precopy })) else {
             throw .protocolViolation("page request before the guest paused (its RAM is still changing)")
+        }
+        if !precopying, let r = requests.first(where: { $0.pageClass == .precopy }) {
+            throw .protocolViolation("precopy page request \(r.requestID) outside a precopy pass (none asked for, or the final dirty set was sent)")
         }
         let table = memory.table
         let pageSize = table.pageSize
@@ -43,15 +49,22 @@ extension PageServer {
             let global = table.firstGlobalPage[Int(r.region)] + Int(r.pageOffset)
             let count = Int(r.pageCount)
             let allZero = memory.allZero(globalFirst: global, count: count)
-            let dup = session.markSent(globalFirst: global, count: count)
-            if dup > 0 { stats.pagesSentTwice.add(UInt64(dup), ordering: .relaxed) }
+            if r.pageClass == .precopy {
+                // Precopy sends a page again when it was written: not "twice" (postcopy's count).
+                precopy?.noteServed(globalFirst: global, count: count)
+                stats.precopyPages.add(UInt64(count), ordering: .relaxed)
+            } else {
+                let dup = session.markSent(globalFirst: global, count: count)
+                if dup > 0 { stats.pagesSentTwice.add(UInt64(dup), ordering: .relaxed) }
+            }
             switch r.pageClass {
             case .demand: stats.demandPages.add(UInt64(count), ordering: .relaxed)
             case .prefetch: stats.prefetchPages.add(UInt64(count), ordering: .relaxed)
             case .background: stats.backgroundPages.add(UInt64(count), ordering: .relaxed)
+            case .precopy: break
             }
             let header = PageDataHeader(requestID: r.requestID, region: r.region, pageClass: r.pageClass, isZero: allZero,
-                                        pageOffset: r.pageOffset, pageCount: r.pageCount)
+                                        sourcePaused: paused, pageOffset: r.pageOffset, pageCount: r.pageCount)
             let regionBase = memory.mapping.base + Int(table.regions[Int(r.region)].sourceOffset)
             if allZero { stats.zeroReplies.add(1, ordering: .relaxed) }
             payloads.append(allZero ? UnsafeRawBufferPointer(start: nil, count: 0)

@@ -42,19 +42,24 @@ public final class PageServer: Sendable {
     /// connections once the guest paused; nil = page replies only.
     public let rdma: (any RemoteReadProvider)?
 
+    /// Copies RAM while the guest runs, for the one destination that asks
+    /// (`PrecopyController`); nil: pages are served only after the pause.
+    public let precopy: PrecopyController?
+
     /// Serves on a TCP listener at `endpoint`.
     public convenience init(memory: SourceMemory, listen endpoint: Endpoint, exitAfterCompletion: Bool,
                             backgroundPriority: ThreadPriority = .normal, authKey: [UInt8]? = nil,
-                            rdma: (any RemoteReadProvider)? = nil, logger: Logger) throws(TransportError) {
+                            rdma: (any RemoteReadProvider)? = nil, precopy: PrecopyController? = nil, logger: Logger) throws(TransportError) {
         try self.init(memory: memory, listener: try TCPListener(endpoint), exitAfterCompletion: exitAfterCompletion,
-                      backgroundPriority: backgroundPriority, authKey: authKey, rdma: rdma, logger: logger)
+                      backgroundPriority: backgroundPriority, authKey: authKey, rdma: rdma, precopy: precopy, logger: logger)
     }
 
     /// Serves the page channels `listener` accepts.
     public init(memory: SourceMemory, listener: any PageChannelListener, exitAfterCompletion: Bool,
                 backgroundPriority: ThreadPriority = .normal, authKey: [UInt8]? = nil,
-                rdma: (any RemoteReadProvider)? = nil, logger: Logger) throws(TransportError) {
+                rdma: (any RemoteReadProvider)? = nil, precopy: PrecopyController? = nil, logger: Logger) throws(TransportError) {
         self.rdma = rdma
+        self.precopy = precopy
         self.authKey = authKey
         self.memory = memory
         self.backgroundPriority = backgroundPriority

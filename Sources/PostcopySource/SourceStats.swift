@@ -5,6 +5,8 @@ public final class SourceStats: Sendable {
     public let demandPages = Atomic<UInt64>(0)
     public let prefetchPages = Atomic<UInt64>(0)
     public let backgroundPages = Atomic<UInt64>(0)
+    /// Pages sent by precopy passes (before the pause, and a page each time it was written).
+    public let precopyPages = Atomic<UInt64>(0)
     public let zeroReplies = Atomic<UInt64>(0)
     public let pagesSentTwice = Atomic<UInt64>(0)
     public let bytesSent = Atomic<UInt64>(0)

@@ -68,7 +68,11 @@ public final class WriteProtectTracker: DirtyTracker, @unchecked Sendable {
         vec.deallocate()
     }
 
-    public func collect() throws(SystemError) -> DirtyPages {
+    public func collect() throws(SystemError) -> DirtyPages { try scan(reprotect: true) }
+
+    public func peek() throws(SystemError) -> DirtyPages { try scan(reprotect: false) }
+
+    private func scan(reprotect: Bool) throws(SystemError) -> DirtyPages {
         try lock.withLock { () throws(SystemError) -> DirtyPages in
             // A walk may stop before `end` (the vector full, or the kernel's
             // own reasons: seen on 6.18 under CPU load with the vector far from
@@ -81,7 +85,7 @@ public final class WriteProtectTracker: DirtyTracker, @unchecked Sendable {
             while from < end {
                 var walkEnd: UInt64 = 0
                 let n = try sysCall("PAGEMAP_SCAN of written pages") {
-                    cpc_pagemap_scan_written(pagemap.raw, from, end, vec, UInt64(Self.vecLength), &walkEnd)
+                    cpc_pagemap_scan_written(pagemap.raw, from, end, vec, UInt64(Self.vecLength), &walkEnd, reprotect ? 1 : 0)
                 }
                 for i in 0..<Int(n) {
                     let first = Int((vec[i].start - start) / UInt64(pageSize))

@@ -126,6 +126,18 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         return d.digests
     }
 
+    public func fetchDirtySet(pass: UInt32) throws(TransportError) -> PrecopySet {
+        guard let info, let main = lock.withLock({ main }) else { throw .protocolViolation("precopy before connect") }
+        try main.send(.precopyPassRequest(PrecopyPassRequest(pass: pass)))
+        // The first chunk comes when the source decided (it may wait for its
+        // operator, then for its guest's pause): no timeout.
+        var first = true
+        return try PrecopySet.receive(pass: pass, totalPages: info.table.totalPages) { () throws(TransportError) in
+            defer { first = false }
+            return try main.receive(timeoutMs: first ? -1 : WireProtocol.controlReplyTimeoutMs)
+        }
+    }
+
     public func complete(_ c: Complete) throws(TransportError) -> CompleteAck {
         let r = try control(.complete(c))
         guard case .completeAck(let a) = r else { throw .protocolViolation("expected completeAck, got \(r.type)") }

@@ -69,6 +69,10 @@ public protocol Transport: AnyObject, Sendable {
     /// xxh64 of each page, as the source's RAM was at pause.
     func fetchPageDigests(region: UInt16, firstPage: UInt64, pageCount: UInt32) throws(TransportError) -> [UInt64]
     func complete(_ c: Complete) throws(TransportError) -> CompleteAck
+    /// The pages of precopy pass `pass` (`PrecopyPassRequest`; the source
+    /// must offer `.precopy`): waits for the operator's start, and for the
+    /// pause when the source decides to stop (the answer is then final).
+    func fetchDirtySet(pass: UInt32) throws(TransportError) -> PrecopySet
     /// After a broken connection: connects again, rejoins the same session
     /// (re-authenticating), and returns fresh channels (demand, background).
     /// The old channels are closed.
@@ -79,6 +83,10 @@ public protocol Transport: AnyObject, Sendable {
 }
 
 extension Transport {
+    public func fetchDirtySet(pass: UInt32) throws(TransportError) -> PrecopySet {
+        throw .unavailable("the \(name) transport does not copy in precopy passes")
+    }
+
     /// `complete`, and when the connection was cut after the last page and
     /// `reconnectingOnce` allows it, once more after a reconnect: the source
     /// keeps the session, so there is still someone to confirm to.

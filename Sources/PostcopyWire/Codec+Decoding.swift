@@ -14,13 +14,14 @@ extension Codec {
         let region = try r.u16("pageData.region")
         let cls = try pageClass(try r.u8("pageData.class"))
         let flags = try r.u8("pageData.flags")
-        guard flags & ~1 == 0 else { throw .invalid(field: "pageData.flags", reason: "unknown bits 0x\(String(flags, radix: 16))") }
+        guard flags & ~3 == 0 else { throw .invalid(field: "pageData.flags", reason: "unknown bits 0x\(String(flags, radix: 16))") }
         let offset = try r.u64("pageData.pageOffset")
         let count = try r.u32("pageData.pageCount")
         guard count >= 1, count <= WireProtocol.maxPagesPerRequest else {
             throw .invalid(field: "pageData.pageCount", reason: "\(count) pages (1...\(WireProtocol.maxPagesPerRequest) allowed)")
         }
-        return PageDataHeader(requestID: id, region: region, pageClass: cls, isZero: flags & 1 != 0, pageOffset: offset, pageCount: count)
+        return PageDataHeader(requestID: id, region: region, pageClass: cls, isZero: flags & 1 != 0, sourcePaused: flags & 2 != 0,
+                              pageOffset: offset, pageCount: count)
     }
 
     /// Decodes a frame body of the given type. `pageSize` (once known from the
@@ -163,6 +164,12 @@ extension Codec {
                 throw .invalid(field: "rdmaOffer.length", reason: "\(length) bytes at \(address)")
             }
             message = .rdmaOffer(RDMAOffer(port: port, token: token, remoteAddress: address, length: length, rkey: try r.u32("rdmaOffer.rkey")))
+        case .precopyPassRequest:
+            let pass = try r.u32("precopyPassRequest.pass")
+            guard pass >= 1 else { throw .invalid(field: "precopyPassRequest.pass", reason: "passes count from 1") }
+            message = .precopyPassRequest(PrecopyPassRequest(pass: pass))
+        case .dirtySet:
+            message = .dirtySet(try decodeDirtySet(&r))
         }
         try r.expectEnd("message body")
         return message

@@ -78,6 +78,10 @@ public enum Codec {
             w.raw(r.proof.prefix(32))
         case .rdmaRequest:
             break
+        case .precopyPassRequest(let p):
+            w.u32(p.pass)
+        case .dirtySet(let d):
+            encodeDirtySet(&w, d)
         case .rdmaOffer(let o):
             w.u16(o.port)
             w.raw(o.token.prefix(RDMAOffer.tokenBytes))
@@ -116,7 +120,7 @@ public enum Codec {
         w.u64(h.requestID)
         w.u16(h.region)
         w.u8(h.pageClass.rawValue)
-        w.u8(h.isZero ? 1 : 0)
+        w.u8((h.isZero ? 1 : 0) | (h.sourcePaused ? 2 : 0))
         w.u64(h.pageOffset)
         w.u32(h.pageCount)
     }

@@ -38,6 +38,8 @@ public enum Message {
     case authResponse(AuthResponse)
     case rdmaRequest(RDMARequest)
     case rdmaOffer(RDMAOffer)
+    case precopyPassRequest(PrecopyPassRequest)
+    case dirtySet(DirtySet)
 
     public var type: MessageType {
         switch self {
@@ -58,6 +60,8 @@ public enum Message {
         case .authResponse: .authResponse
         case .rdmaRequest: .rdmaRequest
         case .rdmaOffer: .rdmaOffer
+        case .precopyPassRequest: .precopyPassRequest
+        case .dirtySet: .dirtySet
         }
     }
 }

@@ -22,13 +22,19 @@ public struct PageDataHeader: Sendable, Equatable {
     public var region: UInt16
     public var pageClass: PageClass
     public var isZero: Bool
+    /// The source guest was paused when this reply was read (flag bit 1): a
+    /// destination copying in precopy passes stops asking for more and asks
+    /// for the final dirty set.
+    public var sourcePaused: Bool
     public var pageOffset: UInt64
     public var pageCount: UInt32
-    public init(requestID: UInt64, region: UInt16, pageClass: PageClass, isZero: Bool, pageOffset: UInt64, pageCount: UInt32) {
+    public init(requestID: UInt64, region: UInt16, pageClass: PageClass, isZero: Bool, sourcePaused: Bool = false,
+                pageOffset: UInt64, pageCount: UInt32) {
         self.requestID = requestID
         self.region = region
         self.pageClass = pageClass
         self.isZero = isZero
+        self.sourcePaused = sourcePaused
         self.pageOffset = pageOffset
         self.pageCount = pageCount
     }

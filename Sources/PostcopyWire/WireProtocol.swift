@@ -38,6 +38,9 @@ public struct Capabilities: OptionSet, Sendable, Hashable {
     public static let rdmaRead = Capabilities(rawValue: 1 << 2)
     /// Reserved for authentication (challenge-response before any page).
     public static let authentication = Capabilities(rawValue: 1 << 3)
+    /// The source copies RAM while its guest runs (precopy passes: `PrecopyPassRequest`,
+    /// `DirtySet`, page requests of class `precopy` before the pause).
+    public static let precopy = Capabilities(rawValue: 1 << 4)
 }
 
 public enum MessageType: UInt8, Sendable, CaseIterable {
@@ -58,6 +61,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case authResponse = 15
     case rdmaRequest = 16
     case rdmaOffer = 17
+    case precopyPassRequest = 18
+    case dirtySet = 19
 }
 
 /// Which connection of a session this is. Demand pages travel on `.urgent`, so
@@ -67,9 +72,17 @@ public enum ChannelRole: UInt8, Sendable {
     case urgent = 2
 }
 
-/// Priority class of a page request: demand > prefetch > background.
+/// Priority class of a page request: demand > prefetch > background > precopy.
 public enum PageClass: UInt8, Sendable, CaseIterable {
     case demand = 1
     case prefetch = 2
     case background = 3
+    /// A page of a precopy pass: read while the source guest may still run
+    /// (after the source protected it against writes), so possibly rewritten
+    /// since; the final dirty set says which.
+    case precopy = 4
+
+    /// Whether requests of this class travel on the main connection (background
+    /// and precopy) rather than the urgent one (demand, prefetch).
+    public var isStream: Bool { self == .background || self == .precopy }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import PostcopyHandoff
+import PostcopySource
 
 /// One JSON line that the children of `migrate` write on stdout: the source guest
 /// (`guest run --json`), the destination guest (`guest resume --json`) and the
@@ -10,6 +11,8 @@ enum GuestEvent: Codable, Sendable {
     case listening(Listening)
     /// `guest resume`: RAM set up (and handed to the daemon), waiting for the device state.
     case ready(Ready)
+    /// `guest run`: the migration started ("migrate"): precopy runs, or the guest pauses at once.
+    case migrating(Migrating)
     /// `guest run`: the vCPUs stopped and the device state is published.
     case paused(Paused)
     /// `guest resume`: the vCPUs run at the destination.
@@ -46,9 +49,16 @@ enum GuestEvent: Codable, Sendable {
         enum CodingKeys: String, CodingKey { case memoryBytes = "memory_bytes" }
     }
 
+    struct Migrating: Codable, Sendable {
+        var tNs: UInt64, precopy: String
+        enum CodingKeys: String, CodingKey { case tNs = "t_ns", precopy }
+    }
+
     struct Paused: Codable, Sendable {
         var pausedAtNs: UInt64, stopNs: UInt64, ops: UInt64
-        enum CodingKeys: String, CodingKey { case pausedAtNs = "paused_at_ns", stopNs = "stop_ns", ops }
+        /// Why the guest paused (the operator, or precopy's switchover decision).
+        var reason: String? = nil
+        enum CodingKeys: String, CodingKey { case pausedAtNs = "paused_at_ns", stopNs = "stop_ns", ops, reason }
     }
 
     struct Resumed: Codable, Sendable {
@@ -93,9 +103,10 @@ enum GuestEvent: Codable, Sendable {
 
     struct SourceDone: Codable, Sendable {
         var demandPages: UInt64, backgroundPages: UInt64, pagesSentTwice: UInt64, bytesSent: UInt64, cpuSeconds: Double
+        var precopy: PrecopyReport? = nil
         enum CodingKeys: String, CodingKey {
             case demandPages = "demand_pages", backgroundPages = "background_pages", pagesSentTwice = "pages_sent_twice"
-            case bytesSent = "bytes_sent", cpuSeconds = "cpu_seconds"
+            case bytesSent = "bytes_sent", cpuSeconds = "cpu_seconds", precopy
         }
     }
 
@@ -135,6 +146,7 @@ enum GuestEvent: Codable, Sendable {
         switch self {
         case .listening: "listening"
         case .ready: "ready"
+        case .migrating: "migrating"
         case .paused: "paused"
         case .resumed: "resumed"
         case .ops: "ops"
@@ -153,6 +165,7 @@ enum GuestEvent: Codable, Sendable {
         switch self {
         case .listening(let p): p
         case .ready(let p): p
+        case .migrating(let p): p
         case .paused(let p): p
         case .resumed(let p): p
         case .ops(let p): p
@@ -178,6 +191,7 @@ enum GuestEvent: Codable, Sendable {
         switch try c.decode(String.self, forKey: .event) {
         case "listening": self = .listening(try Listening(from: decoder))
         case "ready": self = .ready(try Ready(from: decoder))
+        case "migrating": self = .migrating(try Migrating(from: decoder))
         case "paused": self = .paused(try Paused(from: decoder))
         case "resumed": self = .resumed(try Resumed(from: decoder))
         case "ops": self = .ops(try Ops(from: decoder))
@@ -199,6 +213,7 @@ extension GuestEvent {
     var listening: Listening? { if case .listening(let e) = self { e } else { nil } }
     var ready: Ready? { if case .ready(let e) = self { e } else { nil } }
     var paused: Paused? { if case .paused(let e) = self { e } else { nil } }
+    var migrating: Migrating? { if case .migrating(let e) = self { e } else { nil } }
     var resumed: Resumed? { if case .resumed(let e) = self { e } else { nil } }
     var ops: Ops? { if case .ops(let e) = self { e } else { nil } }
     var taskWork: TaskWork? { if case .taskWork(let e) = self { e } else { nil } }

@@ -100,7 +100,7 @@ struct GuestResumeCommand: ParsableCommand {
             return
         }
         let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: state.workload, vcpus: state.vcpus, trackDirty: true,
-                                       zipfSkew: state.zipfSkew)
+                                       zipfSkew: state.zipfSkew, writePercent: state.writePercent)
         guest.start()
         let resumedAt = guest.release()
         let downtime = resumedAt &- state.pausedAtNs

@@ -13,9 +13,17 @@ struct GuestRunCommand: ParsableCommand {
         abstract: "Run the guest at the source and serve its RAM; pause on a \"pause\" line on stdin.",
         discussion: """
             Boots the guest (fills the key-value store), runs the workload, and serves its RAM to \
-            destinations like `postcopy source` does. On a line "pause" on standard input (or after \
-            --pause-after seconds) the vCPUs stop at a safe point, the device state is published, and \
-            the guest's RAM is frozen and served until a destination completed and every connection closed.
+            destinations like `postcopy source` does. On a line "pause" on standard input the vCPUs \
+            stop at a safe point, the device state is published, and the guest's RAM is frozen and \
+            served until a destination completed and every connection closed.
+
+            A line "migrate" (or --pause-after seconds) starts the migration: with --precopy off the \
+            guest pauses at once (postcopy); otherwise its RAM is first copied to the destination \
+            while it runs, in passes the destination asks for (pass 1: every page holding data; then \
+            the pages written since, tracked by userfaultfd write-protect), and the guest pauses when \
+            the policy says: after N passes, or (auto) when passes stop shrinking, the guest rewrites \
+            what was just sent, or a budget is spent. The pages written after they were sent go to the \
+            destination as the final dirty set, and postcopy does the rest.
             """)
 
     @OptionGroup var shape: GuestShape
@@ -23,7 +31,9 @@ struct GuestRunCommand: ParsableCommand {
     @Option(name: .long, help: "Seed of the workload.") var seed: UInt64 = 1
     @Option(name: .long, help: "Listen address for destinations, HOST:PORT (port 0: any; printed first).") var listen = Endpoint(host: "127.0.0.1", port: 0)
     @Option(name: .long, help: "Guest memory file (default: an anonymous memfd).") var memory: String?
-    @Option(name: .long, help: "Pause by itself after this many seconds (default: wait for \"pause\" on stdin).") var pauseAfter: Double?
+    @Option(name: .long, help: "Start the migration by itself after this many seconds, as a \"migrate\" line would (default: wait for \"migrate\" or \"pause\" on stdin).") var pauseAfter: Double?
+    @Option(name: .long, help: "Precopy before the pause: off (postcopy only), N passes (1-64), or auto (stop when passes no longer shrink, the guest rewrites what was just sent, or 16 passes / 60 s / 4× RAM were spent).") var precopy: String = "off"
+    @Option(name: .long, help: "With --precopy: seconds to wait after \"migrate\" for a destination to ask for precopy before pausing anyway.") var precopyWait: Double = 5
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Option(name: .long, help: "How destinations may fetch: tcp, rdma (also offer one-sided RDMA READ of guest RAM; the listen address must be the RDMA device's) or auto (RDMA when possible).") var transport: TransportKind = .auto
     @Option(name: .long, help: "Scheduling of the thread streaming background pages to a destination: normal, low (nice 10) or idle (SCHED_IDLE).") var backgroundPriority: ThreadPriority = .normal
@@ -33,6 +43,8 @@ struct GuestRunCommand: ParsableCommand {
 
     func validate() throws {
         guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }
+        guard PrecopyPolicy.mode(parsing: precopy) != nil else { throw ValidationError("--precopy must be off, auto or a number of passes 1...64, not \(precopy)") }
+        guard precopyWait > 0 else { throw ValidationError("--precopy-wait must be positive") }
     }
 
     func run() throws {
@@ -52,16 +64,25 @@ struct GuestRunCommand: ParsableCommand {
         let ram = try MemoryMapping.file(fd: fd, length: bytes, writable: true)
         let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: shape.workload,
                                        vcpus: ReferenceGuest.freshVCPUs(shape.vcpus, seed: seed), trackDirty: false,
-                                       zipfSkew: shape.zipfSkew)
+                                       zipfSkew: shape.zipfSkew, writePercent: shape.effectiveWritePercent)
         guest.populate(fillPercent: fillPercent, seed: seed)
         let memoryState = try SourceMemory(mapping: ram, pageSize: guest.pageSize, file: fd)
         let authKey = try key.loadKey()
+        // The pause comes from stdin ("pause"), or from precopy's decision.
+        let pauseEvent = try EventFD()
+        let pauseReason = Locked<String?>(nil)
+        let requestPause: @Sendable (String) -> Void = { why in
+            pauseReason.withLock { if $0 == nil { $0 = why } }
+            pauseEvent.signal()
+        }
+        let controller = try PrecopyController(policy: PrecopyPolicy(mode: PrecopyPolicy.mode(parsing: precopy)!, totalPages: bytes / guest.pageSize),
+                                               memory: memoryState, destinationWaitSeconds: precopyWait, requestPause: requestPause)
         let server: PageServer
         do {
             let rdma = try Transports.listenRDMA(transport, host: listen.host, memory: ram, logger: logger)
             server = try PageServer(memory: memoryState, listen: listen, exitAfterCompletion: false,
                                     backgroundPriority: backgroundPriority, authKey: authKey,
-                                    rdma: rdma, logger: logger)
+                                    rdma: rdma, precopy: controller.offered ? controller : nil, logger: logger)
         } catch { throw fail("\(error)") }
         server.start()
         if json {
@@ -72,11 +93,33 @@ struct GuestRunCommand: ParsableCommand {
         guest.start()
         guest.release()
         let reporter = try OpsReporter(side: "source", json: json, intervalMs: reportMs) { guest.totalOps }
-        if let pauseAfter {
-            usleep(useconds_t(pauseAfter * 1e6))
-        } else {
-            while let line = readLine(), line.trimmingCharacters(in: .whitespaces) != "pause" {}
+        let json = self.json
+        let mode = precopy
+        let startMigration: @Sendable () -> Void = {
+            if json {
+                emitEvent(.migrating(.init(tNs: nowNanoseconds(), precopy: mode)))
+            } else if mode != "off" {
+                print("migrating: precopy (\(mode)) while the guest runs")
+            }
+            controller.begin()
         }
+        _ = PThread(name: "stdin") {
+            while let line = readLine() {
+                switch line.trimmingCharacters(in: .whitespaces) {
+                case "pause": requestPause("paused by the operator"); return
+                case "migrate": startMigration()
+                default: continue
+                }
+            }
+            if pauseAfter == nil { requestPause("standard input closed") }
+        }
+        if let pauseAfter {
+            _ = PThread(name: "pause-after") {
+                usleep(useconds_t(pauseAfter * 1e6))
+                startMigration()
+            }
+        }
+        while cpc_poll1(pauseEvent.fd.raw, Int16(POLLIN), 1000) == 0 {}
         let pausedAt = nowNanoseconds()
         let state = guest.pause(pausedAt: pausedAt)
         let cpuAtPause = processCPUNanoseconds()  // from here on, the process only serves RAM
@@ -84,9 +127,10 @@ struct GuestRunCommand: ParsableCommand {
         let frozenAt = nowNanoseconds()
         reporter.finish()
         if json {
-            emitEvent(.paused(.init(pausedAtNs: pausedAt, stopNs: frozenAt - pausedAt, ops: guest.totalOps)))
+            emitEvent(.paused(.init(pausedAtNs: pausedAt, stopNs: frozenAt - pausedAt, ops: guest.totalOps,
+                                    reason: pauseReason.withLock { $0 })))
         } else {
-            print("paused: vCPUs stopped and device state published in \(formatDuration(ns: frozenAt - pausedAt)); serving RAM")
+            print("paused (\(pauseReason.withLock { $0 } ?? "")): vCPUs stopped and device state published in \(formatDuration(ns: frozenAt - pausedAt)); serving RAM")
         }
         server.waitUntilCompletedAndIdle()
         server.stop()
@@ -94,7 +138,8 @@ struct GuestRunCommand: ParsableCommand {
         let report = GuestEvent.sourceDone(.init(
             demandPages: s.demandPages.load(ordering: .relaxed), backgroundPages: s.backgroundPages.load(ordering: .relaxed),
             pagesSentTwice: s.pagesSentTwice.load(ordering: .relaxed), bytesSent: s.bytesSent.load(ordering: .relaxed),
-            cpuSeconds: Double(processCPUNanoseconds() - cpuAtPause) / 1e9))
+            cpuSeconds: Double(processCPUNanoseconds() - cpuAtPause) / 1e9,
+            precopy: controller.offered ? controller.report : nil))
         if json { emitEvent(report) } else { print("source done: \(report.line)") }
     }
 }

@@ -4,6 +4,7 @@ import Foundation
 import PostcopyCore
 import PostcopyGuest
 import PostcopyHandoff
+import PostcopySource
 import PostcopyTransport
 import Synchronization
 
@@ -21,6 +22,12 @@ struct MigrateCommand: ParsableCommand {
             operations per second before, during and after postcopy, the fault-latency histogram, and \
             integrity: every key-value checksum, and every page against the source's RAM at pause (a \
             page the guest writes at the destination is digested just before its first write).
+
+            With --precopy N or auto (hybrid, QEMU's postcopy-after-precopy), RAM is first copied \
+            while the source guest runs, in passes (the pages written since the previous pass, \
+            tracked with userfaultfd write-protect), and the source pauses when its policy says; the \
+            pages written after they were sent are fetched again after the pause, the others are \
+            mapped at the destination without a transfer. Needs --memory shared and TCP.
             """)
 
     @OptionGroup var shape: GuestShape
@@ -29,6 +36,7 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Background streaming cap at the destination (bytes/s, e.g. 500M; 0 = none).") var backgroundRate = ByteCount(argument: "0")!
     @Option(name: .long, help: "Scheduling of the background streaming threads at the source and the destination: normal, low (nice 10) or idle (SCHED_IDLE: they run only on CPU that demand faults and the guest leave free).") var backgroundPriority: ThreadPriority = .normal
     @Option(name: .long, help: "postcopy, or stop-and-copy (the baseline: copy all RAM while paused, then resume).") var mode: MigrationMode = .postcopy
+    @Option(name: .long, help: "Precopy while the source guest runs, before the pause: off, N passes, or auto (see guest run --help).") var precopy: String = "off"
     @Option(name: .long, help: "Destination guest RAM: shared (a memfd; the daemon writes pages through its preallocated alias and maps them with UFFDIO_CONTINUE) or anonymous (Firecracker's plain handoff; UFFDIO_COPY).") var memory: GuestMemoryKind = .shared
     @Option(name: .long, help: "Transport: tcp, rdma (one-sided RDMA READ; --address must be an RDMA device's IP) or auto.") var transport: TransportKind = .tcp
     @Option(name: .long, help: "IP address the source serves on and the destination connects to (for RDMA: the RDMA device's IP).") var address: String = "127.0.0.1"
@@ -41,6 +49,12 @@ struct MigrateCommand: ParsableCommand {
     func validate() throws {
         guard before > 0, after > 0 else { throw ValidationError("--before and --after must be positive") }
         guard !apf || (tasks > 0 && mode == .postcopy) else { throw ValidationError("--apf needs --tasks N and --mode postcopy") }
+        guard let p = PrecopyPolicy.mode(parsing: precopy) else { throw ValidationError("--precopy must be off, auto or a number of passes 1...64") }
+        if p != .off {
+            guard mode == .postcopy, memory == .shared, transport == .tcp else {
+                throw ValidationError("--precopy needs --mode postcopy, --memory shared and --transport tcp (precopied pages wait unmapped in the shared memory file; RDMA READ of live memory is not offered)")
+            }
+        }
     }
 
     func run() throws {
@@ -59,9 +73,9 @@ struct MigrateCommand: ParsableCommand {
         let say: (String) -> Void = { msg in if !json { FileHandle.standardError.write(Data((msg + "\n").utf8)) } }
         say("booting a \(size) guest (\(workload), \(vcpus) vCPUs) at the source...")
         let source = try Child("source guest", ["guest", "run", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
-                                                "--zipf-skew", "\(shape.zipfSkew)",
+                                                "--zipf-skew", "\(shape.zipfSkew)", "--write-percent", "\(shape.effectiveWritePercent)",
                                                 "--listen", "\(address):0", "--json", "--report-ms", "100", "--key-file", keyFile,
-                                                "--transport", transport.rawValue,
+                                                "--transport", transport.rawValue, "--precopy", precopy,
                                                 "--background-priority", backgroundPriority.rawValue])
         var children = [source]
         func abort(_ why: String) -> ExitCode {
@@ -108,8 +122,12 @@ struct MigrateCommand: ParsableCommand {
         }
         let wait = Double(bootedAt) / 1e9 + before - Double(nowNanoseconds()) / 1e9
         if wait > 0 { usleep(useconds_t(wait * 1e6)) }
-        say("switching over: pausing the source guest")
-        source.send("pause")
+        if precopy == "off" {
+            say("switching over: pausing the source guest")
+        } else {
+            say("migrating: precopy (\(precopy)) while the source guest runs, then the switchover")
+        }
+        source.send("migrate")
         guard let resumed = dest.waitFor(\.resumed, seconds: 60) else { throw abort("the destination guest did not resume") }
         let downtime = Int(exactly: resumed.downtimeNs) ?? -1
         say("destination guest resumed after \(formatDuration(ns: UInt64(max(downtime, 0)))) of downtime; running \(after) s")
@@ -130,6 +148,7 @@ struct MigrateCommand: ParsableCommand {
 
         let paused = source.first(\.paused)
         let pausedAt = paused.map { Int($0.pausedAtNs) } ?? 0
+        let migratingAt = source.first(\.migrating).map { Int($0.tNs) } ?? pausedAt
         let resumedAt = Int(resumed.resumedAtNs)
         // Stop-and-copy has every page in at the first instruction.
         let completedAt = postcopy ? daemon?.first(\.complete).map { Int($0.completedAtNs) } : resumedAt
@@ -140,7 +159,8 @@ struct MigrateCommand: ParsableCommand {
             c.all.compactMap(\.ops).compactMap { e -> Int? in range.contains(Int(e.tNs)) ? e.opsPerS : nil }
         }
         func mean(_ v: [Int]) -> Int? { v.isEmpty ? nil : v.reduce(0, +) / v.count }
-        let beforeOps = rates(source, 0..<pausedAt)
+        let beforeOps = rates(source, 0..<migratingAt)
+        let precopyOps = rates(source, migratingAt..<pausedAt)
         let duringOps = rates(dest, resumedAt..<(completedAt ?? Int.max))
         let afterOps = completedAt.map { rates(dest, $0..<Int.max) } ?? []
         let latency = session?.faultLatency
@@ -160,7 +180,7 @@ struct MigrateCommand: ParsableCommand {
         var result: [String: Any] = [
             "mode": mode.rawValue, "memory_bytes": shape.size.bytes, "workload": workload, "vcpus": vcpus, "transport": transport.rawValue,
             "transport_used": session?.transport ?? (postcopy ? "unknown" : "tcp"),
-            "zipf_skew": shape.zipfSkew,
+            "zipf_skew": shape.zipfSkew, "write_percent": shape.effectiveWritePercent,
             "background_rate": backgroundRate.bytes, "before_seconds": before, "after_seconds": after,
             "downtime_ns": downtime, "ok": ok, "reasons": reasons,
             "downtime_breakdown_ns": ["device_state_received": resumed.deviceStateReceivedNs,
@@ -176,6 +196,13 @@ struct MigrateCommand: ParsableCommand {
             "daemon_cpu_seconds_to_full_copy": session?.cpuSecondsToFullCopy ?? 0,
             "prefetch_pages": 0,
             "ops_per_s_before": beforeOps, "ops_per_s_during": duringOps, "ops_per_s_after": afterOps,
+            "ops_per_s_precopy": precopyOps, "precopy": precopy, "pause_reason": paused?.reason ?? "",
+            "precopy_seconds": Double(pausedAt - migratingAt) / 1e9,
+            "source_precopy": sourceDone?.precopy.flatMap(jsonObject) ?? [String: Any](),
+            "precopy_passes": session?.precopyPasses ?? 0, "precopy_pages": session?.precopyPages ?? 0,
+            "precopy_stale_pages": session?.precopyStalePages ?? 0, "clean_pages_mapped": session?.cleanPagesMapped ?? 0,
+            "clean_page_faults": session?.cleanPageFaults ?? 0, "faults_parked_on_final_set": session?.faultsParkedOnFinalSet ?? 0,
+            "final_set_after_pause_ns": (session?.finalSetAppliedAtNs ?? 0) > 0 ? Int(session!.finalSetAppliedAtNs) - pausedAt : 0,
             "fault_latency": latency.flatMap(jsonObject) ?? [String: Any](),
             "integrity": verified.flatMap { jsonObject(GuestEvent.verified($0)) } ?? [String: Any](),
             "demand_pages": session?.demandPages ?? 0, "background_pages": session?.backgroundPages ?? 0,
@@ -189,6 +216,8 @@ struct MigrateCommand: ParsableCommand {
         if let completedAt {
             let t = Double(completedAt - pausedAt) / 1e9
             result["time_to_full_copy_seconds"] = t
+            // From "migrate" (precopy's start) to every page in: hybrid's cost against pure postcopy.
+            result["total_migration_seconds"] = Double(completedAt - migratingAt) / 1e9
             let bytes = session?.bytesReceived ?? sourceDone?.bytesSent ?? 0
             if t > 0 { result["stream_bytes_per_second"] = Double(bytes) / t }
             if let cpu = session?.cpuSecondsToFullCopy, bytes > 0 { result["daemon_cpu_seconds_per_gib"] = cpu / (Double(bytes) / Double(1 << 30)) }
@@ -206,6 +235,7 @@ struct MigrateCommand: ParsableCommand {
                   time to full copy   \(completedAt.map { fixed(Double($0 - pausedAt) / 1e9, 3) + " s after the pause" } ?? "not reached")
                   guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  
                                       M ops/s every 100 ms: before [\(perSecond(Array(beforeOps.suffix(10))))] during [\(perSecond(duringOps))] after [\(perSecond(Array(afterOps.prefix(10))))]
+                  precopy             \(precopy == "off" ? "off" : "\(precopy): \(sourceDone?.precopy?.passes.count ?? 0) pass(es) of \(sourceDone?.precopy?.passes.map(String.init).joined(separator: ", ") ?? "") pages in \(fixed(Double(pausedAt - migratingAt) / 1e9, 3)) s; paused: \(paused?.reason ?? "?"); final dirty set \(sourceDone?.precopy?.finalDirtyPages.map(String.init) ?? "?") pages, \(session?.cleanPagesMapped ?? 0) clean pages mapped without a transfer; guest ops/s during precopy \(fmtOps(precopyOps))")
                   install path        \(session.map { $0.installPath == "copy" ? "copy (anonymous RAM, UFFDIO_COPY)" : "continue (shared RAM preallocated in \(fixed($0.preallocationSeconds, 3)) s before the switchover, UFFDIO_CONTINUE)" } ?? "none (stop-and-copy)")
                   daemon CPU          \((result["daemon_cpu_seconds_per_gib"] as? Double).map { fixed($0, 3) + " s per GiB received, from the engine's start to the full copy" } ?? "-")
                   pages               \(session?.demandPages ?? 0) demanded, \(session?.backgroundPages ?? 0) streamed, \(session?.faults ?? 0) faults

@@ -97,6 +97,7 @@ struct GuestShape: ParsableArguments {
     @Option(name: .long, help: "Workload: kv, scan, random or zipf.") var workload: Workload = .kv
     @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
     @Option(name: .long, help: "Skew of the zipf distributions (kv keys, zipf page touches), 0.01-0.999.") var zipfSkew: Double = 0.99
+    @Option(name: .long, help: "Percent of operations that write: kv SETs (default 10), or a byte of the page touched (random, zipf; default 0).") var writePercent: Int?
 
     func validate() throws {
         guard size.bytes >= 1 << 20, size.bytes % GuestLimits.pageSize == 0 else {
@@ -104,7 +105,10 @@ struct GuestShape: ParsableArguments {
         }
         guard (1...256).contains(vcpus) else { throw ValidationError("--vcpus must be 1...256") }
         guard zipfSkew > 0, zipfSkew < 1 else { throw ValidationError("--zipf-skew must be between 0 and 1 (exclusive)") }
+        guard (0...100).contains(writePercent ?? 0) else { throw ValidationError("--write-percent must be 0...100") }
     }
+
+    var effectiveWritePercent: Int { writePercent ?? workload.defaultWritePercent }
 }
 
 /// Limits of the reference guests that the CLI checks before starting one.

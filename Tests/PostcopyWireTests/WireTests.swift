@@ -54,6 +54,9 @@ private func allSampleFrames() -> [[UInt8]] {
             Codec.encode(.rdmaRequest(RDMARequest())),
             Codec.encode(.rdmaOffer(RDMAOffer(port: 4791, token: [UInt8](repeating: 5, count: 16), remoteAddress: 0x7f00_0000_0000,
                                               length: 1 << 30, rkey: 0x1234))),
+            Codec.encode(.precopyPassRequest(PrecopyPassRequest(pass: 1))),
+            Codec.encode(.dirtySet(DirtySet(pass: 1, isFinal: false, isLastChunk: true, firstPage: 0, pageCount: 1000,
+                                            runs: [0..<10, 500..<501]))),
         ]
     }
 }

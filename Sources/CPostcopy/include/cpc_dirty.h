@@ -60,12 +60,13 @@ int cpc_uffd_writeprotect(int uffd, uint64_t start, uint64_t len, int protect);
 /// Opens /proc/self/pagemap for PAGEMAP_SCAN. fd or -errno.
 int cpc_pagemap_open(void);
 /// One PAGEMAP_SCAN over [start, end) of pages written since they were last
-/// protected, re-protecting them in the same walk (PM_SCAN_WP_MATCHING, with
-/// PM_SCAN_CHECK_WPASYNC: pages not under async write-protect fail with
-/// -EPERM). Fills up to `vec_len` runs; returns how many, or -errno.
-/// *walk_end receives where the walk stopped (== end when the range is done).
+/// protected; with `reprotect`, protecting them again in the same walk
+/// (PM_SCAN_WP_MATCHING), otherwise only looking. PM_SCAN_CHECK_WPASYNC: pages
+/// not under async write-protect fail with -EPERM. Fills up to `vec_len` runs;
+/// returns how many, or -errno. *walk_end receives where the walk stopped
+/// (== end when the range is done).
 int cpc_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
-                             cpc_page_region *vec, uint64_t vec_len, uint64_t *walk_end);
+                             cpc_page_region *vec, uint64_t vec_len, uint64_t *walk_end, int reprotect);
 
 static const uint64_t CPC_UFFD_FEATURE_WP_ASYNC = UFFD_FEATURE_WP_ASYNC;
 static const uint64_t CPC_UFFD_FEATURE_WP_UNPOPULATED = UFFD_FEATURE_WP_UNPOPULATED;

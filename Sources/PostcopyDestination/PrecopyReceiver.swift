@@ -1,0 +1,227 @@
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+
+/// Precopy at the destination (hybrid migration): before streaming, the
+/// background thread copies the pages of each pass the source hands out into
+/// the alias of shared guest memory, *without mapping them* (`.staged`). The
+/// guest cannot see a staged page: it is not in its page tables, and a fault
+/// on it waits (`parkedOnFinalSet`). Once the source guest paused, the final
+/// dirty set names every page written since it was copied: those go back to
+/// `.missing` (fetched again, after the pause), all others become `.clean` and
+/// are mapped by `UFFDIO_CONTINUE` with no transfer, ahead of the guest or at
+/// its first touch. So a page the source wrote after sending it is never
+/// visible: only bytes read after the pause, or read after the last write
+/// before it, are ever mapped.
+///
+/// The precopied pages live in the guest's own memory file (allocated before
+/// the switchover anyway): no memory outside guest RAM. Anonymous guest memory
+/// (the copy path) has no such place, so it gets no precopy: staging would
+/// cost as much memory as the guest has, and pages installed by UFFDIO_COPY
+/// cannot be taken back by this process.
+extension PostcopyEngine {
+    /// Runs the passes until the final dirty set is applied. False when the
+    /// source went away after every page was in. A broken connection ends
+    /// precopy (every staged page is dropped: fetched again after the pause).
+    func precopyPhase(generation: inout Int, background: inout PageChannel) throws(TransportError) -> Bool {
+        assert(backgroundThread.isCurrent)
+        guard let provider = precopyProvider else { return true }
+        var pass: UInt32 = 1
+        do {
+            while true {
+                let set = try provider(pass)
+                if set.isFinal {
+                    applyFinalSet(set)
+                    logger.info("precopy: final dirty set of \(set.pageCount) pages after \(pass - 1) pass(es): \(set.decision)")
+                    return true
+                }
+                guard try copyPass(set, background) else { return true }  // stopping
+                counters.precopyPasses.add(1, ordering: .relaxed)
+                pass += 1
+            }
+        } catch {
+            switch error {
+            case .unavailable, .peer:
+                // The source cannot (or will not) precopy to us: postcopy does it all.
+                logger.warning("precopy: \(error); postcopy only")
+            default:
+                if error.isConnectionLoss { logger.warning("precopy: \(error); dropping what was precopied, postcopy only") }
+                // Anything but a lost connection (a malformed or out-of-order
+                // set, a reply nobody asked for) fails the session: nothing
+                // staged was ever mapped.
+                guard error.isConnectionLoss else { throw error }
+                if try recover(from: generation, cause: error) == .sourceDone { return false }
+                let now = currentChannels()
+                generation = now.generation
+                guard let b = now.background else { return false }
+                background = b
+            }
+            dropPrecopy()
+            return true
+        }
+    }
+
+    /// Copies the pages of `set` still to copy (missing or staged), at most a
+    /// window in flight, until done or the source reports its guest paused
+    /// (then only what is in flight is waited for). False on shutdown.
+    private func copyPass(_ set: PrecopySet, _ channel: PageChannel) throws(TransportError) -> Bool {
+        let epoll: Epoll
+        do {
+            epoll = try Epoll()
+            try epoll.add(channel.pollDescriptor, for: .channel)
+            try epoll.add(shutdown.fd.raw, for: .shutdown)
+        } catch { throw .local(error) }
+        let window = config.window ?? channel.suggestedWindow ?? 4
+        let requestLimit = channel.suggestedWindow == nil ? window * Self.shortRunsPerBatch : window
+        let pageLimit = window * config.batchPages
+        var (run, page) = (0, set.runs.first?.lowerBound ?? 0)
+        var outstanding = 0, outstandingPages = 0
+        var paused = false
+        var stall = StallWatch(timeout: config.stallTimeout)
+        var tokens: [UInt64] = []
+        while true {
+            while !paused, outstanding < requestLimit, outstandingPages < pageLimit,
+                  let r = claimPrecopyRun(set, run: &run, page: &page) {
+                let (region, p) = table.locate(globalPage: r.first)
+                if outstanding == 0 { stall.progressed() }
+                outstanding += 1
+                outstandingPages += r.count
+                try submit(channel, region: region, page: p, count: r.count, class: .precopy)
+            }
+            if outstanding == 0 { return true }
+            do { try epoll.wait(&tokens, timeoutMs: stall.pollMs) } catch { throw .local(error) }
+            if tokens.contains(.shutdown) { return false }
+            let n = try channel.drainCompletions { (h, payload) throws(TransportError) in
+                if h.sourcePaused { paused = true }
+                outstandingPages -= Int(h.pageCount)
+                try handleCompletion(h, payload, onFaultThread: false)
+            }
+            outstanding -= n
+            if n > 0 { stall.progressed() }
+            try stall.check(inFlight: outstanding, "precopy")
+        }
+    }
+
+    /// Claims the next run of `set` (from `run`/`page`) of pages still to
+    /// copy: missing, or staged by an earlier pass (then written again). At
+    /// most a batch, inside one region. Nil when the set is done.
+    private func claimPrecopyRun(_ set: PrecopySet, run: inout Int, page: inout Int) -> (first: Int, count: Int)? {
+        pages.lock.withLock { () -> (first: Int, count: Int)? in
+            while run < set.runs.count {
+                let r = set.runs[run]
+                if page < r.lowerBound { page = r.lowerBound }
+                while page < r.upperBound, page < pages.count, !Self.copiesInPrecopy(pages.state(page)) { page += 1 }
+                guard page < r.upperBound, page < pages.count else {
+                    run += 1
+                    continue
+                }
+                let first = page
+                let (region, p) = table.locate(globalPage: first)
+                let g = map.region(ofGlobal: first)
+                let end = min(r.upperBound, first - p + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize, first + config.batchPages)
+                while page < end, Self.copiesInPrecopy(pages.state(page)) {
+                    pages.set(page, .inflightPrecopy)
+                    page += 1
+                }
+                return (first, page - first)
+            }
+            return nil
+        }
+    }
+
+    private static func copiesInPrecopy(_ s: PageStates.State) -> Bool { s == .missing || s == .staged }
+
+    /// A precopy reply: its bytes into the alias (received there in place, or
+    /// copied; zeros for a zero reply), the pages staged, not mapped. A page
+    /// the VMM removed meanwhile is zero instead (its reply may have landed
+    /// after the punch: zeroed again).
+    func stage(globalFirst first: Int, count: Int, payload: UnsafeRawBufferPointer?) {
+        assert(backgroundThread.isCurrent)
+        removeGuard.withLock {
+            let alias = aliasBuffer(globalFirst: first, count: count)
+            let dst = UnsafeMutableRawPointer(mutating: alias.baseAddress!)
+            if let payload, payload.count == alias.count {
+                if payload.baseAddress != alias.baseAddress { dst.copyMemory(from: payload.baseAddress!, byteCount: alias.count) }
+            } else {
+                dst.initializeMemory(as: UInt8.self, repeating: 0, count: alias.count)
+            }
+            pages.lock.withLock {
+                for p in first..<(first + count) {
+                    if pages.wasRemovedInflight(p) {
+                        pages.forgetRemovedInflight(p)
+                        (dst + (p - first) * pageSize).initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
+                        pages.set(p, .zero)
+                    } else {
+                        pages.set(p, .staged)
+                    }
+                }
+            }
+        }
+        counters.precopyPages.add(UInt64(count), ordering: .relaxed)
+    }
+
+    /// The final dirty set: its staged pages are stale (missing again), every
+    /// other staged page is clean. Faults parked meanwhile go on.
+    func applyFinalSet(_ set: PrecopySet) {
+        var stale = 0
+        removeGuard.withLock {
+            pages.lock.withLock {
+                for r in set.runs {
+                    for p in r where p < pages.count && pages.state(p) == .staged {
+                        pages.set(p, .missing)
+                        stale += 1
+                    }
+                }
+                var p = 0
+                while let s = pages.next(.staged, from: p) {
+                    pages.set(s, .clean)
+                    p = s + 1
+                }
+                pages.finalSetApplied = true
+            }
+        }
+        counters.precopyStalePages.store(UInt64(stale), ordering: .relaxed)
+        counters.finalSetAppliedAt.store(nowNanoseconds(), ordering: .relaxed)
+        finalSetEvent.signal()
+    }
+
+    /// Precopy ended without a final set: nothing staged is trusted.
+    private func dropPrecopy() {
+        pages.lock.withLock {
+            var p = 0
+            while let s = pages.next(.staged, from: p) {
+                pages.set(s, .missing)
+                p = s + 1
+            }
+            var q = 0
+            while let s = pages.next(.inflightPrecopy, from: q) {
+                pages.set(s, .missing)
+                q = s + 1
+            }
+            pages.finalSetApplied = true
+        }
+        inflight.withLock { $0 = $0.filter { $0.value.pageClass != .precopy } }
+        counters.finalSetAppliedAt.store(nowNanoseconds(), ordering: .relaxed)
+        finalSetEvent.signal()
+    }
+
+    /// Fault thread: the faults parked on precopied pages, handled again now
+    /// that those pages are clean (mapped from the alias) or missing (fetched).
+    func retryParkedFaults() {
+        assert(faultThread.isCurrent)
+        let parked: [(page: Int, address: UInt64)] = pages.lock.withLock {
+            let p = pages.parkedOnFinalSet
+            pages.parkedOnFinalSet = []
+            return p
+        }
+        // The first-fault time stays the one recorded when the fault came.
+        for f in parked { handleFault(address: f.address, at: nowNanoseconds(), again: true) }
+    }
+
+    /// The alias bytes of pages [first, first+count) (one guest region; continue path).
+    func aliasBuffer(globalFirst first: Int, count: Int) -> UnsafeRawBufferPointer {
+        guard case .continue(let deltas, _) = installer else { preconditionFailure("alias of the copy path") }
+        let a = map.address(ofGlobal: first) &+ deltas[map.regionIndex(ofGlobal: first)]
+        return UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(a)), count: count * pageSize)
+    }
+}

@@ -1,0 +1,337 @@
+import CPostcopy
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Precopy at the source: copies RAM to one destination while the guest still
+/// runs, in passes the destination asks for (`PrecopyPassRequest`), and decides
+/// with `PrecopyPolicy` when the guest pauses. Pass 1 is every page holding
+/// data; pass k the pages the `DirtyTracker` says were written since pass k-1
+/// was scanned. Every page of a set is protected again by the scan that
+/// returns it, before the answer leaves, so a page is always read after its
+/// protection: a write racing with the read is in the next set.
+///
+/// After the pause the final set goes out (`DirtySet.isFinal`): the pages
+/// written since the last scan, the pages of the last set the destination had
+/// not fetched yet when the guest paused, and the pages it was sent that are a
+/// hole of the memory file now (a page punched out is zero, not "written").
+/// The destination drops every page it holds from precopy that the final set
+/// names; the others are exactly the source's RAM at the pause.
+public final class PrecopyController: @unchecked Sendable {
+    public let policy: PrecopyPolicy
+    let memory: SourceMemory
+    private let makeTracker: @Sendable () throws -> any DirtyTracker
+    private let requestPause: @Sendable (String) -> Void
+    /// How long after `begin` a destination may take to ask for pass 1 before
+    /// the guest pauses anyway (postcopy only).
+    public let destinationWaitSeconds: Double
+
+    private struct State {
+        var begunAt: UInt64 = 0
+        var owner: UInt64?
+        var tracker: (any DirtyTracker)?
+        var passPages: [Int] = []
+        var passStartedAt: [UInt64] = []
+        /// The last set handed out, and the pages of it served since.
+        var lastSet = DirtyPages()
+        var served: PageBitmap
+        var servedCount = 0
+        var everSent: PageBitmap
+        var bytesSent = 0
+        var decision: String?
+        var decidedAt: UInt64 = 0
+        var pauseRequested = false
+        var final: [DirtySet]?
+        var finalPages = 0
+        var finalScanNanoseconds: UInt64 = 0
+        var protectNanoseconds: UInt64 = 0
+    }
+    private let state: Locked<State>
+    private let begun: EventFD
+
+    /// `requestPause`: pause the guest now (its freeze follows); called once,
+    /// with the reason, from any thread.
+    public init(policy: PrecopyPolicy, memory: SourceMemory, destinationWaitSeconds: Double = 10,
+                tracker: (@Sendable () throws -> any DirtyTracker)? = nil,
+                requestPause: @escaping @Sendable (String) -> Void) throws(SystemError) {
+        self.policy = policy
+        self.memory = memory
+        self.destinationWaitSeconds = destinationWaitSeconds
+        let m = memory.mapping
+        let pageSize = memory.table.pageSize
+        makeTracker = tracker ?? { try WriteProtectTracker(base: m.base, length: m.length, pageSize: pageSize) }
+        self.requestPause = requestPause
+        let pages = memory.table.totalPages
+        state = Locked(State(served: PageBitmap(pages: pages), everSent: PageBitmap(pages: pages)))
+        begun = try EventFD()
+    }
+
+    /// Whether a destination may ask for passes (the welcome's capability).
+    public var offered: Bool { policy.mode != .off }
+
+    /// The operator starts the migration: precopy runs (or, when off, the
+    /// guest pauses at once).
+    public func begin() {
+        let first = state.withLock { s in
+            guard s.begunAt == 0 else { return false }
+            s.begunAt = nowNanoseconds()
+            return true
+        }
+        guard first else { return }
+        guard offered else {
+            pause("precopy is off")
+            return
+        }
+        begun.signal()
+        _ = PThread(name: "src-precopy") { [self] in watch() }
+    }
+
+    /// Pauses the guest once, for `reason` (the first reason is the decision).
+    private func pause(_ reason: String) {
+        let first = state.withLock { s -> Bool in
+            guard !s.pauseRequested else { return false }
+            s.pauseRequested = true
+            s.decidedAt = nowNanoseconds()
+            if s.decision == nil { s.decision = reason }
+            return true
+        }
+        if first { requestPause(reason) }
+    }
+
+    /// Until the pause: gives up on a destination that never asks, and (auto)
+    /// stops a pass whose pages the guest rewrites as fast as they are sent.
+    private func watch() {
+        let t0 = nowNanoseconds()
+        let pageSize = memory.table.pageSize
+        // The previous window's end: pass, pages written since its scan, bytes sent.
+        var last = (pass: 0, written: 0, bytes: 0)
+        var outpaced = 0
+        while !memory.isFrozen {
+            usleep(20_000)
+            let (owner, tracker, done, bytes, paused) = state.withLock {
+                ($0.owner, $0.tracker, $0.passPages.count, $0.bytesSent, $0.pauseRequested)
+            }
+            if paused { return }
+            let elapsed = Double(nowNanoseconds() - t0) / 1e9
+            guard owner != nil, let tracker else {
+                if elapsed > destinationWaitSeconds {
+                    pause("no destination asked for precopy within \(Int(destinationWaitSeconds)) s: postcopy only")
+                    return
+                }
+                continue
+            }
+            guard policy.mode == .auto, let written = try? tracker.peek().count else { continue }
+            // A scan since the last look starts the count of written pages anew.
+            let newlyWritten = done == last.pass ? max(0, written - last.written) : written
+            let sent = (bytes - last.bytes) / pageSize
+            switch policy.outpaced(newlyWritten: newlyWritten, sent: sent) {
+            case true?: outpaced += 1
+            case false?: outpaced = 0
+            case nil: continue  // too little sent to judge: the window goes on
+            }
+            last = (done, written, bytes)
+            if case .stop(let why) = policy.duringPass(windows: outpaced, newlyWritten: newlyWritten, sent: sent, passesDone: done,
+                                                      elapsedSeconds: elapsed, bytesSent: bytes, ramBytes: memory.mapping.length) {
+                pause(why)
+                return
+            }
+        }
+    }
+
+    /// Pages of a precopy request were read and sent (`PageServer`).
+    func noteServed(globalFirst first: Int, count: Int) {
+        state.withLock { s in
+            for p in first..<(first + count) where !s.served.contains(p) {
+                s.served.insert(p)
+                s.servedCount += 1
+                s.everSent.insert(p)
+            }
+            s.bytesSent += count * memory.table.pageSize
+        }
+    }
+
+    /// Whether `session` may fetch precopy pages now (it asked for a pass and
+    /// the final set has not gone out).
+    func mayServe(session: UInt64) -> Bool {
+        state.withLock { $0.owner == session && $0.final == nil && !$0.passPages.isEmpty }
+    }
+
+    /// The answer to pass `pass` of `session`: the set's chunks (final once the
+    /// guest paused). `waitFrozen` waits for the pause and `alive` looks
+    /// without waiting (false: the server stops or the peer left; nil then).
+    func pass(_ pass: UInt32, session: UInt64, alive: () -> Bool, waitFrozen: () -> Bool) throws(TransportError) -> [DirtySet]? {
+        let n = Int(pass)
+        try state.withLock { (s: inout State) throws(TransportError) in
+            if let owner = s.owner, owner != session {
+                throw .protocolViolation("another destination is copying this guest's RAM in precopy (session \(owner))")
+            }
+            if s.final != nil { throw .protocolViolation("precopy pass \(pass) asked for after the final dirty set") }
+            guard n == s.passPages.count + 1 else {
+                throw .protocolViolation("precopy pass \(pass) asked for out of order (expected \(s.passPages.count + 1))")
+            }
+        }
+        // Pass 1's pages, found while the operator has not started: a page
+        // written into a hole after this look is not in pass 1, stays missing
+        // at the destination and goes by postcopy (or a later pass).
+        let data = n == 1 && !memory.isFrozen ? dataPages() : DirtyPages()
+        // The operator's start (or the pause, when it comes first).
+        while state.withLock({ $0.begunAt == 0 }) && !memory.isFrozen {
+            if cpc_poll1(begun.fd.raw, Int16(POLLIN), 200) > 0 { break }
+            if !alive() { return nil }
+        }
+        if memory.isFrozen { return try finalSet(pass) }
+        let t = nowNanoseconds()
+        if n == 1 {
+            let tracker: any DirtyTracker
+            do { tracker = try makeTracker() } catch {
+                // No tracking, no precopy: the destination gets an empty final set and goes postcopy.
+                pause("dirty tracking unavailable (\(error)): postcopy only")
+                guard waitFrozen() else { return nil }
+                return try finalSet(pass)
+            }
+            state.withLock { s in
+                s.owner = session
+                s.tracker = tracker
+                s.protectNanoseconds = (tracker as? WriteProtectTracker)?.protectNanoseconds ?? 0
+                s.lastSet = data
+                s.passPages.append(data.count)
+                s.passStartedAt.append(t)
+            }
+            return chunks(data, pass: pass, final: false)
+        }
+        let (tracker, previous, begunAt, bytes, paused) = state.withLock { ($0.tracker!, $0.passPages.last ?? 0, $0.begunAt, $0.bytesSent, $0.pauseRequested) }
+        let dirty: DirtyPages
+        do { dirty = try tracker.collect() } catch { throw .local(error) }
+        let verdict = paused ? .stop("") : policy.beforePass(n, dirty: dirty.count, previous: previous,
+                                                             elapsedSeconds: Double(t - begunAt) / 1e9, bytesSent: bytes,
+                                                             ramBytes: memory.mapping.length)
+        state.withLock { s in
+            // Every page of the previous set was served (the destination asks
+            // for the next pass when its pass is done) or is in this one.
+            s.lastSet = DirtyPages(runs: dirty.runs + Self.unserved(s.lastSet, s.served))
+            s.served = PageBitmap(pages: memory.table.totalPages)
+            s.servedCount = 0
+        }
+        if case .stop(let why) = verdict {
+            pause(why)
+            guard waitFrozen() else { return nil }
+            return try finalSet(pass)
+        }
+        state.withLock { s in
+            s.passPages.append(dirty.count)
+            s.passStartedAt.append(t)
+        }
+        return chunks(dirty, pass: pass, final: false)
+    }
+
+    /// The runs of `set` whose pages were not served.
+    private static func unserved(_ set: DirtyPages, _ served: PageBitmap) -> [Range<Int>] {
+        var out: [Range<Int>] = []
+        for r in set.runs {
+            var p = r.lowerBound
+            while p < r.upperBound {
+                guard !served.contains(p) else { p += 1; continue }
+                let s = p
+                while p < r.upperBound, !served.contains(p) { p += 1 }
+                out.append(s..<p)
+            }
+        }
+        return out
+    }
+
+    /// After the pause: the final set (computed once; asked again after a
+    /// reconnect, the same).
+    private func finalSet(_ pass: UInt32) throws(TransportError) -> [DirtySet] {
+        let t0 = nowNanoseconds()
+        let (tracker, lastSet, served, everSent) = state.withLock { ($0.tracker, $0.lastSet, $0.served, $0.everSent) }
+        var runs: [Range<Int>] = []
+        if let tracker {
+            do { runs = try tracker.collect().runs } catch { throw .local(error) }
+            runs += Self.unserved(lastSet, served)
+            runs += try notResident(among: everSent)
+        }
+        let set = DirtyPages(runs: runs)
+        return state.withLock { s in
+            if s.decision == nil { s.decision = "paused by the operator" }
+            s.finalPages = set.count
+            s.finalScanNanoseconds = nowNanoseconds() - t0
+            let c = chunks(set, pass: pass, final: true, decision: s.decision!)
+            s.final = c
+            return c
+        }
+    }
+
+    /// The pages of `pages` that are not in memory any more: punched out of
+    /// the memory file (a balloon, a discard) since they were sent, so zero
+    /// now, which write-protect does not report as a write. `mincore` answers
+    /// from the page tables for mapped pages (every page sent was read through
+    /// this mapping) and looks the others up in the page cache; a page
+    /// swapped out counts too (fetched again: never wrong, only slower).
+    private func notResident(among pages: PageBitmap) throws(TransportError) -> [Range<Int>] {
+        let total = memory.table.totalPages
+        let vec = UnsafeMutablePointer<UInt8>.allocate(capacity: total)
+        defer { vec.deallocate() }
+        guard mincore(memory.mapping.base, memory.mapping.length, vec) == 0 else {
+            throw .local(SystemError("mincore of guest RAM", errno: errno))
+        }
+        var out: [Range<Int>] = []
+        for p in 0..<total where vec[p] & 1 == 0 && pages.contains(p) { out.append(p..<(p + 1)) }
+        return out
+    }
+
+    /// Pass 1: every page that holds data (the holes of the memory file are zero pages).
+    private func dataPages() -> DirtyPages {
+        let total = memory.table.totalPages
+        guard let holes = memory.holes else { return DirtyPages(runs: [0..<total]) }
+        let h = holes.holeBits(pages: total, pageSize: memory.table.pageSize)
+        var runs: [Range<Int>] = []
+        var p = 0
+        while p < total {
+            guard !h.contains(p) else { p += 1; continue }
+            let s = p
+            while p < total, !h.contains(p) { p += 1 }
+            runs.append(s..<p)
+        }
+        return DirtyPages(runs: runs)
+    }
+
+    /// `set` as chunks covering every page, in order.
+    private func chunks(_ set: DirtyPages, pass: UInt32, final: Bool, decision: String = "") -> [DirtySet] {
+        let total = UInt64(memory.table.totalPages)
+        var out: [DirtySet] = []
+        var first: UInt64 = 0
+        var i = 0
+        while first < total {
+            let count = min(DirtySet.maxPagesPerChunk, total - first)
+            let end = first + count
+            var runs: [Range<UInt64>] = []
+            while i < set.runs.count, UInt64(set.runs[i].lowerBound) < end {
+                let r = set.runs[i]
+                let lo = max(UInt64(r.lowerBound), first), hi = min(UInt64(r.upperBound), end)
+                runs.append(lo..<hi)
+                if UInt64(r.upperBound) > end { break }  // goes on in the next chunk
+                i += 1
+            }
+            out.append(DirtySet(pass: pass, isFinal: final, isLastChunk: end == total, firstPage: first, pageCount: count,
+                                runs: runs, decision: decision))
+            first = end
+        }
+        return out
+    }
+
+    /// What precopy did, for the report.
+    public var report: PrecopyReport {
+        state.withLock { s in
+            let begunAt = s.begunAt
+            let since: (UInt64) -> Double = { t in t == 0 || begunAt == 0 ? 0 : Double(Int64(bitPattern: t &- begunAt)) / 1e9 }
+            return PrecopyReport(mode: "\(policy.mode)", passes: s.passPages, passStartSeconds: s.passStartedAt.map(since),
+                                 bytesSent: s.bytesSent, decision: s.decision, decisionSeconds: since(s.decidedAt),
+                                 finalDirtyPages: s.final == nil ? nil : s.finalPages,
+                                 finalScanSeconds: Double(s.finalScanNanoseconds) / 1e9, protectSeconds: Double(s.protectNanoseconds) / 1e9)
+        }
+    }
+}
