@@ -36,8 +36,12 @@ public final class EngineCounters: Sendable {
     public let precopyPages = Atomic<UInt64>(0)
     public let precopyStalePages = Atomic<UInt64>(0)
     public let cleanPagesMapped = Atomic<UInt64>(0)
+    /// Clean pages handed to the guest's own page faults (unregistered).
+    public let cleanPagesReleased = Atomic<UInt64>(0)
     public let cleanPageFaults = Atomic<UInt64>(0)
     public let faultsParkedOnFinalSet = Atomic<UInt64>(0)
-    /// When the final dirty set was applied (0: not yet or no precopy).
+    /// When the final dirty set arrived and when it was applied, clean runs
+    /// released (0: not yet or no precopy).
+    public let finalSetReceivedAt = Atomic<UInt64>(0)
     public let finalSetAppliedAt = Atomic<UInt64>(0)
 }

@@ -97,7 +97,7 @@ final class PageStates: @unchecked Sendable {
     var finalSetApplied = true
 
     /// Removes and returns the first-fault time if a guest waited on page p.
-    func takeWaiter(_ p: Int) -> UInt64? { waiting.removeValue(forKey: p) }
+    func takeWaiter(_ p: Int) -> UInt64? { waiting.isEmpty ? nil : waiting.removeValue(forKey: p) }
 
     /// Next missing page at or after `from` (wrapping once), or nil when none.
     func nextMissing(from: Int) -> Int? {

@@ -1,3 +1,4 @@
+import CPostcopy
 import PostcopyCore
 import PostcopyTransport
 import PostcopyWire
@@ -31,6 +32,7 @@ extension PostcopyEngine {
             while true {
                 let set = try provider(pass)
                 if set.isFinal {
+                    counters.finalSetReceivedAt.store(nowNanoseconds(), ordering: .relaxed)
                     applyFinalSet(set)
                     logger.info("precopy: final dirty set of \(set.pageCount) pages after \(pass - 1) pass(es): \(set.decision)")
                     return true
@@ -118,10 +120,23 @@ extension PostcopyEngine {
                 let first = page
                 let (region, p) = table.locate(globalPage: first)
                 let g = map.region(ofGlobal: first)
-                let end = min(r.upperBound, first - p + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize, first + config.batchPages)
-                while page < end, Self.copiesInPrecopy(pages.state(page)) {
-                    pages.set(page, .inflightPrecopy)
-                    page += 1
+                let limit = min(first - p + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize, first + config.batchPages)
+                while true {
+                    let end = min(set.runs[run].upperBound, limit)
+                    while page < end, Self.copiesInPrecopy(pages.state(page)) {
+                        pages.set(page, .inflightPrecopy)
+                        page += 1
+                    }
+                    // A short gap of staged pages before the next run is
+                    // fetched too (once more, harmless): one request instead
+                    // of two, where later passes' pages are scattered.
+                    guard page == set.runs[run].upperBound, run + 1 < set.runs.count else { break }
+                    let next = set.runs[run + 1].lowerBound
+                    guard next - page <= Self.precopyGapPages, next < limit,
+                          (page..<next).allSatisfy({ pages.state($0) == .staged }) else { break }
+                    for q in page..<next { pages.set(q, .inflightPrecopy) }
+                    page = next
+                    run += 1
                 }
                 return (first, page - first)
             }
@@ -130,6 +145,9 @@ extension PostcopyEngine {
     }
 
     private static func copiesInPrecopy(_ s: PageStates.State) -> Bool { s == .missing || s == .staged }
+
+    /// Staged pages fetched again to join two runs of a pass into one request.
+    static let precopyGapPages = 8
 
     /// A precopy reply: its bytes into the alias (received there in place, or
     /// copied; zeros for a zero reply), the pages staged, not mapped. A page
@@ -142,7 +160,8 @@ extension PostcopyEngine {
             let dst = UnsafeMutableRawPointer(mutating: alias.baseAddress!)
             if let payload, payload.count == alias.count {
                 if payload.baseAddress != alias.baseAddress { dst.copyMemory(from: payload.baseAddress!, byteCount: alias.count) }
-            } else {
+            } else if cpc_is_zero(dst, alias.count) == 0 {
+                // Zero pages cost only a look when the file holds zeros already (a fresh one).
                 dst.initializeMemory(as: UInt8.self, repeating: 0, count: alias.count)
             }
             pages.lock.withLock {
@@ -161,7 +180,8 @@ extension PostcopyEngine {
     }
 
     /// The final dirty set: its staged pages are stale (missing again), every
-    /// other staged page is clean. Faults parked meanwhile go on.
+    /// other staged page is clean. Long runs of clean pages leave the
+    /// userfaultfd at once (`releaseCleanRuns`); faults parked meanwhile go on.
     func applyFinalSet(_ set: PrecopySet) {
         var stale = 0
         removeGuard.withLock {
@@ -181,9 +201,58 @@ extension PostcopyEngine {
             }
         }
         counters.precopyStalePages.store(UInt64(stale), ordering: .relaxed)
+        releaseCleanRuns()
         counters.finalSetAppliedAt.store(nowNanoseconds(), ordering: .relaxed)
         finalSetEvent.signal()
     }
+
+    /// Clean pages in runs of at least `releasedRunPages` are settled and
+    /// unregistered from the userfaultfd: the guest's page cache holds them
+    /// as they were at the pause, so its own minor faults map them (about a
+    /// microsecond each, on its own CPU, no message to this daemon), instead
+    /// of one CONTINUE per page here, racing the guest's first touches. Only
+    /// whole runs of clean pages: a page still missing must stay registered
+    /// (unregistered, a hole would read as zeros). Settled before the
+    /// unregister, so a fault that comes in between finds them present and
+    /// is only woken. Shorter runs are mapped by CONTINUE as before.
+    private func releaseCleanRuns() {
+        var runs: [(first: Int, count: Int)] = []
+        pages.lock.withLock {
+            var p = 0
+            while let s = pages.next(.clean, from: p) {
+                let g = map.region(ofGlobal: s)
+                let regionEnd = g.sourceFirstPage + g.size / pageSize
+                var e = s
+                while e < regionEnd, pages.state(e) == .clean { e += 1 }
+                if e - s >= Self.releasedRunPages {
+                    for q in s..<e { pages.set(q, .inflightBackground) }
+                    runs.append((s, e - s))
+                }
+                p = e
+            }
+            // The longest first (most pages to the guest soonest); beyond the
+            // cap, the rest go back to be mapped by CONTINUE.
+            runs.sort { $0.count > $1.count }
+            for r in runs.dropFirst(Self.maxReleasedRuns) { for q in r.first..<(r.first + r.count) { pages.set(q, .clean) } }
+            runs = Array(runs.prefix(Self.maxReleasedRuns))
+        }
+        for r in runs {
+            settle(r.first, r.count, onFaultThread: false)
+            let a = map.address(ofGlobal: r.first)
+            do { try uffd.unregisterAndWake(a..<(a + UInt64(r.count * pageSize))) } catch {
+                // Still registered: its faults are served as present pages (a wake each).
+                logger.warning("precopy: unregistering \(r.count) clean pages at 0x\(String(a, radix: 16)) failed: \(error)")
+                continue
+            }
+            counters.cleanPagesReleased.add(UInt64(r.count), ordering: .relaxed)
+        }
+    }
+
+    /// Clean runs shorter than this are mapped by CONTINUE, and at most
+    /// `maxReleasedRuns` are released (each release splits the guest's memory
+    /// mapping in up to three: the kernel allows 65530 mappings a process).
+    static let releasedRunPages = 32
+    static let maxReleasedRuns = 8192
 
     /// Precopy ended without a final set: nothing staged is trusted.
     private func dropPrecopy() {

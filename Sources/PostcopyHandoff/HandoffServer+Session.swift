@@ -141,9 +141,11 @@ extension HandoffServer {
         report.precopyPages = c.precopyPages.load(ordering: .relaxed)
         report.precopyStalePages = c.precopyStalePages.load(ordering: .relaxed)
         report.cleanPagesMapped = c.cleanPagesMapped.load(ordering: .relaxed)
+        report.cleanPagesReleased = c.cleanPagesReleased.load(ordering: .relaxed)
         report.cleanPageFaults = c.cleanPageFaults.load(ordering: .relaxed)
         report.faultsParkedOnFinalSet = c.faultsParkedOnFinalSet.load(ordering: .relaxed)
         report.finalSetAppliedAtNs = c.finalSetAppliedAt.load(ordering: .relaxed)
+        report.finalSetReceivedAtNs = c.finalSetReceivedAt.load(ordering: .relaxed)
         return report
     }
 }

@@ -53,9 +53,11 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var precopyPages: UInt64 = 0
     public var precopyStalePages: UInt64 = 0
     public var cleanPagesMapped: UInt64 = 0
+    public var cleanPagesReleased: UInt64 = 0
     public var cleanPageFaults: UInt64 = 0
     public var faultsParkedOnFinalSet: UInt64 = 0
     public var finalSetAppliedAtNs: UInt64 = 0
+    public var finalSetReceivedAtNs: UInt64 = 0
 
     enum CodingKeys: String, CodingKey {
         case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
@@ -67,7 +69,7 @@ public struct HandoffSessionReport: Sendable, Codable {
         case installPath = "install_path", preallocationSeconds = "preallocation_seconds"
         case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place", removedInFlight = "removed_in_flight"
         case precopyPasses = "precopy_passes", precopyPages = "precopy_pages", precopyStalePages = "precopy_stale_pages"
-        case cleanPagesMapped = "clean_pages_mapped", cleanPageFaults = "clean_page_faults"
-        case faultsParkedOnFinalSet = "faults_parked_on_final_set", finalSetAppliedAtNs = "final_set_applied_at_ns"
+        case cleanPagesMapped = "clean_pages_mapped", cleanPagesReleased = "clean_pages_released", cleanPageFaults = "clean_page_faults"
+        case faultsParkedOnFinalSet = "faults_parked_on_final_set", finalSetAppliedAtNs = "final_set_applied_at_ns", finalSetReceivedAtNs = "final_set_received_at_ns"
     }
 }

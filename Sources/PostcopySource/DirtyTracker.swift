@@ -9,11 +9,24 @@ import PostcopyCore
 ///
 /// `WriteProtectTracker` implements it with the kernel's async write-protect;
 /// a VMM with its own dirty log (KVM's `KVM_GET_DIRTY_LOG`) can supply one too.
+///
+/// Tracking may start piece by piece (`startTracking`), so that precopy's
+/// first pass can send a piece as soon as it is tracked instead of waiting
+/// until all of RAM is.
 public protocol DirtyTracker: AnyObject, Sendable {
     var pageSize: Int { get }
     var pageCount: Int { get }
-    func collect() throws(SystemError) -> DirtyPages
+    /// From now on, writes to `pages` are tracked.
+    func startTracking(pages: Range<Int>) throws(SystemError)
+    /// The pages of `pages` (tracked ones) written since they were last
+    /// collected or began to be tracked, tracked anew from this instant.
+    func collect(pages: Range<Int>) throws(SystemError) -> DirtyPages
     /// The pages `collect` would return now, without tracking them anew (for a
     /// policy that watches how fast the guest writes).
-    func peek() throws(SystemError) -> DirtyPages
+    func peek(pages: Range<Int>) throws(SystemError) -> DirtyPages
+}
+
+extension DirtyTracker {
+    /// `collect` over every page.
+    public func collect() throws(SystemError) -> DirtyPages { try collect(pages: 0..<pageCount) }
 }

@@ -34,6 +34,12 @@ public final class PrecopyController: @unchecked Sendable {
         var begunAt: UInt64 = 0
         var owner: UInt64?
         var tracker: (any DirtyTracker)?
+        /// Requests answered (pieces of pass 1, then one per pass), and scans done.
+        var requests = 0
+        var collects = 0
+        /// The pages tracked so far: [0, trackedUpTo).
+        var trackedUpTo = 0
+        /// Pages of each pass (pass 1: its pieces together).
         var passPages: [Int] = []
         var passStartedAt: [UInt64] = []
         /// The last set handed out, and the pages of it served since.
@@ -63,7 +69,7 @@ public final class PrecopyController: @unchecked Sendable {
         self.destinationWaitSeconds = destinationWaitSeconds
         let m = memory.mapping
         let pageSize = memory.table.pageSize
-        makeTracker = tracker ?? { try WriteProtectTracker(base: m.base, length: m.length, pageSize: pageSize) }
+        makeTracker = tracker ?? { try WriteProtectTracker(base: m.base, length: m.length, pageSize: pageSize, trackingAll: false) }
         self.requestPause = requestPause
         let pages = memory.table.totalPages
         state = Locked(State(served: PageBitmap(pages: pages), everSent: PageBitmap(pages: pages)))
@@ -112,8 +118,8 @@ public final class PrecopyController: @unchecked Sendable {
         var outpaced = 0
         while !memory.isFrozen {
             usleep(20_000)
-            let (owner, tracker, done, bytes, paused) = state.withLock {
-                ($0.owner, $0.tracker, $0.passPages.count, $0.bytesSent, $0.pauseRequested)
+            let (owner, tracker, done, bytes, paused, tracked, passes) = state.withLock {
+                ($0.owner, $0.tracker, $0.collects, $0.bytesSent, $0.pauseRequested, $0.trackedUpTo, $0.passPages.count)
             }
             if paused { return }
             let elapsed = Double(nowNanoseconds() - t0) / 1e9
@@ -124,7 +130,9 @@ public final class PrecopyController: @unchecked Sendable {
                 }
                 continue
             }
-            guard policy.mode == .auto, let written = try? tracker.peek().count else { continue }
+            // Pass 1 only: later passes are judged by how much they shrink
+            // (their windows also see the hot set rewritten as it is sent).
+            guard policy.mode == .auto, passes == 1, let written = try? tracker.peek(pages: 0..<tracked).count else { continue }
             // A scan since the last look starts the count of written pages anew.
             let newlyWritten = done == last.pass ? max(0, written - last.written) : written
             let sent = (bytes - last.bytes) / pageSize
@@ -134,7 +142,7 @@ public final class PrecopyController: @unchecked Sendable {
             case nil: continue  // too little sent to judge: the window goes on
             }
             last = (done, written, bytes)
-            if case .stop(let why) = policy.duringPass(windows: outpaced, newlyWritten: newlyWritten, sent: sent, passesDone: done,
+            if case .stop(let why) = policy.duringPass(windows: outpaced, newlyWritten: newlyWritten, sent: sent, passesDone: passes,
                                                       elapsedSeconds: elapsed, bytesSent: bytes, ramBytes: memory.mapping.length) {
                 pause(why)
                 return
@@ -157,12 +165,20 @@ public final class PrecopyController: @unchecked Sendable {
     /// Whether `session` may fetch precopy pages now (it asked for a pass and
     /// the final set has not gone out).
     func mayServe(session: UInt64) -> Bool {
-        state.withLock { $0.owner == session && $0.final == nil && !$0.passPages.isEmpty }
+        state.withLock { $0.owner == session && $0.final == nil && $0.requests > 0 }
     }
 
-    /// The answer to pass `pass` of `session`: the set's chunks (final once the
-    /// guest paused). `waitFrozen` waits for the pause and `alive` looks
-    /// without waiting (false: the server stops or the peer left; nil then).
+    /// Pages of pass 1 tracked and handed out at a time: the first pages leave
+    /// after protecting 64 MiB, not all of RAM (which takes 20 ms per GiB on
+    /// an idle machine and several times that under a guest writing hard), so
+    /// that `auto` can judge the guest within tens of ms.
+    public static let piecePages = 16384
+
+    /// The answer to request `pass` of `session`: the set's chunks (final once
+    /// the guest paused). Pass 1 goes out piece by piece, one request each;
+    /// every later request is one pass of the pages written since the last.
+    /// `waitFrozen` waits for the pause and `alive` looks without waiting
+    /// (false: the server stops or the peer left; nil then).
     func pass(_ pass: UInt32, session: UInt64, alive: () -> Bool, waitFrozen: () -> Bool) throws(TransportError) -> [DirtySet]? {
         let n = Int(pass)
         try state.withLock { (s: inout State) throws(TransportError) in
@@ -170,14 +186,10 @@ public final class PrecopyController: @unchecked Sendable {
                 throw .protocolViolation("another destination is copying this guest's RAM in precopy (session \(owner))")
             }
             if s.final != nil { throw .protocolViolation("precopy pass \(pass) asked for after the final dirty set") }
-            guard n == s.passPages.count + 1 else {
-                throw .protocolViolation("precopy pass \(pass) asked for out of order (expected \(s.passPages.count + 1))")
+            guard n == s.requests + 1 else {
+                throw .protocolViolation("precopy pass \(pass) asked for out of order (expected \(s.requests + 1))")
             }
         }
-        // Pass 1's pages, found while the operator has not started: a page
-        // written into a hole after this look is not in pass 1, stays missing
-        // at the destination and goes by postcopy (or a later pass).
-        let data = n == 1 && !memory.isFrozen ? dataPages() : DirtyPages()
         // The operator's start (or the pause, when it comes first).
         while state.withLock({ $0.begunAt == 0 }) && !memory.isFrozen {
             if cpc_poll1(begun.fd.raw, Int16(POLLIN), 200) > 0 { break }
@@ -196,36 +208,66 @@ public final class PrecopyController: @unchecked Sendable {
             state.withLock { s in
                 s.owner = session
                 s.tracker = tracker
-                s.protectNanoseconds = (tracker as? WriteProtectTracker)?.protectNanoseconds ?? 0
-                s.lastSet = data
-                s.passPages.append(data.count)
+                s.passPages.append(0)
                 s.passStartedAt.append(t)
             }
-            return chunks(data, pass: pass, final: false)
         }
-        let (tracker, previous, begunAt, bytes, paused) = state.withLock { ($0.tracker!, $0.passPages.last ?? 0, $0.begunAt, $0.bytesSent, $0.pauseRequested) }
+        let (tracker, tracked, paused) = state.withLock { ($0.tracker!, $0.trackedUpTo, $0.pauseRequested) }
+        let total = memory.table.totalPages
+        if paused {
+            guard waitFrozen() else { return nil }
+            return try finalSet(pass)
+        }
+        if tracked < total {
+            // Pass 1, the next piece: tracked, then handed out whole. Its
+            // holes are answered as zero pages (never read): the destination
+            // holds every page of RAM as it was at the piece's protection, so
+            // the pages not written since are clean at the end, in long runs.
+            let piece = tracked..<min(total, tracked + Self.piecePages)
+            do { try tracker.startTracking(pages: piece) } catch { throw .local(error) }
+            let set = DirtyPages(runs: [piece])
+            return state.withLock { s in
+                s.trackedUpTo = piece.upperBound
+                s.protectNanoseconds = (tracker as? WriteProtectTracker)?.protectNanoseconds ?? 0
+                s.passPages[0] += set.count
+                return handOut(set, pass: pass, &s)
+            }
+        }
+        let (previous, begunAt, bytes) = state.withLock { ($0.passPages.last ?? 0, $0.begunAt, $0.bytesSent) }
         let dirty: DirtyPages
         do { dirty = try tracker.collect() } catch { throw .local(error) }
-        let verdict = paused ? .stop("") : policy.beforePass(n, dirty: dirty.count, previous: previous,
-                                                             elapsedSeconds: Double(t - begunAt) / 1e9, bytesSent: bytes,
-                                                             ramBytes: memory.mapping.length)
-        state.withLock { s in
-            // Every page of the previous set was served (the destination asks
-            // for the next pass when its pass is done) or is in this one.
-            s.lastSet = DirtyPages(runs: dirty.runs + Self.unserved(s.lastSet, s.served))
-            s.served = PageBitmap(pages: memory.table.totalPages)
-            s.servedCount = 0
-        }
+        let real = state.withLock { $0.passPages.count } + 1
+        let verdict = policy.beforePass(real, dirty: dirty.count, previous: previous, elapsedSeconds: Double(t - begunAt) / 1e9,
+                                        bytesSent: bytes, ramBytes: memory.mapping.length)
         if case .stop(let why) = verdict {
+            state.withLock { s in
+                s.collects += 1
+                // Never handed out: the final set carries them.
+                s.lastSet = DirtyPages(runs: dirty.runs + Self.unserved(s.lastSet, s.served))
+                s.served = PageBitmap(pages: total)
+            }
             pause(why)
             guard waitFrozen() else { return nil }
             return try finalSet(pass)
         }
-        state.withLock { s in
+        return state.withLock { s in
+            s.collects += 1
             s.passPages.append(dirty.count)
             s.passStartedAt.append(t)
+            return handOut(dirty, pass: pass, &s)
         }
-        return chunks(dirty, pass: pass, final: false)
+    }
+
+    /// Hands out `set` as request `pass`'s answer, with any page of the last
+    /// set not served yet (none, normally: the destination asks for the next
+    /// request once it fetched the last).
+    private func handOut(_ set: DirtyPages, pass: UInt32, _ s: inout State) -> [DirtySet] {
+        let out = DirtyPages(runs: set.runs + Self.unserved(s.lastSet, s.served))
+        s.lastSet = out
+        s.served = PageBitmap(pages: memory.table.totalPages)
+        s.servedCount = 0
+        s.requests += 1
+        return chunks(out, pass: pass, final: false)
     }
 
     /// The runs of `set` whose pages were not served.
@@ -247,10 +289,11 @@ public final class PrecopyController: @unchecked Sendable {
     /// reconnect, the same).
     private func finalSet(_ pass: UInt32) throws(TransportError) -> [DirtySet] {
         let t0 = nowNanoseconds()
-        let (tracker, lastSet, served, everSent) = state.withLock { ($0.tracker, $0.lastSet, $0.served, $0.everSent) }
+        let (tracker, lastSet, served, everSent, tracked) = state.withLock { ($0.tracker, $0.lastSet, $0.served, $0.everSent, $0.trackedUpTo) }
         var runs: [Range<Int>] = []
         if let tracker {
-            do { runs = try tracker.collect().runs } catch { throw .local(error) }
+            // Pages never tracked were never handed out: the destination has none of them.
+            do { runs = try tracker.collect(pages: 0..<tracked).runs } catch { throw .local(error) }
             runs += Self.unserved(lastSet, served)
             runs += try notResident(among: everSent)
         }
@@ -281,22 +324,6 @@ public final class PrecopyController: @unchecked Sendable {
         var out: [Range<Int>] = []
         for p in 0..<total where vec[p] & 1 == 0 && pages.contains(p) { out.append(p..<(p + 1)) }
         return out
-    }
-
-    /// Pass 1: every page that holds data (the holes of the memory file are zero pages).
-    private func dataPages() -> DirtyPages {
-        let total = memory.table.totalPages
-        guard let holes = memory.holes else { return DirtyPages(runs: [0..<total]) }
-        let h = holes.holeBits(pages: total, pageSize: memory.table.pageSize)
-        var runs: [Range<Int>] = []
-        var p = 0
-        while p < total {
-            guard !h.contains(p) else { p += 1; continue }
-            let s = p
-            while p < total, !h.contains(p) { p += 1 }
-            runs.append(s..<p)
-        }
-        return DirtyPages(runs: runs)
     }
 
     /// `set` as chunks covering every page, in order.

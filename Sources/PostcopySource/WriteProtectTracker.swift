@@ -17,8 +17,9 @@ import Glibc
 public final class WriteProtectTracker: DirtyTracker, @unchecked Sendable {
     public let pageSize: Int
     public let pageCount: Int
-    /// How long protecting the whole range took at start.
-    public let protectNanoseconds: UInt64
+    /// How long protecting took (all pieces so far).
+    public var protectNanoseconds: UInt64 { lock.withLock { protectedFor } }
+    private var protectedFor: UInt64 = 0  // under lock
     private let start: UInt64
     private let length: Int
     private let uffd: OwnedFD
@@ -29,9 +30,10 @@ public final class WriteProtectTracker: DirtyTracker, @unchecked Sendable {
 
     public static let features = CPC_UFFD_FEATURE_WP_ASYNC | CPC_UFFD_FEATURE_WP_UNPOPULATED | CPC_UFFD_FEATURE_WP_HUGETLBFS_SHMEM
 
-    /// Starts tracking `length` bytes at `base` (page-aligned; a mapping of this
-    /// process that no other userfaultfd watches for write-protect).
-    public init(base: UnsafeMutableRawPointer, length: Int, pageSize: Int) throws(SystemError) {
+    /// Registers `length` bytes at `base` (page-aligned; a mapping of this
+    /// process that no other userfaultfd watches for write-protect) and, with
+    /// `trackingAll`, starts tracking all of it (else: `startTracking`).
+    public init(base: UnsafeMutableRawPointer, length: Int, pageSize: Int, trackingAll: Bool = true) throws(SystemError) {
         guard length > 0, length % pageSize == 0, Int(bitPattern: base) % pageSize == 0 else {
             throw SystemError("dirty tracking of \(length) bytes at \(base) with \(pageSize)-byte pages: not page-aligned", errno: EINVAL)
         }
@@ -56,11 +58,20 @@ public final class WriteProtectTracker: DirtyTracker, @unchecked Sendable {
         guard rangeIoctls & CPC_IOCTL_BIT_WRITEPROTECT != 0 else {
             throw SystemError("UFFDIO_REGISTER offers no UFFDIO_WRITEPROTECT on this memory", errno: EOPNOTSUPP)
         }
-        let t0 = nowNanoseconds()
-        _ = try sysCall("UFFDIO_WRITEPROTECT of \(length) bytes") { cpc_uffd_writeprotect(fd.raw, first, UInt64(length), 1) }
-        protectNanoseconds = nowNanoseconds() - t0
         pagemap = OwnedFD(try sysCall("open /proc/self/pagemap") { cpc_pagemap_open() })
         vec = .allocate(capacity: Self.vecLength)
+        if trackingAll { try startTracking(pages: 0..<pageCount) }
+    }
+
+    public func startTracking(pages: Range<Int>) throws(SystemError) {
+        guard !pages.isEmpty else { return }
+        precondition(pages.lowerBound >= 0 && pages.upperBound <= pageCount, "pages \(pages) outside the tracked range")
+        let (fd, at, len) = (uffd.raw, start + UInt64(pages.lowerBound * pageSize), UInt64(pages.count * pageSize))
+        try lock.withLock { () throws(SystemError) in
+            let t0 = nowNanoseconds()
+            _ = try sysCall("UFFDIO_WRITEPROTECT of \(len) bytes") { cpc_uffd_writeprotect(fd, at, len, 1) }
+            protectedFor += nowNanoseconds() - t0
+        }
     }
 
     deinit {
@@ -68,20 +79,24 @@ public final class WriteProtectTracker: DirtyTracker, @unchecked Sendable {
         vec.deallocate()
     }
 
-    public func collect() throws(SystemError) -> DirtyPages { try scan(reprotect: true) }
+    public func collect(pages: Range<Int>) throws(SystemError) -> DirtyPages { try scan(pages, reprotect: true) }
 
-    public func peek() throws(SystemError) -> DirtyPages { try scan(reprotect: false) }
+    public func peek(pages: Range<Int>) throws(SystemError) -> DirtyPages { try scan(pages, reprotect: false) }
 
-    private func scan(reprotect: Bool) throws(SystemError) -> DirtyPages {
-        try lock.withLock { () throws(SystemError) -> DirtyPages in
+    /// Pages never protected count as written (they are not protected): ask
+    /// only about tracked ones.
+    private func scan(_ pages: Range<Int>, reprotect: Bool) throws(SystemError) -> DirtyPages {
+        guard !pages.isEmpty else { return DirtyPages() }
+        precondition(pages.lowerBound >= 0 && pages.upperBound <= pageCount, "pages \(pages) outside the tracked range")
+        return try lock.withLock { () throws(SystemError) -> DirtyPages in
             // A walk may stop before `end` (the vector full, or the kernel's
             // own reasons: seen on 6.18 under CPU load with the vector far from
             // full) and goes on from `walk_end`. The runs of those walks may
             // overlap or come out of order: they are sorted and merged, never
             // assumed in order (assuming it lost pages in the racing-writer test).
             var found: [Range<Int>] = []
-            let end = start + UInt64(length)
-            var from = start
+            let end = start + UInt64(pages.upperBound * pageSize)
+            var from = start + UInt64(pages.lowerBound * pageSize)
             while from < end {
                 var walkEnd: UInt64 = 0
                 let n = try sysCall("PAGEMAP_SCAN of written pages") {

@@ -201,8 +201,10 @@ struct MigrateCommand: ParsableCommand {
             "source_precopy": sourceDone?.precopy.flatMap(jsonObject) ?? [String: Any](),
             "precopy_passes": session?.precopyPasses ?? 0, "precopy_pages": session?.precopyPages ?? 0,
             "precopy_stale_pages": session?.precopyStalePages ?? 0, "clean_pages_mapped": session?.cleanPagesMapped ?? 0,
+            "clean_pages_released": session?.cleanPagesReleased ?? 0,
             "clean_page_faults": session?.cleanPageFaults ?? 0, "faults_parked_on_final_set": session?.faultsParkedOnFinalSet ?? 0,
             "final_set_after_pause_ns": (session?.finalSetAppliedAtNs ?? 0) > 0 ? Int(session!.finalSetAppliedAtNs) - pausedAt : 0,
+            "final_set_received_after_pause_ns": (session?.finalSetReceivedAtNs ?? 0) > 0 ? Int(session!.finalSetReceivedAtNs) - pausedAt : 0,
             "fault_latency": latency.flatMap(jsonObject) ?? [String: Any](),
             "integrity": verified.flatMap { jsonObject(GuestEvent.verified($0)) } ?? [String: Any](),
             "demand_pages": session?.demandPages ?? 0, "background_pages": session?.backgroundPages ?? 0,
@@ -235,7 +237,7 @@ struct MigrateCommand: ParsableCommand {
                   time to full copy   \(completedAt.map { fixed(Double($0 - pausedAt) / 1e9, 3) + " s after the pause" } ?? "not reached")
                   guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  
                                       M ops/s every 100 ms: before [\(perSecond(Array(beforeOps.suffix(10))))] during [\(perSecond(duringOps))] after [\(perSecond(Array(afterOps.prefix(10))))]
-                  precopy             \(precopy == "off" ? "off" : "\(precopy): \(sourceDone?.precopy?.passes.count ?? 0) pass(es) of \(sourceDone?.precopy?.passes.map(String.init).joined(separator: ", ") ?? "") pages in \(fixed(Double(pausedAt - migratingAt) / 1e9, 3)) s; paused: \(paused?.reason ?? "?"); final dirty set \(sourceDone?.precopy?.finalDirtyPages.map(String.init) ?? "?") pages, \(session?.cleanPagesMapped ?? 0) clean pages mapped without a transfer; guest ops/s during precopy \(fmtOps(precopyOps))")
+                  precopy             \(precopy == "off" ? "off" : "\(precopy): \(sourceDone?.precopy?.passes.count ?? 0) pass(es) of \(sourceDone?.precopy?.passes.map(String.init).joined(separator: ", ") ?? "") pages in \(fixed(Double(pausedAt - migratingAt) / 1e9, 3)) s; paused: \(paused?.reason ?? "?"); final dirty set \(sourceDone?.precopy?.finalDirtyPages.map(String.init) ?? "?") pages, \(session?.cleanPagesReleased ?? 0) clean pages left to the guest's own faults and \(session?.cleanPagesMapped ?? 0) mapped, without a transfer; guest ops/s during precopy \(fmtOps(precopyOps))")
                   install path        \(session.map { $0.installPath == "copy" ? "copy (anonymous RAM, UFFDIO_COPY)" : "continue (shared RAM preallocated in \(fixed($0.preallocationSeconds, 3)) s before the switchover, UFFDIO_CONTINUE)" } ?? "none (stop-and-copy)")
                   daemon CPU          \((result["daemon_cpu_seconds_per_gib"] as? Double).map { fixed($0, 3) + " s per GiB received, from the engine's start to the full copy" } ?? "-")
                   pages               \(session?.demandPages ?? 0) demanded, \(session?.backgroundPages ?? 0) streamed, \(session?.faults ?? 0) faults
