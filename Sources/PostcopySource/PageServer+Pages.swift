@@ -26,11 +26,11 @@ extension PageServer {
         // Read before any page is: replies flagged paused hold RAM as it is at the pause.
         let paused = memory.isFrozen
         let precopying = precopy?.mayServe(session: session.id) == true
-        guard paused || (precopying && requests.allSatisfy({ $0.pageClass == .precopy })) else {
-            throw .protocolViolation("page request before the guest paused (its RAM is still changing)")
-        }
         if !precopying, let r = requests.first(where: { $0.pageClass == .precopy }) {
             throw .protocolViolation("precopy page request \(r.requestID) outside a precopy pass (none asked for, or the final dirty set was sent)")
+        }
+        guard paused || requests.allSatisfy({ $0.pageClass == .precopy }) else {
+            throw .protocolViolation("page request before the guest paused (its RAM is still changing)")
         }
         let table = memory.table
         let pageSize = table.pageSize

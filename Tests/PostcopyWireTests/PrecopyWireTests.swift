@@ -45,7 +45,8 @@ private func dirtySet(_ bytes: [UInt8]) throws -> DirtySet {
 
     /// Malformed sets are refused by the decoder, whatever the sender meant.
     @Test func malformedDirtySetsAreRefused() throws {
-        let good = Codec.encode(.dirtySet(DirtySet(pass: 1, isFinal: false, isLastChunk: true, firstPage: 0, pageCount: 100,
+        // 1000 pages, two runs: encoded as runs (20 bytes against a 125-byte bitmap).
+        let good = Codec.encode(.dirtySet(DirtySet(pass: 1, isFinal: false, isLastChunk: true, firstPage: 0, pageCount: 1000,
                                                    runs: [2..<4, 10..<12])))
         // Layout after the 8-byte frame header: pass u32, flags u8, first u64, count u64, decision (u16 + bytes), runCount u32, runs.
         let runs = 8 + 4 + 1 + 8 + 8 + 2
@@ -58,7 +59,8 @@ private func dirtySet(_ bytes: [UInt8]) throws -> DirtySet {
         #expect(throws: WireError.self) { _ = try decode(patched(8 + 5 + 8, [0, 0, 0, 0, 0, 0, 0, 0])) }  // empty chunk
         #expect(throws: WireError.self) { _ = try decode(patched(runs + 4 + 8, [1, 0, 0, 0])) }      // second run before the first's end
         #expect(throws: WireError.self) { _ = try decode(patched(runs + 4 + 8, [4, 0, 0, 0])) }      // touching the first (not merged)
-        #expect(throws: WireError.self) { _ = try decode(patched(runs + 4 + 8, [99, 0, 0, 0])) }     // past the chunk's end
+        #expect(try dirtySet(good).runs == [2..<4, 10..<12])
+        #expect(throws: WireError.self) { _ = try decode(patched(runs + 4 + 8, [0xE7, 0x03, 0, 0])) } // past the chunk's end (999 + 2)
         #expect(throws: WireError.self) { _ = try decode(patched(runs + 4 + 4, [0, 0, 0, 0])) }      // an empty run
         #expect(throws: WireError.self) { _ = try decode(patched(runs, [3, 0, 0, 0])) }              // more runs than bytes
         #expect(throws: WireError.self) { _ = try decode(Codec.encode(.precopyPassRequest(PrecopyPassRequest(pass: 0)))) }
