@@ -154,6 +154,28 @@ struct MigrateCLITests {
             #expect(before.count > 0 && later.count > 0, "ops/s reported before \(before), later \(later)")
         }
     }
+
+    /// Hybrid, as an operator runs it: precopy passes while the guest writes
+    /// (a zipf hot set), then postcopy for what is still dirty; byte-exact
+    /// against the source at the pause, and the report says what precopy did.
+    @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
+    func hybridMigrationPrecopiesThenPostcopiesWithIntegrity() throws {
+        let r = try runCLI(["migrate", "--size", "64M", "--before", "1", "--after", "1", "--workload", "zipf", "--write-percent", "2",
+                            "--precopy", "3", "--json"])
+        #expect(r.status == 0, "migrate failed: \(r.stderr)")
+        let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        #expect(o?["ok"] as? Bool == true)
+        let integrity = o?["integrity"] as? [String: Any]
+        #expect(integrity?["pages_mismatched"] as? Int == 0)
+        #expect(integrity?["pages_verified"] as? Int == (64 << 20) / 4096)
+        let source = o?["source_precopy"] as? [String: Any]
+        #expect((source?["passes"] as? [Int] ?? []).count == 3, "passes: \(source ?? [:])")
+        #expect((source?["decision"] as? String ?? "").contains("3 precopy passes"))
+        #expect((o?["precopy_pages"] as? Int ?? 0) >= (64 << 20) / 4096, "pass 1 covers every page")
+        #expect((o?["clean_pages_released"] as? Int ?? 0) + (o?["clean_pages_mapped"] as? Int ?? 0) > 0)
+        #expect((o?["pause_reason"] as? String ?? "").contains("passes"))
+        #expect((o?["total_migration_seconds"] as? Double ?? 0) >= (o?["time_to_full_copy_seconds"] as? Double ?? 1))
+    }
 }
 
 @Suite("postcopy-bench", .serialized, .enabled(if: postcopyBinary != nil, "postcopy binary not built"))
