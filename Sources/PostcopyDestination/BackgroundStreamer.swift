@@ -39,7 +39,11 @@ extension PostcopyEngine {
         var generation = channels.generation
         guard var background = channels.background else { return }
         guard try precopyPhase(generation: &generation, background: &background) else { return }
-        if let zeroMapProvider {
+        // After precopy the missing pages are the stale ones (a zero map would
+        // only delay them, and make the source scan RAM while the guest
+        // starts), unless precopy stopped early.
+        let precopied = precopyProvider != nil && pages.lock.withLock { pages.count(of: .missing) < pages.count / 8 }
+        if let zeroMapProvider, !precopied {
             guard try applyZeroMaps(from: zeroMapProvider, generation: &generation, background: &background) else { return }
         }
         let epoll: Epoll

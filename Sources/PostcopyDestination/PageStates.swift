@@ -63,6 +63,24 @@ final class PageStates: @unchecked Sendable {
         states[p] = s.rawValue
     }
 
+    /// How many pages from `first` (before `end`) are in state `s`.
+    func runLength(from first: Int, in s: State, end: Int) -> Int {
+        var e = first
+        while e < end, states[e] == s.rawValue { e += 1 }
+        return e - first
+    }
+
+    /// Sets pages [first, first+count), all unsettled and in one state, to
+    /// `s` in one write; when `s` settles them, returns the first-fault times
+    /// of those a guest waits on.
+    func setRun(_ first: Int, _ count: Int, to s: State) -> [UInt64] {
+        let isSettled = s == .zero || s == .present
+        if isSettled { settled += count }
+        (states + first).initialize(repeating: s.rawValue, count: count)
+        guard isSettled, !waiting.isEmpty else { return [] }
+        return (first..<(first + count)).compactMap { waiting.removeValue(forKey: $0) }
+    }
+
     func markFaulted(_ p: Int, at t: UInt64) {
         cpc_store_u8(faulted + p, 1)
         if waiting[p] == nil { waiting[p] = t }

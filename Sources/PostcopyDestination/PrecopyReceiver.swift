@@ -212,32 +212,35 @@ extension PostcopyEngine {
     /// microsecond each, on its own CPU, no message to this daemon), instead
     /// of one CONTINUE per page here, racing the guest's first touches. Only
     /// whole runs of clean pages: a page still missing must stay registered
-    /// (unregistered, a hole would read as zeros). Settled before the
-    /// unregister, so a fault that comes in between finds them present and
-    /// is only woken. Shorter runs are mapped by CONTINUE as before.
+    /// (unregistered, a hole would read as zeros). The longest runs go first,
+    /// each claimed just before its release (a fault meanwhile on a clean
+    /// page not yet released is served at once, by fault-around), and settled
+    /// before the unregister, so a fault that comes in between finds them
+    /// present and is only woken. Shorter runs are mapped by CONTINUE.
     private func releaseCleanRuns() {
         var runs: [(first: Int, count: Int)] = []
         pages.lock.withLock {
             var p = 0
             while let s = pages.next(.clean, from: p) {
                 let g = map.region(ofGlobal: s)
-                let regionEnd = g.sourceFirstPage + g.size / pageSize
-                var e = s
-                while e < regionEnd, pages.state(e) == .clean { e += 1 }
-                if e - s >= Self.releasedRunPages {
-                    for q in s..<e { pages.set(q, .inflightBackground) }
-                    runs.append((s, e - s))
-                }
-                p = e
+                let n = pages.runLength(from: s, in: .clean, end: g.sourceFirstPage + g.size / pageSize)
+                if n >= Self.releasedRunPages { runs.append((s, n)) }
+                p = s + n
             }
-            // The longest first (most pages to the guest soonest); beyond the
-            // cap, the rest go back to be mapped by CONTINUE.
-            runs.sort { $0.count > $1.count }
-            for r in runs.dropFirst(Self.maxReleasedRuns) { for q in r.first..<(r.first + r.count) { pages.set(q, .clean) } }
-            runs = Array(runs.prefix(Self.maxReleasedRuns))
         }
-        for r in runs {
-            settle(r.first, r.count, onFaultThread: false)
+        runs.sort { $0.count > $1.count }
+        for r in runs.prefix(Self.maxReleasedRuns) {
+            let now = nowNanoseconds()
+            let claimed: (waits: [UInt64], complete: Bool)? = pages.lock.withLock {
+                // Fault-around may have taken some of it meanwhile: then it is not one run any more.
+                guard pages.runLength(from: r.first, in: .clean, end: r.first + r.count) == r.count else { return nil }
+                let w = pages.setRun(r.first, r.count, to: .present)
+                counters.settledPages.store(pages.settled, ordering: .relaxed)
+                return (w, pages.isComplete)
+            }
+            guard let claimed else { continue }
+            for t0 in claimed.waits { latencyOnBackgroundThread.record(nanoseconds: now - min(t0, now)) }
+            if claimed.complete { markComplete(at: now) }
             let a = map.address(ofGlobal: r.first)
             do { try uffd.unregisterAndWake(a..<(a + UInt64(r.count * pageSize))) } catch {
                 // Still registered: its faults are served as present pages (a wake each).
@@ -251,7 +254,7 @@ extension PostcopyEngine {
     /// Clean runs shorter than this are mapped by CONTINUE, and at most
     /// `maxReleasedRuns` are released (each release splits the guest's memory
     /// mapping in up to three: the kernel allows 65530 mappings a process).
-    static let releasedRunPages = 32
+    static let releasedRunPages = 256
     static let maxReleasedRuns = 8192
 
     /// Precopy ended without a final set: nothing staged is trusted.

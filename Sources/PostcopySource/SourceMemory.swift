@@ -32,6 +32,10 @@ public final class SourceMemory: Sendable {
     private let scannedEvent: EventFD
     /// Signalled when the digests are wanted: see `wantDigests`.
     private let digestsWanted: EventFD
+    /// Signalled when the zero pages are wanted (a zero map asked for, or the
+    /// digests): a destination that precopied RAM needs none, and the pass
+    /// would take CPU from its guest's first moments.
+    private let zerosWanted: EventFD
 
     /// Serves `mapping` as one region. Call `freeze` when the guest is paused.
     /// `file`: the memory file mapped at offset 0 (duplicated, so the caller
@@ -47,6 +51,7 @@ public final class SourceMemory: Sendable {
         zerosEvent = try EventFD()
         scannedEvent = try EventFD()
         digestsWanted = try EventFD()
+        zerosWanted = try EventFD()
     }
 
     /// Maps a memory file nobody writes any more, read-only, freezes and scans it now.
@@ -76,7 +81,11 @@ public final class SourceMemory: Sendable {
         // (every page sent, or someone asks), then run at nice 10, so that they
         // never take CPU from the stream or the demand faults.
         let scanner = MemoryScanner(mapping: mapping, pageSize: table.pageSize, holes: holes)
+        let zerosWanted = self.zerosWanted
         let t = PThread(name: "src-scan") { [weak self] in
+            while cpc_poll1(zerosWanted.fd.raw, Int16(POLLIN), 1000) == 0 {
+                if self == nil { return }  // nobody will ever ask
+            }
             let zeros = scanner.zeroPages()
             guard let wanted = self?.publish(zeros: zeros) else { return }
             while cpc_poll1(wanted.fd.raw, Int16(POLLIN), 1000) == 0 {
@@ -102,7 +111,10 @@ public final class SourceMemory: Sendable {
 
     /// Starts the digest pass of the scan (once frozen) if it waits: called
     /// when every page holding data was sent, and by `waitForScan`.
-    public func wantDigests() { digestsWanted.signal() }
+    public func wantDigests() {
+        zerosWanted.signal()
+        digestsWanted.signal()
+    }
 
     /// When a page was last served (or the guest paused): see `idleNanoseconds`.
     private let lastServed = Atomic<UInt64>(0)
@@ -128,7 +140,8 @@ public final class SourceMemory: Sendable {
 
     /// The zero pages once the first half of the scan is done.
     public func waitForZeroPages(timeoutMs: Int = -1) -> ZeroPages? {
-        wait(zerosEvent, timeoutMs: timeoutMs) { $0.zeros }
+        zerosWanted.signal()
+        return wait(zerosEvent, timeoutMs: timeoutMs) { $0.zeros }
     }
 
     /// The scan once done.

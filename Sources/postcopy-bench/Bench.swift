@@ -51,7 +51,9 @@ struct PostcopyBench: ParsableCommand {
     @Option(name: .long, help: "Workloads: kv, scan, random, zipf (comma-separated).") var workloads: String = "kv"
     @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
     @Option(name: .long, help: "Skew of the zipf distributions (kv keys, zipf page touches), 0.01-0.999.") var zipfSkew: Double = 0.99
-    @Option(name: .long, help: "Migration modes: postcopy, stop-and-copy, postcopy-blocking and postcopy-apf (comma-separated); the last two run the task guest at the destination (--tasks per vCPU, random reads) with blocking or asynchronous page faults.") var modes: String = "postcopy,stop-and-copy"
+    @Option(name: .long, help: "Migration modes: postcopy, hybrid (precopy passes while the source guest runs, --precopy policy, then postcopy; shared memory only), stop-and-copy, postcopy-blocking and postcopy-apf (comma-separated); the last two run the task guest at the destination (--tasks per vCPU, random reads) with blocking or asynchronous page faults.") var modes: String = "postcopy,stop-and-copy"
+    @Option(name: .long, help: "The hybrid mode's precopy policy: auto or a number of passes.") var precopy: String = "auto"
+    @Option(name: .long, help: "Percent of the guest's operations that write (kv default 10, random and zipf default 0).") var writePercent: Int?
     @Option(name: .long, help: "Install paths of the postcopy modes: continue (shared guest RAM, preallocated, UFFDIO_CONTINUE) and copy (anonymous guest RAM, UFFDIO_COPY), comma-separated; both run in one bench for a side-by-side.") var install: String = "continue"
     @Option(name: .long, help: "Write sizes of the raw loopback TCP stream baselines (4K, and the transport's batch: 512K).") var streamWriteSizes: String = "4K,512K"
     @Option(name: .long, help: "Tasks per vCPU thread of the task guest (postcopy-blocking, postcopy-apf).") var tasks: Int = 8
@@ -71,7 +73,9 @@ struct PostcopyBench: ParsableCommand {
     func validate() throws {
         for s in list(sizes) where parseByteSize(s) == nil { throw ValidationError("bad size '\(s)'") }
         for w in list(workloads) where !["kv", "scan", "random", "zipf"].contains(w) { throw ValidationError("bad workload '\(w)'") }
-        for m in list(modes) where !["postcopy", "stop-and-copy", "postcopy-blocking", "postcopy-apf"].contains(m) { throw ValidationError("bad mode '\(m)'") }
+        for m in list(modes) where !["postcopy", "hybrid", "stop-and-copy", "postcopy-blocking", "postcopy-apf"].contains(m) { throw ValidationError("bad mode '\(m)'") }
+        guard precopy == "auto" || (Int(precopy).map { (1...64).contains($0) } ?? false) else { throw ValidationError("--precopy must be auto or 1...64 passes") }
+        guard (0...100).contains(writePercent ?? 0) else { throw ValidationError("--write-percent must be 0...100") }
         guard tasks >= 1, workWindowMs >= 1 else { throw ValidationError("--tasks and --work-window-ms must be positive") }
         for i in list(install) where !["copy", "continue"].contains(i) { throw ValidationError("bad install path '\(i)' (copy, continue)") }
         guard !list(install).isEmpty else { throw ValidationError("--install needs copy, continue or both") }
@@ -117,22 +121,25 @@ struct PostcopyBench: ParsableCommand {
             for size in list(sizes) {
                 for workload in list(workloads) {
                     for mode in list(modes) {
-                      // Stop-and-copy installs nothing through the daemon: once.
-                      for inst in mode == "stop-and-copy" ? ["none"] : list(install) {
+                      // Stop-and-copy installs nothing through the daemon: once;
+                      // hybrid precopies into shared memory only.
+                      for inst in mode == "stop-and-copy" ? ["none"] : mode == "hybrid" ? ["continue"] : list(install) {
                         for i in 1...`repeat` {
                             say("\(transport) \(size) \(workload) \(mode)\(inst == "none" ? "" : " (\(inst))") run \(i)/\(`repeat`)...")
                             let taskMode = mode.hasPrefix("postcopy-")
                             let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
-                                        "--mode", taskMode ? "postcopy" : mode, "--zipf-skew", "\(zipfSkew)",
+                                        "--mode", taskMode || mode == "hybrid" ? "postcopy" : mode, "--zipf-skew", "\(zipfSkew)",
                                         "--transport", transport, "--background-rate", backgroundRate, "--background-priority", backgroundPriority,
                                         "--before", "\(before)", "--after", "\(after)", "--json"]
                                 + (taskMode ? ["--tasks", "\(tasks)", "--work-window-ms", "\(workWindowMs)"] : [])
                                 + (mode == "postcopy-apf" ? ["--apf"] : [])
+                                + (mode == "hybrid" ? ["--precopy", precopy] : [])
+                                + (writePercent.map { ["--write-percent", "\($0)"] } ?? [])
                                 + (inst == "none" ? [] : ["--memory", inst == "continue" ? "shared" : "anonymous"])
                             let r = try runPostcopy(args)
                             var run = r.json ?? [:]
                             run["config"] = ["size": size, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus,
-                                             "zipf_skew": zipfSkew,
+                                             "zipf_skew": zipfSkew, "write_percent": writePercent ?? -1, "precopy": mode == "hybrid" ? precopy : "off",
                                              "mode": mode, "install": inst, "transport": transport, "background_rate": parseByteSize(backgroundRate)!,
                                              "background_priority": backgroundPriority, "before_seconds": before, "after_seconds": after, "repeat_index": i]
                             if r.status != 0 || run["ok"] as? Bool != true {
@@ -151,7 +158,8 @@ struct PostcopyBench: ParsableCommand {
         // Ratios against the baselines of this run.
         for i in runs.indices {
             guard let cfg = runs[i]["config"] as? [String: Any] else { continue }
-            if cfg["mode"] as? String == "postcopy", let p50 = (runs[i]["fault_latency"] as? [String: Any])?["p50_ns"] as? Int, a + b > 0 {
+            let postcopyLike = ["postcopy", "hybrid"].contains(cfg["mode"] as? String ?? "")
+            if postcopyLike, let p50 = (runs[i]["fault_latency"] as? [String: Any])?["p50_ns"] as? Int, a + b > 0 {
                 runs[i]["fault_p50_over_tcp_rtt_plus_uffd_fault"] = Double(p50) / Double(a + b)
             }
             let peer = runs.first {
@@ -160,7 +168,7 @@ struct PostcopyBench: ParsableCommand {
                     && c?["workload"] as? String == cfg["workload"] as? String && c?["transport"] as? String == cfg["transport"] as? String
                     && $0["ok"] as? Bool == true
             }
-            if cfg["mode"] as? String == "postcopy", let d = runs[i]["downtime_ns"] as? Int, let sd = peer?["downtime_ns"] as? Int, sd > 0 {
+            if postcopyLike, let d = runs[i]["downtime_ns"] as? Int, let sd = peer?["downtime_ns"] as? Int, sd > 0 {
                 runs[i]["downtime_over_stop_and_copy"] = Double(d) / Double(sd)
             }
             if let bytes = runs[i]["bytes_received"] as? Int, let mem = cfg["memory_bytes"] as? Int, mem > 0 {
@@ -169,12 +177,14 @@ struct PostcopyBench: ParsableCommand {
         }
         let apf = apfSummary(runs)
         let installs = installSummary(runs, streams: streams)
+        let hybrids = hybridSummary(runs)
         let config: [String: Any] = ["tasks": tasks, "work_window_ms": workWindowMs, "sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "zipf_skew": zipfSkew, "modes": list(modes),
                                      "install": list(install), "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!, "background_priority": backgroundPriority,
-                                     "repeat": `repeat`, "before_seconds": before, "after_seconds": after]
+                                     "repeat": `repeat`, "before_seconds": before, "after_seconds": after,
+                                     "precopy": precopy, "write_percent": writePercent ?? -1]
         let doc: [String: Any] = ["schema_version": 1, "tool": "postcopy-bench", "started_at": ISO8601DateFormatter().string(from: Date()),
                                   "machine": machine, "config": config, "baselines": baselines, "runs": runs, "failures": failures,
-                                  "apf_summary": apf, "install_summary": installs]
+                                  "apf_summary": apf, "install_summary": installs, "hybrid_summary": hybrids]
         if let plot { try writePlots(runs, to: plot) }
         let d = try JSONSerialization.data(withJSONObject: doc, options: [.sortedKeys, .prettyPrinted])
         if let output { try (d + Data("\n".utf8)).write(to: URL(fileURLWithPath: output)) }
@@ -186,6 +196,7 @@ struct PostcopyBench: ParsableCommand {
                 print("raw loopback TCP stream, \(s["write_size"] ?? 0)-byte writes: \(fixed((s["bytes_per_second"] as? Double ?? 0) / Double(1 << 30), 2)) GiB/s, receiver CPU \(fixed(s["receiver_cpu_seconds_per_gib"] as? Double ?? 0, 3)) s/GiB")
             }
             for s in installs { print(s["line"] as? String ?? "") }
+            for s in hybrids { print(s["line"] as? String ?? "") }
             for s in apf {
                 let f: (Any?) -> String = { v in (v as? Double).map { fixed($0, 2) } ?? "-" }
                 print("APF \(s["transport"] ?? "") \(s["size"] ?? "") \(s["install"] ?? "") (\(tasks) tasks per vCPU, random reads): work in the first \(workWindowMs) ms after resuming, "
@@ -219,7 +230,7 @@ struct PostcopyBench: ParsableCommand {
                 (r["time_to_full_copy_seconds"] as? Double).map { fixed($0, 3) + " s" } ?? "-",
                 us(l["p50_ns"]), (r["fault_p50_over_tcp_rtt_plus_uffd_fault"] as? Double).map { fixed($0, 2) } ?? "-",
                 us(l["p99_ns"]), us(l["p999_ns"]), us(l["max_ns"]),
-                c["mode"] as? String == "postcopy" ? (r["stall_seconds"] as? Double).map { fixed($0, 3) + " s" } ?? "-" : "-",
+                ["postcopy", "hybrid"].contains(c["mode"] as? String ?? "") ? (r["stall_seconds"] as? Double).map { fixed($0, 3) + " s" } ?? "-" : "-",
                 mean("ops_per_s_before"), mean("ops_per_s_during"), mean("ops_per_s_after"),
                 "\(r["demand_pages"] ?? "-")", "\(r["background_pages"] ?? "-")", "\(r["zero_pages"] ?? "-")",
                 (r["bytes_per_guest_page"] as? Double).map { fixed($0, 0) } ?? "-",

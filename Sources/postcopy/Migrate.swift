@@ -196,7 +196,10 @@ struct MigrateCommand: ParsableCommand {
             "daemon_cpu_seconds_to_full_copy": session?.cpuSecondsToFullCopy ?? 0,
             "prefetch_pages": 0,
             "ops_per_s_before": beforeOps, "ops_per_s_during": duringOps, "ops_per_s_after": afterOps,
-            "ops_per_s_precopy": precopyOps, "precopy": precopy, "pause_reason": paused?.reason ?? "",
+            "ops_per_s_precopy": precopyOps,
+            // The destination's first report covers its first 100 ms: the
+            // guest's speed right after the switch, however short postcopy was.
+            "ops_per_s_first_at_destination": rates(dest, resumedAt..<Int.max).first ?? 0, "precopy": precopy, "pause_reason": paused?.reason ?? "",
             "precopy_seconds": Double(pausedAt - migratingAt) / 1e9,
             "source_precopy": sourceDone?.precopy.flatMap(jsonObject) ?? [String: Any](),
             "precopy_passes": session?.precopyPasses ?? 0, "precopy_pages": session?.precopyPages ?? 0,
