@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Hybrid (precopy → postcopy) against pure postcopy, same script, same machine:
+#   1. zipf guest with a written hot set (--write-percent 1), 1 GiB: demand faults,
+#      vCPU stall and the guest's first 100 ms at the destination, hybrid vs postcopy;
+#   2. a guest writing random pages (random, --write-percent 100), 1 GiB:
+#      total migration time ("migrate" to every page in) of --precopy auto
+#      against pure postcopy, alternated, and what auto decided;
+#   3. integrity: INTEGRITY_RUNS consecutive hybrid migrations of mixed
+#      workloads, sizes and policies, each checked page by page against the
+#      source's RAM at the pause (and every key-value checksum);
+#   4. downtime at DOWNTIME_SIZES, hybrid and pure postcopy (zipf guest).
+# Results: $OUT/hybrid-*.json (postcopy-bench documents) and $OUT/hybrid-integrity.txt.
+#
+# Usage: bash bench/hybrid.sh              (about 15 minutes with 8G in the downtime series)
+# Env:   PARTS ("zipf writer integrity downtime")  REPEAT (3)  WRITER_REPEAT (5)
+#        INTEGRITY_RUNS (20)  DOWNTIME_SIZES (1G,4G,8G)  OUT (bench/latest)
+# CI runs a reduced form: PARTS=integrity INTEGRITY_RUNS=3 INTEGRITY_SIZES="64M 128M".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PARTS=${PARTS:-zipf writer integrity downtime}
+REPEAT=${REPEAT:-3}
+WRITER_REPEAT=${WRITER_REPEAT:-5}
+INTEGRITY_RUNS=${INTEGRITY_RUNS:-20}
+INTEGRITY_SIZES=${INTEGRITY_SIZES:-64M 256M 1G}
+DOWNTIME_SIZES=${DOWNTIME_SIZES:-1G,4G,8G}
+OUT=${OUT:-bench/latest}
+mkdir -p "$OUT"
+source scripts/lib.sh
+swift build -c release --product postcopy >&2
+swift build -c release --product postcopy-bench >&2
+B=.build/release/postcopy
+BENCH=.build/release/postcopy-bench
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+# One migration's JSON in, one line out; exit 1 unless every check held.
+CHECK=$(mktemp)
+trap 'rm -f "$CHECK"' EXIT
+cat > "$CHECK" <<'PY'
+import json, sys
+d = json.load(sys.stdin)
+i = d["integrity"]
+sp = d.get("source_precopy", {})
+ok = d["ok"] and i.get("pages_mismatched") == 0 and i.get("kv_slots_failed", 0) == 0
+print("%s %s %d MiB precopy %s: %d passes, final set %s pages, %s pages verified, %s differ, %s kv checksums, downtime %.2f ms (%s)" % (
+    "OK" if ok else "FAILED", d["workload"], d["memory_bytes"] >> 20, d["precopy"], len(sp.get("passes", [])), sp.get("final_dirty_pages"),
+    i.get("pages_verified"), i.get("pages_mismatched"), i.get("kv_slots_verified", 0), d["downtime_ns"] / 1e6, d["pause_reason"]))
+sys.exit(0 if ok else 1)
+PY
+
+if has zipf; then
+    echo "== 1. zipf guest, 1 % writes, 1 GiB: hybrid vs postcopy, $REPEAT runs each" >&2
+    $BENCH --sizes 1G --workloads zipf --write-percent 1 --modes postcopy,hybrid --repeat "$REPEAT" \
+        --stream-write-sizes 512K --output "$OUT/hybrid-zipf.json" | grep -E "hybrid vs|^tcp" 
+fi
+if has writer; then
+    echo "== 2. random writer (every operation writes a random page), 1 GiB: --precopy auto vs postcopy, $WRITER_REPEAT runs each" >&2
+    $BENCH --sizes 1G --workloads random --write-percent 100 --modes postcopy,hybrid --repeat "$WRITER_REPEAT" \
+        --stream-write-sizes 512K --output "$OUT/hybrid-writer.json" | grep -E "hybrid vs|^tcp"
+    python3 - "$OUT/hybrid-writer.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for s in d["hybrid_summary"]:
+    print("auto's decisions:", "; ".join(sorted(set(s["hybrid"]["decisions"]))))
+PY
+fi
+if has integrity; then
+    echo "== 3. integrity: $INTEGRITY_RUNS consecutive hybrid migrations (sizes: $INTEGRITY_SIZES)" >&2
+    read -r -a sizes <<< "$INTEGRITY_SIZES"
+    workloads=(kv zipf random)
+    writes=(10 2 20)
+    policies=(auto 2 4)
+    : > "$OUT/hybrid-integrity.txt"
+    failed=0
+    for i in $(seq 1 "$INTEGRITY_RUNS"); do
+        w=${workloads[$(( i % 3 ))]}; wp=${writes[$(( i % 3 ))]}; p=${policies[$(( (i / 3) % 3 ))]}; s=${sizes[$(( i % ${#sizes[@]} ))]}
+        if line=$($B migrate --size "$s" --workload "$w" --write-percent "$wp" --precopy "$p" --before 1 --after 1 --json 2>"$OUT/.hybrid-integrity.err" \
+            | python3 "$CHECK"); then
+            echo "run $i: $line" | tee -a "$OUT/hybrid-integrity.txt"
+        else
+            echo "run $i: ${line:-FAILED $w $s $p}: $(tail -3 "$OUT/.hybrid-integrity.err")" | tee -a "$OUT/hybrid-integrity.txt"
+            failed=$((failed + 1))
+        fi
+    done
+    rm -f "$OUT/.hybrid-integrity.err"
+    echo "integrity: $((INTEGRITY_RUNS - failed)) of $INTEGRITY_RUNS hybrid migrations verified" | tee -a "$OUT/hybrid-integrity.txt"
+    [ "$failed" -eq 0 ] || exit 1
+fi
+if has downtime; then
+    echo "== 4. downtime at $DOWNTIME_SIZES, hybrid and pure postcopy (zipf, 1 % writes)" >&2
+    $BENCH --sizes "$DOWNTIME_SIZES" --workloads zipf --write-percent 1 --modes postcopy,hybrid --repeat 1 \
+        --stream-write-sizes 512K --output "$OUT/hybrid-downtime.json" | grep -E "hybrid vs|^tcp"
+fi
