@@ -13,8 +13,10 @@
 #
 # Usage: bash bench/hybrid.sh              (about 15 minutes with 8G in the downtime series)
 # Env:   PARTS ("zipf writer integrity downtime")  REPEAT (3)  WRITER_REPEAT (5)
-#        INTEGRITY_RUNS (20)  DOWNTIME_SIZES (1G,4G,8G)  OUT (bench/latest)
-# CI runs a reduced form: PARTS=integrity INTEGRITY_RUNS=3 INTEGRITY_SIZES="64M 128M".
+#        INTEGRITY_RUNS (20)  INTEGRITY_SIZES ("64M 256M 1G")  DOWNTIME_SIZES (1G,4G,8G)
+#        OUT (bench/latest)  POSTCOPY_BIN (binaries to use instead of building release ones)
+# CI runs a reduced form (scripts/test.sh): PARTS=integrity INTEGRITY_RUNS=3 INTEGRITY_SIZES="32M 64M"
+# with the debug build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PARTS=${PARTS:-zipf writer integrity downtime}
@@ -26,10 +28,15 @@ DOWNTIME_SIZES=${DOWNTIME_SIZES:-1G,4G,8G}
 OUT=${OUT:-bench/latest}
 mkdir -p "$OUT"
 source scripts/lib.sh
-swift build -c release --product postcopy >&2
-swift build -c release --product postcopy-bench >&2
-B=.build/release/postcopy
-BENCH=.build/release/postcopy-bench
+if [ -n "${POSTCOPY_BIN:-}" ]; then
+    B=$POSTCOPY_BIN
+    BENCH=$(dirname "$B")/postcopy-bench
+else
+    swift build -c release --product postcopy >&2
+    swift build -c release --product postcopy-bench >&2
+    B=.build/release/postcopy
+    BENCH=.build/release/postcopy-bench
+fi
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 # One migration's JSON in, one line out; exit 1 unless every check held.
 CHECK=$(mktemp)

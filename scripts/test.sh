@@ -13,6 +13,10 @@ postcopy_build_deps
 swift build --build-tests
 # A hung test (a guest thread parked on a fault nobody serves) must fail CI, not stall it.
 timeout --signal=KILL 1200 swift test
+# Hybrid (precopy → postcopy) integrity, reduced: 3 consecutive migrations of
+# mixed workloads and policies, each verified page by page (`bench/hybrid.sh`
+# runs 20, and the benchmarks).
+PARTS=integrity INTEGRITY_RUNS=3 INTEGRITY_SIZES="32M 64M" OUT=.build/hybrid-ci POSTCOPY_BIN=.build/debug/postcopy bash bench/hybrid.sh
 # The host suite again under AddressSanitizer and ThreadSanitizer.
 if [ -n "${POSTCOPY_SKIP_SANITIZERS:-}" ]; then
     echo "SKIP: sanitizer runs (POSTCOPY_SKIP_SANITIZERS is set)"
