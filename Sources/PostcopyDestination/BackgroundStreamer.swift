@@ -63,6 +63,7 @@ extension PostcopyEngine {
         var zeroCursor = config.installZeroPagesAhead ? 0 : table.totalPages
         // Precopied clean pages are mapped first: no transfer, and each would be a fault.
         var cleanCursor = precopyProvider == nil ? table.totalPages : 0
+        var releaseAllPending = pages.lock.withLock { pages.releaseAllPending }
         var exhausted = false
         var tokens: [UInt64] = []
         var bucket = TokenBucket(bytesPerSecond: config.backgroundRate)
@@ -121,7 +122,9 @@ extension PostcopyEngine {
             if zeroCursor < table.totalPages || cleanCursor < table.totalPages {
                 do throws(TransportError) {
                     var clean = false, zero = false
-                    if cleanCursor < table.totalPages { clean = try installAhead(.clean, from: &cleanCursor, budget: Self.cleanPagesAheadPerRound) }
+                    if cleanCursor < table.totalPages, !releaseAllPending {
+                        clean = try installAhead(.clean, from: &cleanCursor, budget: Self.cleanPagesAheadPerRound)
+                    }
                     if zeroCursor < table.totalPages { zero = try installAhead(.zero, from: &zeroCursor, budget: Self.zeroPagesAheadPerRound) }
                     zeroWork = clean || zero
                 } catch {
@@ -129,8 +132,10 @@ extension PostcopyEngine {
                     continue
                 }
             }
-            if exhausted && outstanding == 0 && !zeroWork { return }
-            let timeout = zeroWork ? 0 : (outstanding > 0 ? stall.pollMs : waitMs)
+            // After a small final dirty set: everything at once, as soon as it can be.
+            if releaseAllPending, outstanding == 0 { releaseAllPending = !releaseAllWhenFetched() }
+            if exhausted && outstanding == 0 && !zeroWork && !releaseAllPending { return }
+            let timeout = zeroWork ? 0 : (outstanding > 0 ? stall.pollMs : (releaseAllPending ? 1 : waitMs))
             do { try epoll.wait(&tokens, timeoutMs: timeout) } catch { throw .local(error) }
             if tokens.contains(.shutdown) { return }
             do throws(TransportError) {

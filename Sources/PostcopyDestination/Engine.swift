@@ -112,6 +112,8 @@ public final class PostcopyEngine: @unchecked Sendable {
     let precopyProvider: PrecopyProvider?
     /// Signalled when the final dirty set was applied (`PrecopyReceiver.swift`).
     let finalSetEvent: EventFD
+    /// Guest memory left the userfaultfd whole after precopy (`releaseAllWhenFetched`).
+    let wholeReleased = Atomic<Bool>(false)
 
     public init(uffd: Userfaultfd, regions: [GuestRegion], session: SessionInfo, zeroMaps: [ZeroMap],
                 zeroMapProvider: ZeroMapProvider? = nil, precopy: PrecopyProvider? = nil,

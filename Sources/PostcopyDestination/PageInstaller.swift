@@ -56,7 +56,11 @@ extension PostcopyEngine {
         let dst = map.address(ofGlobal: first + i)
         let r: Userfaultfd.FillResult
         do { r = try fill(dst, page: first + i, pages: run, from: removed ? nil : payload.map { $0.baseAddress! + i * pageSize }) } catch {
-            throw .local(error)
+            // Only a clean precopied page can be installed after guest memory
+            // left the userfaultfd (the release waits for every fetch): it is
+            // in the page cache already, the guest maps it itself.
+            guard error.errno == ENOENT, wholeReleased.load(ordering: .acquiring) else { throw .local(error) }
+            r = .done
         }
         var filled = 0
         switch r {

@@ -39,6 +39,7 @@ final class PageStates: @unchecked Sendable {
 
     init(count: Int) {
         self.count = count
+        missing = count
         states = .allocate(capacity: max(count, 1))
         states.initialize(repeating: 0, count: max(count, 1))
         faulted = .allocate(capacity: max(count, 1))
@@ -60,8 +61,19 @@ final class PageStates: @unchecked Sendable {
         let isSettled = s == .zero || s == .present
         if !wasSettled && isSettled { settled += 1 }
         if wasSettled && !isSettled { settled -= 1 }
+        if old == .clean { clean -= 1 }
+        if s == .clean { clean += 1 }
+        if old == .zero { zero -= 1 }
+        if s == .zero { zero += 1 }
+        if old == .missing { missing -= 1 }
+        if s == .missing { missing += 1 }
         states[p] = s.rawValue
     }
+
+    /// Pages in state clean, zero, missing.
+    private(set) var clean = 0
+    private(set) var zero = 0
+    private(set) var missing: Int
 
     /// How many pages from `first` (before `end`) are in state `s`.
     func runLength(from first: Int, in s: State, end: Int) -> Int {
@@ -76,6 +88,11 @@ final class PageStates: @unchecked Sendable {
     func setRun(_ first: Int, _ count: Int, to s: State) -> [UInt64] {
         let isSettled = s == .zero || s == .present
         if isSettled { settled += count }
+        let old = state(first)
+        precondition(s != .zero && s != .missing && old != .zero && old != .present && old != .missing,
+                     "setRun from or to a state counted apart")
+        if old == .clean { clean -= count }
+        if s == .clean { clean += count }
         (states + first).initialize(repeating: s.rawValue, count: count)
         guard isSettled, !waiting.isEmpty else { return [] }
         return (first..<(first + count)).compactMap { waiting.removeValue(forKey: $0) }
@@ -106,6 +123,11 @@ final class PageStates: @unchecked Sendable {
 
     func wasRemovedInflight(_ p: Int) -> Bool { removedInflight.contains(p) }
     func forgetRemovedInflight(_ p: Int) { removedInflight.remove(p) }
+
+    /// The final dirty set was small: once every page is present or clean,
+    /// the whole guest memory leaves the userfaultfd at once
+    /// (`PrecopyReceiver.releaseAllWhenFetched`).
+    var releaseAllPending = false
 
     /// Faults on pages of a precopy pass (staged or in flight) before the
     /// final dirty set was applied: (page, address, first-fault time). They

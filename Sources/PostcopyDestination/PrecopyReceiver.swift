@@ -201,10 +201,72 @@ extension PostcopyEngine {
             }
         }
         counters.precopyStalePages.store(UInt64(stale), ordering: .relaxed)
-        releaseCleanRuns()
+        if stale <= Self.wholeReleaseStalePages {
+            // Few stale pages: fetched first (the stream), then everything is released in one go.
+            pages.lock.withLock { pages.releaseAllPending = true }
+            _ = releaseAllWhenFetched()
+        } else {
+            releaseCleanRuns()
+        }
         counters.finalSetAppliedAt.store(nowNanoseconds(), ordering: .relaxed)
         finalSetEvent.signal()
     }
+
+    /// After a small final dirty set: once no page is missing and no fetch is
+    /// in flight (the stale pages are in again) and no zero page waits to be
+    /// written, the clean pages are settled in one write per run and every
+    /// guest region is unregistered from the userfaultfd with one call each:
+    /// the guest's own minor faults map the rest, and its mapping is not cut
+    /// in pieces (`releaseCleanRuns` splits it per run). Until then faults on
+    /// clean pages are served by fault-around; one whose CONTINUE comes after
+    /// the unregister finds the range gone (ENOENT) and counts as done
+    /// (`wholeReleased`): the guest maps the page itself. Returns whether it
+    /// released.
+    @discardableResult
+    func releaseAllWhenFetched() -> Bool {
+        let now = nowNanoseconds()
+        var perRun = false
+        let done: (waits: [UInt64], complete: Bool, pages: Int)? = pages.lock.withLock {
+            guard pages.releaseAllPending, pages.missing == 0, inflight.withLock({ $0.isEmpty }) else { return nil }
+            pages.releaseAllPending = false
+            // A zero page (removed by the VMM meanwhile) must still be written
+            // as zeros and mapped here: release clean runs one by one instead.
+            guard pages.zero == 0 else {
+                perRun = true
+                return nil
+            }
+            var waits: [UInt64] = []
+            var n = 0
+            var p = 0
+            while let s = pages.next(.clean, from: p) {
+                let len = pages.runLength(from: s, in: .clean, end: pages.count)
+                waits += pages.setRun(s, len, to: .present)
+                n += len
+                p = s + len
+            }
+            counters.settledPages.store(pages.settled, ordering: .relaxed)
+            wholeReleased.store(true, ordering: .releasing)
+            return (waits, pages.isComplete, n)
+        }
+        if perRun {
+            releaseCleanRuns()
+            return true
+        }
+        guard let done else { return false }
+        for t0 in done.waits { latencyOnBackgroundThread.record(nanoseconds: now - min(t0, now)) }
+        for r in map.regions {
+            do { try uffd.unregisterAndWake(r.base..<(r.base + UInt64(r.size))) } catch {
+                // Still registered: its faults are served as present pages (a wake each).
+                logger.warning("precopy: unregistering guest memory at 0x\(String(r.base, radix: 16)) failed: \(error)")
+            }
+        }
+        counters.cleanPagesReleased.add(UInt64(done.pages), ordering: .relaxed)
+        if done.complete { markComplete(at: now) }
+        return true
+    }
+
+    /// At most this many stale pages for `releaseAllWhenFetched`.
+    static let wholeReleaseStalePages = 16384
 
     /// Clean pages in runs of at least `releasedRunPages` are settled and
     /// unregistered from the userfaultfd: the guest's page cache holds them
