@@ -23,18 +23,6 @@ public struct DirtyPages: Sendable, Equatable {
     public var count: Int { runs.reduce(0) { $0 + $1.count } }
     public var isEmpty: Bool { runs.isEmpty }
 
-    /// Pages of the runs inside `range`.
-    public func count(in range: Range<Int>) -> Int {
-        runs.reduce(0) { $0 + $1.clamped(to: range).count }
-    }
-
-    /// The runs cut to `range`.
-    public func clipped(to range: Range<Int>) -> DirtyPages {
-        var d = DirtyPages()
-        d.runs = runs.map { $0.clamped(to: range) }.filter { !$0.isEmpty }
-        return d
-    }
-
     public func contains(_ page: Int) -> Bool {
         var lo = 0, hi = runs.count
         while lo < hi {

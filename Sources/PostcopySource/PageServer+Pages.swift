@@ -23,9 +23,13 @@ extension PageServer {
     /// Answers requests in order, in one vectored send. A request out of range
     /// gets the replies before it, then an error, and the connection closes.
     private func servePages(_ requests: [PageRequest], conn: any FrameConnection, session: SourceSession) throws(TransportError) {
-        // Read before any page is: replies flagged paused hold RAM as it is at the pause.
+        // Read before any page is: replies flagged paused hold RAM as it is at
+        // the pause; precopy replies are flagged as soon as the pause is
+        // decided (the destination then stops asking; their pages still wait
+        // for the final dirty set).
         let paused = memory.isFrozen
         let precopying = precopy?.mayServe(session: session.id) == true
+        let pausing = precopying && precopy?.pausing == true
         if !precopying, let r = requests.first(where: { $0.pageClass == .precopy }) {
             throw .protocolViolation("precopy page request \(r.requestID) outside a precopy pass (none asked for, or the final dirty set was sent)")
         }
@@ -64,7 +68,8 @@ extension PageServer {
             case .precopy: break
             }
             let header = PageDataHeader(requestID: r.requestID, region: r.region, pageClass: r.pageClass, isZero: allZero,
-                                        sourcePaused: paused, pageOffset: r.pageOffset, pageCount: r.pageCount)
+                                        sourcePaused: paused || (r.pageClass == .precopy && pausing),
+                                        pageOffset: r.pageOffset, pageCount: r.pageCount)
             let regionBase = memory.mapping.base + Int(table.regions[Int(r.region)].sourceOffset)
             if allZero { stats.zeroReplies.add(1, ordering: .relaxed) }
             payloads.append(allZero ? UnsafeRawBufferPointer(start: nil, count: 0)

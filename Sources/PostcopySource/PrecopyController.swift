@@ -117,7 +117,7 @@ public final class PrecopyController: @unchecked Sendable {
         var last = (pass: 0, written: 0, bytes: 0)
         var outpaced = 0
         while !memory.isFrozen {
-            usleep(20_000)
+            usleep(Self.windowMicroseconds)
             let (owner, tracker, done, bytes, paused, tracked, passes) = state.withLock {
                 ($0.owner, $0.tracker, $0.collects, $0.bytesSent, $0.pauseRequested, $0.trackedUpTo, $0.passPages.count)
             }
@@ -162,6 +162,11 @@ public final class PrecopyController: @unchecked Sendable {
         }
     }
 
+    /// Whether the guest pauses (decided) or paused: a destination should
+    /// stop asking for precopy pages (`PageDataHeader.sourcePaused`), so that
+    /// the pause itself does not compete with a stream.
+    var pausing: Bool { state.withLock { $0.pauseRequested } }
+
     /// Whether `session` may fetch precopy pages now (it asked for a pass and
     /// the final set has not gone out).
     func mayServe(session: UInt64) -> Bool {
@@ -173,6 +178,11 @@ public final class PrecopyController: @unchecked Sendable {
     /// an idle machine and several times that under a guest writing hard), so
     /// that `auto` can judge the guest within tens of ms.
     public static let piecePages = 16384
+    /// The first piece is smaller: the sooner pages move, the sooner `auto`
+    /// can judge the guest.
+    public static let firstPiecePages = 4096
+    /// How long one window of `auto`'s look at the guest's writes lasts.
+    static let windowMicroseconds: UInt32 = 10_000
 
     /// The answer to request `pass` of `session`: the set's chunks (final once
     /// the guest paused). Pass 1 goes out piece by piece, one request each;
@@ -223,7 +233,7 @@ public final class PrecopyController: @unchecked Sendable {
             // holes are answered as zero pages (never read): the destination
             // holds every page of RAM as it was at the piece's protection, so
             // the pages not written since are clean at the end, in long runs.
-            let piece = tracked..<min(total, tracked + Self.piecePages)
+            let piece = tracked..<min(total, tracked + (tracked == 0 ? Self.firstPiecePages : Self.piecePages))
             do { try tracker.startTracking(pages: piece) } catch { throw .local(error) }
             let set = DirtyPages(runs: [piece])
             return state.withLock { s in

@@ -22,9 +22,9 @@ public struct PageDataHeader: Sendable, Equatable {
     public var region: UInt16
     public var pageClass: PageClass
     public var isZero: Bool
-    /// The source guest was paused when this reply was read (flag bit 1): a
-    /// destination copying in precopy passes stops asking for more and asks
-    /// for the final dirty set.
+    /// The source guest was paused when this reply was read, or (a precopy
+    /// reply) its pause is decided (flag bit 1): a destination copying in
+    /// precopy passes stops asking for more and asks for the final dirty set.
     public var sourcePaused: Bool
     public var pageOffset: UInt64
     public var pageCount: UInt32

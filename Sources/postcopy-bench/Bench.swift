@@ -120,11 +120,14 @@ struct PostcopyBench: ParsableCommand {
         for transport in list(transports) {
             for size in list(sizes) {
                 for workload in list(workloads) {
+                  // Repeats alternate the modes (A B A B ...): a machine that
+                  // drifts during the run does not favour one of them.
+                  for i in 1...`repeat` {
                     for mode in list(modes) {
                       // Stop-and-copy installs nothing through the daemon: once;
                       // hybrid precopies into shared memory only.
                       for inst in mode == "stop-and-copy" ? ["none"] : mode == "hybrid" ? ["continue"] : list(install) {
-                        for i in 1...`repeat` {
+                        do {
                             say("\(transport) \(size) \(workload) \(mode)\(inst == "none" ? "" : " (\(inst))") run \(i)/\(`repeat`)...")
                             let taskMode = mode.hasPrefix("postcopy-")
                             let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
@@ -152,6 +155,7 @@ struct PostcopyBench: ParsableCommand {
                         }
                       }
                     }
+                  }
                 }
             }
         }
