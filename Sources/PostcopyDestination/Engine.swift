@@ -141,11 +141,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         self.installer = installer
         // Precopied pages wait unmapped in the alias: the continue path only,
         // and whole source pages (the final set names source pages).
-        if case .continue = installer, guestPage == table.pageSize, config.precopy, config.background {
-            precopyProvider = precopy
-        } else {
-            precopyProvider = nil
-        }
+        precopyProvider = Self.takesPrecopy(config, pageSize: table.pageSize) ? precopy : nil
         finalSetEvent = try EventFD()
         zeroUnit = unitPages > 1 ? try MemoryMapping.anonymous(length: guestPage) : nil
         self.config = config
@@ -168,6 +164,15 @@ public final class PostcopyEngine: @unchecked Sendable {
         counters.zeroPagesKnown.store(zeroPagesAtStart, ordering: .relaxed)
         alias = AliasPlacement(self)
         placeReplies(on: [demand, background])
+    }
+
+    /// Whether an engine with `config` copies in precopy passes when the
+    /// source offers them: the continue path (precopied pages wait unmapped
+    /// in the alias), whole source pages (the final set names source pages),
+    /// with a background thread to run the passes.
+    public static func takesPrecopy(_ config: EngineConfig, pageSize: Int) -> Bool {
+        guard case .continue = config.installPath else { return false }
+        return (config.guestPageSize == 0 || config.guestPageSize == pageSize) && config.precopy && config.background
     }
 
     /// Starts the fault thread (and the background thread when enabled).

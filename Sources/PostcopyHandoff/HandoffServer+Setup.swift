@@ -27,6 +27,12 @@ extension HandoffServer {
             GuestRegion(base: $0.base, size: Int($0.size), sourceFirstPage: Int($0.offset / ps))
         }
         if let problem = GuestRegion.layoutProblem(guest, table: table) { throw HandoffError.layout(problem) }
+        // A source that offers precopy copies RAM before its guest pauses. Over
+        // RDMA the source grants READ access only once paused or once this
+        // session precopies: pass 1 is asked for first (it waits for the
+        // source's start), then the channels open.
+        let precopied = info.welcome.capabilities.contains(.precopy) && PostcopyEngine.takesPrecopy(config, pageSize: table.pageSize)
+        let firstSet = precopied && transport.name != "tcp" ? try transport.fetchDirtySet(pass: 1) : nil
         let demand = try transport.openChannel(.demand)
         let background = try transport.openChannel(.background)
         // The source guest may still be running: the background stream waits
@@ -37,12 +43,12 @@ extension HandoffServer {
         // still flag all-zero batches.
         let t = transport
         let zeroMap = info.welcome.capabilities.contains(.zeroMap)
-        // A source that offers precopy copies RAM before its guest pauses; over
-        // TCP (RDMA READ of live memory is not offered yet). The engine takes
-        // it on the continue path only (`PrecopyReceiver.swift`).
         var precopy: PostcopyEngine.PrecopyProvider?
-        if info.welcome.capabilities.contains(.precopy) && transport.name == "tcp" {
-            precopy = { @Sendable (pass: UInt32) throws(TransportError) -> PrecopySet in try t.fetchDirtySet(pass: pass) }
+        if precopied {
+            precopy = { @Sendable (pass: UInt32) throws(TransportError) -> PrecopySet in
+                if pass == 1, let firstSet { return firstSet }
+                return try t.fetchDirtySet(pass: pass)
+            }
         }
         return try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: [],
                                   zeroMapProvider: { () throws(TransportError) in

@@ -64,6 +64,11 @@ public final class RDMATransport: Transport, @unchecked Sendable {
         return i
     }
 
+    /// Over the TCP control connection; the pages of a pass are READ.
+    public func fetchDirtySet(pass: UInt32) throws(TransportError) -> PrecopySet {
+        try tcp.fetchDirtySet(pass: pass)
+    }
+
     /// The source's RAM address, length and rkey (asked for once per connection).
     public func rdmaOffer() throws(TransportError) -> RDMAOffer {
         if let o = lock.withLock({ offer }) { return o }

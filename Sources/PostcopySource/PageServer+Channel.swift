@@ -151,6 +151,18 @@ extension PageServer {
         return nil
     }
 
+    /// Waits until `channel`'s session may READ guest RAM remotely: the guest
+    /// paused, or the session copies it in precopy passes. False when the
+    /// server stops or the peer leaves first.
+    func waitUntilReadable(_ channel: ServedChannel) -> Bool {
+        while !stopping.load(ordering: .relaxed) {
+            if precopy?.mayServe(session: channel.session.id) == true { return true }
+            if memory.waitForDeviceState(timeoutMs: Self.freezePollIntervalMs) != nil { return true }
+            if !peerWaits(channel.conn) { return false }
+        }
+        return false
+    }
+
     /// False when the server stops or the peer hung up while waiting for an
     /// answer (a peer that hung up is not worth waiting for).
     func peerWaits(_ conn: any FrameConnection) -> Bool {

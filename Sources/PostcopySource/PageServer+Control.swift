@@ -40,8 +40,11 @@ extension PageServer {
             try conn.send(.error(ErrorMessage(code: .rdmaUnavailable, message: "this source serves no RDMA (started with --transport tcp, or it has no RDMA device)")))
             return .next
         }
-        // RAM is read remotely without us: only once it stopped changing.
-        guard waitUntilFrozen(conn) != nil else { return .end }
+        // RAM is read remotely without us: only once it stopped changing, or,
+        // for the destination copying it in precopy passes, once that began
+        // (every page of a pass is protected against writes before the pass is
+        // handed out, so a READ racing a write is caught by the next scan).
+        guard waitUntilReadable(channel) else { return .end }
         try conn.send(.rdmaOffer(rdma.offer(session: channel.session.id)))
         logger.info("session \(channel.session.id): RDMA access to guest RAM handed to \(conn.peer)")
         return .next

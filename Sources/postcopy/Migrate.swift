@@ -27,7 +27,8 @@ struct MigrateCommand: ParsableCommand {
             while the source guest runs, in passes (the pages written since the previous pass, \
             tracked with userfaultfd write-protect), and the source pauses when its policy says; the \
             pages written after they were sent are fetched again after the pause, the others are \
-            mapped at the destination without a transfer. Needs --memory shared and TCP.
+            mapped at the destination without a transfer (over RDMA, the passes are READ). \
+            Needs --memory shared.
             """)
 
     @OptionGroup var shape: GuestShape
@@ -51,8 +52,8 @@ struct MigrateCommand: ParsableCommand {
         guard !apf || (tasks > 0 && mode == .postcopy) else { throw ValidationError("--apf needs --tasks N and --mode postcopy") }
         guard let p = PrecopyPolicy.mode(parsing: precopy) else { throw ValidationError("--precopy must be off, auto or a number of passes 1...64") }
         if p != .off {
-            guard mode == .postcopy, memory == .shared, transport == .tcp else {
-                throw ValidationError("--precopy needs --mode postcopy, --memory shared and --transport tcp (precopied pages wait unmapped in the shared memory file; RDMA READ of live memory is not offered)")
+            guard mode == .postcopy, memory == .shared else {
+                throw ValidationError("--precopy needs --mode postcopy and --memory shared (precopied pages wait unmapped in the shared memory file)")
             }
         }
     }

@@ -221,6 +221,21 @@ struct RDMATests {
         #expect((o?["pages_received_in_place"] as? Int ?? 0) > 0)
     }
 
+    /// Hybrid over RDMA: precopy passes by one-sided READ of the running
+    /// guest's RAM (each piece protected before it is handed out), the final
+    /// dirty set over the TCP control connection, postcopy by READ for the
+    /// rest; every page equal to the source's at the pause.
+    @Test(.timeLimit(.minutes(10)), .enabled(if: postcopyBinary != nil, "no postcopy binary"))
+    func hybridMigrationOverRDMAPrecopiesByRead() throws {
+        let o = try migrateOverRDMA(["--workload", "zipf", "--write-percent", "2", "--precopy", "2"])
+        let source = o?["source_precopy"] as? [String: Any]
+        print("hybrid over RDMA (32 MiB, TCG VM): passes \(source?["passes"] ?? "?"), final dirty set \(source?["final_dirty_pages"] ?? "?") pages, precopied \(o?["precopy_pages"] ?? "?") pages by READ, source served \(source?["bytes_sent"] ?? "?") bytes itself, downtime \(o?["downtime_ns"] ?? "?") ns")
+        #expect((source?["passes"] as? [Int] ?? []).count == 2, "passes: \(source ?? [:])")
+        #expect((o?["precopy_pages"] as? Int ?? 0) >= (32 << 20) / 4096, "pass 1 covers every page")
+        #expect(source?["bytes_sent"] as? Int == 0, "precopy pages went through the source's CPU, not by READ")
+        #expect(o?["pages_copied"] as? Int == 0)
+    }
+
     /// Async page faults with pages fetched by RDMA READ: the daemon's busy-polled
     /// demand QP serves the guest's "page not present" requests; every one gets
     /// its "page ready" and every page is the source's.
