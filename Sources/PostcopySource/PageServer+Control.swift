@@ -45,6 +45,7 @@ extension PageServer {
         // (every page of a pass is protected against writes before the pass is
         // handed out, so a READ racing a write is caught by the next scan).
         guard waitUntilReadable(channel) else { return .end }
+        precopy?.noteRemoteReads(session: channel.session.id)
         try conn.send(.rdmaOffer(rdma.offer(session: channel.session.id)))
         logger.info("session \(channel.session.id): RDMA access to guest RAM handed to \(conn.peer)")
         return .next

@@ -44,10 +44,14 @@ public final class PrecopyController: @unchecked Sendable {
         var passStartedAt: [UInt64] = []
         /// The last set handed out, and the pages of it served since.
         var lastSet = DirtyPages()
+        /// Pages a scan reported that no pass handed out (the scan that decided to stop).
+        var notHandedOut = DirtyPages()
         var served: PageBitmap
         var servedCount = 0
         var everSent: PageBitmap
         var bytesSent = 0
+        /// The destination READs pages itself (it was given RDMA access).
+        var readsRemotely = false
         var decision: String?
         var decidedAt: UInt64 = 0
         var pauseRequested = false
@@ -162,6 +166,12 @@ public final class PrecopyController: @unchecked Sendable {
         }
     }
 
+    /// `session` was given remote READ access (RDMA): it fetches pages
+    /// without this side seeing which.
+    func noteRemoteReads(session: UInt64) {
+        state.withLock { if $0.owner == session { $0.readsRemotely = true } }
+    }
+
     /// Whether the guest pauses (decided) or paused: a destination should
     /// stop asking for precopy pages (`PageDataHeader.sourcePaused`), so that
     /// the pause itself does not compete with a stream.
@@ -252,9 +262,10 @@ public final class PrecopyController: @unchecked Sendable {
         if case .stop(let why) = verdict {
             state.withLock { s in
                 s.collects += 1
-                // Never handed out: the final set carries them.
-                s.lastSet = DirtyPages(runs: dirty.runs + Self.unserved(s.lastSet, s.served))
-                s.served = PageBitmap(pages: total)
+                // Scanned and never handed out: the final set carries them,
+                // whoever reads the pages (with what of the last set was not
+                // served, by `unserved`).
+                s.notHandedOut = dirty
             }
             pause(why)
             guard waitFrozen() else { return nil }
@@ -272,7 +283,7 @@ public final class PrecopyController: @unchecked Sendable {
     /// set not served yet (none, normally: the destination asks for the next
     /// request once it fetched the last).
     private func handOut(_ set: DirtyPages, pass: UInt32, _ s: inout State) -> [DirtySet] {
-        let out = DirtyPages(runs: set.runs + Self.unserved(s.lastSet, s.served))
+        let out = DirtyPages(runs: set.runs + Self.unserved(s, s.lastSet))
         s.lastSet = out
         s.served = PageBitmap(pages: memory.table.totalPages)
         s.servedCount = 0
@@ -281,7 +292,12 @@ public final class PrecopyController: @unchecked Sendable {
     }
 
     /// The runs of `set` whose pages were not served.
-    private static func unserved(_ set: DirtyPages, _ served: PageBitmap) -> [Range<Int>] {
+    /// None for a destination that READs the pages itself (RDMA): this side
+    /// cannot see what it fetched, and it fetches a whole set before asking
+    /// for the next (it gets no "paused" flag to stop early).
+    private static func unserved(_ s: State, _ set: DirtyPages) -> [Range<Int>] {
+        guard !s.readsRemotely else { return [] }
+        let served = s.served
         var out: [Range<Int>] = []
         for r in set.runs {
             var p = r.lowerBound
@@ -299,13 +315,16 @@ public final class PrecopyController: @unchecked Sendable {
     /// reconnect, the same).
     private func finalSet(_ pass: UInt32) throws(TransportError) -> [DirtySet] {
         let t0 = nowNanoseconds()
-        let (tracker, lastSet, served, everSent, tracked) = state.withLock { ($0.tracker, $0.lastSet, $0.served, $0.everSent, $0.trackedUpTo) }
+        let (tracker, everSent, tracked, unserved) = state.withLock {
+            // A destination that READs pages itself may hold any tracked page.
+            ($0.tracker, $0.readsRemotely ? nil : $0.everSent, $0.trackedUpTo, Self.unserved($0, $0.lastSet) + $0.notHandedOut.runs)
+        }
         var runs: [Range<Int>] = []
         if let tracker {
             // Pages never tracked were never handed out: the destination has none of them.
             do { runs = try tracker.collect(pages: 0..<tracked).runs } catch { throw .local(error) }
-            runs += Self.unserved(lastSet, served)
-            runs += try notResident(among: everSent)
+            runs += unserved
+            runs += try notResident(among: everSent, below: tracked)
         }
         let set = DirtyPages(runs: runs)
         return state.withLock { s in
@@ -318,13 +337,13 @@ public final class PrecopyController: @unchecked Sendable {
         }
     }
 
-    /// The pages of `pages` that are not in memory any more: punched out of
+    /// The pages of `pages` (nil: every page below `end`) that are not in memory any more: punched out of
     /// the memory file (a balloon, a discard) since they were sent, so zero
     /// now, which write-protect does not report as a write. `mincore` answers
     /// from the page tables for mapped pages (every page sent was read through
     /// this mapping) and looks the others up in the page cache; a page
     /// swapped out counts too (fetched again: never wrong, only slower).
-    private func notResident(among pages: PageBitmap) throws(TransportError) -> [Range<Int>] {
+    private func notResident(among pages: PageBitmap?, below end: Int) throws(TransportError) -> [Range<Int>] {
         let total = memory.table.totalPages
         let vec = UnsafeMutablePointer<UInt8>.allocate(capacity: total)
         defer { vec.deallocate() }
@@ -332,7 +351,7 @@ public final class PrecopyController: @unchecked Sendable {
             throw .local(SystemError("mincore of guest RAM", errno: errno))
         }
         var out: [Range<Int>] = []
-        for p in 0..<total where vec[p] & 1 == 0 && pages.contains(p) { out.append(p..<(p + 1)) }
+        for p in 0..<min(total, end) where vec[p] & 1 == 0 && pages?.contains(p) != false { out.append(p..<(p + 1)) }
         return out
     }
 

@@ -135,7 +135,8 @@ struct PrecopyTests {
     }
 
     /// auto against a guest that rewrites pages as fast as it can: precopy
-    /// stops during pass 1 and says why; the migration is byte-exact anyway.
+    /// stops early (during pass 1, or when pass 2 does not shrink) and says
+    /// why; the migration is byte-exact anyway.
     @Test(.timeLimit(.minutes(2)))
     func autoNoticesAGuestThatWritesEverywhereAndStopsEarly() throws {
         let size = 32 << 20
@@ -157,7 +158,9 @@ struct PrecopyTests {
         let report = source.controller.report
         print("auto against a writer: \(report.decision ?? "no decision") after \(report.passes) (\(source.pageWrites) page writes)")
         #expect(report.decision?.hasPrefix("not converging") == true, "decision: \(report.decision ?? "none")")
-        #expect(report.passes.count == 1, "it must stop during pass 1")
+        // 32 MiB go by in a few ms: pass 1 may end before two windows were
+        // judged; then the pass after it must not be allowed to go on.
+        #expect(report.passes.count <= 2, "it must stop at the latest after pass 2: \(report.passes)")
     }
 
     /// Bad precopy requests at a real source: each gets an error and closes

@@ -229,7 +229,7 @@ struct RDMATests {
     func hybridMigrationOverRDMAPrecopiesByRead() throws {
         let o = try migrateOverRDMA(["--workload", "zipf", "--write-percent", "2", "--precopy", "2"])
         let source = o?["source_precopy"] as? [String: Any]
-        print("hybrid over RDMA (32 MiB, TCG VM): passes \(source?["passes"] ?? "?"), final dirty set \(source?["final_dirty_pages"] ?? "?") pages, precopied \(o?["precopy_pages"] ?? "?") pages by READ, source served \(source?["bytes_sent"] ?? "?") bytes itself, downtime \(o?["downtime_ns"] ?? "?") ns")
+        print("hybrid over RDMA (32 MiB, TCG VM): paused: \(o?["pause_reason"] ?? "?"); passes \(source?["passes"] ?? "?"), final dirty set \(source?["final_dirty_pages"] ?? "?") pages, precopied \(o?["precopy_pages"] ?? "?") pages by READ, source served \(source?["bytes_sent"] ?? "?") bytes itself, downtime \(o?["downtime_ns"] ?? "?") ns")
         #expect((source?["passes"] as? [Int] ?? []).count == 2, "passes: \(source ?? [:])")
         #expect((o?["precopy_pages"] as? Int ?? 0) >= (32 << 20) / 4096, "pass 1 covers every page")
         #expect(source?["bytes_sent"] as? Int == 0, "precopy pages went through the source's CPU, not by READ")

@@ -33,6 +33,23 @@ postcopy_vm_missing() {
     [ -e /usr/include/infiniband/verbs.h ] || echo "file /usr/include/infiniband/verbs.h"
     [ -e /usr/include/rdma/rdma_cma.h ] || echo "file /usr/include/rdma/rdma_cma.h"
     [ -n "$(postcopy_vm_kernel)" ] || echo "kernel /boot/vmlinuz-VER with rdma_rxe in /lib/modules/VER"
+    # Hybrid migration's dirty tracking (async userfaultfd write-protect,
+    # PAGEMAP_SCAN) needs Linux 6.7: Debian 12's default kernel is 6.1.
+    postcopy_vm_kernel_recent || echo "kernel 6.7 or later with rdma_rxe (async write-protect for hybrid migration)"
+}
+
+# True when the VM's kernel (postcopy_vm_kernel) is Linux 6.7 or later.
+postcopy_vm_kernel_recent() {
+    local v
+    v=$(postcopy_vm_kernel)
+    [ -n "$v" ] && [ "$(printf '%s\n6.7\n' "${v%%[-+]*}" | sort -V | head -n 1)" = 6.7 ]
+}
+
+# The newest Debian kernel package of 6.7 or later the archive has (12's
+# security updates carry 6.12), or nothing.
+postcopy_vm_recent_kernel_package() {
+    apt-cache search --names-only '^linux-image-6\.[0-9]+\.[0-9]+\+deb[0-9]+-amd64-unsigned$' 2>/dev/null \
+        | awk '{print $1}' | sort -V | tail -n 1
 }
 
 postcopy_vm_deps() {
@@ -44,6 +61,11 @@ postcopy_vm_deps() {
     apt-get update >&2
     # shellcheck disable=SC2086
     DEBIAN_FRONTEND=noninteractive apt-get install -y $POSTCOPY_VM_PACKAGES >&2
+    if ! postcopy_vm_kernel_recent; then
+        local k
+        k=$(postcopy_vm_recent_kernel_package)
+        [ -n "$k" ] && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$k" >&2
+    fi
     missing=$(postcopy_vm_missing)
     if [ -n "$missing" ]; then
         echo "postcopy-vm: still missing after apt-get install:" >&2

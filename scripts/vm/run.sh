@@ -19,6 +19,8 @@ self="$here/$(basename "${BASH_SOURCE[0]}")"
 source "$here/deps.sh"
 
 # Loaded in this order by the VM's init (modules built into the kernel are skipped).
+# Modules a kernel may not have separately (merged into another in newer kernels).
+OPTIONAL_MODULES="fscache"
 MODULES="crc32_generic virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p configfs ib_core ib_uverbs udp_tunnel ip6_udp_tunnel rdma_rxe veth iw_cm ib_cm rdma_cm rdma_ucm"
 
 die() { echo "postcopy-vm: $*" >&2; exit 125; }
@@ -173,7 +175,11 @@ build_initramfs() {
             continue
         fi
         rel=$(grep -Eo "^([^:]*/)?$pat\.ko(\.(xz|zst|gz))?:" "$moddir/modules.dep" | head -n 1 | tr -d :) || true
-        [ -n "$rel" ] || die "module $m is neither in $moddir/modules.dep nor built in"
+        if [ -z "$rel" ]; then
+            # fscache became part of netfs in Linux 6.8.
+            case " $OPTIONAL_MODULES " in *" $m "*) continue ;; esac
+            die "module $m is neither in $moddir/modules.dep nor built in"
+        fi
         case $rel in
             *.ko) cp "$moddir/$rel" "$stage/lib/modules/$m.ko" ;;
             *.ko.xz) xz -dc "$moddir/$rel" >"$stage/lib/modules/$m.ko" ;;
