@@ -321,10 +321,21 @@ public final class PrecopyController: @unchecked Sendable {
         }
         var runs: [Range<Int>] = []
         if let tracker {
-            // Pages never tracked were never handed out: the destination has none of them.
-            do { runs = try tracker.collect(pages: 0..<tracked).runs } catch { throw .local(error) }
-            runs += unserved
-            runs += try notResident(among: everSent, below: tracked)
+            // Right after the pause, over all of RAM: on a thread at nice 10, so
+            // that it never takes CPU from the device state on its way.
+            let result = Locked<Result<[Range<Int>], TransportError>>(.success([]))
+            PThread(name: "src-final-scan", priority: .low) { [self] in
+                // Pages never tracked were never handed out: the destination has none of them.
+                let r: Result<[Range<Int>], TransportError>
+                do throws(SystemError) {
+                    let written = try tracker.collect(pages: 0..<tracked).runs
+                    r = Result { () throws(TransportError) in written + (try notResident(among: everSent, below: tracked)) }
+                } catch {
+                    r = .failure(.local(error))
+                }
+                result.withLock { $0 = r }
+            }.join()
+            runs = try result.withLock { $0 }.get() + unserved
         }
         let set = DirtyPages(runs: runs)
         return state.withLock { s in
