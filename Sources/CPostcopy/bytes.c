@@ -59,7 +59,9 @@ void cpc_fill_random(void *p, size_t len, uint64_t seed) {
     }
 }
 
-uint64_t cpc_touch_read(const void *p) { return *(const volatile uint8_t *)p; }
+// Atomic (relaxed): guest threads may write the byte meanwhile (the page
+// workloads' writes are atomic byte stores), and a plain read would race.
+uint64_t cpc_touch_read(const void *p) { return __atomic_load_n((const uint8_t *)p, __ATOMIC_RELAXED); }
 
 long cpc_find_byte(const uint8_t *p, long from, long n, uint8_t value) {
     if (from >= n) return -1;

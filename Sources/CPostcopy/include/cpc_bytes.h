@@ -17,7 +17,8 @@ uint64_t cpc_xxh64(const void *p, size_t len, uint64_t seed);
 void cpc_fill_random(void *p, size_t len, uint64_t seed);
 /// Index of the first byte equal to `value` in p[from..<n], or -1.
 long cpc_find_byte(const uint8_t *p, long from, long n, uint8_t value);
-/// Reads the byte at p (volatile, so a missing page faults); returns it.
+/// Reads the byte at p (an atomic relaxed load, so a missing page faults and a
+/// guest thread writing it meanwhile is no data race); returns it.
 uint64_t cpc_touch_read(const void *p);
 
 /// Atomic byte access for flags shared between the fault thread and guest threads.
