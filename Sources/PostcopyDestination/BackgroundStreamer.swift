@@ -42,7 +42,7 @@ extension PostcopyEngine {
         // After precopy the missing pages are the stale ones (a zero map would
         // only delay them, and make the source scan RAM while the guest
         // starts), unless precopy stopped early.
-        let precopied = precopyProvider != nil && pages.lock.withLock { pages.count(of: .missing) < pages.count / 8 }
+        let precopied = precopyProvider != nil && pages.lock.withLock { pages.missing < pages.count / 8 }
         if let zeroMapProvider, !precopied {
             guard try applyZeroMaps(from: zeroMapProvider, generation: &generation, background: &background) else { return }
         }
@@ -218,7 +218,7 @@ extension PostcopyEngine {
         let maps = fetched ?? []
         let complete: Bool = pages.lock.withLock {
             pages.applyZeroMaps(maps, table: table, unitPages: unitPages)
-            counters.zeroPagesKnown.store(pages.count(of: .zero), ordering: .relaxed)
+            counters.zeroPagesKnown.store(pages.zero, ordering: .relaxed)
             counters.settledPages.store(pages.settled, ordering: .relaxed)
             return pages.isComplete
         }

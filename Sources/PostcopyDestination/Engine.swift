@@ -158,7 +158,6 @@ public final class PostcopyEngine: @unchecked Sendable {
             pages.applyZeroMaps(zeroMaps, table: table, unitPages: unit)
             return pages.settled
         }
-        pages.finalSetApplied = precopyProvider == nil
         self.pages = pages
         counters.settledPages.store(zeroPagesAtStart, ordering: .relaxed)
         counters.zeroPagesKnown.store(zeroPagesAtStart, ordering: .relaxed)

@@ -129,24 +129,57 @@ extension PostcopyEngine {
     /// Guest tasks parked on them (async page faults) hear "page ready": in the
     /// fault thread's next batch, or at once from the background thread.
     func settle(_ first: Int, _ count: Int, onFaultThread: Bool) {
-        let recorder = onFaultThread ? latencyOnFaultThread : latencyOnBackgroundThread
-        var now: UInt64 = 0
-        var latencies: [UInt64] = []
-        var tokens: [UInt64] = []
-        let complete: Bool = pages.lock.withLock {
-            // Read under the lock: another thread may have stamped a fault on
-            // these pages after a clock read taken before it (a later time).
-            now = nowNanoseconds()
+        var done = SettledPages()
+        pages.lock.withLock {
+            done.stamp()
             for p in first..<(first + count) {
                 pages.set(p, .present)
-                if let t0 = pages.takeWaiter(p) { latencies.append(now - min(t0, now)) }
-                if !apfWaiters.isEmpty, let w = apfWaiters.removeValue(forKey: p) { tokens += w }
+                if let t0 = pages.takeWaiter(p) { done.waits.append(t0) }
             }
-            counters.settledPages.store(pages.settled, ordering: .relaxed)
-            return pages.isComplete
+            takeAPFWaiters(first, count, into: &done)
         }
-        for l in latencies { recorder.record(nanoseconds: l) }
-        if onFaultThread { fault.readyBatch += tokens } else { postAPFReady(tokens) }
-        if complete { markComplete(at: now) }
+        finishSettling(done, onFaultThread: onFaultThread)
     }
+
+    /// Under `pages.lock`: the clean precopied pages [first, first+count), one
+    /// run, present in one write (`settle` for a run that needs no install).
+    func settleCleanRunLocked(_ first: Int, _ count: Int, into done: inout SettledPages) {
+        done.stamp()
+        done.waits += pages.setRun(first, count, to: .present)
+        done.pages += count
+        takeAPFWaiters(first, count, into: &done)
+    }
+
+    /// Under `pages.lock`: the tokens of guest tasks parked on pages
+    /// [first, first+count), and whether every page is in now.
+    private func takeAPFWaiters(_ first: Int, _ count: Int, into done: inout SettledPages) {
+        if !apfWaiters.isEmpty {
+            for p in first..<(first + count) { if let w = apfWaiters.removeValue(forKey: p) { done.tokens += w } }
+        }
+        counters.settledPages.store(pages.settled, ordering: .relaxed)
+        done.complete = pages.isComplete
+    }
+
+    /// After the lock: service latencies recorded, parked guest tasks told
+    /// "page ready" (in the fault thread's next batch, or at once), completion.
+    func finishSettling(_ done: SettledPages, onFaultThread: Bool) {
+        let recorder = onFaultThread ? latencyOnFaultThread : latencyOnBackgroundThread
+        for t0 in done.waits { recorder.record(nanoseconds: done.now - min(t0, done.now)) }
+        if onFaultThread { fault.readyBatch += done.tokens } else { postAPFReady(done.tokens) }
+        if done.complete { markComplete(at: done.now) }
+    }
+}
+
+/// What settling pages under `pages.lock` leaves to do after it (`finishSettling`).
+struct SettledPages {
+    /// Read under the lock: another thread may have stamped a fault on these
+    /// pages after a clock read taken before it (a later time).
+    private(set) var now: UInt64 = 0
+    /// First-fault times of the pages guests waited on, APF tokens parked on them.
+    var waits: [UInt64] = []
+    var tokens: [UInt64] = []
+    var pages = 0
+    var complete = false
+
+    mutating func stamp() { now = nowNanoseconds() }
 }

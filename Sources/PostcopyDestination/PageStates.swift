@@ -61,8 +61,6 @@ final class PageStates: @unchecked Sendable {
         let isSettled = s == .zero || s == .present
         if !wasSettled && isSettled { settled += 1 }
         if wasSettled && !isSettled { settled -= 1 }
-        if old == .clean { clean -= 1 }
-        if s == .clean { clean += 1 }
         if old == .zero { zero -= 1 }
         if s == .zero { zero += 1 }
         if old == .missing { missing -= 1 }
@@ -70,8 +68,7 @@ final class PageStates: @unchecked Sendable {
         states[p] = s.rawValue
     }
 
-    /// Pages in state clean, zero, missing.
-    private(set) var clean = 0
+    /// Pages in state zero, and missing.
     private(set) var zero = 0
     private(set) var missing: Int
 
@@ -91,8 +88,6 @@ final class PageStates: @unchecked Sendable {
         let old = state(first)
         precondition(s != .zero && s != .missing && old != .zero && old != .present && old != .missing,
                      "setRun from or to a state counted apart")
-        if old == .clean { clean -= count }
-        if s == .clean { clean += count }
         (states + first).initialize(repeating: s.rawValue, count: count)
         guard isSettled, !waiting.isEmpty else { return [] }
         return (first..<(first + count)).compactMap { waiting.removeValue(forKey: $0) }
@@ -130,11 +125,9 @@ final class PageStates: @unchecked Sendable {
     var releaseAllPending = false
 
     /// Faults on pages of a precopy pass (staged or in flight) before the
-    /// final dirty set was applied: (page, address, first-fault time). They
-    /// are handled again once it is.
-    var parkedOnFinalSet: [(page: Int, address: UInt64)] = []
-    /// Whether the final dirty set was applied (or no precopy ran).
-    var finalSetApplied = true
+    /// final dirty set was applied, by fault address (their first-fault
+    /// times are in `waiting`). They are handled again once it is.
+    var parkedOnFinalSet: [UInt64] = []
 
     /// Removes and returns the first-fault time if a guest waited on page p.
     func takeWaiter(_ p: Int) -> UInt64? { waiting.isEmpty ? nil : waiting.removeValue(forKey: p) }
@@ -153,12 +146,6 @@ final class PageStates: @unchecked Sendable {
     }
 
     var isComplete: Bool { settled == count }
-
-    func count(of s: State) -> Int {
-        var n = 0
-        for p in 0..<count where state(p) == s { n += 1 }
-        return n
-    }
 
     /// Marks zero every page the zero maps flag that is still missing, then
     /// keeps guest pages (`unitPages` source pages each) uniform: one is zero

@@ -199,7 +199,6 @@ extension PostcopyEngine {
                     _ = pages.setRun(s, n, to: .clean)
                     p = s + n
                 }
-                pages.finalSetApplied = true
             }
         }
         counters.precopyStalePages.store(UInt64(stale), ordering: .relaxed)
@@ -226,9 +225,8 @@ extension PostcopyEngine {
     /// released.
     @discardableResult
     func releaseAllWhenFetched() -> Bool {
-        let now = nowNanoseconds()
         var perRun = false
-        let done: (waits: [UInt64], complete: Bool, pages: Int)? = pages.lock.withLock {
+        let done: SettledPages? = pages.lock.withLock {
             guard pages.releaseAllPending, pages.missing == 0, inflight.withLock({ $0.isEmpty }) else { return nil }
             pages.releaseAllPending = false
             // A zero page (removed by the VMM meanwhile) must still be written
@@ -237,25 +235,21 @@ extension PostcopyEngine {
                 perRun = true
                 return nil
             }
-            var waits: [UInt64] = []
-            var n = 0
+            var done = SettledPages()
             var p = 0
             while let s = pages.next(.clean, from: p) {
                 let len = pages.runLength(from: s, in: .clean, end: pages.count)
-                waits += pages.setRun(s, len, to: .present)
-                n += len
+                settleCleanRunLocked(s, len, into: &done)
                 p = s + len
             }
-            counters.settledPages.store(pages.settled, ordering: .relaxed)
             wholeReleased.store(true, ordering: .releasing)
-            return (waits, pages.isComplete, n)
+            return done
         }
         if perRun {
             releaseCleanRuns()
             return true
         }
         guard let done else { return false }
-        for t0 in done.waits { latencyOnBackgroundThread.record(nanoseconds: now - min(t0, now)) }
         for r in map.regions {
             do { try uffd.unregisterAndWake(r.base..<(r.base + UInt64(r.size))) } catch {
                 // Still registered: its faults are served as present pages (a wake each).
@@ -263,7 +257,7 @@ extension PostcopyEngine {
             }
         }
         counters.cleanPagesReleased.add(UInt64(done.pages), ordering: .relaxed)
-        if done.complete { markComplete(at: now) }
+        finishSettling(done, onFaultThread: false)
         return true
     }
 
@@ -294,17 +288,15 @@ extension PostcopyEngine {
         }
         runs.sort { $0.count > $1.count }
         for r in runs.prefix(Self.maxReleasedRuns) {
-            let now = nowNanoseconds()
-            let claimed: (waits: [UInt64], complete: Bool)? = pages.lock.withLock {
+            let claimed: SettledPages? = pages.lock.withLock {
                 // Fault-around may have taken some of it meanwhile: then it is not one run any more.
                 guard pages.runLength(from: r.first, in: .clean, end: r.first + r.count) == r.count else { return nil }
-                let w = pages.setRun(r.first, r.count, to: .present)
-                counters.settledPages.store(pages.settled, ordering: .relaxed)
-                return (w, pages.isComplete)
+                var done = SettledPages()
+                settleCleanRunLocked(r.first, r.count, into: &done)
+                return done
             }
             guard let claimed else { continue }
-            for t0 in claimed.waits { latencyOnBackgroundThread.record(nanoseconds: now - min(t0, now)) }
-            if claimed.complete { markComplete(at: now) }
+            finishSettling(claimed, onFaultThread: false)
             let a = map.address(ofGlobal: r.first)
             do { try uffd.unregisterAndWake(a..<(a + UInt64(r.count * pageSize))) } catch {
                 // Still registered: its faults are served as present pages (a wake each).
@@ -334,7 +326,6 @@ extension PostcopyEngine {
                 pages.set(s, .missing)
                 q = s + 1
             }
-            pages.finalSetApplied = true
         }
         inflight.withLock { $0 = $0.filter { $0.value.pageClass != .precopy } }
         counters.finalSetAppliedAt.store(nowNanoseconds(), ordering: .relaxed)
@@ -345,13 +336,13 @@ extension PostcopyEngine {
     /// that those pages are clean (mapped from the alias) or missing (fetched).
     func retryParkedFaults() {
         assert(faultThread.isCurrent)
-        let parked: [(page: Int, address: UInt64)] = pages.lock.withLock {
+        let parked: [UInt64] = pages.lock.withLock {
             let p = pages.parkedOnFinalSet
             pages.parkedOnFinalSet = []
             return p
         }
         // The first-fault time stays the one recorded when the fault came.
-        for f in parked { handleFault(address: f.address, at: nowNanoseconds(), again: true) }
+        for address in parked { handleFault(address: address, at: nowNanoseconds(), again: true) }
     }
 
     /// The alias bytes of pages [first, first+count) (one guest region; continue path).

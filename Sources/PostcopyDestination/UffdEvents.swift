@@ -64,7 +64,7 @@ extension PostcopyEngine {
                 return .local(first, end - first)
             case .staged, .inflightPrecopy:
                 // Maybe stale: waits for the final dirty set (`retryParkedFaults`).
-                pages.parkedOnFinalSet.append((p, address))
+                pages.parkedOnFinalSet.append(address)
                 return .parked
             }
         }
