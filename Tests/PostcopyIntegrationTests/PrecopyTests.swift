@@ -13,6 +13,27 @@ import Glibc
 
 @Suite("hybrid precopy → postcopy", .serialized, .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable (reason printed above)"))
 struct PrecopyTests {
+    /// A VMM with shared memory migrates from `source` through a handoff
+    /// daemon: precopy begins, the guest resumes once the source paused (its
+    /// device state is out) and touches every page; every page must equal the
+    /// source's RAM at the pause. Returns the guest's memory and the session's report.
+    func migrateFromLiveSource(_ source: LiveSource, size: Int) throws -> ([UInt8], HandoffSessionReport?) {
+        let daemon = try startHandoff(port: source.server.port)
+        defer { daemon.stop() }
+        let vmm = try TestVMM(size: size, shared: true)
+        try vmm.handOver(daemon.path)
+        source.controller.begin()
+        #expect(source.memory.waitForDeviceState(timeoutMs: 60_000) != nil)
+        vmm.touchAll(threads: 2)
+        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
+        let (got, want) = (vmm.contents(), source.contents)
+        let differing = stride(from: 0, to: size, by: 4096).filter { got[$0..<($0 + 4096)] != want[$0..<($0 + 4096)] }.count
+        #expect(differing == 0, "\(differing) pages differ from the source's RAM at the pause")
+        vmm.goAway()
+        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
+        return (got, daemon.stats.reports.withLock { $0.first })
+    }
+
     /// One page is rewritten after it was precopied and before the pause (in
     /// the pause itself, with the writer stopped): the destination must end
     /// with the new content, fetched again because the final dirty set names
@@ -27,24 +48,9 @@ struct PrecopyTests {
             for i in 0..<4096 { (page + i).storeBytes(of: UInt8(truncatingIfNeeded: i &* 7 &+ 1), as: UInt8.self) }
         }
         defer { source.close() }
-        let daemon = try startHandoff(port: source.server.port)
-        defer { daemon.stop() }
-        let vmm = try TestVMM(size: size, shared: true)
-        try vmm.handOver(daemon.path)
-        source.controller.begin()
-        // The guest resumes once the source paused (its device state is out).
-        #expect(source.memory.waitForDeviceState(timeoutMs: 60_000) != nil)
-        vmm.touchAll(threads: 2)
-        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
-        let got = vmm.contents()
-        let want = source.contents
+        let (got, r) = try migrateFromLiveSource(source, size: size)
         let newContent = got[(flipped * 4096)..<((flipped + 1) * 4096)].elementsEqual((0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 1) })
         #expect(newContent, "the page rewritten before the pause shows its precopied (stale) content")
-        let differing = stride(from: 0, to: size, by: 4096).filter { got[$0..<($0 + 4096)] != want[$0..<($0 + 4096)] }.count
-        #expect(differing == 0, "\(differing) pages differ from the source's RAM at the pause")
-        vmm.goAway()
-        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
-        let r = daemon.stats.reports.withLock { $0.first }
         let report = source.controller.report
         print("precopy: passes \(report.passes), final dirty set \(report.finalDirtyPages ?? -1) pages (\(report.decision ?? "")), \(source.pageWrites) page writes by the racing writer; destination: \(r?.precopyPages ?? 0) precopied, \(r?.precopyStalePages ?? 0) stale, \(r?.cleanPagesReleased ?? 0) released, \(r?.cleanPagesMapped ?? 0) mapped")
         #expect(report.passes.count == 2)
@@ -63,19 +69,7 @@ struct PrecopyTests {
         let size = 32 << 20
         let source = try LiveSource(size: size, policy: .auto, writeEvery: 0, seed: 62)
         defer { source.close() }
-        let daemon = try startHandoff(port: source.server.port)
-        defer { daemon.stop() }
-        let vmm = try TestVMM(size: size, shared: true)
-        try vmm.handOver(daemon.path)
-        source.controller.begin()
-        #expect(source.memory.waitForDeviceState(timeoutMs: 60_000) != nil)
-        vmm.touchAll(threads: 2)
-        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
-        let (got, want) = (vmm.contents(), source.contents)
-        let differing = stride(from: 0, to: size, by: 4096).filter { got[$0..<($0 + 4096)] != want[$0..<($0 + 4096)] }.count
-        #expect(differing == 0, "\(differing) pages differ from the source's RAM at the pause")
-        vmm.goAway()
-        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
+        _ = try migrateFromLiveSource(source, size: size)
         let report = source.controller.report
         print("auto against a writer: \(report.decision ?? "no decision") after \(report.passes) (\(source.pageWrites) page writes)")
         #expect(report.decision?.hasPrefix("not converging") == true, "decision: \(report.decision ?? "none")")
