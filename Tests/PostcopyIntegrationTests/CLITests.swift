@@ -170,10 +170,12 @@ struct MigrateCLITests {
         #expect(integrity?["pages_verified"] as? Int == (64 << 20) / 4096)
         let source = o?["source_precopy"] as? [String: Any]
         #expect((source?["passes"] as? [Int] ?? []).count == 3, "passes: \(source ?? [:])")
-        #expect((source?["decision"] as? String ?? "").contains("3 precopy passes"))
+        let decision = source?["decision"] as? String ?? ""
+        #expect(decision.contains("3 precopy passes"))
         #expect((o?["precopy_pages"] as? Int ?? 0) >= (64 << 20) / 4096, "pass 1 covers every page")
         #expect((o?["clean_pages_released"] as? Int ?? 0) + (o?["clean_pages_mapped"] as? Int ?? 0) > 0)
-        #expect((o?["pause_reason"] as? String ?? "").contains("passes"))
+        let pauseReason = o?["pause_reason"] as? String ?? ""
+        #expect(pauseReason.contains("passes"))
         #expect((o?["total_migration_seconds"] as? Double ?? 0) >= (o?["time_to_full_copy_seconds"] as? Double ?? 1))
     }
 }
