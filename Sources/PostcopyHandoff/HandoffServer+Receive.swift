@@ -4,7 +4,7 @@ import PostcopyCore
 import PostcopyDestination
 
 /// Messages from a VMM: the handoff (regions + userfaultfd), then at most an
-/// async-page-fault enable.
+/// async-page-fault enable and a completion-notice request.
 extension HandoffServer {
     /// How long a VMM may take to send its handoff message after connecting (ms).
     static let handoffTimeoutMs: Int32 = 10_000
@@ -46,11 +46,17 @@ extension HandoffServer {
     }
 
     /// A later message from the VMM: the guest enabling async page faults
-    /// (sets `apf`). False at EOF: the VMM is gone.
-    func receiveLaterMessage(_ conn: OwnedFD, pid: Int32, engine: PostcopyEngine, apf: inout APFChannel?) -> Bool {
+    /// (sets `apf`), or asking to be told when every page is in (sets
+    /// `notify`). False at EOF: the VMM is gone.
+    func receiveLaterMessage(_ conn: OwnedFD, pid: Int32, engine: PostcopyEngine, apf: inout APFChannel?, notify: inout Bool) -> Bool {
         let m = Self.receiveMessage(conn, maxBytes: Self.laterMessageMaxBytes)
         if m.n <= 0 && m.n != -Int(EAGAIN) && m.n != -Int(EINTR) { return false }
         let got = m.fds
+        if m.nfds == 0, CompletionNotice.isRequest(m.bytes) {
+            notify = true
+            logger.info("VMM pid \(pid): will be told when every page is in")
+            return true
+        }
         var adopted = false  // from then on the channel owns (and closes) the fds
         do throws(APFError) {
             guard apf == nil else { throw .badHeader("async page faults are already enabled for this VM") }

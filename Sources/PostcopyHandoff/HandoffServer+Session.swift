@@ -73,17 +73,31 @@ extension HandoffServer {
         var progress: [[UInt64]] = []
         var apf: APFChannel?
         defer { apf?.close() }
+        var notify = false, notified = false
         func sample() {
             let c = engine.counters
             progress.append([nowNanoseconds(), c.demandPages.load(ordering: .relaxed), c.backgroundPages.load(ordering: .relaxed),
                              UInt64(c.settledPages.load(ordering: .relaxed))])
         }
+        // A VMM that asked is told as soon as every page is in (before the
+        // source's acknowledgement: a paused guest is waiting), or of the failure.
+        func tellVMM() {
+            guard notify, !notified, completed || failure != nil else { return }
+            notified = true
+            let answer = CompletionNotice.Answer(complete: completed, pages: completed ? engine.table.totalPages : nil, error: failure)
+            let line = CompletionNotice.encode(answer)
+            let sent = line.withUnsafeBytes { send(conn.raw, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if sent != line.count { logger.warning("VMM pid \(pid): the completion notice was not delivered (\(SystemError("send", errno: errno)))") }
+        }
         // Serve until the VMM goes away (its socket closes); after completion the
         // engine keeps serving late zero-page faults and REMOVE events.
         while !stopping.load(ordering: .relaxed) {
             if !completed { sample() }
-            let ready = cpc_poll1(conn.raw, Int16(POLLIN), Self.sessionPollIntervalMs)
-            if ready > 0, !receiveLaterMessage(conn, pid: pid, engine: engine, apf: &apf) { break }
+            // Woken by the completion too: a VMM waiting for every page (pure
+            // precopy) is told at once, not at the next sample.
+            let watching = completed || failure != nil ? -1 : engine.completionDescriptor
+            let ready = cpc_poll2(conn.raw, watching, Self.sessionPollIntervalMs)
+            if ready > 0, ready & 1 != 0, !receiveLaterMessage(conn, pid: pid, engine: engine, apf: &apf, notify: &notify) { break }
             if !completed, failure == nil, cpc_poll1(engine.completionDescriptor, Int16(POLLIN), 0) > 0 {
                 if let e = engine.failureReason {
                     failure = e.description
@@ -92,9 +106,11 @@ extension HandoffServer {
                     completed = true
                     cpuToFullCopy = processCPUNanoseconds() - cpu0
                     sample()
+                    tellVMM()
                     finish(pid: pid, engine: engine, transport: transport)
                 }
             }
+            tellVMM()
         }
         engine.stop()
         var report = sessionReport(pid: pid, regions: regions, engine: engine, transport: transport, completed: completed,

@@ -35,6 +35,38 @@ public final class VMMHandoffClient: Sendable {
         try send(APFEnable.json, fds: fds)
     }
 
+    /// Asks the daemon to say when every page is in (`CompletionNotice`); the
+    /// answer is read by `waitForCompletion`.
+    public func requestCompletionNotice() throws(SystemError) {
+        try send(CompletionNotice.request, fds: [])
+    }
+
+    /// Waits up to `ms` for the daemon's completion notice. Throws if the
+    /// daemon closed the socket, answered something else, or was silent.
+    public func waitForCompletion(timeoutMs ms: Int32) throws -> CompletionNotice.Answer {
+        let s = socket.raw
+        var line: [UInt8] = []
+        let deadline = nowNanoseconds() + UInt64(max(ms, 0)) * 1_000_000
+        while true {
+            let now = nowNanoseconds()
+            guard now < deadline else { throw HandoffError.source("no completion notice from the daemon within \(ms) ms") }
+            let left = Int32(min(UInt64(Int32.max), (deadline - now) / 1_000_000 + 1))
+            guard cpc_poll1(s, Int16(POLLIN), left) > 0 else { continue }
+            var b: UInt8 = 0
+            let n = recv(s, &b, 1, 0)
+            if n == 0 { throw HandoffError.source("the daemon closed the handoff socket before every page was in") }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw HandoffError.system(SystemError("recv", errno: errno))
+            }
+            if b == UInt8(ascii: "\n") { return try CompletionNotice.decode(line) }
+            line.append(b)
+            guard line.count <= CompletionNotice.maxAnswerBytes else {
+                throw HandoffError.malformedJSON("the daemon's completion notice is longer than \(CompletionNotice.maxAnswerBytes) bytes")
+            }
+        }
+    }
+
     /// One message with `fds` attached as `SCM_RIGHTS`, in one `sendmsg(2)`
     /// (the lower level, also for sending messages the daemon must refuse).
     public func send(_ bytes: [UInt8], fds: [Int32]) throws(SystemError) {

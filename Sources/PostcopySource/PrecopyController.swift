@@ -296,7 +296,7 @@ public final class PrecopyController: @unchecked Sendable {
         state.withLock { s in
             let begunAt = s.begunAt
             let since: (UInt64) -> Double = { t in t == 0 || begunAt == 0 ? 0 : Double(Int64(bitPattern: t &- begunAt)) / 1e9 }
-            return PrecopyReport(mode: "\(policy.mode)", passes: s.passPages, passStartSeconds: s.passStartedAt.map(since),
+            return PrecopyReport(mode: "\(policy.mode)" + (policy.postcopyAfter ? "" : ", postcopy off"), passes: s.passPages, passStartSeconds: s.passStartedAt.map(since),
                                  bytesSent: s.bytesSent, decision: s.decision, decisionSeconds: since(s.decidedAt),
                                  finalDirtyPages: s.final == nil ? nil : s.finalPages,
                                  finalScanSeconds: Double(s.finalScanNanoseconds) / 1e9, protectSeconds: Double(s.protectNanoseconds) / 1e9)

@@ -14,6 +14,10 @@
 ///   hot set being written again, which is bounded;
 /// - a budget: `maxPasses`, `maxSeconds` of precopy, or `maxBytesFactor` × RAM
 ///   sent in precopy (the way operators bound convergence).
+///
+/// Pure precopy (`postcopyAfter` false, `--postcopy off`): the same, except
+/// that writes outpacing the copy do not end pass 1: with no postcopy after
+/// the pause, a page not copied now is copied while the guest is paused.
 public struct PrecopyPolicy: Sendable, Equatable {
     public enum Mode: Sendable, Equatable {
         case off
@@ -22,6 +26,8 @@ public struct PrecopyPolicy: Sendable, Equatable {
     }
 
     public var mode: Mode
+    /// Whether postcopy follows the pause (hybrid); false: pure precopy.
+    public var postcopyAfter = true
     public var maxPasses = 16
     public var shrinkRatio = 0.75
     public var convergedPages: Int
@@ -91,7 +97,7 @@ public struct PrecopyPolicy: Sendable, Equatable {
     public func duringPass(windows: Int, newlyWritten: Int, sent: Int, passesDone: Int, elapsedSeconds: Double,
                            bytesSent: Int, ramBytes: Int) -> Verdict {
         guard mode == .auto else { return .go }
-        if windows >= outpacedWindows {
+        if postcopyAfter, windows >= outpacedWindows {
             return .stop("not converging: the guest writes faster than precopy copies (\(newlyWritten) new pages written while \(sent) were sent, \(windows) windows in a row)")
         }
         return budgetExceeded(passes: passesDone, elapsedSeconds: elapsedSeconds, bytesSent: bytesSent, ramBytes: ramBytes).map { .stop($0) } ?? .go

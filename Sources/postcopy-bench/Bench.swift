@@ -51,8 +51,8 @@ struct PostcopyBench: ParsableCommand {
     @Option(name: .long, help: "Workloads: kv, scan, random, zipf (comma-separated).") var workloads: String = "kv"
     @Option(name: .long, help: "vCPU threads of the guest.") var vcpus: Int = 2
     @Option(name: .long, help: "Skew of the zipf distributions (kv keys, zipf page touches), 0.01-0.999.") var zipfSkew: Double = 0.99
-    @Option(name: .long, help: "Migration modes: postcopy, hybrid (precopy passes while the source guest runs, --precopy policy, then postcopy; shared memory only), stop-and-copy, postcopy-blocking and postcopy-apf (comma-separated); the last two run the task guest at the destination (--tasks per vCPU, random reads) with blocking or asynchronous page faults.") var modes: String = "postcopy,stop-and-copy"
-    @Option(name: .long, help: "The hybrid mode's precopy policy: auto or a number of passes.") var precopy: String = "auto"
+    @Option(name: .long, help: "Migration modes: postcopy, hybrid (precopy passes while the source guest runs, --precopy policy, then postcopy; shared memory only), precopy (the same passes, then the rest copied while the guest stays paused: --postcopy off), stop-and-copy, postcopy-blocking and postcopy-apf (comma-separated); the last two run the task guest at the destination (--tasks per vCPU, random reads) with blocking or asynchronous page faults.") var modes: String = "postcopy,stop-and-copy"
+    @Option(name: .long, help: "The hybrid and precopy modes' precopy policy: auto or a number of passes.") var precopy: String = "auto"
     @Option(name: .long, help: "Percent of the guest's operations that write (kv default 10, random and zipf default 0).") var writePercent: Int?
     @Option(name: .long, help: "Install paths of the postcopy modes: continue (shared guest RAM, preallocated, UFFDIO_CONTINUE) and copy (anonymous guest RAM, UFFDIO_COPY), comma-separated; both run in one bench for a side-by-side.") var install: String = "continue"
     @Option(name: .long, help: "Write sizes of the raw loopback TCP stream baselines (4K, and the transport's batch: 512K).") var streamWriteSizes: String = "4K,512K"
@@ -73,7 +73,7 @@ struct PostcopyBench: ParsableCommand {
     func validate() throws {
         for s in list(sizes) where parseByteSize(s) == nil { throw ValidationError("bad size '\(s)'") }
         for w in list(workloads) where !["kv", "scan", "random", "zipf"].contains(w) { throw ValidationError("bad workload '\(w)'") }
-        for m in list(modes) where !["postcopy", "hybrid", "stop-and-copy", "postcopy-blocking", "postcopy-apf"].contains(m) { throw ValidationError("bad mode '\(m)'") }
+        for m in list(modes) where !["postcopy", "hybrid", "precopy", "stop-and-copy", "postcopy-blocking", "postcopy-apf"].contains(m) { throw ValidationError("bad mode '\(m)'") }
         guard precopy == "auto" || (Int(precopy).map { (1...64).contains($0) } ?? false) else { throw ValidationError("--precopy must be auto or 1...64 passes") }
         guard (0...100).contains(writePercent ?? 0) else { throw ValidationError("--write-percent must be 0...100") }
         guard tasks >= 1, workWindowMs >= 1 else { throw ValidationError("--tasks and --work-window-ms must be positive") }
@@ -126,23 +126,24 @@ struct PostcopyBench: ParsableCommand {
                     for mode in list(modes) {
                       // Stop-and-copy installs nothing through the daemon: once;
                       // hybrid precopies into shared memory only.
-                      for inst in mode == "stop-and-copy" ? ["none"] : mode == "hybrid" ? ["continue"] : list(install) {
+                      for inst in mode == "stop-and-copy" ? ["none"] : ["hybrid", "precopy"].contains(mode) ? ["continue"] : list(install) {
                         do {
                             say("\(transport) \(size) \(workload) \(mode)\(inst == "none" ? "" : " (\(inst))") run \(i)/\(`repeat`)...")
                             let taskMode = mode.hasPrefix("postcopy-")
+                            let precopies = mode == "hybrid" || mode == "precopy"
                             let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
-                                        "--mode", taskMode || mode == "hybrid" ? "postcopy" : mode, "--zipf-skew", "\(zipfSkew)",
+                                        "--mode", taskMode || precopies ? "postcopy" : mode, "--zipf-skew", "\(zipfSkew)",
                                         "--transport", transport, "--background-rate", backgroundRate, "--background-priority", backgroundPriority,
                                         "--before", "\(before)", "--after", "\(after)", "--json"]
                                 + (taskMode ? ["--tasks", "\(tasks)", "--work-window-ms", "\(workWindowMs)"] : [])
                                 + (mode == "postcopy-apf" ? ["--apf"] : [])
-                                + (mode == "hybrid" ? ["--precopy", precopy] : [])
+                                + (precopies ? ["--precopy", precopy, "--postcopy", mode == "hybrid" ? "on" : "off"] : [])
                                 + (writePercent.map { ["--write-percent", "\($0)"] } ?? [])
                                 + (inst == "none" ? [] : ["--memory", inst == "continue" ? "shared" : "anonymous"])
                             let r = try runPostcopy(args)
                             var run = r.json ?? [:]
                             run["config"] = ["size": size, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus,
-                                             "zipf_skew": zipfSkew, "write_percent": writePercent ?? -1, "precopy": mode == "hybrid" ? precopy : "off",
+                                             "zipf_skew": zipfSkew, "write_percent": writePercent ?? -1, "precopy": precopies ? precopy : "off",
                                              "mode": mode, "install": inst, "transport": transport, "background_rate": parseByteSize(backgroundRate)!,
                                              "background_priority": backgroundPriority, "before_seconds": before, "after_seconds": after, "repeat_index": i]
                             if r.status != 0 || run["ok"] as? Bool != true {
@@ -162,7 +163,7 @@ struct PostcopyBench: ParsableCommand {
         // Ratios against the baselines of this run.
         for i in runs.indices {
             guard let cfg = runs[i]["config"] as? [String: Any] else { continue }
-            let postcopyLike = ["postcopy", "hybrid"].contains(cfg["mode"] as? String ?? "")
+            let postcopyLike = ["postcopy", "hybrid", "precopy"].contains(cfg["mode"] as? String ?? "")
             if postcopyLike, let p50 = (runs[i]["fault_latency"] as? [String: Any])?["p50_ns"] as? Int, a + b > 0 {
                 runs[i]["fault_p50_over_tcp_rtt_plus_uffd_fault"] = Double(p50) / Double(a + b)
             }
@@ -280,10 +281,15 @@ struct PostcopyBench: ParsableCommand {
             let c = r["config"] as? [String: Any] ?? [:]
             let src = r["ops_series_source"] as? [[Double]] ?? []
             let dst = r["ops_series_destination"] as? [[Double]] ?? []
-            let pts = (src + dst).map { ($0[0], $0[1] / 1e6) }.sorted { $0.0 < $1.0 }
+            // The guest does nothing while paused: 0 from the pause to the
+            // first instruction at the destination (stop-and-copy's whole copy).
+            let downtime = Double(r["downtime_ns"] as? Int ?? 0) / 1e9
+            let paused: [(Double, Double)] = [(0, src.last.map { $0[1] / 1e6 } ?? 0), (0, 0), (downtime, 0)]
+            let pts = src.map { ($0[0], $0[1] / 1e6) }.filter { $0.0 < 0 } + paused
+                + dst.map { ($0[0], $0[1] / 1e6) }.filter { $0.0 > downtime }.sorted { $0.0 < $1.0 }
             tput.append(.init(name: "\(label(r)) \(c["mode"] ?? "")", points: pts, dashed: c["mode"] as? String == "stop-and-copy"))
         }
-        try LineChart(title: "Guest throughput across the switchover", xLabel: "seconds since the pause", yLabel: "guest operations (millions per second)",
+        try LineChart(title: "Guest throughput across the switchover", xLabel: "seconds since the pause (0 while the guest is paused)", yLabel: "guest operations (millions per second)",
                       series: tput, markers: [(0, "pause")]).render().write(toFile: "\(dir)/guest-throughput.svg", atomically: true, encoding: .utf8)
         say("plots written to \(dir): fault-latency-cdf.svg, pages-present.svg, guest-throughput.svg")
     }

@@ -63,9 +63,11 @@ enum GuestEvent: Codable, Sendable {
 
     struct Resumed: Codable, Sendable {
         var resumedAtNs: UInt64, downtimeNs: UInt64, deviceStateReceivedNs: UInt64, restoreNs: UInt64
+        /// Pure precopy: from the pause to the daemon's "every page is in" (part of the downtime).
+        var allPagesInNs: UInt64? = nil
         enum CodingKeys: String, CodingKey {
             case resumedAtNs = "resumed_at_ns", downtimeNs = "downtime_ns"
-            case deviceStateReceivedNs = "device_state_received_ns", restoreNs = "restore_ns"
+            case deviceStateReceivedNs = "device_state_received_ns", restoreNs = "restore_ns", allPagesInNs = "all_pages_in_ns"
         }
     }
 

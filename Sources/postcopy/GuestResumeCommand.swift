@@ -26,6 +26,7 @@ struct GuestResumeCommand: ParsableCommand {
     @Flag(name: .long, help: "Baseline: copy all RAM while paused, then resume (no userfaultfd, no daemon).") var stopAndCopy = false
     @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: Endpoint
     @Option(name: .long, help: "Guest RAM handed to the daemon: shared (a memfd; the daemon installs by UFFDIO_CONTINUE) or anonymous (UFFDIO_COPY). Ignored with --stop-and-copy.") var memory: GuestMemoryKind = .shared
+    @Option(name: .long, help: "off: pure precopy (the source ran with --precopy N|auto --postcopy off): the vCPUs resume only once the daemon says every page is in, so the guest never faults a page over the network.") var postcopy: Toggle = .on
     @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Option(name: .long, help: "Run a task guest instead of the key-value workload: this many cooperative tasks per vCPU thread, each reading random words of random pages.") var tasks: Int = 0
@@ -42,6 +43,7 @@ struct GuestResumeCommand: ParsableCommand {
         guard workWindowMs > 0 else { throw ValidationError("--work-window-ms must be positive") }
         guard runFor > 0 else { throw ValidationError("--run-for must be positive") }
         guard stopAndCopy || handoff != nil else { throw ValidationError("--handoff is required unless --stop-and-copy") }
+        guard postcopy == .on || (!stopAndCopy && tasks == 0) else { throw ValidationError("--postcopy off needs --handoff and the key-value guest (no --tasks, no --stop-and-copy)") }
     }
 
     func run() throws {
@@ -75,6 +77,10 @@ struct GuestResumeCommand: ParsableCommand {
             do { try client.handOver([region], uffd: u.fd.raw, files: shared.map { [$0.file.raw] } ?? []) } catch {
                 throw fail("handoff sendmsg failed: \(error)")
             }
+            if self.postcopy == .off {
+                // Pure precopy: told by the daemon when every page is in.
+                do { try client.requestCompletionNotice() } catch { throw fail("asking the daemon for its completion notice failed: \(error)") }
+            }
             if apf {
                 // The guest enables async page faults (like writing KVM's async-PF MSR).
                 let ch = try APFGuestChannel()
@@ -93,6 +99,14 @@ struct GuestResumeCommand: ParsableCommand {
         guard state.memoryBytes == bytes else { throw fail("device state is for \(state.memoryBytes) bytes of RAM, the source serves \(bytes)") }
         let baseline = stopAndCopy ? StopAndCopy(control: control, table: info.table) : nil
         try baseline?.copy(into: ram, json: json)
+        var pagesInNs: UInt64?
+        if self.postcopy == .off, let vmm {
+            // The rest is copied while the guest stays paused.
+            let answer: CompletionNotice.Answer
+            do { answer = try vmm.waitForCompletion(timeoutMs: 3_600_000) } catch { throw fail("pure precopy: \(error)") }
+            guard answer.complete else { throw fail("pure precopy: the daemon failed before every page was in: \(answer.error ?? "no reason given")") }
+            pagesInNs = nowNanoseconds() &- state.pausedAtNs
+        }
         if tasks > 0 {
             try runTaskGuest(ram: ram, state: state, receivedAt: receivedAt, control: control, info: info, channel: apfChannel,
                              baseline: baseline)
@@ -106,7 +120,7 @@ struct GuestResumeCommand: ParsableCommand {
         let downtime = resumedAt &- state.pausedAtNs
         if json {
             emitEvent(.resumed(.init(resumedAtNs: resumedAt, downtimeNs: downtime, deviceStateReceivedNs: receivedAt &- state.pausedAtNs,
-                                     restoreNs: resumedAt - receivedAt)))
+                                     restoreNs: resumedAt - receivedAt, allPagesInNs: pagesInNs)))
         } else {
             print("resumed: downtime \(formatDuration(ns: downtime))")
         }

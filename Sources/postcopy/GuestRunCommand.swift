@@ -33,6 +33,7 @@ struct GuestRunCommand: ParsableCommand {
     @Option(name: .long, help: "Guest memory file (default: an anonymous memfd).") var memory: String?
     @Option(name: .long, help: "Start the migration by itself after this many seconds, as a \"migrate\" line would (default: wait for \"migrate\" or \"pause\" on stdin).") var pauseAfter: Double?
     @Option(name: .long, help: "Precopy before the pause: off (postcopy only), N passes (1-64), or auto (stop when passes no longer shrink, the guest rewrites what was just sent, or 16 passes / 60 s / 4× RAM were spent).") var precopy: String = "off"
+    @Option(name: .long, help: "With --precopy: on (hybrid: postcopy fetches what is still dirty after the pause) or off (pure precopy: the destination copies the rest while the guest stays paused, then resumes; writes outpacing the copy do not end pass 1).") var postcopy: Toggle = .on
     @Option(name: .long, help: "With --precopy: seconds to wait after \"migrate\" for a destination to ask for precopy before pausing anyway.") var precopyWait: Double = 5
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Option(name: .long, help: "How destinations may fetch: tcp, rdma (also offer one-sided RDMA READ of guest RAM; the listen address must be the RDMA device's) or auto (RDMA when possible).") var transport: TransportKind = .auto
@@ -44,6 +45,7 @@ struct GuestRunCommand: ParsableCommand {
     func validate() throws {
         guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }
         guard PrecopyPolicy.mode(parsing: precopy) != nil else { throw ValidationError("--precopy must be off, auto or a number of passes 1...64, not \(precopy)") }
+        guard postcopy == .on || precopy != "off" else { throw ValidationError("--postcopy off needs --precopy N or auto (otherwise nothing is copied before the pause)") }
         guard precopyWait > 0 else { throw ValidationError("--precopy-wait must be positive") }
     }
 
@@ -75,7 +77,9 @@ struct GuestRunCommand: ParsableCommand {
             pauseReason.withLock { if $0 == nil { $0 = why } }
             pauseEvent.signal()
         }
-        let controller = try PrecopyController(policy: PrecopyPolicy(mode: PrecopyPolicy.mode(parsing: precopy)!, totalPages: bytes / guest.pageSize),
+        var policy = PrecopyPolicy(mode: PrecopyPolicy.mode(parsing: precopy)!, totalPages: bytes / guest.pageSize)
+        policy.postcopyAfter = postcopy == .on
+        let controller = try PrecopyController(policy: policy,
                                                memory: memoryState, destinationWaitSeconds: precopyWait, requestPause: requestPause)
         let server: PageServer
         do {

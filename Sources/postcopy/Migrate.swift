@@ -28,7 +28,9 @@ struct MigrateCommand: ParsableCommand {
             tracked with userfaultfd write-protect), and the source pauses when its policy says; the \
             pages written after they were sent are fetched again after the pause, the others are \
             mapped at the destination without a transfer (over RDMA, the passes are READ). \
-            Needs --memory shared.
+            Needs --memory shared. With --postcopy off (pure precopy), the destination fetches those \
+            pages while the guest stays paused and resumes it once every page is in: the downtime \
+            then grows with what was still dirty at the pause.
             """)
 
     @OptionGroup var shape: GuestShape
@@ -38,6 +40,7 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Scheduling of the background streaming threads at the source and the destination: normal, low (nice 10) or idle (SCHED_IDLE: they run only on CPU that demand faults and the guest leave free).") var backgroundPriority: ThreadPriority = .normal
     @Option(name: .long, help: "postcopy, or stop-and-copy (the baseline: copy all RAM while paused, then resume).") var mode: MigrationMode = .postcopy
     @Option(name: .long, help: "Precopy while the source guest runs, before the pause: off, N passes, or auto (see guest run --help).") var precopy: String = "off"
+    @Option(name: .long, help: "With --precopy: on (hybrid) or off (pure precopy: after the pause the destination copies what is still dirty, and the guest resumes only once every page is in).") var postcopy: Toggle = .on
     @Option(name: .long, help: "Destination guest RAM: shared (a memfd; the daemon writes pages through its preallocated alias and maps them with UFFDIO_CONTINUE) or anonymous (Firecracker's plain handoff; UFFDIO_COPY).") var memory: GuestMemoryKind = .shared
     @Option(name: .long, help: "Transport: tcp, rdma (one-sided RDMA READ; --address must be an RDMA device's IP) or auto.") var transport: TransportKind = .tcp
     @Option(name: .long, help: "IP address the source serves on and the destination connects to (for RDMA: the RDMA device's IP).") var address: String = "127.0.0.1"
@@ -51,6 +54,7 @@ struct MigrateCommand: ParsableCommand {
         guard before > 0, after > 0 else { throw ValidationError("--before and --after must be positive") }
         guard !apf || (tasks > 0 && mode == .postcopy) else { throw ValidationError("--apf needs --tasks N and --mode postcopy") }
         guard let p = PrecopyPolicy.mode(parsing: precopy) else { throw ValidationError("--precopy must be off, auto or a number of passes 1...64") }
+        guard postcopy == .on || p != .off else { throw ValidationError("--postcopy off needs --precopy N or auto") }
         if p != .off {
             guard mode == .postcopy, memory == .shared else {
                 throw ValidationError("--precopy needs --mode postcopy and --memory shared (precopied pages wait unmapped in the shared memory file)")
@@ -76,7 +80,7 @@ struct MigrateCommand: ParsableCommand {
         let source = try Child("source guest", ["guest", "run", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
                                                 "--zipf-skew", "\(shape.zipfSkew)", "--write-percent", "\(shape.effectiveWritePercent)",
                                                 "--listen", "\(address):0", "--json", "--report-ms", "100", "--key-file", keyFile,
-                                                "--transport", transport.rawValue, "--precopy", precopy,
+                                                "--transport", transport.rawValue, "--precopy", precopy, "--postcopy", postcopy.rawValue,
                                                 "--background-priority", backgroundPriority.rawValue])
         var children = [source]
         func abort(_ why: String) -> ExitCode {
@@ -103,7 +107,7 @@ struct MigrateCommand: ParsableCommand {
         }
         let dest = try Child("destination guest", ["guest", "resume", "--source", "\(address):\(port)", "--run-for", "\(after)",
                                                    "--json", "--report-ms", "100", "--key-file", keyFile]
-                                                   + (postcopy ? ["--handoff", socket, "--memory", memory.rawValue] : ["--stop-and-copy"])
+                                                   + (postcopy ? ["--handoff", socket, "--memory", memory.rawValue, "--postcopy", self.postcopy.rawValue] : ["--stop-and-copy"])
                                                    + (tasks > 0 ? ["--tasks", "\(tasks)", "--think", "\(think)", "--work-window-ms", "\(workWindowMs)"] : [])
                                                    + (apf ? ["--apf"] : []))
         children.append(dest)
@@ -162,7 +166,7 @@ struct MigrateCommand: ParsableCommand {
         func mean(_ v: [Int]) -> Int? { v.isEmpty ? nil : v.reduce(0, +) / v.count }
         let beforeOps = rates(source, 0..<migratingAt)
         let precopyOps = rates(source, migratingAt..<pausedAt)
-        let duringOps = rates(dest, resumedAt..<(completedAt ?? Int.max))
+        let duringOps = rates(dest, resumedAt..<max(resumedAt, completedAt ?? Int.max))  // none in pure precopy
         let afterOps = completedAt.map { rates(dest, $0..<Int.max) } ?? []
         let latency = session?.faultLatency
         let ok = destStatus == 0 && daemonStatus == 0 && sourceStatus == 0 && verified?.ok == true
@@ -185,7 +189,7 @@ struct MigrateCommand: ParsableCommand {
             "background_rate": backgroundRate.bytes, "before_seconds": before, "after_seconds": after,
             "downtime_ns": downtime, "ok": ok, "reasons": reasons,
             "downtime_breakdown_ns": ["device_state_received": resumed.deviceStateReceivedNs,
-                                      "restore": resumed.restoreNs,
+                                      "restore": resumed.restoreNs, "all_pages_in": resumed.allPagesInNs ?? 0,
                                       "source_stop": paused?.stopNs ?? 0],
             "ops_series_source": opsSeries(source), "ops_series_destination": opsSeries(dest),
             "progress": progress, "fault_latency_cdf": session?.faultLatencyCDF ?? [],
@@ -200,7 +204,7 @@ struct MigrateCommand: ParsableCommand {
             "ops_per_s_precopy": precopyOps,
             // The destination's first report covers its first 100 ms: the
             // guest's speed right after the switch, however short postcopy was.
-            "ops_per_s_first_at_destination": rates(dest, resumedAt..<Int.max).first ?? 0, "precopy": precopy, "pause_reason": paused?.reason ?? "",
+            "ops_per_s_first_at_destination": rates(dest, resumedAt..<Int.max).first ?? 0, "precopy": precopy, "postcopy_after_precopy": self.postcopy == .on, "pause_reason": paused?.reason ?? "",
             "precopy_seconds": Double(pausedAt - migratingAt) / 1e9,
             "source_precopy": sourceDone?.precopy.flatMap(jsonObject) ?? [String: Any](),
             "precopy_passes": session?.precopyPasses ?? 0, "precopy_pages": session?.precopyPages ?? 0,
@@ -228,6 +232,8 @@ struct MigrateCommand: ParsableCommand {
             if t > 0 { result["stream_bytes_per_second"] = Double(bytes) / t }
             if let cpu = session?.cpuSecondsToFullCopy, bytes > 0 { result["daemon_cpu_seconds_per_gib"] = cpu / (Double(bytes) / Double(1 << 30)) }
         }
+        let kind = mode == .stopAndCopy ? "stop-and-copy" : precopy == "off" ? "postcopy" : self.postcopy == .on ? "hybrid" : "pure precopy"
+        result["migration"] = kind
         if json {
             emitEvent(result)
         } else {
@@ -236,7 +242,7 @@ struct MigrateCommand: ParsableCommand {
             let ns: (KeyPath<LatencySummary, UInt64>) -> String = { k in formatDuration(ns: latency?[keyPath: k] ?? 0) }
             let unknown: (Int?) -> String = { $0.map { "\($0)" } ?? "?" }
             print("""
-                \(mode.rawValue) migration of a running \(formatBytes(Double(shape.size.bytes))) guest (\(workload), \(vcpus) vCPUs) over \(session?.transport ?? "tcp"): \(ok ? "OK" : "FAILED")
+                \(kind) migration of a running \(formatBytes(Double(shape.size.bytes))) guest (\(workload), \(vcpus) vCPUs) over \(session?.transport ?? "tcp"): \(ok ? "OK" : "FAILED")
                   downtime            \(formatDuration(ns: UInt64(max(downtime, 0)))) (source pause to first instruction at the destination)
                   time to full copy   \(completedAt.map { fixed(Double($0 - pausedAt) / 1e9, 3) + " s after the pause" } ?? "not reached")
                   guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  

@@ -26,6 +26,14 @@ enum BackgroundStreaming: String, CaseIterable, ExpressibleByArgument {
     case on, off
 }
 
+/// `--postcopy on|off` of `guest run`, `guest resume` and `migrate`: whether
+/// postcopy follows precopy (hybrid) or the destination copies the rest while
+/// the guest stays paused (pure precopy).
+enum Toggle: String, CaseIterable, ExpressibleByArgument {
+    case on
+    case off
+}
+
 /// `--memory shared|anonymous` of `guest resume` and `migrate`: what the
 /// destination VMM backs guest RAM with, and so the daemon's install path.
 enum GuestMemoryKind: String, CaseIterable, ExpressibleByArgument {

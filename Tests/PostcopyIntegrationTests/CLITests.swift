@@ -178,6 +178,34 @@ struct MigrateCLITests {
         #expect(pauseReason.contains("passes"))
         #expect((o?["total_migration_seconds"] as? Double ?? 0) >= (o?["time_to_full_copy_seconds"] as? Double ?? 1))
     }
+
+    /// Pure precopy (--postcopy off): the same passes, then the destination
+    /// fetches what is still dirty while the guest stays paused, and resumes it
+    /// only once the daemon says every page is in: no demand fault at all,
+    /// every page is in before the first instruction, byte-exact.
+    @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
+    func purePrecopyResumesOnlyWithEveryPageIn() throws {
+        let r = try runCLI(["migrate", "--size", "64M", "--before", "1", "--after", "1", "--workload", "kv", "--write-percent", "20",
+                            "--precopy", "2", "--postcopy", "off", "--json"])
+        #expect(r.status == 0, "migrate failed: \(r.stderr)")
+        let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        #expect(o?["ok"] as? Bool == true)
+        #expect(o?["migration"] as? String == "pure precopy")
+        #expect(o?["postcopy_after_precopy"] as? Bool == false)
+        let integrity = o?["integrity"] as? [String: Any]
+        #expect(integrity?["pages_mismatched"] as? Int == 0)
+        #expect((integrity?["kv_slots_verified"] as? Int ?? 0) > 0)
+        #expect(o?["demand_pages"] as? Int == 0, "a paused guest faults nothing")
+        #expect(o?["faults"] as? Int == 0)
+        let finalSet = (o?["source_precopy"] as? [String: Any])?["final_dirty_pages"] as? Int ?? 0
+        #expect(finalSet > 0, "a kv guest writing 20 % of its operations leaves pages dirty at the pause")
+        #expect((o?["background_pages"] as? Int ?? 0) >= finalSet, "the final set was fetched while paused")
+        let breakdown = o?["downtime_breakdown_ns"] as? [String: Any]
+        let allIn = breakdown?["all_pages_in"] as? Int ?? 0
+        let downtime = o?["downtime_ns"] as? Int ?? 0
+        #expect(allIn > 0 && allIn <= downtime, "every page in (\(allIn) ns after the pause) before resuming (\(downtime) ns)")
+        #expect((o?["time_to_full_copy_seconds"] as? Double ?? 1) * 1e9 <= Double(downtime))
+    }
 }
 
 @Suite("postcopy-bench", .serialized, .enabled(if: postcopyBinary != nil, "postcopy binary not built"))

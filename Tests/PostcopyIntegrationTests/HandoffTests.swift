@@ -238,6 +238,43 @@ struct HandoffTests {
         #expect((daemon.stats.reports.withLock { $0.first?.removeEvents } ?? 0) >= 1)
     }
 
+    /// Pure precopy's VMM asks to be told when every page is in and touches
+    /// nothing meanwhile (its vCPUs wait): the daemon's one line says so once
+    /// the stream has brought every page, and guest memory is then complete.
+    /// A VMM asking after completion is answered at once.
+    @Test(.timeLimit(.minutes(2)))
+    func aVMMThatAskedIsToldWhenEveryPageIsIn() throws {
+        let size = 8 << 20
+        let mem = try TempMemory(size: size, zeroPercent: 20, seed: 25)
+        let source = try startServer(mem)
+        defer { source.stop() }
+        let daemon = try startHandoff(port: source.port, rate: 8 << 20)  // about a second of stream
+        defer { daemon.stop() }
+        for shared in [true, false] {
+            let completed = daemon.stats.completed.load(ordering: .relaxed)
+            let vmm = try TestVMM(size: size, shared: shared)
+            try vmm.handOver(daemon.path)
+            try vmm.client!.requestCompletionNotice()
+            let asked = nowNanoseconds()
+            let answer = try vmm.client!.waitForCompletion(timeoutMs: 60_000)
+            #expect(answer == CompletionNotice.Answer(complete: true, pages: size / 4096), "shared \(shared): \(answer)")
+            #expect(daemon.stats.completed.load(ordering: .relaxed) == completed + 1, "told before the session completed")
+            #expect(nowNanoseconds() - asked > 100_000_000, "the throttled stream cannot be done at once")
+            #expect(vmm.contents() == Array(mem.mapping.bytes), "shared \(shared): guest memory differs from the source")
+            // One answer per session: asking again gets nothing more.
+            try vmm.client!.requestCompletionNotice()
+            #expect(throws: HandoffError.self, "one answer per session") { _ = try vmm.client!.waitForCompletion(timeoutMs: 300) }
+            vmm.goAway()
+        }
+        let late = try TestVMM(size: size)
+        try late.handOver(daemon.path)
+        late.touchAll(threads: 2)
+        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 3 })
+        try late.client!.requestCompletionNotice()
+        #expect(try late.client!.waitForCompletion(timeoutMs: 5_000).complete)
+        late.goAway()
+    }
+
     @Test(.timeLimit(.minutes(2)))
     func aVMMGoingAwayReleasesOnlyItsSession() throws {
         let mem = try TempMemory(size: 8 << 20, zeroPercent: 0, seed: 24)
@@ -261,6 +298,25 @@ struct HandoffTests {
 
 @Suite("handoff message")
 struct HandoffMessageTests {
+    /// The completion notice: the request is recognised exactly (an APF
+    /// enable or anything else is not it), the answer is one line that
+    /// round-trips, a long error is cut to fit, and a garbled line is refused.
+    @Test func completionNoticeRoundTrips() throws {
+        #expect(CompletionNotice.isRequest(CompletionNotice.request))
+        #expect(!CompletionNotice.isRequest(APFEnable.json))
+        #expect(!CompletionNotice.isRequest(Array(#"{"notify":{"complete":2}}"#.utf8)))
+        #expect(!CompletionNotice.isRequest(Array("notify".utf8)))
+        for a in [CompletionNotice.Answer(complete: true, pages: 262_144), .init(complete: false, error: String(repeating: "x", count: 5000))] {
+            let line = CompletionNotice.encode(a)
+            #expect(line.last == UInt8(ascii: "\n") && line.filter { $0 == UInt8(ascii: "\n") }.count == 1)
+            #expect(line.count <= CompletionNotice.maxAnswerBytes)
+            let back = try CompletionNotice.decode(Array(line.dropLast()))
+            #expect(back.complete == a.complete && back.pages == a.pages)
+            if a.error != nil { #expect(back.error?.hasSuffix("...") == true) }
+        }
+        #expect(throws: HandoffError.self) { _ = try CompletionNotice.decode(Array("done".utf8)) }
+    }
+
     @Test func firecrackerMessageRoundTrips() throws {
         let regions = [VMMRegion(base: 0x7F00_0000_0000, size: 1 << 30, offset: 0, pageSize: 4096),
                        VMMRegion(base: 0x7E00_0000_0000, size: 1 << 20, offset: 1 << 30, pageSize: 4096)]

@@ -56,6 +56,17 @@ import Testing
         #expect(stops(a.duringPass(windows: 2, newlyWritten: 3000, sent: 5000, passesDone: 1, elapsedSeconds: 0.04, bytesSent: 0, ramBytes: 1 << 30))?.hasPrefix("not converging") == true)
     }
 
+    /// Pure precopy (--postcopy off): writes outpacing the copy do not end
+    /// pass 1 (what it leaves is copied while paused); the rest of auto holds.
+    @Test func purePrecopyIsNotStoppedByOutpacingWrites() {
+        var a = auto
+        a.postcopyAfter = false
+        #expect(stops(a.duringPass(windows: 5, newlyWritten: 5000, sent: 5000, passesDone: 1, elapsedSeconds: 0.1, bytesSent: 0, ramBytes: 1 << 30)) == nil)
+        #expect(stops(a.duringPass(windows: 5, newlyWritten: 5000, sent: 5000, passesDone: 1, elapsedSeconds: 61, bytesSent: 0, ramBytes: 1 << 30))?.contains("61 s") == true)
+        #expect(stops(a.beforePass(2, dirty: 100, previous: 262_144, elapsedSeconds: 1, bytesSent: 0, ramBytes: 1 << 30))?.hasPrefix("converged") == true)
+        #expect(stops(a.beforePass(3, dirty: 9000, previous: 10_000, elapsedSeconds: 1, bytesSent: 0, ramBytes: 1 << 30))?.hasPrefix("not converging") == true)
+    }
+
     @Test func offStopsAtOnce() {
         let p = PrecopyPolicy(mode: .off, totalPages: pages)
         #expect(stops(p.beforePass(2, dirty: 0, previous: 0, elapsedSeconds: 0, bytesSent: 0, ramBytes: 1 << 30)) != nil)
