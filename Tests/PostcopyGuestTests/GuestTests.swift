@@ -25,8 +25,20 @@ struct GuestTests {
         let s = GuestDeviceState(workload: .zipf, memoryBytes: 1 << 30,
                                  vcpus: [VCPUState(rng: 1, cursor: 2, ops: 3), VCPUState(rng: .max, cursor: 0, ops: 9)],
                                  pausedAtNs: 123_456_789, integrityFailures: 0)
-        #expect(try GuestDeviceState.decode(s.encoded()) == s)
+        let bytes = s.encoded()
+        #expect(try GuestDeviceState.decode(bytes) == s)
         #expect(throws: (any Error).self) { _ = try GuestDeviceState.decode(Array("{\"workload\":\"nope\"}".utf8)) }
+        // Every truncation, a trailing byte, and garbage in each field are refused, never trusted.
+        for cut in 0..<bytes.count {
+            #expect(throws: GuestDeviceState.DecodeError.self) { _ = try GuestDeviceState.decode(Array(bytes.prefix(cut))) }
+        }
+        #expect(throws: GuestDeviceState.DecodeError.self) { _ = try GuestDeviceState.decode(bytes + [0]) }
+        var rng = SplitMix64(seed: 9)
+        for _ in 0..<2000 {
+            var b = bytes
+            b[Int(rng.next() % UInt64(b.count))] = UInt8(truncatingIfNeeded: rng.next())
+            _ = try? GuestDeviceState.decode(b)  // an error or a state, never a crash
+        }
     }
 
     @Test func zipfIsSkewedAndInRange() {
