@@ -180,8 +180,13 @@ extension PostcopyEngine {
     }
 
     /// The final dirty set: its staged pages are stale (missing again), every
-    /// other staged page is clean. Long runs of clean pages leave the
-    /// userfaultfd at once (`releaseCleanRuns`); faults parked meanwhile go on.
+    /// other staged page is clean. Faults parked meanwhile go on, and long
+    /// runs of clean pages leave the userfaultfd at once (`releaseCleanRuns`).
+    /// Measured at 1 GiB (zipf, 160-290 stale pages, 3-4 runs each): releasing
+    /// the clean runs at once cut the summed vCPU stall after the switch from
+    /// 37-97 ms (waiting for the stale pages before releasing anything) to
+    /// 23-34 ms; mapping every clean page ahead by CONTINUE instead took
+    /// 65 ms of the daemon's CPU with the vCPUs stalled meanwhile (82-90 ms).
     func applyFinalSet(_ set: PrecopySet) {
         var stale = 0
         removeGuard.withLock {
@@ -202,15 +207,17 @@ extension PostcopyEngine {
             }
         }
         counters.precopyStalePages.store(UInt64(stale), ordering: .relaxed)
-        if stale <= Self.wholeReleaseStalePages {
-            // Few stale pages: fetched first (the stream), then everything is released in one go.
-            pages.lock.withLock { pages.releaseAllPending = true }
-            _ = releaseAllWhenFetched()
-        } else {
-            releaseCleanRuns()
-        }
+        // The faults parked on the final set go on at once (the fault thread),
+        // while the long clean runs leave the userfaultfd here.
         counters.finalSetAppliedAt.store(nowNanoseconds(), ordering: .relaxed)
         finalSetEvent.signal()
+        releaseCleanRuns()
+        if stale <= Self.wholeReleaseStalePages {
+            // Few stale pages: once they are fetched again, the rest (short
+            // clean runs) is released too, and the regions whole again.
+            pages.lock.withLock { pages.releaseAllPending = true }
+            _ = releaseAllWhenFetched()
+        }
     }
 
     /// Precopy ended without a final set: nothing staged is trusted.

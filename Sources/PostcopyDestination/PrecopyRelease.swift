@@ -3,12 +3,13 @@ import PostcopyCore
 /// After the final dirty set (`PrecopyReceiver.swift`): clean precopied pages
 /// leave the userfaultfd, so that the guest's own minor faults map them.
 extension PostcopyEngine {
-    /// After a small final dirty set: once no page is missing and no fetch is
-    /// in flight (the stale pages are in again) and no zero page waits to be
-    /// written, the clean pages are settled in one write per run and every
-    /// guest region is unregistered from the userfaultfd with one call each:
-    /// the guest's own minor faults map the rest, and its mapping is not cut
-    /// in pieces (`releaseCleanRuns` splits it per run). Until then faults on
+    /// After a small final dirty set (its long clean runs already released by
+    /// `releaseCleanRuns`): once no page is missing and no fetch is in flight
+    /// (the stale pages are in again) and no zero page waits to be written,
+    /// the clean pages left are settled in one write per run and every guest
+    /// region is unregistered from the userfaultfd with one call each (parts
+    /// already unregistered are skipped): the guest's own minor faults map the
+    /// rest, and its mapping, cut in pieces per run, merges again. Until then faults on
     /// clean pages are served by fault-around; one whose CONTINUE comes after
     /// the unregister finds the range gone (ENOENT) and counts as done
     /// (`wholeReleased`): the guest maps the page itself. Returns whether it

@@ -48,10 +48,12 @@ struct MigrateCommand: ParsableCommand {
     @Flag(name: .long, help: "With --tasks: paravirtual async page faults (a task that touches a missing page parks, the vCPU runs another).") var apf = false
     @Option(name: .long, help: "With --tasks: arithmetic iterations per read.") var think: UInt32 = 100
     @Option(name: .long, help: "With --tasks: the task guest's work is counted over the first this many ms after resuming.") var workWindowMs: Int = 1000
+    @Option(name: .long, help: "Milliseconds between two ops/s reports of the guests (the first report at the destination is the 'first interval' figure).") var reportMs: Int32 = 100
     @Flag(name: .long, help: "One JSON object on stdout instead of the summary.") var json = false
 
     func validate() throws {
         guard before > 0, after > 0 else { throw ValidationError("--before and --after must be positive") }
+        guard (1...10_000).contains(reportMs) else { throw ValidationError("--report-ms must be 1...10000") }
         guard !apf || (tasks > 0 && mode == .postcopy) else { throw ValidationError("--apf needs --tasks N and --mode postcopy") }
         guard let p = PrecopyPolicy.mode(parsing: precopy) else { throw ValidationError("--precopy must be off, auto or a number of passes 1...64") }
         guard postcopy == .on || p != .off else { throw ValidationError("--postcopy off needs --precopy N or auto") }
@@ -79,7 +81,7 @@ struct MigrateCommand: ParsableCommand {
         say("booting a \(size) guest (\(workload), \(vcpus) vCPUs) at the source...")
         let source = try Child("source guest", ["guest", "run", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
                                                 "--zipf-skew", "\(shape.zipfSkew)", "--write-percent", "\(shape.effectiveWritePercent)",
-                                                "--listen", "\(address):0", "--json", "--report-ms", "100", "--key-file", keyFile,
+                                                "--listen", "\(address):0", "--json", "--report-ms", "\(reportMs)", "--key-file", keyFile,
                                                 "--transport", transport.rawValue, "--precopy", precopy, "--postcopy", postcopy.rawValue,
                                                 "--background-priority", backgroundPriority.rawValue])
         var children = [source]
@@ -106,7 +108,7 @@ struct MigrateCommand: ParsableCommand {
             say("source guest running, serving its RAM on \(address):\(port); starting the destination guest (stop-and-copy)")
         }
         let dest = try Child("destination guest", ["guest", "resume", "--source", "\(address):\(port)", "--run-for", "\(after)",
-                                                   "--json", "--report-ms", "100", "--key-file", keyFile]
+                                                   "--json", "--report-ms", "\(reportMs)", "--key-file", keyFile]
                                                    + (postcopy ? ["--handoff", socket, "--memory", memory.rawValue, "--postcopy", self.postcopy.rawValue] : ["--stop-and-copy"])
                                                    + (tasks > 0 ? ["--tasks", "\(tasks)", "--think", "\(think)", "--work-window-ms", "\(workWindowMs)"] : [])
                                                    + (apf ? ["--apf"] : []))
