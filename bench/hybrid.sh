@@ -8,18 +8,24 @@
 #   3. integrity: INTEGRITY_RUNS consecutive hybrid migrations of mixed
 #      workloads, sizes and policies, each checked page by page against the
 #      source's RAM at the pause (and every key-value checksum);
-#   4. downtime at DOWNTIME_SIZES, hybrid and pure postcopy (zipf guest).
-# Results: $OUT/hybrid-*.json (postcopy-bench documents) and $OUT/hybrid-integrity.txt.
+#   4. downtime at DOWNTIME_SIZES, hybrid and pure postcopy (zipf guest), with
+#      its breakdown (source stop, device state delivered, restore; the final
+#      dirty set's arrival, which is not part of it);
+#   5. the four modes side by side (postcopy, hybrid, pure precopy,
+#      stop-and-copy) for the kv, zipf and random workloads (2 % writes), 1 GiB,
+#      with the throughput plot (0 while a guest is paused).
+# Results: $OUT/hybrid-*.json (postcopy-bench documents), $OUT/hybrid-integrity.txt,
+# $OUT/hybrid-downtime.txt and $OUT/hybrid-modes/*.svg.
 #
-# Usage: bash bench/hybrid.sh              (about 15 minutes with 8G in the downtime series)
-# Env:   PARTS ("zipf writer integrity downtime")  REPEAT (3)  WRITER_REPEAT (5)
+# Usage: bash bench/hybrid.sh              (about 20 minutes with 8G in the downtime series)
+# Env:   PARTS ("zipf writer integrity downtime modes")  REPEAT (3)  WRITER_REPEAT (5)
 #        INTEGRITY_RUNS (20)  INTEGRITY_SIZES ("64M 256M 1G")  DOWNTIME_SIZES (1G,4G,8G)
 #        OUT (bench/latest)  POSTCOPY_BIN (binaries to use instead of building release ones)
 # CI runs a reduced form (scripts/test.sh): PARTS=integrity INTEGRITY_RUNS=3 INTEGRITY_SIZES="32M 64M"
 # with the debug build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PARTS=${PARTS:-zipf writer integrity downtime}
+PARTS=${PARTS:-zipf writer integrity downtime modes}
 REPEAT=${REPEAT:-3}
 WRITER_REPEAT=${WRITER_REPEAT:-5}
 INTEGRITY_RUNS=${INTEGRITY_RUNS:-20}
@@ -56,12 +62,12 @@ PY
 if has zipf; then
     echo "== 1. zipf guest, 1 % writes, 1 GiB: hybrid vs postcopy, $REPEAT runs each" >&2
     $BENCH --sizes 1G --workloads zipf --write-percent 1 --modes postcopy,hybrid --repeat "$REPEAT" \
-        --stream-write-sizes 512K --output "$OUT/hybrid-zipf.json" | grep -E "hybrid vs|^tcp" 
+        --stream-write-sizes 512K --output "$OUT/hybrid-zipf.json" | grep -E "^modes side|^  [a-z-]+:|^  hybrid total|^  demand faults|^tcp"
 fi
 if has writer; then
     echo "== 2. random writer (every operation writes a random page), 1 GiB: --precopy auto vs postcopy, $WRITER_REPEAT runs each" >&2
     $BENCH --sizes 1G --workloads random --write-percent 100 --modes postcopy,hybrid --repeat "$WRITER_REPEAT" \
-        --stream-write-sizes 512K --output "$OUT/hybrid-writer.json" | grep -E "hybrid vs|^tcp"
+        --stream-write-sizes 512K --output "$OUT/hybrid-writer.json" | grep -E "^modes side|^  [a-z-]+:|^  hybrid total|^  demand faults|^tcp"
     python3 - "$OUT/hybrid-writer.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -94,5 +100,23 @@ fi
 if has downtime; then
     echo "== 4. downtime at $DOWNTIME_SIZES, hybrid and pure postcopy (zipf, 1 % writes)" >&2
     $BENCH --sizes "$DOWNTIME_SIZES" --workloads zipf --write-percent 1 --modes postcopy,hybrid --repeat 1 \
-        --stream-write-sizes 512K --output "$OUT/hybrid-downtime.json" | grep -E "hybrid vs|^tcp"
+        --stream-write-sizes 512K --output "$OUT/hybrid-downtime.json" | grep -E "^modes side|^  [a-z-]+:|^  hybrid total|^  demand faults|^tcp"
+    python3 - "$OUT/hybrid-downtime.json" <<'PY' | tee "$OUT/hybrid-downtime.txt"
+import json, sys
+d = json.load(open(sys.argv[1]))
+print("downtime breakdown (ms after the pause; kernel %s, %s cores)" % (d["machine"]["kernel"], d["machine"]["cores"]))
+print("%-5s %-9s %9s %12s %14s %9s %16s" % ("size", "mode", "downtime", "source stop", "state arrived", "restore", "final set in"))
+for r in d["runs"]:
+    c, b = r["config"], r.get("downtime_breakdown_ns", {})
+    fin = r.get("final_set_received_after_pause_ns", 0)
+    print("%-5s %-9s %9.2f %12.2f %14.2f %9.2f %16s" % (c["size"], c["mode"], r["downtime_ns"] / 1e6, b.get("source_stop", 0) / 1e6,
+          b.get("device_state_received", 0) / 1e6, b.get("restore", 0) / 1e6, "%.2f" % (fin / 1e6) if fin else "-"))
+worst = max(r["downtime_ns"] for r in d["runs"]) / 1e6
+print("worst downtime %.2f ms (goal <= 2 ms)" % worst)
+PY
+fi
+if has modes; then
+    echo "== 5. the four modes side by side, 1 GiB, kv / zipf / random with 2 % writes" >&2
+    $BENCH --sizes 1G --workloads kv,zipf,random --write-percent 2 --modes postcopy,hybrid,precopy,stop-and-copy --repeat 1 \
+        --stream-write-sizes 512K --output "$OUT/hybrid-modes.json" --plot "$OUT/hybrid-modes" | grep -E "^modes side|^  [a-z-]+:|^  hybrid total|^  demand faults|^tcp"
 fi

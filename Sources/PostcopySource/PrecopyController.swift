@@ -192,7 +192,7 @@ public final class PrecopyController: @unchecked Sendable {
     /// can judge the guest.
     public static let firstPiecePages = 4096
     /// How long one window of `auto`'s look at the guest's writes lasts.
-    static let windowMicroseconds: UInt32 = 10_000
+    static let windowMicroseconds: UInt32 = 5_000
 
     /// The answer to request `pass` of `session`: the set's chunks (final once
     /// the guest paused). Pass 1 goes out piece by piece, one request each;

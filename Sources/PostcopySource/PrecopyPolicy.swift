@@ -6,7 +6,7 @@
 /// - *not shrinking*: a pass's dirty set is more than `shrinkRatio` of the
 ///   previous pass's (the guest writes about as fast as passes copy);
 /// - *writes outpace the copy*: during pass 1, in `outpacedWindows`
-///   consecutive windows of about 10 ms, the guest wrote more new pages than
+///   consecutive windows of about 5 ms, the guest wrote more new pages than
 ///   `outpaceRatio` × the pages sent (a guest writing everywhere: copying on
 ///   is wasted, every page it rewrites crosses twice; stopping within tens of
 ///   ms keeps hybrid within a few percent of pure postcopy's total time). One
