@@ -24,6 +24,9 @@ public protocol DirtyTracker: AnyObject, Sendable {
     /// The pages `collect` would return now, without tracking them anew (for a
     /// policy that watches how fast the guest writes).
     func peek(pages: Range<Int>) throws(SystemError) -> DirtyPages
+    /// Stops tracking for good (precopy cancelled): the memory is no longer
+    /// watched, and every later call throws.
+    func stop()
 }
 
 extension DirtyTracker {

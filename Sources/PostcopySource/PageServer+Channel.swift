@@ -48,6 +48,11 @@ extension PageServer {
                                        digest: scan?.digest ?? 0,
                                        deviceStateSize: UInt64(memory.waitForDeviceState(timeoutMs: 0)?.count ?? 0))))
         logger.info("\(hello.role) channel from \(conn.peer) joined session \(session.id)")
+        if hello.role == .main {
+            // How long a destination copying in precopy is away is timed from here.
+            precopy?.mainChannel(session: session.id, connected: true)
+        }
+        defer { if hello.role == .main { precopy?.mainChannel(session: session.id, connected: false) } }
         try dispatch(ServedChannel(conn: conn, session: session, role: hello.role))
     }
 

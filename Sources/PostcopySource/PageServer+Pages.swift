@@ -55,7 +55,7 @@ extension PageServer {
             let allZero = memory.allZero(globalFirst: global, count: count)
             if r.pageClass == .precopy {
                 // Precopy sends a page again when it was written: not "twice" (postcopy's count).
-                precopy?.noteServed(globalFirst: global, count: count)
+                precopy?.noteServed(session: session.id, globalFirst: global, count: count)
                 stats.precopyPages.add(UInt64(count), ordering: .relaxed)
             } else {
                 let dup = session.markSent(globalFirst: global, count: count)

@@ -1,4 +1,5 @@
 import CPostcopy
+import Logging
 import PostcopyCore
 import PostcopyTransport
 import PostcopyWire
@@ -29,10 +30,21 @@ public final class PrecopyController: @unchecked Sendable {
     /// How long after `begin` a destination may take to ask for pass 1 before
     /// the guest pauses anyway (postcopy only).
     public let destinationWaitSeconds: Double
+    /// How long the destination copying in precopy may stay away (its main
+    /// connection gone, not back) before precopy is cancelled: tracking stops,
+    /// the guest keeps running, and another destination may start over. Longer
+    /// than a destination's own recovery deadline (60 s by default), so that a
+    /// destination reconnecting after a cut is never cancelled.
+    public let abandonSeconds: Double
+    let logger: Logger?
 
     struct State {
         var begunAt: UInt64 = 0
         var owner: UInt64?
+        /// When the owner's main connection went away (0: connected).
+        var ownerGoneAt: UInt64 = 0
+        /// Destinations whose precopy was cancelled because they went away.
+        var abandoned = 0
         var tracker: (any DirtyTracker)?
         /// Requests answered (pieces of pass 1, then one per pass), and scans done.
         var requests = 0
@@ -65,12 +77,14 @@ public final class PrecopyController: @unchecked Sendable {
 
     /// `requestPause`: pause the guest now (its freeze follows); called once,
     /// with the reason, from any thread.
-    public init(policy: PrecopyPolicy, memory: SourceMemory, destinationWaitSeconds: Double = 10,
-                tracker: (@Sendable () throws -> any DirtyTracker)? = nil,
+    public init(policy: PrecopyPolicy, memory: SourceMemory, destinationWaitSeconds: Double = 10, abandonSeconds: Double = 90,
+                tracker: (@Sendable () throws -> any DirtyTracker)? = nil, logger: Logger? = nil,
                 requestPause: @escaping @Sendable (String) -> Void) throws(SystemError) {
+        self.logger = logger
         self.policy = policy
         self.memory = memory
         self.destinationWaitSeconds = destinationWaitSeconds
+        self.abandonSeconds = abandonSeconds
         let m = memory.mapping
         let pageSize = memory.table.pageSize
         makeTracker = tracker ?? { try WriteProtectTracker(base: m.base, length: m.length, pageSize: pageSize, trackingAll: false) }
@@ -112,16 +126,24 @@ public final class PrecopyController: @unchecked Sendable {
         if first { requestPause(reason) }
     }
 
-    /// Until the pause: gives up on a destination that never asks, and (auto)
-    /// stops a pass whose pages the guest rewrites as fast as they are sent.
+    /// Until the pause: gives up on a destination that never asks, cancels
+    /// the precopy of one that went away, and (auto) stops a pass whose pages
+    /// the guest rewrites as fast as they are sent.
     private func watch() {
-        let t0 = nowNanoseconds()
+        var t0 = nowNanoseconds()
         let pageSize = memory.table.pageSize
         // The previous window's end: pass, pages written since its scan, bytes sent.
         var last = (pass: 0, written: 0, bytes: 0)
         var outpaced = 0
         while !memory.isFrozen {
             usleep(Self.windowMicroseconds)
+            if let gone = abandonIfGone() {
+                logger?.warning("precopy cancelled: the destination copying it (session \(gone)) has been away for \(Int(abandonSeconds)) s; the guest keeps running, another destination may start over")
+                t0 = nowNanoseconds()
+                last = (0, 0, 0)
+                outpaced = 0
+                continue
+            }
             let (owner, tracker, done, bytes, paused, tracked, passes) = state.withLock {
                 ($0.owner, $0.tracker, $0.collects, $0.bytesSent, $0.pauseRequested, $0.trackedUpTo, $0.passPages.count)
             }
@@ -154,9 +176,42 @@ public final class PrecopyController: @unchecked Sendable {
         }
     }
 
-    /// Pages of a precopy request were read and sent (`PageServer`).
-    func noteServed(globalFirst first: Int, count: Int) {
+    /// A main connection of `session` came (true) or went (false): how the
+    /// owner's absence is timed (`abandonSeconds`).
+    func mainChannel(session: UInt64, connected: Bool) {
         state.withLock { s in
+            guard s.owner == session else { return }
+            s.ownerGoneAt = connected ? 0 : nowNanoseconds()
+        }
+    }
+
+    /// Before the pause, once the owner has been away for `abandonSeconds`:
+    /// precopy starts over from nothing (tracking stopped, every page
+    /// untracked), and the owner's session id is returned. A late request of
+    /// that session finds itself out of order, its pages refused.
+    private func abandonIfGone() -> UInt64? {
+        let now = nowNanoseconds()
+        let cancelled: (UInt64, (any DirtyTracker)?)? = state.withLock { s in
+            guard let owner = s.owner, s.ownerGoneAt != 0, !s.pauseRequested,
+                  Double(now - s.ownerGoneAt) / 1e9 >= abandonSeconds else { return nil }
+            let pages = memory.table.totalPages
+            var fresh = State(served: PageBitmap(pages: pages), everSent: PageBitmap(pages: pages))
+            fresh.begunAt = now  // the wait for a destination starts again
+            fresh.abandoned = s.abandoned + 1
+            let tracker = s.tracker
+            s = fresh
+            return (owner, tracker)
+        }
+        guard let (owner, tracker) = cancelled else { return nil }
+        tracker?.stop()
+        return owner
+    }
+
+    /// Pages of a precopy request of `session` were read and sent
+    /// (`PageServer`); not counted for a session whose precopy was cancelled.
+    func noteServed(session: UInt64, globalFirst first: Int, count: Int) {
+        state.withLock { s in
+            guard s.owner == session else { return }
             for p in first..<(first + count) where !s.served.contains(p) {
                 s.served.insert(p)
                 s.servedCount += 1
@@ -227,6 +282,7 @@ public final class PrecopyController: @unchecked Sendable {
             }
             state.withLock { s in
                 s.owner = session
+                s.ownerGoneAt = 0
                 s.tracker = tracker
                 s.passPages.append(0)
                 s.passStartedAt.append(t)
@@ -246,7 +302,8 @@ public final class PrecopyController: @unchecked Sendable {
             let piece = tracked..<min(total, tracked + (tracked == 0 ? Self.firstPiecePages : Self.piecePages))
             do { try tracker.startTracking(pages: piece) } catch { throw .local(error) }
             let set = DirtyPages(runs: [piece])
-            return state.withLock { s in
+            return try state.withLock { (s: inout State) throws(TransportError) in
+                try Self.checkOwner(s, session)
                 s.trackedUpTo = piece.upperBound
                 s.protectNanoseconds = (tracker as? WriteProtectTracker)?.protectNanoseconds ?? 0
                 s.passPages[0] += set.count
@@ -260,7 +317,8 @@ public final class PrecopyController: @unchecked Sendable {
         let verdict = policy.beforePass(real, dirty: dirty.count, previous: previous, elapsedSeconds: Double(t - begunAt) / 1e9,
                                         bytesSent: bytes, ramBytes: memory.mapping.length)
         if case .stop(let why) = verdict {
-            state.withLock { s in
+            try state.withLock { (s: inout State) throws(TransportError) in
+                try Self.checkOwner(s, session)
                 s.collects += 1
                 // Scanned and never handed out: the final set carries them,
                 // whoever reads the pages (with what of the last set was not
@@ -271,11 +329,20 @@ public final class PrecopyController: @unchecked Sendable {
             guard waitFrozen() else { return nil }
             return try finalSet(pass)
         }
-        return state.withLock { s in
+        return try state.withLock { (s: inout State) throws(TransportError) in
+            try Self.checkOwner(s, session)
             s.collects += 1
             s.passPages.append(dirty.count)
             s.passStartedAt.append(t)
             return handOut(dirty, pass: pass, &s)
+        }
+    }
+
+    /// A request of `session` goes on only while its precopy was not
+    /// cancelled (`abandonIfGone`) meanwhile.
+    private static func checkOwner(_ s: State, _ session: UInt64) throws(TransportError) {
+        guard s.owner == session else {
+            throw .protocolViolation("precopy of session \(session) was cancelled (it was away too long); start over with a new session")
         }
     }
 
@@ -299,7 +366,8 @@ public final class PrecopyController: @unchecked Sendable {
             return PrecopyReport(mode: "\(policy.mode)" + (policy.postcopyAfter ? "" : ", postcopy off"), passes: s.passPages, passStartSeconds: s.passStartedAt.map(since),
                                  bytesSent: s.bytesSent, decision: s.decision, decisionSeconds: since(s.decidedAt),
                                  finalDirtyPages: s.final == nil ? nil : s.finalPages,
-                                 finalScanSeconds: Double(s.finalScanNanoseconds) / 1e9, protectSeconds: Double(s.protectNanoseconds) / 1e9)
+                                 finalScanSeconds: Double(s.finalScanNanoseconds) / 1e9, protectSeconds: Double(s.protectNanoseconds) / 1e9,
+                                 abandonedDestinations: s.abandoned)
         }
     }
 }

@@ -11,10 +11,12 @@ public struct PrecopyReport: Sendable, Codable, Equatable {
     public var finalDirtyPages: Int?
     public var finalScanSeconds: Double
     public var protectSeconds: Double
+    /// Destinations whose precopy was cancelled because they went away.
+    public var abandonedDestinations: Int = 0
 
     enum CodingKeys: String, CodingKey {
         case mode, passes, passStartSeconds = "pass_start_seconds", bytesSent = "bytes_sent", decision
         case decisionSeconds = "decision_seconds", finalDirtyPages = "final_dirty_pages"
-        case finalScanSeconds = "final_scan_seconds", protectSeconds = "protect_seconds"
+        case finalScanSeconds = "final_scan_seconds", protectSeconds = "protect_seconds", abandonedDestinations = "abandoned_destinations"
     }
 }

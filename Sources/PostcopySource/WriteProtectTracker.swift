@@ -25,6 +25,7 @@ public final class WriteProtectTracker: DirtyTracker, @unchecked Sendable {
     private let uffd: OwnedFD
     private let pagemap: OwnedFD
     private let lock = NSLockLite()
+    private var stopped = false  // under lock
     private let vec: UnsafeMutablePointer<cpc_page_region>
     private static let vecLength = 4096
 
@@ -68,6 +69,7 @@ public final class WriteProtectTracker: DirtyTracker, @unchecked Sendable {
         precondition(pages.lowerBound >= 0 && pages.upperBound <= pageCount, "pages \(pages) outside the tracked range")
         let (fd, at, len) = (uffd.raw, start + UInt64(pages.lowerBound * pageSize), UInt64(pages.count * pageSize))
         try lock.withLock { () throws(SystemError) in
+            guard !stopped else { throw SystemError("dirty tracking was stopped", errno: EBADF) }
             let t0 = nowNanoseconds()
             _ = try sysCall("UFFDIO_WRITEPROTECT of \(len) bytes") { cpc_uffd_writeprotect(fd, at, len, 1) }
             protectedFor += nowNanoseconds() - t0
@@ -77,6 +79,13 @@ public final class WriteProtectTracker: DirtyTracker, @unchecked Sendable {
     deinit {
         // Closing the userfaultfd drops the registration and the protection.
         vec.deallocate()
+    }
+
+    public func stop() {
+        lock.withLock {
+            stopped = true
+            uffd.close()  // the registration and the protection go with it
+        }
     }
 
     public func collect(pages: Range<Int>) throws(SystemError) -> DirtyPages { try scan(pages, reprotect: true) }
@@ -89,6 +98,7 @@ public final class WriteProtectTracker: DirtyTracker, @unchecked Sendable {
         guard !pages.isEmpty else { return DirtyPages() }
         precondition(pages.lowerBound >= 0 && pages.upperBound <= pageCount, "pages \(pages) outside the tracked range")
         return try lock.withLock { () throws(SystemError) -> DirtyPages in
+            guard !stopped else { throw SystemError("dirty tracking was stopped", errno: EBADF) }
             // A walk may stop before `end` (the vector full, or the kernel's
             // own reasons: seen on 6.18 under CPU load with the vector far from
             // full) and goes on from `walk_end`. The runs of those walks may

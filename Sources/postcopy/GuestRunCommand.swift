@@ -35,6 +35,7 @@ struct GuestRunCommand: ParsableCommand {
     @Option(name: .long, help: "Precopy before the pause: off (postcopy only), N passes (1-64), or auto (stop when passes no longer shrink, the guest rewrites what was just sent, or 16 passes / 60 s / 4× RAM were spent).") var precopy: String = "off"
     @Option(name: .long, help: "With --precopy: on (hybrid: postcopy fetches what is still dirty after the pause) or off (pure precopy: the destination copies the rest while the guest stays paused, then resumes; writes outpacing the copy do not end pass 1).") var postcopy: Toggle = .on
     @Option(name: .long, help: "With --precopy: seconds to wait after \"migrate\" for a destination to ask for precopy before pausing anyway.") var precopyWait: Double = 5
+    @Option(name: .long, help: "With --precopy: seconds the destination copying in precopy may stay away (its connection gone, not back) before precopy is cancelled: tracking stops, the guest keeps running, another destination may start over. Longer than the destination's --recovery-deadline.") var precopyAbandonAfter: Double = 90
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Option(name: .long, help: "How destinations may fetch: tcp, rdma (also offer one-sided RDMA READ of guest RAM; the listen address must be the RDMA device's) or auto (RDMA when possible).") var transport: TransportKind = .auto
     @Option(name: .long, help: "Scheduling of the thread streaming background pages to a destination: normal, low (nice 10) or idle (SCHED_IDLE).") var backgroundPriority: ThreadPriority = .normal
@@ -46,6 +47,7 @@ struct GuestRunCommand: ParsableCommand {
         guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }
         guard PrecopyPolicy.mode(parsing: precopy) != nil else { throw ValidationError("--precopy must be off, auto or a number of passes 1...64, not \(precopy)") }
         guard postcopy == .on || precopy != "off" else { throw ValidationError("--postcopy off needs --precopy N or auto (otherwise nothing is copied before the pause)") }
+        guard precopyAbandonAfter > 0 else { throw ValidationError("--precopy-abandon-after must be positive") }
         guard precopyWait > 0 else { throw ValidationError("--precopy-wait must be positive") }
     }
 
@@ -96,7 +98,8 @@ struct GuestRunCommand: ParsableCommand {
         var policy = PrecopyPolicy(mode: PrecopyPolicy.mode(parsing: precopy)!, totalPages: bytes / guest.pageSize)
         policy.postcopyAfter = postcopy == .on
         let controller = try PrecopyController(policy: policy,
-                                               memory: memoryState, destinationWaitSeconds: precopyWait, requestPause: requestPause)
+                                               memory: memoryState, destinationWaitSeconds: precopyWait, abandonSeconds: precopyAbandonAfter,
+                                               logger: logger, requestPause: requestPause)
         let server: PageServer
         do {
             let rdma = try Transports.listenRDMA(transport, host: listen.host, memory: ram, logger: logger)

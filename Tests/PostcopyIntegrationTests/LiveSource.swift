@@ -38,7 +38,7 @@ final class LiveSource: @unchecked Sendable {
 
     /// `writeEvery`: µs between two page writes of the writer (0: as fast as
     /// it can; nil: no writer).
-    init(size: Int, policy: PrecopyPolicy.Mode, writeEvery: UInt32?, seed: UInt64,
+    init(size: Int, policy: PrecopyPolicy.Mode, writeEvery: UInt32?, seed: UInt64, abandonSeconds: Double = 90,
          beforePause: @escaping @Sendable (UnsafeMutableRawPointer) -> Void = { _ in }) throws {
         let raw = cpc_memfd_create("precopy-test-ram", CPC_MFD_CLOEXEC)
         guard raw >= 0 else { throw SystemError("memfd_create", errno: -raw) }
@@ -57,7 +57,7 @@ final class LiveSource: @unchecked Sendable {
         self.guest = guest
         let memory = self.memory
         controller = try PrecopyController(policy: PrecopyPolicy(mode: policy, totalPages: pageCount), memory: memory,
-                                           destinationWaitSeconds: 10) { why in
+                                           destinationWaitSeconds: 10, abandonSeconds: abandonSeconds) { why in
             guest.pauseReason.withLock { if $0 == nil { $0 = why } }
             guest.stop.store(true, ordering: .releasing)
             guest.writer.withLock { $0 }?.join()

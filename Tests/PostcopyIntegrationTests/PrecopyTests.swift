@@ -78,6 +78,42 @@ struct PrecopyTests {
         #expect(report.passes.count <= 2, "it must stop at the latest after pass 2: \(report.passes)")
     }
 
+    /// A destination starts precopy and goes away for good (its connection
+    /// cut, never back): after the abandon time precopy is cancelled (tracking
+    /// stopped, the guest still running, the report counts it), the first
+    /// session coming back late finds its passes out of order, and another
+    /// destination precopies from scratch and migrates byte-exact.
+    @Test(.timeLimit(.minutes(2)))
+    func aDestinationThatWentAwayIsAbandonedAndAnotherStartsOver() throws {
+        let size = 16 << 20
+        let source = try LiveSource(size: size, policy: .passes(2), writeEvery: 50, seed: 64, abandonSeconds: 1)
+        defer { source.close() }
+        let port = source.server.port
+        source.controller.begin()
+        let first = try rawConnect(port)
+        let w = try HostileDestinationTests.hello(first)
+        try first.send(.precopyPassRequest(PrecopyPassRequest(pass: 1)))
+        guard case .dirtySet(let piece) = try first.receive(timeoutMs: 10_000) else { Issue.record("no dirty set"); return }
+        #expect(!piece.isFinal && piece.dirtyPages > 0)
+        try first.send(.pageRequest(PageRequest(requestID: 1, region: 0, pageClass: .precopy, pageOffset: 0, pageCount: 4)))
+        guard case .pageData = try first.receive(timeoutMs: 10_000) else { Issue.record("no precopy page"); return }
+        first.close()
+        #expect(waitFor("precopy cancelled") { source.controller.report.abandonedDestinations == 1 })
+        #expect(source.memory.waitForDeviceState(timeoutMs: 0) == nil, "the guest must keep running")
+        #expect(source.controller.report.passes.isEmpty, "precopy starts over from nothing")
+        // The first session back, late: its next pass is out of order.
+        let late = try rawConnect(port)
+        try late.send(.hello(Hello(role: .main, capabilities: [.zeroMap], sessionID: w.sessionID)))
+        guard case .welcome = try late.receive(timeoutMs: 10_000) else { Issue.record("no welcome for the late session"); return }
+        try late.send(.precopyPassRequest(PrecopyPassRequest(pass: 2)))
+        let seen = drainUntilClosed(late)
+        #expect(seen.error?.code == .protocolViolation && seen.error?.message.contains("out of order") == true, "\(seen)")
+        // Another destination: precopy from scratch, byte-exact.
+        let (_, r) = try migrateFromLiveSource(source, size: size)
+        #expect(source.controller.report.passes.count == 2)
+        #expect((r?.precopyPages ?? 0) >= UInt64(source.pageCount), "pass 1 covers every page again")
+    }
+
     /// Bad precopy requests at a real source: each gets an error and closes
     /// that connection only; the owner of the precopy goes on.
     @Test(.timeLimit(.minutes(2)))
