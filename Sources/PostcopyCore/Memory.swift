@@ -59,11 +59,38 @@ public struct SharedMemory: Sendable {
 extension MemoryMapping {
     /// A fresh memfd (`memfd_create(2)`) of `length` bytes, mapped shared: the
     /// guest view. Nothing is allocated yet; `SharedMemory.alias()` maps it again.
-    public static func sharedMemfd(length: Int, name: String = "guest-ram") throws(SystemError) -> SharedMemory {
+    /// `hugePages`: `adviseHugePages` on the mapping (guest RAM a VMM wants in
+    /// huge folios where the host allows them).
+    public static func sharedMemfd(length: Int, name: String = "guest-ram", hugePages: Bool = false) throws(SystemError) -> SharedMemory {
         let raw = try sysCall("memfd_create(\(name))") { cpc_memfd_create(name, CPC_MFD_CLOEXEC) }
         let file = OwnedFD(raw)
         _ = try libcCall("ftruncate(memfd \(name), \(length))") { ftruncate(raw, off_t(length)) }
-        return SharedMemory(file: file, guest: try .file(fd: raw, length: length, writable: true))
+        let guest = try MemoryMapping.file(fd: raw, length: length, writable: true)
+        if hugePages { guest.adviseHugePages() }
+        return SharedMemory(file: file, guest: guest)
+    }
+
+    /// `madvise(MADV_HUGEPAGE)`: transparent huge pages for this mapping where
+    /// the host allows them on request (for shared memory: `shmem_enabled`
+    /// advise, within_size or always; with never, nothing changes). A hint:
+    /// its failure changes nothing either.
+    public func adviseHugePages() {
+        _ = madvise(base, length, 14 /* MADV_HUGEPAGE */)
+    }
+
+    /// The host's transparent-huge-page setting for shared memory (the
+    /// bracketed word of /sys/kernel/mm/transparent_hugepage/shmem_enabled),
+    /// or nil when the kernel has none.
+    public static var sharedHugePagesSetting: String? {
+        let fd = open("/sys/kernel/mm/transparent_hugepage/shmem_enabled", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 256)
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard n > 0 else { return nil }
+        let text = String(decoding: buf.prefix(n), as: UTF8.self)
+        guard let l = text.firstIndex(of: "["), let r = text.firstIndex(of: "]"), l < r else { return nil }
+        return String(text[text.index(after: l)..<r])
     }
 
     /// Allocates every page of the mapping as a write fault would, without

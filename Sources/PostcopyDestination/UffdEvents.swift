@@ -77,6 +77,16 @@ extension PostcopyEngine {
         case .wake:
             // Installed between the fault and now; the copy already woke
             // the range, but a wake is cheap and never loses a waiter.
+            // With shared memory a present page can also have lost its
+            // mapping: punching part of a huge folio (a REMOVE, a stale
+            // precopied page) unmaps the whole folio, so the guest faults
+            // MINOR on pages we installed. Mapped again here (EEXIST when it
+            // was only the race); a wake alone would loop that fault forever.
+            if !isCopy {
+                do { _ = try uffd.continue(at: addr, length: unitBytes) } catch {
+                    logger.error("mapping again a present page at 0x\(String(addr, radix: 16)) failed: \(error)")
+                }
+            }
             uffd.wake(addr, length: unitBytes)
             releaseAPFWaiters([p])
         case .wait:

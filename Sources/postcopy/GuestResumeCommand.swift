@@ -54,7 +54,7 @@ struct GuestResumeCommand: ParsableCommand {
         do { info = try control.connect() } catch { throw fail("cannot reach the source: \(error)") }
         let bytes = info.table.totalPages * info.table.pageSize
         let postcopy = handoff != nil && !stopAndCopy
-        let shared = postcopy && memory == .shared ? try MemoryMapping.sharedMemfd(length: bytes) : nil
+        let shared = postcopy && memory == .shared ? try MemoryMapping.sharedMemfd(length: bytes, hugePages: true) : nil
         let ram = try shared?.guest ?? MemoryMapping.anonymous(length: bytes)
         var uffd: Userfaultfd?
         var vmm: VMMHandoffClient?
