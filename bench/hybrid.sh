@@ -11,6 +11,9 @@
 #   4. downtime at DOWNTIME_SIZES, hybrid and pure postcopy (zipf guest), with
 #      its breakdown (source stop, device state delivered, restore; the final
 #      dirty set's arrival, which is not part of it);
+#   1b. (part "thp", not in the default PARTS: it changes a host setting) part 1
+#      again with shared memory in huge folios: shmem_enabled set to advise for
+#      the run and restored after (needs root); results in hybrid-zipf-thp.json;
 #   5. the four modes side by side (postcopy, hybrid, pure precopy,
 #      stop-and-copy) for the kv, zipf and random workloads (2 % writes), 1 GiB,
 #      with the throughput plot (0 while a guest is paused).
@@ -18,7 +21,7 @@
 # $OUT/hybrid-downtime.txt and $OUT/hybrid-modes/*.svg.
 #
 # Usage: bash bench/hybrid.sh              (about 20 minutes with 8G in the downtime series)
-# Env:   PARTS ("zipf writer integrity downtime modes")  REPEAT (3)  WRITER_REPEAT (5)
+# Env:   PARTS ("zipf writer integrity downtime modes"; also "thp")  REPEAT (3)  WRITER_REPEAT (5)
 #        INTEGRITY_RUNS (20)  INTEGRITY_SIZES ("64M 256M 1G")  DOWNTIME_SIZES (1G,4G,8G)
 #        OUT (bench/latest)  POSTCOPY_BIN (binaries to use instead of building release ones)
 # CI runs a reduced form (scripts/test.sh): PARTS=integrity INTEGRITY_RUNS=3 INTEGRITY_SIZES="32M 64M"
@@ -63,6 +66,17 @@ if has zipf; then
     echo "== 1. zipf guest, 1 % writes, 1 GiB: hybrid vs postcopy, $REPEAT runs each" >&2
     $BENCH --sizes 1G --workloads zipf --write-percent 1 --modes postcopy,hybrid --repeat "$REPEAT" \
         --stream-write-sizes 512K --output "$OUT/hybrid-zipf.json" | grep -E "^modes side|^  [a-z-]+:|^  hybrid total|^  demand faults|^tcp"
+fi
+if has thp; then
+    THP=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+    was=$(sed 's/.*\[\(.*\)\].*/\1/' "$THP")
+    echo "== 1b. as 1, with shared memory in huge folios (shmem_enabled: $was -> advise for this part)" >&2
+    echo advise > "$THP"
+    trap 'echo "$was" > "$THP"; rm -f "$CHECK"' EXIT
+    $BENCH --sizes 1G --workloads zipf --write-percent 1 --modes postcopy,hybrid --repeat "$REPEAT" \
+        --stream-write-sizes 512K --output "$OUT/hybrid-zipf-thp.json" | grep -E "^modes side|^  [a-z-]+:|^  hybrid total|^  demand faults|^tcp"
+    echo "$was" > "$THP"
+    trap 'rm -f "$CHECK"' EXIT
 fi
 if has writer; then
     echo "== 2. random writer (every operation writes a random page), 1 GiB: --precopy auto vs postcopy, $WRITER_REPEAT runs each" >&2
