@@ -32,12 +32,20 @@ public enum CompletionNotice {
         return b.notify.complete == 1
     }
 
-    /// The answer as the one line the daemon writes.
+    /// The answer as the one line the daemon writes, at most `maxAnswerBytes`
+    /// with its newline: a longer error is cut, judged by the encoded size (a
+    /// character can take up to 6 bytes once escaped).
     public static func encode(_ answer: Answer) -> [UInt8] {
+        func line(_ a: Answer) -> [UInt8] {
+            Array((try? JSONEncoder().encode(a)) ?? Data(#"{"complete":false,"error":"unencodable"}"#.utf8)) + [UInt8(ascii: "\n")]
+        }
         var a = answer
-        if let e = a.error, e.utf8.count > maxAnswerBytes / 2 { a.error = String(e.prefix(maxAnswerBytes / 4)) + "..." }
-        let d = (try? JSONEncoder().encode(a)) ?? Data(#"{"complete":false,"error":"unencodable"}"#.utf8)
-        return Array(d) + [UInt8(ascii: "\n")]
+        var out = line(a)
+        if out.count > maxAnswerBytes, let e = a.error {
+            a.error = String(String.UnicodeScalarView(e.unicodeScalars.prefix(maxAnswerBytes / 8))) + "..."
+            out = line(a)
+        }
+        return out
     }
 
     /// Parses the daemon's line (without its newline).
