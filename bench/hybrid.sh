@@ -68,15 +68,11 @@ if has zipf; then
         --stream-write-sizes 512K --output "$OUT/hybrid-zipf.json" | grep -E "^modes side|^  [a-z-]+:|^  hybrid total|^  demand faults|^tcp"
 fi
 if has thp; then
-    THP=/sys/kernel/mm/transparent_hugepage/shmem_enabled
-    was=$(sed 's/.*\[\(.*\)\].*/\1/' "$THP")
-    echo "== 1b. as 1, with shared memory in huge folios (shmem_enabled: $was -> advise for this part)" >&2
-    echo advise > "$THP"
-    trap 'echo "$was" > "$THP"; rm -f "$CHECK"' EXIT
-    $BENCH --sizes 1G --workloads zipf --write-percent 1 --modes postcopy,hybrid --repeat "$REPEAT" \
-        --stream-write-sizes 512K --output "$OUT/hybrid-zipf-thp.json" | grep -E "^modes side|^  [a-z-]+:|^  hybrid total|^  demand faults|^tcp"
-    echo "$was" > "$THP"
-    trap 'rm -f "$CHECK"' EXIT
+    echo "== 1b. as 1, with shared memory in huge folios (shmem_enabled set to advise for this part)" >&2
+    with_shmem_thp advise $BENCH --sizes 1G --workloads zipf --write-percent 1 --modes postcopy,hybrid --repeat "$REPEAT" \
+        --stream-write-sizes 512K --output "$OUT/hybrid-zipf-thp.json" > "$OUT/.hybrid-thp.out"
+    grep -E "^modes side|^  [a-z-]+:|^  hybrid total|^  demand faults|^tcp" "$OUT/.hybrid-thp.out"
+    rm -f "$OUT/.hybrid-thp.out"
 fi
 if has writer; then
     echo "== 2. random writer (every operation writes a random page), 1 GiB: --precopy auto vs postcopy, $WRITER_REPEAT runs each" >&2

@@ -22,3 +22,18 @@ postcopy_build_deps() {
     fi
     apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs-dev librdmacm-dev >&2
 }
+
+# Runs "$@" with the host's transparent huge pages for shared memory set to $1
+# (/sys/kernel/mm/transparent_hugepage/shmem_enabled; needs root), and puts the
+# host's setting back afterwards, whether the command passed or not. Returns 3
+# without running it when the setting cannot be changed here.
+with_shmem_thp() {
+    local thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled value=$1 was rc=0
+    shift
+    [ -w "$thp" ] || return 3
+    was=$(sed 's/.*\[\(.*\)\].*/\1/' "$thp")
+    echo "$value" > "$thp"
+    "$@" || rc=$?
+    echo "$was" > "$thp"
+    return $rc
+}

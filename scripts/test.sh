@@ -17,16 +17,13 @@ timeout --signal=KILL 1200 swift test
 # (shmem_enabled=advise, as a host that enables THP for shmem has it): punching
 # part of a huge folio unmaps all of it, which the daemon must map again. The
 # host's setting is restored afterwards.
-THP=/sys/kernel/mm/transparent_hugepage/shmem_enabled
-if [ -w "$THP" ]; then
-    was=$(sed 's/.*\[\(.*\)\].*/\1/' "$THP")
-    echo advise > "$THP"
-    trap 'echo "$was" > "$THP"' EXIT
-    timeout --signal=KILL 600 swift test --skip-build --filter 'SharedHandoffTests|HandoffTests|PrecopyTests|HostilePrecopy|ContinueTests|postcopy migrate'
-    echo "$was" > "$THP"
-    trap - EXIT
-else
-    echo "SKIP: shared-memory suites with huge folios ($THP is not writable here)"
+rc=0
+with_shmem_thp advise timeout --signal=KILL 600 swift test --skip-build \
+    --filter 'SharedHandoffTests|HandoffTests|PrecopyTests|HostilePrecopy|ContinueTests|postcopy migrate' || rc=$?
+if [ "$rc" -eq 3 ]; then
+    echo "SKIP: shared-memory suites with huge folios (shmem_enabled is not writable here)"
+elif [ "$rc" -ne 0 ]; then
+    exit "$rc"
 fi
 # Hybrid (precopy → postcopy) integrity, reduced: 3 consecutive migrations of
 # mixed workloads and policies, each verified page by page (`bench/hybrid.sh`

@@ -98,7 +98,7 @@ extension HandoffServer {
             let watching = completed || failure != nil ? -1 : engine.completionDescriptor
             let ready = cpc_poll2(conn.raw, watching, Self.sessionPollIntervalMs)
             if ready > 0, ready & 1 != 0, !receiveLaterMessage(conn, pid: pid, engine: engine, apf: &apf, notify: &notify) { break }
-            if !completed, failure == nil, cpc_poll1(engine.completionDescriptor, Int16(POLLIN), 0) > 0 {
+            if ready > 0, ready & 2 != 0 {  // the engine completed or failed (watched only until then)
                 if let e = engine.failureReason {
                     failure = e.description
                     logger.error("VMM pid \(pid): postcopy failed: \(e); its vCPUs stay parked on missing pages")

@@ -238,7 +238,8 @@ struct MigrateCommand: ParsableCommand {
         result["migration"] = kind
         // Shared memory in huge folios (the host's setting): after the switch the
         // destination guest's faults map 2 MiB at a time instead of 4 KiB.
-        result["shmem_thp"] = MemoryMapping.sharedHugePagesSetting ?? "unknown"
+        let shmemTHP = MemoryMapping.sharedHugePagesSetting ?? "unknown"
+        result["shmem_thp"] = shmemTHP
         if json {
             emitEvent(result)
         } else {
@@ -253,7 +254,7 @@ struct MigrateCommand: ParsableCommand {
                   guest ops/s         before \(fmtOps(beforeOps))   during postcopy \(fmtOps(duringOps))   after \(fmtOps(afterOps))  
                                       M ops/s every 100 ms: before [\(perSecond(Array(beforeOps.suffix(10))))] during [\(perSecond(duringOps))] after [\(perSecond(Array(afterOps.prefix(10))))]
                   precopy             \(precopy == "off" ? "off" : "\(precopy): \(sourceDone?.precopy?.passes.count ?? 0) pass(es) of \(sourceDone?.precopy?.passes.map(String.init).joined(separator: ", ") ?? "") pages in \(fixed(Double(pausedAt - migratingAt) / 1e9, 3)) s; paused: \(paused?.reason ?? "?"); final dirty set \(sourceDone?.precopy?.finalDirtyPages.map(String.init) ?? "?") pages, \(session?.cleanPagesReleased ?? 0) clean pages left to the guest's own faults and \(session?.cleanPagesMapped ?? 0) mapped, without a transfer; guest ops/s during precopy \(fmtOps(precopyOps))")
-                  shared memory THP   \(MemoryMapping.sharedHugePagesSetting ?? "unknown") (/sys/kernel/mm/transparent_hugepage/shmem_enabled; with advise, guest RAM and the daemon's alias ask for 2 MiB folios)
+                  shared memory THP   \(shmemTHP) (/sys/kernel/mm/transparent_hugepage/shmem_enabled; with advise, guest RAM and the daemon's alias ask for 2 MiB folios)
                   install path        \(session.map { $0.installPath == "copy" ? "copy (anonymous RAM, UFFDIO_COPY)" : "continue (shared RAM preallocated in \(fixed($0.preallocationSeconds, 3)) s before the switchover, UFFDIO_CONTINUE)" } ?? "none (stop-and-copy)")
                   daemon CPU          \((result["daemon_cpu_seconds_per_gib"] as? Double).map { fixed($0, 3) + " s per GiB received, from the engine's start to the full copy" } ?? "-")
                   pages               \(session?.demandPages ?? 0) demanded, \(session?.backgroundPages ?? 0) streamed, \(session?.faults ?? 0) faults

@@ -40,11 +40,9 @@ final class LiveSource: @unchecked Sendable {
     /// it can; nil: no writer).
     init(size: Int, policy: PrecopyPolicy.Mode, writeEvery: UInt32?, seed: UInt64, abandonSeconds: Double = 90,
          beforePause: @escaping @Sendable (UnsafeMutableRawPointer) -> Void = { _ in }) throws {
-        let raw = cpc_memfd_create("precopy-test-ram", CPC_MFD_CLOEXEC)
-        guard raw >= 0 else { throw SystemError("memfd_create", errno: -raw) }
-        file = OwnedFD(raw)
-        guard ftruncate(raw, off_t(size)) == 0 else { throw SystemError("ftruncate", errno: errno) }
-        ram = try MemoryMapping.file(fd: raw, length: size, writable: true)
+        let shared = try MemoryMapping.sharedMemfd(length: size, name: "precopy-test-ram")
+        file = shared.file
+        ram = shared.guest
         pageCount = size / 4096
         // Random pages, every 8th left a hole (a zero page never written).
         var rng = SplitMix64(seed: seed)
@@ -52,7 +50,7 @@ final class LiveSource: @unchecked Sendable {
             let page = (ram.base + p * 4096).bindMemory(to: UInt64.self, capacity: 512)
             for i in 0..<512 { page[i] = rng.next() }
         }
-        memory = try SourceMemory(mapping: ram, pageSize: 4096, file: raw)
+        memory = try SourceMemory(mapping: ram, pageSize: 4096, file: file.raw)
         let guest = Guest(base: ram.base, pages: pageCount)
         self.guest = guest
         let memory = self.memory
