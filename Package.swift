@@ -93,6 +93,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "PostcopyWireTests", dependencies: ["PostcopyWire"]),
+        .testTarget(name: "PostcopyDestinationTests", dependencies: ["PostcopyDestination"]),
         .testTarget(name: "PostcopyGuestTests", dependencies: ["CPostcopy", "PostcopyGuest", "PostcopyCore"]),
         .testTarget(
             name: "PostcopyCoreTests",

@@ -94,11 +94,12 @@ extension PostcopyEngine {
                         waitMs = delay
                         break
                     }
-                    // Locality: restart the scan just after the most recent demand fault.
-                    let last = lastDemandPage.load(ordering: .relaxed)
-                    if last != followed {
-                        followed = last
-                        if last + unitPages < table.totalPages { cursor = last + unitPages }
+                    // Locality: restart the scan just after the most recent demand
+                    // fault, or where the prefetcher says (`planPrefetch`).
+                    let follow = backgroundFollow.load(ordering: .relaxed)
+                    if follow != followed {
+                        followed = follow
+                        if follow >= 0, follow < table.totalPages { cursor = follow }
                     }
                     guard let run = claimBackgroundRun(from: cursor) else {
                         exhausted = true

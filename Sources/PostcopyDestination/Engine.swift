@@ -65,7 +65,11 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// State only the fault thread touches.
     var fault: FaultThreadState
 
-    let lastDemandPage = Atomic<Int>(-1)
+    /// Where the background stream goes on from (set by the fault thread: after
+    /// the most recent demand fault, or where the prefetcher says; -1: not yet).
+    let backgroundFollow = Atomic<Int>(-1)
+    /// Source pages of prefetch requests claimed and not yet settled.
+    let prefetchPagesInFlight = Atomic<Int>(0)
     let nextRequestID = Atomic<UInt64>(1)
     /// Requests in flight by id: a reply must match one exactly.
     let inflight = Locked<[UInt64: PageRequest]>([:])
@@ -145,7 +149,8 @@ public final class PostcopyEngine: @unchecked Sendable {
         finalSetEvent = try EventFD()
         zeroUnit = unitPages > 1 ? try MemoryMapping.anonymous(length: guestPage) : nil
         self.config = config
-        fault = FaultThreadState(stallTimeout: config.stallTimeout)
+        fault = FaultThreadState(stallTimeout: config.stallTimeout,
+                                 prefetch: config.prefetch == .adaptive ? PrefetchState(totalPages: session.table.totalPages, unitPages: guestPage / session.table.pageSize) : nil)
         self.logger = logger
         channels = Channels(demand: demand, background: background)
         shutdown = try EventFD()

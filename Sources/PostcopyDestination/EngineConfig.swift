@@ -44,5 +44,7 @@ public struct EngineConfig: Sendable {
     /// (the pages wait unmapped in the alias for the final dirty set), 4 KiB
     /// guest pages, TCP.
     public var precopy = true
+    /// Fetch ahead of the faults (`PrefetchMode`).
+    public var prefetch: PrefetchMode = .adaptive
     public init() {}
 }

@@ -7,6 +7,13 @@ public final class EngineCounters: Sendable {
     public let apfFaults = Atomic<UInt64>(0)
     public let faultsCoalesced = Atomic<UInt64>(0)
     public let demandPages = Atomic<UInt64>(0)
+    /// Prefetch (`PrefetchMode.adaptive`): pages requested, pages received,
+    /// prefetched pages shown used by later faults (walked past along the
+    /// trend, or waited on in flight), and those waited on in flight.
+    public let prefetchRequestedPages = Atomic<UInt64>(0)
+    public let prefetchPages = Atomic<UInt64>(0)
+    public let prefetchHits = Atomic<UInt64>(0)
+    public let prefetchLateHits = Atomic<UInt64>(0)
     public let backgroundPages = Atomic<UInt64>(0)
     public let zeroFaults = Atomic<UInt64>(0)
     public let settledPages = Atomic<Int>(0)

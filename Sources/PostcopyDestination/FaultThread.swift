@@ -1,6 +1,7 @@
 import CPostcopy
 import PostcopyCore
 import PostcopyTransport
+import PostcopyWire
 
 /// What only the fault thread touches: the uffd message buffer, demand requests
 /// waiting for room (oldest first), zero pages faulted on and not yet filled,
@@ -13,6 +14,10 @@ struct FaultThreadState: ~Copyable {
     /// Clean precopied pages faulted on: mapped from the alias, no transfer.
     var deferredLocal: [(first: Int, count: Int)] = []
     var deferredDemand: [Int] = []
+    /// Prefetch requests whose pages are claimed, sent after the demand requests.
+    var deferredPrefetch: [PageRequest] = []
+    /// The prefetcher (nil: `PrefetchMode.off`).
+    var prefetch: PrefetchState?
     var demandInFlight = 0
     var lastDemandBusy: UInt64 = 0
     /// When a demand reply last arrived (or the first request of a burst left).
@@ -25,7 +30,10 @@ struct FaultThreadState: ~Copyable {
     /// The APF request fd in the epoll set (-1: none).
     var apfWatchedFD: Int32 = -1
 
-    init(stallTimeout: Double) { demandStall = StallWatch(timeout: stallTimeout) }
+    init(stallTimeout: Double, prefetch: PrefetchState?) {
+        demandStall = StallWatch(timeout: stallTimeout)
+        self.prefetch = prefetch
+    }
 
     deinit { msgs.deallocate() }
 }
@@ -67,7 +75,7 @@ extension PostcopyEngine {
                 }
             }
             // Work queued before a reconnect must not wait for the next event.
-            let queued = !fault.deferredZero.isEmpty || !fault.deferredLocal.isEmpty || (!fault.deferredDemand.isEmpty && fault.demandInFlight < Self.maxDemandInFlight)
+            let queued = !fault.deferredZero.isEmpty || !fault.deferredLocal.isEmpty || ((!fault.deferredDemand.isEmpty || !fault.deferredPrefetch.isEmpty) && fault.demandInFlight < Self.maxDemandInFlight)
             // A busy-polled channel (RDMA demand QP) is spun on while a READ is
             // out, and a little past the last completion: a guest that faulted
             // once usually faults again at once, and then the next fault is read
@@ -104,7 +112,7 @@ extension PostcopyEngine {
                 try recoverDemand(epoll, demand, generation: generation, cause: error)
                 continue
             }
-            if fault.demandAttached, streamEnd != 0, fault.demandInFlight == 0, fault.deferredDemand.isEmpty {
+            if fault.demandAttached, streamEnd != 0, fault.demandInFlight == 0, fault.deferredDemand.isEmpty, fault.deferredPrefetch.isEmpty {
                 // Every page is in: nothing more comes from the source. The thread
                 // stays to serve late faults on zero pages and REMOVE events.
                 stopWatchingDemand(epoll, demand)
@@ -119,6 +127,7 @@ extension PostcopyEngine {
                                cause: TransportError) throws(TransportError) {
         guard try recover(from: generation, cause: cause) == .sourceDone else { return }
         fault.deferredDemand.removeAll()
+        fault.deferredPrefetch.removeAll()
         fault.demandInFlight = 0
         stopWatchingDemand(epoll, demand)
     }
@@ -133,16 +142,19 @@ extension PostcopyEngine {
         assert(faultThread.isCurrent)
         // Out of the queue before it is sent: if the send fails, the requests
         // live on only in `inflight` and are re-sent once, after a reconnect.
-        // A burst (many async faults at once) goes out in one write.
+        // A burst (many async faults at once) goes out in one write, demand
+        // requests first, then the prefetch planned with them.
         let n = min(fault.deferredDemand.count, Self.maxDemandInFlight - fault.demandInFlight)
-        guard n > 0 else { return }
+        let m = min(fault.deferredPrefetch.count, Self.maxDemandInFlight - fault.demandInFlight - n)
+        guard n + m > 0 else { return }
         if fault.demandInFlight == 0 { fault.demandStall.progressed() }
         let batch = fault.deferredDemand.prefix(n).map { p in
             let (region, page) = table.locate(globalPage: p)
             return newRequest(region: region, page: page, count: unitPages, class: .demand)
-        }
+        } + fault.deferredPrefetch.prefix(m)
         fault.deferredDemand.removeFirst(n)
-        fault.demandInFlight += n
+        fault.deferredPrefetch.removeFirst(m)
+        fault.demandInFlight += n + m
         inflight.withLock { for r in batch { $0[r.requestID] = r } }
         try demand.submit(batch: batch)
     }

@@ -49,6 +49,7 @@ extension PostcopyEngine {
         guard ok else {
             throw .protocolViolation("pages \(h.pageOffset)..<\(h.pageOffset + UInt64(h.pageCount)) of region \(h.region) were not requested as \(h.pageClass)")
         }
+        if h.pageClass == .prefetch { prefetchSettled(count: count) }
         if h.pageClass == .precopy {
             // Written into the alias only: mapped once the final dirty set says the page is clean.
             stage(globalFirst: first, count: count, payload: h.isZero ? nil : payload)
@@ -62,6 +63,8 @@ extension PostcopyEngine {
             counters.zeroPagesReceived.add(UInt64(count), ordering: .relaxed)
         } else if h.pageClass == .background {
             counters.backgroundPages.add(UInt64(count), ordering: .relaxed)
+        } else if h.pageClass == .prefetch {
+            counters.prefetchPages.add(UInt64(count), ordering: .relaxed)
         } else {
             counters.demandPages.add(UInt64(count), ordering: .relaxed)
         }

@@ -70,10 +70,11 @@ extension PostcopyEngine {
         }
         switch action {
         case .fetch:
-            lastDemandPage.store(p, ordering: .relaxed)
             fault.deferredDemand.append(p)
+            if !again { planPrefetch(after: p, fetched: true, waited: false) }
         case .zero:
             fault.deferredZero.append(p)
+            if !again { planPrefetch(after: p, fetched: false, waited: false) }
         case .wake:
             // Installed between the fault and now; the copy already woke
             // the range, but a wake is cheap and never loses a waiter.
@@ -91,6 +92,7 @@ extension PostcopyEngine {
             releaseAPFWaiters([p])
         case .wait:
             counters.faultsCoalesced.add(1, ordering: .relaxed)
+            if !again { planPrefetch(after: p, fetched: false, waited: true) }
         case .local(let first, let count):
             fault.deferredLocal.append((first, count))
         case .parked:

@@ -162,6 +162,11 @@ extension HandoffServer {
         report.faultsParkedOnFinalSet = c.faultsParkedOnFinalSet.load(ordering: .relaxed)
         report.finalSetAppliedAtNs = c.finalSetAppliedAt.load(ordering: .relaxed)
         report.finalSetReceivedAtNs = c.finalSetReceivedAt.load(ordering: .relaxed)
+        report.prefetch = engineConfig.prefetch.rawValue
+        report.prefetchRequestedPages = c.prefetchRequestedPages.load(ordering: .relaxed)
+        report.prefetchPages = c.prefetchPages.load(ordering: .relaxed)
+        report.prefetchHits = c.prefetchHits.load(ordering: .relaxed)
+        report.prefetchLateHits = c.prefetchLateHits.load(ordering: .relaxed)
         return report
     }
 }

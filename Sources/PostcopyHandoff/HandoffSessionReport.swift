@@ -58,6 +58,13 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var faultsParkedOnFinalSet: UInt64 = 0
     public var finalSetAppliedAtNs: UInt64 = 0
     public var finalSetReceivedAtNs: UInt64 = 0
+    /// Prefetch: the mode, pages requested and received as prefetch, those a
+    /// later fault showed used, and those of them a fault waited on in flight.
+    public var prefetch: String = "off"
+    public var prefetchRequestedPages: UInt64 = 0
+    public var prefetchPages: UInt64 = 0
+    public var prefetchHits: UInt64 = 0
+    public var prefetchLateHits: UInt64 = 0
 
     enum CodingKeys: String, CodingKey {
         case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
@@ -71,5 +78,7 @@ public struct HandoffSessionReport: Sendable, Codable {
         case precopyPasses = "precopy_passes", precopyPages = "precopy_pages", precopyStalePages = "precopy_stale_pages"
         case cleanPagesMapped = "clean_pages_mapped", cleanPagesReleased = "clean_pages_released", cleanPageFaults = "clean_page_faults"
         case faultsParkedOnFinalSet = "faults_parked_on_final_set", finalSetAppliedAtNs = "final_set_applied_at_ns", finalSetReceivedAtNs = "final_set_received_at_ns"
+        case prefetch, prefetchRequestedPages = "prefetch_requested_pages", prefetchPages = "prefetch_pages"
+        case prefetchHits = "prefetch_hits", prefetchLateHits = "prefetch_late_hits"
     }
 }

@@ -16,8 +16,16 @@ extension PageServer {
             guard case .pageRequest(let r) = more else { next = more; break }
             batch.append(r)
         }
-        try servePages(batch, conn: channel.conn, session: channel.session)
+        try servePages(Self.demandFirst(batch), conn: channel.conn, session: channel.session)
         return next
+    }
+
+    /// `requests` with the demand ones first (in their order), then the rest
+    /// in theirs: a guest waiting on a page never waits behind a prefetch
+    /// that arrived with it (replies are matched by id, not by order).
+    static func demandFirst(_ requests: [PageRequest]) -> [PageRequest] {
+        guard requests.contains(where: { $0.pageClass != .demand }), requests.contains(where: { $0.pageClass == .demand }) else { return requests }
+        return requests.filter { $0.pageClass == .demand } + requests.filter { $0.pageClass != .demand }
     }
 
     /// Answers requests in order, in one vectored send. A request out of range

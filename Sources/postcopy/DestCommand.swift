@@ -49,6 +49,9 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "Background streaming: on, or off (demand faults only; for latency measurements).")
     var background: BackgroundStreaming = .on
 
+    @Option(name: .long, help: "Fetch ahead of the faults: adaptive (pages along each fault stream's trend go out with the demand request, the depth growing with hits and dropping to none on random faults; the background stream follows the trend, or the most-faulted block) or off (only the page faulted on; the stream restarts after the last fault).")
+    var prefetch: PrefetchMode = .adaptive
+
     @Option(name: .long, help: "Pages per background request.")
     var batchPages: Int = 128
 
@@ -154,6 +157,7 @@ struct DestCommand: ParsableCommand {
     func engineConfig() -> EngineConfig {
         var c = EngineConfig()
         c.background = background == .on
+        c.prefetch = prefetch
         c.batchPages = batchPages
         c.window = window
         c.backgroundRate = backgroundRate.bytes

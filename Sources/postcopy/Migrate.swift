@@ -2,6 +2,7 @@ import ArgumentParser
 import CPostcopy
 import Foundation
 import PostcopyCore
+import PostcopyDestination
 import PostcopyGuest
 import PostcopyHandoff
 import PostcopySource
@@ -42,6 +43,7 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Precopy while the source guest runs, before the pause: off, N passes, or auto (see guest run --help).") var precopy: String = "off"
     @Option(name: .long, help: "With --precopy: on (hybrid) or off (pure precopy: after the pause the destination copies what is still dirty, and the guest resumes only once every page is in).") var postcopy: Toggle = .on
     @Option(name: .long, help: "Destination guest RAM: shared (a memfd; the daemon writes pages through its preallocated alias and maps them with UFFDIO_CONTINUE) or anonymous (Firecracker's plain handoff; UFFDIO_COPY).") var memory: GuestMemoryKind = .shared
+    @Option(name: .long, help: "The destination daemon's prefetch: adaptive or off (see dest --help).") var prefetch: PrefetchMode = .adaptive
     @Option(name: .long, help: "Transport: tcp, rdma (one-sided RDMA READ; --address must be an RDMA device's IP) or auto.") var transport: TransportKind = .tcp
     @Option(name: .long, help: "IP address the source serves on and the destination connects to (for RDMA: the RDMA device's IP).") var address: String = "127.0.0.1"
     @Option(name: .long, help: "At the destination, run a task guest: this many cooperative tasks per vCPU reading random pages (0: the guest's own workload).") var tasks: Int = 0
@@ -100,7 +102,8 @@ struct MigrateCommand: ParsableCommand {
             say("source guest running, serving its RAM on \(address):\(port); starting the destination daemon and guest")
             let d = try Child("destination daemon", ["dest", "--handoff", socket, "--connect", "\(address):\(port)", "--once",
                                                      "--json", "--transport", transport.rawValue, "--background-rate", backgroundRate.text,
-                                                     "--key-file", keyFile, "--background-priority", backgroundPriority.rawValue])
+                                                     "--key-file", keyFile, "--background-priority", backgroundPriority.rawValue,
+                                                     "--prefetch", prefetch.rawValue])
             children.append(d)
             guard d.waitFor(\.listening, seconds: 30) != nil else { throw abort("the destination daemon did not start") }
             daemon = d
@@ -201,7 +204,10 @@ struct MigrateCommand: ParsableCommand {
             "bytes_sent": session?.bytesSent ?? 0,
             "source_cpu_seconds": sourceDone?.cpuSeconds ?? 0, "daemon_cpu_seconds": session?.cpuSeconds ?? 0,
             "daemon_cpu_seconds_to_full_copy": session?.cpuSecondsToFullCopy ?? 0,
-            "prefetch_pages": 0,
+            "prefetch": session?.prefetch ?? "off", "prefetch_pages": session?.prefetchPages ?? 0,
+            "prefetch_requested_pages": session?.prefetchRequestedPages ?? 0,
+            "prefetch_hits": session?.prefetchHits ?? 0, "prefetch_late_hits": session?.prefetchLateHits ?? 0,
+            "pages_sent_twice": sourceDone?.pagesSentTwice ?? 0,
             "ops_per_s_before": beforeOps, "ops_per_s_during": duringOps, "ops_per_s_after": afterOps,
             "ops_per_s_precopy": precopyOps,
             // The destination's first report covers its first 100 ms: the

@@ -13,6 +13,7 @@ extension ThreadPriority: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 extension TouchMode: ExpressibleByArgument {}
 extension InstallMode: ExpressibleByArgument {}
+extension PrefetchMode: ExpressibleByArgument {}
 extension Workload: ExpressibleByArgument {}
 
 /// `HOST:PORT` or `[IPv6]:PORT`.
