@@ -168,6 +168,8 @@ public final class StandaloneDestination: Sendable {
             cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, uffdOrigin: uffd.origin,
             recoveryNs: setupRecoveries + engine.recoveryTimes.withLock { $0 })
         report.cpuSecondsToFullCopy = Double(cpuToFullCopy) / 1e9
+        report.prefetchPages = c.prefetchPages.load(ordering: .relaxed)
+        report.prefetchHits = c.prefetchHits.load(ordering: .relaxed)
         report.pagesCopied = c.pagesCopied.load(ordering: .relaxed)
         report.pagesContinued = c.pagesContinued.load(ordering: .relaxed)
         report.pagesReceivedInPlace = c.pagesReceivedInPlace.load(ordering: .relaxed)

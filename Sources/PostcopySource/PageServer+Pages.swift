@@ -23,7 +23,7 @@ extension PageServer {
     /// `requests` with the demand ones first (in their order), then the rest
     /// in theirs: a guest waiting on a page never waits behind a prefetch
     /// that arrived with it (replies are matched by id, not by order).
-    static func demandFirst(_ requests: [PageRequest]) -> [PageRequest] {
+    public static func demandFirst(_ requests: [PageRequest]) -> [PageRequest] {
         guard requests.contains(where: { $0.pageClass != .demand }), requests.contains(where: { $0.pageClass == .demand }) else { return requests }
         return requests.filter { $0.pageClass == .demand } + requests.filter { $0.pageClass != .demand }
     }

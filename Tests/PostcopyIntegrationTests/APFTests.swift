@@ -52,7 +52,7 @@ struct APFTests {
         let mem = try TempMemory(size: 4 << 20, zeroPercent: 0, seed: 63)
         let server = try startServer(mem)
         defer { server.stop() }
-        let daemon = try startHandoff(port: server.port, background: false)
+        let daemon = try startHandoff(port: server.port, background: false, prefetch: .off)  // the four pages only
         defer { daemon.stop() }
         let (vmm, ch) = try apfVMM(daemon, size: 4 << 20)
         let m = vmm.mappings[0]

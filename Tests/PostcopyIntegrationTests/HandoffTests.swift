@@ -131,9 +131,10 @@ func migrateThroughDaemon(_ vmm: TestVMM, _ daemon: HandoffServer, expected: [UI
 
 func socketPath() -> String { "/tmp/postcopy-handoff-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock" }
 
-func startHandoff(port: Int, rate: Int = 0, background: Bool = true,
+func startHandoff(port: Int, rate: Int = 0, background: Bool = true, prefetch: PrefetchMode = .adaptive,
                   onRejected: (@Sendable (Int32, String) -> Void)? = nil) throws -> HandoffServer {
     var config = EngineConfig()
+    config.prefetch = prefetch
     config.backgroundRate = rate
     config.background = background
     let server = try HandoffServer(path: socketPath(), source: Endpoint(host: "127.0.0.1", port: port),

@@ -21,7 +21,7 @@ struct MigrationTests {
         #expect(cmp.firstDifference == nil, "first differing byte at \(String(describing: cmp.firstDifference))")
         #expect(r.digestMatch && r.sourceConfirmedDigest)
         #expect(r.faults > 0, "the guest threads must really fault")
-        #expect(r.demandPages + r.backgroundPages == UInt64(r.nonZeroPages))
+        #expect(r.demandPages + r.prefetchPages + r.backgroundPages == UInt64(r.nonZeroPages))
         #expect(r.pagesSentTwice == 0)
         #expect(r.installPath == install.rawValue)
         #expect(r.deviceStateBytes == 10)
@@ -37,7 +37,7 @@ struct MigrationTests {
         let server = try startServer(mem)
         defer { server.stop() }
         let cmp = ByteComparison(expected: mem.mapping.bytes)
-        let r = try runDestination(port: server.port, touch: .sequential, threads: 2, background: false, install: install, compare: cmp)
+        let r = try runDestination(port: server.port, touch: .sequential, threads: 2, background: false, install: install, prefetch: .off, compare: cmp)
         #expect(cmp.firstDifference == nil)
         #expect(r.digestMatch)
         #expect(r.backgroundPages == 0)
@@ -72,7 +72,7 @@ struct MigrationTests {
         defer { server.stop() }
         let cmp = ByteComparison(expected: mem.mapping.bytes)
         // Demand only, 4 threads touching the same pages in the same order.
-        let r = try runDestination(port: server.port, touch: .shared, threads: 4, background: false, install: install, compare: cmp)
+        let r = try runDestination(port: server.port, touch: .shared, threads: 4, background: false, install: install, prefetch: .off, compare: cmp)
         #expect(cmp.firstDifference == nil)
         #expect(r.digestMatch)
         #expect(r.pagesSentTwice == 0, "a page was fetched twice")
@@ -133,5 +133,54 @@ struct MigrationTests {
             #expect(r.digestMatch && r.pagesSentTwice == 0)
         }
         #expect(server.stats.completedSessions.load(ordering: .relaxed) == 3)
+    }
+}
+
+/// Adaptive prefetch with the real kernel userfaultfd over loopback TCP: two
+/// threads each reading their half in order, no background stream, so every
+/// page comes by demand or by prefetch.
+@Suite("prefetch over loopback TCP", .serialized, .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable (reason printed above)"))
+struct PrefetchMigrationTests {
+    @Test(.timeLimit(.minutes(3)), arguments: InstallMode.allCases)
+    func sequentialReadersArePrefetchedAheadAndNoPageComesTwice(install: InstallMode) throws {
+        if skipped(install) { return }
+        let mem = try TempMemory(size: 16 << 20, zeroPercent: 10, seed: 77)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        let r = try runDestination(port: server.port, touch: .sequential, threads: 2, background: false, install: install,
+                                   prefetch: .adaptive, compare: cmp)
+        print("prefetch (\(install)): \(r.faults) faults, \(r.demandPages) demand, \(r.prefetchPages) prefetch (\(r.prefetchHits) shown used) of \(r.nonZeroPages) non-zero pages")
+        #expect(cmp.firstDifference == nil, "first differing byte at \(String(describing: cmp.firstDifference))")
+        #expect(r.digestMatch && r.sourceConfirmedDigest)
+        #expect(r.demandPages + r.prefetchPages == UInt64(r.nonZeroPages), "every page came once, by demand or prefetch")
+        #expect(r.pagesSentTwice == 0 && server.stats.pagesSentTwice.load(ordering: .relaxed) == 0)
+        #expect(r.demandPages * 10 < UInt64(r.nonZeroPages), "\(r.demandPages) demand faults for \(r.nonZeroPages) pages read in order")
+        #expect(r.prefetchHits > r.prefetchPages / 2, "\(r.prefetchHits) of \(r.prefetchPages) prefetched pages shown used")
+        #expect(server.stats.prefetchPages.load(ordering: .relaxed) == r.prefetchPages)
+    }
+
+    @Test(.timeLimit(.minutes(3)))
+    func randomReadersGetNoPrefetch() throws {
+        let mem = try TempMemory(size: 16 << 20, zeroPercent: 10, seed: 78)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        let r = try runDestination(port: server.port, touch: .random, threads: 2, background: false, prefetch: .adaptive, compare: cmp)
+        #expect(cmp.firstDifference == nil)
+        #expect(r.digestMatch)
+        // 4096 pages at random: a chance pair of near faults may start a short
+        // trend, never more than a few windows' worth.
+        #expect(r.prefetchPages < UInt64(r.nonZeroPages) / 20, "\(r.prefetchPages) pages prefetched for random reads")
+        #expect(r.demandPages + r.prefetchPages == UInt64(r.nonZeroPages))
+    }
+
+    @Test func theSourceAnswersDemandBeforePrefetch() {
+        let p = PageRequest(requestID: 1, region: 0, pageClass: .prefetch, pageOffset: 10, pageCount: 16)
+        let d = PageRequest(requestID: 2, region: 0, pageClass: .demand, pageOffset: 5, pageCount: 1)
+        let b = PageRequest(requestID: 3, region: 0, pageClass: .background, pageOffset: 100, pageCount: 128)
+        let d2 = PageRequest(requestID: 4, region: 0, pageClass: .demand, pageOffset: 7, pageCount: 1)
+        #expect(PageServer.demandFirst([p, d, b, d2]).map(\.requestID) == [2, 4, 1, 3])
+        #expect(PageServer.demandFirst([p, b]).map(\.requestID) == [1, 3])
     }
 }

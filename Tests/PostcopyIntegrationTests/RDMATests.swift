@@ -79,7 +79,7 @@ struct RDMATests {
         #expect(r.digestMatch && r.sourceConfirmedDigest)
         #expect(t.name == "rdma" && !t.failedOver)
         #expect(r.faults > 0, "the guest threads must really fault")
-        #expect(r.demandPages + r.backgroundPages == UInt64(r.nonZeroPages))
+        #expect(r.demandPages + r.prefetchPages + r.backgroundPages == UInt64(r.nonZeroPages))
         // One-sided: the source process served no page itself.
         #expect(server.stats.demandPages.load(ordering: .relaxed) == 0)
         #expect(server.stats.backgroundPages.load(ordering: .relaxed) == 0)

@@ -64,8 +64,8 @@ struct RecoveryTests {
         #expect(n >= 10, "the migration should outlast many cuts (\(n))")
         // Re-requested exactly what was not installed: every non-zero page
         // installed once, none twice, none left out.
-        #expect(r.demandPages + r.backgroundPages == UInt64(r.nonZeroPages),
-                "\(r.demandPages) demand + \(r.backgroundPages) background installs for \(r.nonZeroPages) non-zero pages")
+        #expect(r.demandPages + r.prefetchPages + r.backgroundPages == UInt64(r.nonZeroPages),
+                "\(r.demandPages) demand + \(r.prefetchPages) prefetch + \(r.backgroundPages) background installs for \(r.nonZeroPages) non-zero pages")
         #expect(r.installPath == install.rawValue)
         // Not one reconnect per cut: a cut that lands while a reconnect is under
         // way is absorbed by it (retry), and one after the last page is handled by

@@ -89,8 +89,10 @@ final class ByteComparison: @unchecked Sendable {
 }
 
 func runDestination(port: Int, touch: TouchMode, threads: Int, background: Bool = true,
-                    install: InstallMode = .copy, compare: ByteComparison? = nil) throws -> DestinationReport {
+                    install: InstallMode = .copy, prefetch: PrefetchMode = .adaptive,
+                    compare: ByteComparison? = nil) throws -> DestinationReport {
     var options = DestinationOptions()
+    options.engine.prefetch = prefetch
     options.install = install
     options.touch = touch
     options.threads = threads
