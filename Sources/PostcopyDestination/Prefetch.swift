@@ -8,7 +8,8 @@ public enum PrefetchMode: String, Sendable, CaseIterable {
     case off
     /// Pages along each fault stream's trend (`PrefetchPlanner`) go out with
     /// the demand request as class `prefetch`, and the background stream
-    /// follows the trend's end, or else the block with the most demand faults.
+    /// follows the trend's end, or else the block with the most demand faults
+    /// when one stands out (a skewed hot set), or else the last fault.
     case adaptive
 }
 
@@ -18,6 +19,18 @@ struct PrefetchState {
     /// Demand faults per block of `blockPages` source pages.
     var heat: [UInt16]
     var hottest = 0
+    /// Demand faults counted in `heat`, and blocks with at least one.
+    var heatFaults = 0
+    var heatedBlocks = 0
+    /// Whether one block draws far more demand faults than the average block
+    /// faulted on (a skewed hot set, like zipf's head), rather than faults
+    /// spread evenly (random: the stream then follows the last fault).
+    var hasHotBlock: Bool {
+        let h = Int(heat[hottest])
+        return h >= Self.hotBlockMinFaults && h * heatedBlocks >= Self.hotBlockOverMean * heatFaults
+    }
+    static let hotBlockMinFaults = 8
+    static let hotBlockOverMean = 4
     /// First source pages of the guest pages prefetched and not yet shown used.
     var unconfirmed: Set<Int> = []
     static let blockPages = 512
@@ -63,14 +76,22 @@ extension PostcopyEngine {
         if fetched {
             let b = p / PrefetchState.blockPages
             let h = fault.prefetch!.heat[b]
-            if h < UInt16.max { fault.prefetch!.heat[b] = h + 1 }
+            if h == 0 { fault.prefetch!.heatedBlocks += 1 }
+            if h < UInt16.max {
+                fault.prefetch!.heat[b] = h + 1
+                fault.prefetch!.heatFaults += 1
+            }
             if fault.prefetch!.heat[b] > fault.prefetch!.heat[fault.prefetch!.hottest], fault.prefetch!.hottest != b {
                 fault.prefetch!.hottest = b
             }
         }
         guard let plan = decision.plan else {
-            // No trend: the stream goes on from the block faulted on most.
-            if fetched { backgroundFollow.store(fault.prefetch!.hottest * PrefetchState.blockPages, ordering: .relaxed) }
+            // No trend: the stream goes on from the block faulted on most when
+            // one stands out, else after this fault (as without prefetch).
+            if fetched {
+                let hot = fault.prefetch!.hasHotBlock
+                backgroundFollow.store(hot ? fault.prefetch!.hottest * PrefetchState.blockPages : p + unitPages, ordering: .relaxed)
+            }
             return
         }
         let claimed = claimPrefetch(plan.pages.map { $0 * unitPages })

@@ -55,6 +55,7 @@ struct PostcopyBench: ParsableCommand {
     @Option(name: .long, help: "The hybrid and precopy modes' precopy policy: auto or a number of passes.") var precopy: String = "auto"
     @Option(name: .long, help: "Percent of the guest's operations that write (kv default 10, random and zipf default 0).") var writePercent: Int?
     @Option(name: .long, help: "Install paths of the postcopy modes: continue (shared guest RAM, preallocated, UFFDIO_CONTINUE) and copy (anonymous guest RAM, UFFDIO_COPY), comma-separated; both run in one bench for a side-by-side.") var install: String = "continue"
+    @Option(name: .long, help: "The destination's prefetch in the postcopy-like modes: off, adaptive, or both (off,adaptive) for a side-by-side of demand faults, stall, fault latency and full copy.") var prefetch: String = "adaptive"
     @Option(name: .long, help: "Write sizes of the raw loopback TCP stream baselines (4K, and the transport's batch: 512K).") var streamWriteSizes: String = "4K,512K"
     @Option(name: .long, help: "Tasks per vCPU thread of the task guest (postcopy-blocking, postcopy-apf).") var tasks: Int = 8
     @Option(name: .long, help: "The task guest's work is counted over this many ms after it resumed.") var workWindowMs: Int = 500
@@ -77,6 +78,8 @@ struct PostcopyBench: ParsableCommand {
         guard precopy == "auto" || (Int(precopy).map { (1...64).contains($0) } ?? false) else { throw ValidationError("--precopy must be auto or 1...64 passes") }
         guard (0...100).contains(writePercent ?? 0) else { throw ValidationError("--write-percent must be 0...100") }
         guard tasks >= 1, workWindowMs >= 1 else { throw ValidationError("--tasks and --work-window-ms must be positive") }
+        for p in list(prefetch) where !["off", "adaptive"].contains(p) { throw ValidationError("bad prefetch '\(p)' (off, adaptive)") }
+        guard !list(prefetch).isEmpty else { throw ValidationError("--prefetch needs off, adaptive or both") }
         for i in list(install) where !["copy", "continue"].contains(i) { throw ValidationError("bad install path '\(i)' (copy, continue)") }
         guard !list(install).isEmpty else { throw ValidationError("--install needs copy, continue or both") }
         for w in list(streamWriteSizes) where parseByteSize(w) == nil { throw ValidationError("bad stream write size '\(w)'") }
@@ -127,8 +130,9 @@ struct PostcopyBench: ParsableCommand {
                       // Stop-and-copy installs nothing through the daemon: once;
                       // hybrid precopies into shared memory only.
                       for inst in mode == "stop-and-copy" ? ["none"] : ["hybrid", "precopy"].contains(mode) ? ["continue"] : list(install) {
+                       for pf in mode == "stop-and-copy" ? ["-"] : list(prefetch) {
                         do {
-                            say("\(transport) \(size) \(workload) \(mode)\(inst == "none" ? "" : " (\(inst))") run \(i)/\(`repeat`)...")
+                            say("\(transport) \(size) \(workload) \(mode)\(inst == "none" ? "" : " (\(inst))")\(pf == "-" ? "" : " prefetch \(pf)") run \(i)/\(`repeat`)...")
                             let taskMode = mode.hasPrefix("postcopy-")
                             let precopies = mode == "hybrid" || mode == "precopy"
                             let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
@@ -140,12 +144,14 @@ struct PostcopyBench: ParsableCommand {
                                 + (precopies ? ["--precopy", precopy, "--postcopy", mode == "hybrid" ? "on" : "off"] : [])
                                 + (writePercent.map { ["--write-percent", "\($0)"] } ?? [])
                                 + (inst == "none" ? [] : ["--memory", inst == "continue" ? "shared" : "anonymous"])
+                                + (pf == "-" ? [] : ["--prefetch", pf])
                             let r = try runPostcopy(args)
                             var run = r.json ?? [:]
                             run["config"] = ["size": size, "memory_bytes": parseByteSize(size)!, "workload": workload, "vcpus": vcpus,
                                              "zipf_skew": zipfSkew, "write_percent": writePercent ?? -1, "precopy": precopies ? precopy : "off",
                                              "mode": mode, "install": inst, "transport": transport, "background_rate": parseByteSize(backgroundRate)!,
-                                             "background_priority": backgroundPriority, "before_seconds": before, "after_seconds": after, "repeat_index": i]
+                                             "background_priority": backgroundPriority, "before_seconds": before, "after_seconds": after, "repeat_index": i,
+                                             "prefetch": pf]
                             if r.status != 0 || run["ok"] as? Bool != true {
                                 let why = (run["reasons"] as? [String])?.joined(separator: "; ") ?? ""
                                 let detail = why.isEmpty ? String(r.stderr.split(separator: "\n").prefix(3).joined(separator: " | ")) : why
@@ -154,6 +160,7 @@ struct PostcopyBench: ParsableCommand {
                             }
                             runs.append(run)
                         }
+                       }
                       }
                     }
                   }
@@ -183,13 +190,15 @@ struct PostcopyBench: ParsableCommand {
         let apf = apfSummary(runs)
         let installs = installSummary(runs, streams: streams)
         let hybrids = hybridSummary(runs)
+        let prefetches = prefetchSummary(runs)
         let config: [String: Any] = ["tasks": tasks, "work_window_ms": workWindowMs, "sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "zipf_skew": zipfSkew, "modes": list(modes),
                                      "install": list(install), "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!, "background_priority": backgroundPriority,
                                      "repeat": `repeat`, "before_seconds": before, "after_seconds": after,
-                                     "precopy": precopy, "write_percent": writePercent ?? -1]
+                                     "precopy": precopy, "write_percent": writePercent ?? -1, "prefetch": list(prefetch)]
         let doc: [String: Any] = ["schema_version": 1, "tool": "postcopy-bench", "started_at": ISO8601DateFormatter().string(from: Date()),
                                   "machine": machine, "config": config, "baselines": baselines, "runs": runs, "failures": failures,
-                                  "apf_summary": apf, "install_summary": installs, "hybrid_summary": hybrids]
+                                  "apf_summary": apf, "install_summary": installs, "hybrid_summary": hybrids,
+                                  "prefetch_summary": prefetches]
         if let plot { try writePlots(runs, to: plot) }
         let d = try JSONSerialization.data(withJSONObject: doc, options: [.sortedKeys, .prettyPrinted])
         if let output { try (d + Data("\n".utf8)).write(to: URL(fileURLWithPath: output)) }
@@ -202,6 +211,7 @@ struct PostcopyBench: ParsableCommand {
             }
             for s in installs { print(s["line"] as? String ?? "") }
             for s in hybrids { print(s["line"] as? String ?? "") }
+            for s in prefetches { print(s["line"] as? String ?? "") }
             for s in apf {
                 let f: (Any?) -> String = { v in (v as? Double).map { fixed($0, 2) } ?? "-" }
                 print("APF \(s["transport"] ?? "") \(s["size"] ?? "") \(s["install"] ?? "") (\(tasks) tasks per vCPU, random reads): work in the first \(workWindowMs) ms after resuming, "

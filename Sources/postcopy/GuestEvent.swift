@@ -96,10 +96,13 @@ enum GuestEvent: Codable, Sendable {
     struct Verified: Codable, Sendable {
         var ok: Bool, kvSlotsVerified: Int, kvSlotsFailed: Int, getChecksumFailures: UInt64
         var pagesVerified: Int, pagesVerifiedBeforeFirstWrite: Int, pagesMismatched: Int, ops: UInt64
+        /// Postcopy: distinct pages the guest touched until every page was in
+        /// (nil: not measured, or the copy outlasted the run).
+        var pagesTouchedBeforeFullCopy: Int? = nil
         enum CodingKeys: String, CodingKey {
             case ok, kvSlotsVerified = "kv_slots_verified", kvSlotsFailed = "kv_slots_failed", getChecksumFailures = "get_checksum_failures"
             case pagesVerified = "pages_verified", pagesVerifiedBeforeFirstWrite = "pages_verified_before_first_write"
-            case pagesMismatched = "pages_mismatched", ops
+            case pagesMismatched = "pages_mismatched", ops, pagesTouchedBeforeFullCopy = "pages_touched_before_full_copy"
         }
     }
 

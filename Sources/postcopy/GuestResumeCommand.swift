@@ -77,10 +77,9 @@ struct GuestResumeCommand: ParsableCommand {
             do { try client.handOver([region], uffd: u.fd.raw, files: shared.map { [$0.file.raw] } ?? []) } catch {
                 throw fail("handoff sendmsg failed: \(error)")
             }
-            if self.postcopy == .off {
-                // Pure precopy: told by the daemon when every page is in.
-                do { try client.requestCompletionNotice() } catch { throw fail("asking the daemon for its completion notice failed: \(error)") }
-            }
+            // Told by the daemon when every page is in: pure precopy resumes
+            // then; postcopy counts the pages the guest touched until then.
+            do { try client.requestCompletionNotice() } catch { throw fail("asking the daemon for its completion notice failed: \(error)") }
             if apf {
                 // The guest enables async page faults (like writing KVM's async-PF MSR).
                 let ch = try APFGuestChannel()
@@ -113,10 +112,18 @@ struct GuestResumeCommand: ParsableCommand {
             withExtendedLifetime((uffd, vmm, shared)) {}
             return
         }
+        let postcopyWindow = vmm != nil && self.postcopy == .on
         let guest = try ReferenceGuest(base: ram.base, memoryBytes: bytes, workload: state.workload, vcpus: state.vcpus, trackDirty: true,
-                                       zipfSkew: state.zipfSkew, writePercent: state.writePercent)
+                                       zipfSkew: state.zipfSkew, writePercent: state.writePercent, recordTouches: postcopyWindow)
         guest.start()
         let resumedAt = guest.release()
+        // Distinct pages the guest touched while postcopy ran (until every page was in).
+        let touched = Locked<Int?>(nil)
+        let watcher = postcopyWindow ? PThread(name: "full-copy") { [runFor, vmm] in
+            let done = (try? vmm!.waitForCompletion(timeoutMs: Int32(runFor * 1000) + 1000))?.complete == true
+            let n = guest.stopRecordingTouches()
+            if done { touched.withLock { $0 = n } }
+        } : nil
         let downtime = resumedAt &- state.pausedAtNs
         if json {
             emitEvent(.resumed(.init(resumedAtNs: resumedAt, downtimeNs: downtime, deviceStateReceivedNs: receivedAt &- state.pausedAtNs,
@@ -137,6 +144,7 @@ struct GuestResumeCommand: ParsableCommand {
         _ = guest.pause(pausedAt: nowNanoseconds())
         reporter.finish()
         fetcher.join()
+        watcher?.join()
         control.close()
         let store = guest.verifyStore()
         guard let sourceDigests = digests.withLock({ $0 }) else { throw fail("could not fetch the source's page digests") }
@@ -146,7 +154,7 @@ struct GuestResumeCommand: ParsableCommand {
         let result = GuestEvent.verified(.init(
             ok: ok, kvSlotsVerified: store.verified, kvSlotsFailed: store.failed, getChecksumFailures: failures,
             pagesVerified: pagesCheck.verified, pagesVerifiedBeforeFirstWrite: pagesCheck.verifiedBeforeWrite,
-            pagesMismatched: pagesCheck.mismatched, ops: guest.totalOps))
+            pagesMismatched: pagesCheck.mismatched, ops: guest.totalOps, pagesTouchedBeforeFullCopy: touched.withLock { $0 }))
         if json { emitEvent(result) } else { print("integrity: \(ok ? "OK" : "FAILED") \(result.line)") }
         vmm?.close()  // the VMM goes away: the daemon releases its session
         withExtendedLifetime((ram, uffd, shared)) {}

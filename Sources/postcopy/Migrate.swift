@@ -208,6 +208,7 @@ struct MigrateCommand: ParsableCommand {
             "prefetch_requested_pages": session?.prefetchRequestedPages ?? 0,
             "prefetch_hits": session?.prefetchHits ?? 0, "prefetch_late_hits": session?.prefetchLateHits ?? 0,
             "pages_sent_twice": sourceDone?.pagesSentTwice ?? 0,
+            "pages_touched_before_full_copy": verified?.pagesTouchedBeforeFullCopy ?? -1,
             "ops_per_s_before": beforeOps, "ops_per_s_during": duringOps, "ops_per_s_after": afterOps,
             "ops_per_s_precopy": precopyOps,
             // The destination's first report covers its first 100 ms: the
