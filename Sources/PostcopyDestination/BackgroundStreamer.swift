@@ -46,6 +46,7 @@ extension PostcopyEngine {
         if let zeroMapProvider, !precopied {
             guard try applyZeroMaps(from: zeroMapProvider, generation: &generation, background: &background) else { return }
         }
+        guard holdWhileRecording() else { return }
         let epoll: Epoll
         do {
             epoll = try Epoll()
@@ -101,11 +102,13 @@ extension PostcopyEngine {
                         followed = follow
                         if follow >= 0, follow < table.totalPages { cursor = follow }
                     }
-                    guard let run = claimBackgroundRun(from: cursor) else {
+                    // A working set being replayed goes first, in its order.
+                    let replayed = claimReplayRun()
+                    guard let run = replayed ?? claimBackgroundRun(from: cursor) else {
                         exhausted = true
                         break
                     }
-                    cursor = run.first + run.count
+                    if replayed == nil { cursor = run.first + run.count }
                     let (region, page) = table.locate(globalPage: run.first)
                     bucket.spend(run.count * pageSize)
                     if outstanding == 0 { stall.progressed() }

@@ -68,6 +68,12 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// Where the background stream goes on from (set by the fault thread: after
     /// the most recent demand fault, or where the prefetcher says; -1: not yet).
     let backgroundFollow = Atomic<Int>(-1)
+    /// Working set: recording (`EngineConfig.recordWorkingSetSeconds`), and
+    /// replaying (`EngineConfig.replayWorkingSet`), see `WorkingSetEngine.swift`.
+    let recorder: WorkingSetRecorder?
+    private(set) var replay: WorkingSetReplay?
+    let replayRefusal = Locked<String?>(nil)
+    let zeroDigest: UInt64
     /// Source pages of prefetch requests claimed and not yet settled.
     let prefetchPagesInFlight = Atomic<Int>(0)
     let nextRequestID = Atomic<UInt64>(1)
@@ -166,7 +172,10 @@ public final class PostcopyEngine: @unchecked Sendable {
         self.pages = pages
         counters.settledPages.store(zeroPagesAtStart, ordering: .relaxed)
         counters.zeroPagesKnown.store(zeroPagesAtStart, ordering: .relaxed)
+        recorder = config.recordWorkingSetSeconds > 0 ? WorkingSetRecorder(seconds: config.recordWorkingSetSeconds) : nil
+        zeroDigest = Self.zeroPageDigest(pageSize: session.table.pageSize)
         alias = AliasPlacement(self)
+        replay = config.replayWorkingSet.flatMap { makeReplay($0) }
         placeReplies(on: [demand, background])
     }
 

@@ -44,6 +44,14 @@ public struct EngineConfig: Sendable {
     /// (the pages wait unmapped in the alias for the final dirty set), 4 KiB
     /// guest pages, TCP.
     public var precopy = true
+    /// Record the working set (the pages faulted on in this many seconds after
+    /// the first fault; 0: off). The background stream holds off meanwhile, so
+    /// that the record holds every page the guest touched in that time.
+    public var recordWorkingSetSeconds: Double = 0
+    /// A working set to fetch first, before the rest of the stream (checked:
+    /// `WorkingSet`). Refused, with the migration going on without it, when
+    /// it does not fit this memory.
+    public var replayWorkingSet: WorkingSet? = nil
     /// Fetch ahead of the faults (`PrefetchMode`).
     public var prefetch: PrefetchMode = .adaptive
     public init() {}

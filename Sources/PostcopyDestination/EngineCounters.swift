@@ -14,6 +14,10 @@ public final class EngineCounters: Sendable {
     public let prefetchPages = Atomic<UInt64>(0)
     public let prefetchHits = Atomic<UInt64>(0)
     public let prefetchLateHits = Atomic<UInt64>(0)
+    /// Pages requested by a working-set replay.
+    public let replayPages = Atomic<UInt64>(0)
+    /// When the last replay request had left (CLOCK_MONOTONIC ns; 0: not yet, or no replay).
+    public let replayRequestedAt = Atomic<UInt64>(0)
     public let backgroundPages = Atomic<UInt64>(0)
     public let zeroFaults = Atomic<UInt64>(0)
     public let settledPages = Atomic<Int>(0)

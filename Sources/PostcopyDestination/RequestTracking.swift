@@ -50,6 +50,9 @@ extension PostcopyEngine {
             throw .protocolViolation("pages \(h.pageOffset)..<\(h.pageOffset + UInt64(h.pageCount)) of region \(h.region) were not requested as \(h.pageClass)")
         }
         if h.pageClass == .prefetch { prefetchSettled(count: count) }
+        if h.pageClass != .precopy, recorder != nil || replay != nil {
+            noteArrival(first: first, count: count, payload: h.isZero ? nil : payload)
+        }
         if h.pageClass == .precopy {
             // Written into the alias only: mapped once the final dirty set says the page is clean.
             stage(globalFirst: first, count: count, payload: h.isZero ? nil : payload)

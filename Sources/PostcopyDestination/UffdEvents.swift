@@ -70,6 +70,7 @@ extension PostcopyEngine {
         }
         switch action {
         case .fetch:
+            recorder?.fault(first: p, count: unitPages, at: now)
             fault.deferredDemand.append(p)
             if !again { planPrefetch(after: p, fetched: true, waited: false) }
         case .zero:
@@ -91,6 +92,7 @@ extension PostcopyEngine {
             uffd.wake(addr, length: unitBytes)
             releaseAPFWaiters([p])
         case .wait:
+            recorder?.fault(first: p, count: unitPages, at: now)
             counters.faultsCoalesced.add(1, ordering: .relaxed)
             if !again { planPrefetch(after: p, fetched: false, waited: true) }
         case .local(let first, let count):

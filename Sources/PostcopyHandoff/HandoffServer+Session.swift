@@ -118,6 +118,18 @@ extension HandoffServer {
         report.installPath = config.installPath.name
         report.cpuSecondsToFullCopy = cpuToFullCopy.map { Double($0) / 1e9 }
         report.preallocationSeconds = Double(shared?.preallocationNanoseconds ?? 0) / 1e9
+        report.replayPages = engine.counters.replayPages.load(ordering: .relaxed)
+        report.replayRequestedAtNs = engine.counters.replayRequestedAt.load(ordering: .relaxed)
+        report.workingSetRefused = engine.workingSetRefusal
+        if completed, let out = workingSetOut, let ws = engine.recordedWorkingSet() {
+            do {
+                try ws.write(to: out)
+                report.workingSetRecordedPages = ws.entries.count
+                logger.info("VMM pid \(pid): working set of \(ws.entries.count) pages written to \(out)")
+            } catch {
+                logger.error("VMM pid \(pid): writing the working set to \(out) failed: \(error)")
+            }
+        }
         stats.reports.withLock { $0.append(report) }
         onSessionEnd?(report)
         logger.info("VMM pid \(pid) went away; its session is released")

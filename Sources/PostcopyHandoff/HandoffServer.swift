@@ -56,9 +56,12 @@ public final class HandoffServer: Sendable {
     /// How each VMM's pages travel (`TransportFactory`; TCP when that kind
     /// cannot be had for a VMM).
     public let transportKind: TransportKind
+    /// Where each session that completes writes the working set it recorded
+    /// (`EngineConfig.recordWorkingSetSeconds`); the last one wins.
+    public let workingSetOut: String?
 
     public init(path: String, source: Endpoint, engineConfig: EngineConfig, authKey: [UInt8]? = nil, logger: Logger,
-                transport: TransportKind = .tcp,
+                transport: TransportKind = .tcp, workingSetOut: String? = nil,
                 onComplete: (@Sendable (Int32, UInt64) -> Void)? = nil,
                 onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)? = nil,
                 onPrepared: (@Sendable (Int32, String, Double) -> Void)? = nil,
@@ -66,6 +69,7 @@ public final class HandoffServer: Sendable {
         self.onPrepared = onPrepared
         self.onRejected = onRejected
         self.transportKind = transport
+        self.workingSetOut = workingSetOut
         self.authKey = authKey
         self.onComplete = onComplete
         self.onSessionEnd = onSessionEnd

@@ -65,6 +65,13 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var prefetchPages: UInt64 = 0
     public var prefetchHits: UInt64 = 0
     public var prefetchLateHits: UInt64 = 0
+    /// Working set: pages recorded and written (nil: not recording), pages
+    /// requested by a replay, and why a replayed one was refused.
+    public var workingSetRecordedPages: Int?
+    public var replayPages: UInt64 = 0
+    /// When the replay's last request left (CLOCK_MONOTONIC ns; 0: none).
+    public var replayRequestedAtNs: UInt64 = 0
+    public var workingSetRefused: String?
 
     enum CodingKeys: String, CodingKey {
         case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
@@ -80,5 +87,6 @@ public struct HandoffSessionReport: Sendable, Codable {
         case faultsParkedOnFinalSet = "faults_parked_on_final_set", finalSetAppliedAtNs = "final_set_applied_at_ns", finalSetReceivedAtNs = "final_set_received_at_ns"
         case prefetch, prefetchRequestedPages = "prefetch_requested_pages", prefetchPages = "prefetch_pages"
         case prefetchHits = "prefetch_hits", prefetchLateHits = "prefetch_late_hits"
+        case workingSetRecordedPages = "working_set_recorded_pages", replayPages = "replay_pages", replayRequestedAtNs = "replay_requested_at_ns", workingSetRefused = "working_set_refused"
     }
 }

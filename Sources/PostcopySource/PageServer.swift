@@ -84,11 +84,12 @@ public final class PageServer: Sendable {
         while cpc_poll1(done.fd.raw, Int16(POLLIN), Self.donePollIntervalMs) == 0 {}
     }
 
-    /// Blocks until a session completed and every connection has closed (the
-    /// destination's VMM and daemon are both done with this source), or `stop()`.
-    public func waitUntilCompletedAndIdle() {
+    /// Blocks until `sessions` sessions completed and every connection has
+    /// closed (the destination's VMM and daemon are both done with this
+    /// source), or `stop()`.
+    public func waitUntilCompletedAndIdle(sessions: Int = 1) {
         while !stopping.load(ordering: .relaxed) {
-            if stats.completedSessions.load(ordering: .relaxed) > 0 && connections.withLock({ $0.isEmpty }) { return }
+            if stats.completedSessions.load(ordering: .relaxed) >= UInt64(max(sessions, 1)) && connections.withLock({ $0.isEmpty }) { return }
             usleep(Self.idlePollIntervalUs)
         }
     }

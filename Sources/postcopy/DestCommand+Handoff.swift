@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import PostcopyCore
+import PostcopyDestination
 import PostcopyHandoff
 import PostcopyTransport
 
@@ -15,11 +16,17 @@ extension DestCommand {
         let (_, reason) = try Transports.connect(kind, to: endpoint, maxBatchPages: batchPages, authKey: nil)
         logger.info("transport for VMMs: \(reason)")
         let key = try common.loadKey()
+        var config = engineConfig()
+        if let file = replayWorkingSet {
+            // Checked now: a file that cannot be read, or is corrupt, is the
+            // operator's to fix before any VMM comes.
+            do { config.replayWorkingSet = try WorkingSet.load(from: file) } catch { throw fail("--replay-working-set: \(error)") }
+        }
         let server: HandoffServer
         do {
             server = try HandoffServer(
-                path: path, source: endpoint, engineConfig: engineConfig(), authKey: key, logger: logger,
-                transport: kind,
+                path: path, source: endpoint, engineConfig: config, authKey: key, logger: logger,
+                transport: kind, workingSetOut: recordWorkingSet,
                 onComplete: { pid, at in
                     if json {
                         emitEvent(.complete(.init(vmmPid: Int(pid), completedAtNs: at)))

@@ -52,6 +52,15 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "Fetch ahead of the faults: adaptive (pages along each fault stream's trend go out with the demand request, the depth growing with hits and dropping to none on random faults; the background stream follows the trend, or the most-faulted block) or off (only the page faulted on; the stream restarts after the last fault).")
     var prefetch: PrefetchMode = .adaptive
 
+    @Option(name: .long, help: "With --handoff: record each VMM's working set (the pages it faults on in the --record-seconds after its first fault, in order, with a digest of each) and write it to this file when its migration completes. The background stream holds off during that window, so the record is whole. For restoring the same memory snapshot many times: give the file to --replay-working-set next time.")
+    var recordWorkingSet: String?
+
+    @Option(name: .long, help: "With --record-working-set: the recording window after the first fault, in seconds.")
+    var recordSeconds: Double = 2
+
+    @Option(name: .long, help: "With --handoff: fetch the pages of this working-set file first, in its order and in large batches, ahead of everything but demand faults. A file for other memory (another layout, or pages whose bytes differ from their recorded digests) is refused for that VMM, which migrates without it.")
+    var replayWorkingSet: String?
+
     @Option(name: .long, help: "Pages per background request.")
     var batchPages: Int = 128
 
@@ -91,6 +100,10 @@ struct DestCommand: ParsableCommand {
         guard stallTimeout >= 0 else { throw ValidationError("--stall-timeout must be 0 or more seconds") }
         guard (0...1_000_000).contains(thinkUs) else { throw ValidationError("--think-us must be 0...1000000") }
         guard (1...64).contains(window ?? 4) else { throw ValidationError("--window must be 1...64") }
+        if recordWorkingSet != nil || replayWorkingSet != nil {
+            guard handoff != nil else { throw ValidationError("--record-working-set and --replay-working-set need --handoff (they follow a VMM's faults)") }
+        }
+        guard recordSeconds > 0, recordSeconds <= 3600 else { throw ValidationError("--record-seconds must be in (0, 3600]") }
         if background == .off && touch == .none {
             throw ValidationError("--background off with --touch none would never finish: nothing would fetch the pages")
         }
@@ -158,6 +171,7 @@ struct DestCommand: ParsableCommand {
         var c = EngineConfig()
         c.background = background == .on
         c.prefetch = prefetch
+        if recordWorkingSet != nil { c.recordWorkingSetSeconds = recordSeconds }
         c.batchPages = batchPages
         c.window = window
         c.backgroundRate = backgroundRate.bytes

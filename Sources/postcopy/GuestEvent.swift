@@ -99,10 +99,13 @@ enum GuestEvent: Codable, Sendable {
         /// Postcopy: distinct pages the guest touched until every page was in
         /// (nil: not measured, or the copy outlasted the run).
         var pagesTouchedBeforeFullCopy: Int? = nil
+        /// From the resume until the guest had done `guest resume --work-ops` operations.
+        var timeToWorkNs: UInt64? = nil
         enum CodingKeys: String, CodingKey {
             case ok, kvSlotsVerified = "kv_slots_verified", kvSlotsFailed = "kv_slots_failed", getChecksumFailures = "get_checksum_failures"
             case pagesVerified = "pages_verified", pagesVerifiedBeforeFirstWrite = "pages_verified_before_first_write"
             case pagesMismatched = "pages_mismatched", ops, pagesTouchedBeforeFullCopy = "pages_touched_before_full_copy"
+            case timeToWorkNs = "time_to_work_ns"
         }
     }
 

@@ -29,6 +29,8 @@ struct GuestResumeCommand: ParsableCommand {
     @Option(name: .long, help: "off: pure precopy (the source ran with --precopy N|auto --postcopy off): the vCPUs resume only once the daemon says every page is in, so the guest never faults a page over the network.") var postcopy: Toggle = .on
     @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
+    @Flag(name: .long, help: "After the handoff, wait for a line \"resume\" on stdin before fetching the device state (restoring a snapshot that is there already: `postcopy restore` says when the daemon is ready).") var resumeOnStdin = false
+    @Option(name: .long, help: "Report how long after resuming the guest had done this many operations (its first work after a restore; 0: not measured).") var workOps: UInt64 = 0
     @Option(name: .long, help: "Run a task guest instead of the key-value workload: this many cooperative tasks per vCPU thread, each reading random words of random pages.") var tasks: Int = 0
     @Flag(name: .long, help: "Paravirtual async page faults for the task guest: RAM registered with UFFD_FEATURE_SIGBUS, a touched missing page parks the task (\"page not present\") and the vCPU runs another one until \"page ready\".") var apf = false
     @Option(name: .long, help: "Arithmetic iterations per read in the task guest (compute between memory touches).") var think: UInt32 = 100
@@ -88,6 +90,11 @@ struct GuestResumeCommand: ParsableCommand {
             }
         }
         if json { emitEvent(.ready(.init(memoryBytes: bytes))) } else { print("destination ready: waiting for the source to pause") }
+        if resumeOnStdin {
+            // A restore: the snapshot is there already; resume when told
+            // (once the daemon has taken the memory over).
+            while let line = readLine(), line.trimmingCharacters(in: .whitespaces) != "resume" {}
+        }
 
         // Like QEMU's -incoming: everything is set up; only the device state is missing.
         let blob: [UInt8]
@@ -140,11 +147,24 @@ struct GuestResumeCommand: ParsableCommand {
             baseline?.confirmComplete()
         }
         let reporter = try OpsReporter(side: "destination", json: json, intervalMs: reportMs) { guest.totalOps }
+        // How long the guest took for its first `workOps` operations.
+        let workDone = Locked<UInt64?>(nil)
+        let workWatch = workOps > 0 ? PThread(name: "work") { [workOps, runFor] in
+            let deadline = resumedAt + UInt64(runFor * 1e9)
+            while nowNanoseconds() < deadline {
+                if guest.totalOps >= workOps {
+                    workDone.withLock { $0 = nowNanoseconds() - resumedAt }
+                    return
+                }
+                usleep(200)
+            }
+        } : nil
         usleep(useconds_t(runFor * 1e6))
         _ = guest.pause(pausedAt: nowNanoseconds())
         reporter.finish()
         fetcher.join()
         watcher?.join()
+        workWatch?.join()
         control.close()
         let store = guest.verifyStore()
         guard let sourceDigests = digests.withLock({ $0 }) else { throw fail("could not fetch the source's page digests") }
@@ -154,7 +174,8 @@ struct GuestResumeCommand: ParsableCommand {
         let result = GuestEvent.verified(.init(
             ok: ok, kvSlotsVerified: store.verified, kvSlotsFailed: store.failed, getChecksumFailures: failures,
             pagesVerified: pagesCheck.verified, pagesVerifiedBeforeFirstWrite: pagesCheck.verifiedBeforeWrite,
-            pagesMismatched: pagesCheck.mismatched, ops: guest.totalOps, pagesTouchedBeforeFullCopy: touched.withLock { $0 }))
+            pagesMismatched: pagesCheck.mismatched, ops: guest.totalOps, pagesTouchedBeforeFullCopy: touched.withLock { $0 },
+            timeToWorkNs: workDone.withLock { $0 }))
         if json { emitEvent(result) } else { print("integrity: \(ok ? "OK" : "FAILED") \(result.line)") }
         vmm?.close()  // the VMM goes away: the daemon releases its session
         withExtendedLifetime((ram, uffd, shared)) {}

@@ -28,6 +28,7 @@ struct GuestRunCommand: ParsableCommand {
 
     @OptionGroup var shape: GuestShape
     @Option(name: .long, help: "Percentage of key-value slots filled at boot (the rest of RAM stays zero).") var fillPercent: Int = 75
+    @Option(name: .long, help: "After the pause, serve the frozen RAM until this many destinations completed (restores of one snapshot, e.g. `postcopy restore`), then exit.") var serveSessions: Int = 1
     @Option(name: .long, help: "Seed of the workload.") var seed: UInt64 = 1
     @Option(name: .long, help: "Listen address for destinations, HOST:PORT (port 0: any; printed first).") var listen = Endpoint(host: "127.0.0.1", port: 0)
     @Option(name: .long, help: "Guest memory file (default: an anonymous memfd).") var memory: String?
@@ -45,6 +46,7 @@ struct GuestRunCommand: ParsableCommand {
 
     func validate() throws {
         guard (0...100).contains(fillPercent) else { throw ValidationError("--fill-percent must be 0...100") }
+        guard (1...1000).contains(serveSessions) else { throw ValidationError("--serve-sessions must be 1...1000") }
         guard PrecopyPolicy.mode(parsing: precopy) != nil else { throw ValidationError("--precopy must be off, auto or a number of passes 1...64, not \(precopy)") }
         guard postcopy == .on || precopy != "off" else { throw ValidationError("--postcopy off needs --precopy N or auto (otherwise nothing is copied before the pause)") }
         guard precopyAbandonAfter > 0 else { throw ValidationError("--precopy-abandon-after must be positive") }
@@ -155,7 +157,7 @@ struct GuestRunCommand: ParsableCommand {
         } else {
             print("paused (\(pauseReason.withLock { $0 } ?? "")): vCPUs stopped and device state published in \(formatDuration(ns: frozenAt - paused)); serving RAM")
         }
-        server.waitUntilCompletedAndIdle()
+        server.waitUntilCompletedAndIdle(sessions: serveSessions)
         server.stop()
         let s = server.stats
         let report = GuestEvent.sourceDone(.init(

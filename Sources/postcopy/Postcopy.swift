@@ -16,7 +16,7 @@ struct Postcopy: ParsableCommand {
               postcopy source --memory /dev/shm/guest.ram --listen 127.0.0.1:7070 &
               postcopy dest --connect 127.0.0.1:7070 --touch random --threads 4
             """,
-        subcommands: [MigrateCommand.self, SourceCommand.self, DestCommand.self, GuestCommand.self, MakeMemoryCommand.self, BaselineCommand.self, ChaosProxyCommand.self])
+        subcommands: [MigrateCommand.self, RestoreCommand.self, SourceCommand.self, DestCommand.self, GuestCommand.self, MakeMemoryCommand.self, BaselineCommand.self, ChaosProxyCommand.self])
 
     static func main() {
         // Children spawned by Foundation's Process can inherit a blocked SIGTERM.

@@ -1,0 +1,210 @@
+import CPostcopy
+import PostcopyCore
+import PostcopyTransport
+import PostcopyWire
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Recording a working set: the pages faulted on (fetched or waited on in
+/// flight) in the first seconds after the engine started, in order, and the
+/// digest of each as it arrived. Faults come from the fault thread, digests
+/// from whichever thread installs the page.
+final class WorkingSetRecorder: @unchecked Sendable {
+    let seconds: Double
+    /// The window starts at the first fault (the guest's resume), and ends `seconds` later.
+    private(set) var startedAt: UInt64 = 0
+    private(set) var until: UInt64 = .max
+    private let lock = NSLockLite()
+    private var order: [Int] = []
+    private var recorded = Set<Int>()
+    private var digests: [Int: UInt64] = [:]
+
+    init(seconds: Double) { self.seconds = seconds }
+
+    /// The fault thread saw a fault on pages [first, first + count) at `now`.
+    func fault(first: Int, count: Int, at now: UInt64) {
+        lock.withLock {
+            if startedAt == 0 {
+                startedAt = now
+                until = now + UInt64(seconds * 1e9)
+            }
+            guard now < until else { return }
+            for p in first..<(first + count) where recorded.insert(p).inserted { order.append(p) }
+        }
+    }
+
+    /// Whether the window is over (nil: no fault yet).
+    func over(at now: UInt64) -> Bool? { lock.withLock { startedAt == 0 ? nil : now >= until } }
+
+    /// Pages [first, first + count) arrived with `payload` (nil: all zero).
+    func arrived(first: Int, count: Int, payload: UnsafeRawBufferPointer?, pageSize: Int, zeroDigest: UInt64) {
+        lock.withLock {
+            guard !recorded.isEmpty else { return }
+            for i in 0..<count where recorded.contains(first + i) && digests[first + i] == nil {
+                digests[first + i] = payload.map { cpc_xxh64($0.baseAddress! + i * pageSize, pageSize, 0) } ?? zeroDigest
+            }
+        }
+    }
+
+    /// What was recorded: every recorded page whose bytes arrived, in fault order.
+    func workingSet(table: RegionTable) -> WorkingSet {
+        lock.withLock {
+            WorkingSet(pageSize: UInt32(table.pageSize), regionPages: table.regions.map { $0.size / UInt64(table.pageSize) },
+                       recordedMs: UInt32(min(seconds * 1000, Double(UInt32.max))),
+                       entries: order.compactMap { p in digests[p].map { WorkingSet.Entry(page: UInt64(p), digest: $0) } })
+        }
+    }
+}
+
+/// Replaying one: the pages still missing, in recorded order, streamed before
+/// anything else the background thread asks for; the first `checkPages` of
+/// them are checked against their recorded digests as they arrive.
+final class WorkingSetReplay: @unchecked Sendable {
+    static let checkPages = 64
+    private let lock = NSLockLite()
+    /// Pages left to request (background thread), in order.
+    var queue: [Int]
+    var next = 0
+    private var checks: [Int: UInt64]
+    private(set) var refusal: String?
+    private var checked = 0
+
+    init(pages: [Int], checks: [Int: UInt64]) {
+        queue = pages
+        self.checks = checks
+    }
+
+    var refused: Bool { lock.withLock { refusal != nil } }
+    var pendingChecks: Bool { lock.withLock { !checks.isEmpty } }
+
+    /// Pages [first, first + count) arrived: compares those under check.
+    /// Returns a refusal message the first time a digest differs.
+    func arrived(first: Int, count: Int, payload: UnsafeRawBufferPointer?, pageSize: Int, zeroDigest: UInt64) -> String? {
+        lock.withLock {
+            guard !checks.isEmpty, refusal == nil else { return nil }
+            var bad = 0
+            for i in 0..<count {
+                guard let want = checks.removeValue(forKey: first + i) else { continue }
+                checked += 1
+                let got = payload.map { cpc_xxh64($0.baseAddress! + i * pageSize, pageSize, 0) } ?? zeroDigest
+                if got != want { bad += 1 }
+            }
+            guard bad > 0 else { return nil }
+            refusal = "page \(first)...: \(bad) of the \(checked) pages checked so far differ from their recorded digests (recorded from another memory image?)"
+            checks.removeAll()
+            return refusal
+        }
+    }
+}
+
+extension PostcopyEngine {
+    /// xxh64 of a zero page of this engine's page size.
+    static func zeroPageDigest(pageSize: Int) -> UInt64 {
+        let z = [UInt8](repeating: 0, count: pageSize)
+        return z.withUnsafeBytes { cpc_xxh64($0.baseAddress, pageSize, 0) }
+    }
+
+    /// The working set recorded so far (nil: not recording).
+    public func recordedWorkingSet() -> WorkingSet? { recorder?.workingSet(table: table) }
+
+    /// Why the replayed working set was refused (nil: it was not, or none was given).
+    public var workingSetRefusal: String? { replayRefusal.withLock { $0 } }
+
+    /// Builds the replay for `ws` (nil, with the refusal recorded, when its
+    /// layout does not fit): its pages in order (those not missing when their
+    /// turn comes are skipped), the first ones still missing under check.
+    func makeReplay(_ ws: WorkingSet) -> WorkingSetReplay? {
+        if let why = ws.mismatch(table) {
+            refuseWorkingSet("does not fit this guest's memory: \(why)")
+            return nil
+        }
+        return pages.lock.withLock {
+            var checks: [Int: UInt64] = [:]
+            for e in ws.entries where checks.count < WorkingSetReplay.checkPages && pages.state(Int(e.page)) == .missing {
+                checks[Int(e.page)] = e.digest
+            }
+            return WorkingSetReplay(pages: Self.replayOrder(ws.entries.map { Int($0.page) }), checks: checks)
+        }
+    }
+
+    /// While a working set is being recorded, the background stream waits
+    /// (demand only), so the record holds every page the guest touched: until
+    /// the window after the first fault is over, or twice its length when no
+    /// fault comes. False when the engine is shutting down.
+    func holdWhileRecording() -> Bool {
+        guard let recorder else { return true }
+        let start = nowNanoseconds()
+        while true {
+            let now = nowNanoseconds()
+            if let over = recorder.over(at: now) {
+                if over { return true }
+            } else if now - start > UInt64(recorder.seconds * 2e9) {
+                return true
+            }
+            if cpc_poll1(shutdown.fd.raw, Int16(POLLIN), 5) > 0 { return false }
+        }
+    }
+
+    /// The recorded pages in the order they are requested: fault order by
+    /// chunks of `replayChunk` pages (what the guest wanted first comes
+    /// first), each chunk in address order, so that neighbours recorded
+    /// apart go in one request.
+    static func replayOrder(_ pages: [Int]) -> [Int] {
+        stride(from: 0, to: pages.count, by: replayChunk).flatMap { pages[$0..<min($0 + replayChunk, pages.count)].sorted() }
+    }
+    static let replayChunk = 512
+    /// Pages between two recorded ones fetched with them in one request.
+    static let replayGapPages = 16
+
+    func refuseWorkingSet(_ why: String) {
+        replayRefusal.withLock { if $0 == nil { $0 = why } }
+        logger.error("working set refused: \(why); the migration goes on without it")
+    }
+
+    /// Page arrivals, for the recorder and the replay's checks.
+    func noteArrival(first: Int, count: Int, payload: UnsafeRawBufferPointer?) {
+        recorder?.arrived(first: first, count: count, payload: payload, pageSize: pageSize, zeroDigest: zeroDigest)
+        if let replay, let why = replay.arrived(first: first, count: count, payload: payload, pageSize: pageSize, zeroDigest: zeroDigest) {
+            refuseWorkingSet(why)
+        }
+    }
+
+    /// Claims the next run of the replay (background thread): recorded pages
+    /// still missing, consecutive in the file and in memory, one source and
+    /// guest region, a batch at most. Nil when the replay is over (or refused).
+    func claimReplayRun() -> (first: Int, count: Int)? {
+        assert(backgroundThread.isCurrent)
+        guard let replay, !replay.refused else { return nil }
+        let batch = max(config.batchPages / unitPages, 1) * unitPages
+        return pages.lock.withLock { () -> (first: Int, count: Int)? in
+            while replay.next < replay.queue.count {
+                let first = replay.queue[replay.next] / unitPages * unitPages
+                replay.next += 1
+                guard pages.state(first) == .missing else { continue }
+                let (region, page) = table.locate(globalPage: first)
+                let g = map.region(ofGlobal: first)
+                let regionEnd = min(first - page + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize)
+                // The run goes on while the next recorded page is at most
+                // `replayGapPages` further and every page up to it is missing:
+                // a request per page costs far more than the few pages in
+                // between (which the stream would bring anyway).
+                var end = first + unitPages
+                while replay.next < replay.queue.count {
+                    let q = replay.queue[replay.next] / unitPages * unitPages
+                    if q >= first && q < end { replay.next += 1; continue }  // already in the run
+                    guard q >= end, q - end <= Self.replayGapPages, q + unitPages <= regionEnd, q + unitPages - first <= batch,
+                          pages.runLength(from: end, in: .missing, end: q + unitPages) == q + unitPages - end else { break }
+                    end = q + unitPages
+                    replay.next += 1
+                }
+                let n = end - first
+                for q in first..<end { pages.set(q, .inflightBackground) }
+                counters.replayPages.add(UInt64(n), ordering: .relaxed)
+                return (first, n)
+            }
+            _ = counters.replayRequestedAt.compareExchange(expected: 0, desired: nowNanoseconds(), ordering: .relaxed)
+            return nil
+        }
+    }
+}
