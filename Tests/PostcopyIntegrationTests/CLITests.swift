@@ -179,6 +179,25 @@ struct MigrateCLITests {
         #expect((o?["total_migration_seconds"] as? Double ?? 0) >= (o?["time_to_full_copy_seconds"] as? Double ?? 1))
     }
 
+    /// A snapshot restored through the VMM handoff: recorded once, then
+    /// restored without and with the working set replayed; every restore
+    /// byte-exact, the replay checked and used.
+    @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
+    func restoresRecordThenReplayTheWorkingSet() throws {
+        let r = try runCLI(["restore", "--size", "64M", "--before", "1", "--restores", "1", "--work-ops", "20000",
+                            "--record-seconds", "0.5", "--run-for", "1", "--json"])
+        #expect(r.status == 0, "restore failed: \(r.stderr)")
+        let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        #expect(o?["ok"] as? Bool == true)
+        let runs = o?["runs"] as? [[String: Any]] ?? []
+        #expect(runs.map { $0["working_set"] as? String ?? "" } == ["record", "off", "replay"])
+        #expect((runs.first?["recorded_pages"] as? Int ?? 0) > 0)
+        let replay = runs.last ?? [:]
+        #expect((replay["replay_pages"] as? Int ?? 0) > 0, "the replay fetched nothing")
+        #expect(replay["refused"] as? String == "", "refused: \(replay["refused"] ?? "")")
+        #expect(runs.allSatisfy { ($0["time_to_work_ns"] as? Int ?? -1) > 0 })
+    }
+
     /// Pure precopy (--postcopy off): the same passes, then the destination
     /// fetches what is still dirty while the guest stays paused, and resumes it
     /// only once the daemon says every page is in: no demand fault at all,
