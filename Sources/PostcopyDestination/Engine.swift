@@ -32,6 +32,13 @@ public final class PostcopyEngine: @unchecked Sendable {
         LatencyRecorder.merged([latencyOnFaultThread, latencyOnBackgroundThread])
     }
     public var faultLatency: LatencySummary { LatencySummary(faultLatencyHistogram) }
+    /// The same for the faults answered by a demand request only (not those
+    /// that found their page on its way: prefetched, streamed, coalesced).
+    let demandLatencyOnFaultThread = LatencyRecorder()
+    let demandLatencyOnBackgroundThread = LatencyRecorder()
+    public var demandRequestLatency: LatencySummary {
+        LatencySummary(LatencyRecorder.merged([demandLatencyOnFaultThread, demandLatencyOnBackgroundThread]))
+    }
     /// Total time guest threads waited on faults (QEMU's blocktime, summed over vCPUs).
     public var stallNanoseconds: UInt64 { latencyOnFaultThread.totalNanoseconds + latencyOnBackgroundThread.totalNanoseconds }
     let pages: PageStates

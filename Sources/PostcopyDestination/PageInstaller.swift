@@ -13,8 +13,10 @@ extension PostcopyEngine {
     /// skipped, never filled from the source. EEXIST means already present (wake);
     /// EAGAIN (partial copy, or a remove pending) retries what is left after the
     /// fault thread has read the pending events.
+    /// `demandReply`: the pages answer a demand request (their waiters' latency
+    /// is also counted apart: `demandRequestLatency`).
     func install(globalFirst first: Int, count: Int, payload: UnsafeRawBufferPointer?,
-                 expected: PageStates.State, onFaultThread: Bool) throws(TransportError) {
+                 expected: PageStates.State, onFaultThread: Bool, demandReply: Bool = false) throws(TransportError) {
         assert(onFaultThread ? faultThread.isCurrent : backgroundThread.isCurrent, "install on a thread that does not own it")
         var i = 0
         var spins = 0
@@ -23,9 +25,9 @@ extension PostcopyEngine {
             // Released between runs, so a remove pending behind an EAGAIN can be
             // applied by the fault thread.
             let step: (filled: Int, done: Bool) = try onFaultThread
-                ? installRun(first, &i, count, payload, expected, onFaultThread: true, spins: &spins)
+                ? installRun(first, &i, count, payload, expected, onFaultThread: true, demandReply: demandReply, spins: &spins)
                 : removeGuard.withLock { () throws(TransportError) in
-                    try installRun(first, &i, count, payload, expected, onFaultThread: false, spins: &spins)
+                    try installRun(first, &i, count, payload, expected, onFaultThread: false, demandReply: demandReply, spins: &spins)
                 }
             if step.done { break }
             if step.filled == 0 && !onFaultThread { sched_yield() }
@@ -35,7 +37,8 @@ extension PostcopyEngine {
     /// Fills and settles the run of pages from `i` still in `expected` state,
     /// advancing `i`. `done`: no page left to fill.
     private func installRun(_ first: Int, _ i: inout Int, _ count: Int, _ payload: UnsafeRawBufferPointer?,
-                            _ expected: PageStates.State, onFaultThread: Bool, spins: inout Int) throws(TransportError) -> (filled: Int, done: Bool) {
+                            _ expected: PageStates.State, onFaultThread: Bool, demandReply: Bool,
+                            spins: inout Int) throws(TransportError) -> (filled: Int, done: Bool) {
         // The run of pages from i that may still be filled, and whether they
         // were removed while in flight (continue path: they stay in flight,
         // and are zeroed now that their reply, which may have landed in the
@@ -90,7 +93,7 @@ extension PostcopyEngine {
             } else {
                 counters.pagesContinued.add(UInt64(filled), ordering: .relaxed)
             }
-            settle(first + i, filled, onFaultThread: onFaultThread)
+            settle(first + i, filled, onFaultThread: onFaultThread, demandReply: demandReply)
         }
         i += filled
         return (filled, false)
@@ -128,7 +131,7 @@ extension PostcopyEngine {
     /// Marks pages present, records the service latency of faults waiting on them.
     /// Guest tasks parked on them (async page faults) hear "page ready": in the
     /// fault thread's next batch, or at once from the background thread.
-    func settle(_ first: Int, _ count: Int, onFaultThread: Bool) {
+    func settle(_ first: Int, _ count: Int, onFaultThread: Bool, demandReply: Bool = false) {
         var done = SettledPages()
         pages.lock.withLock {
             done.stamp()
@@ -138,7 +141,7 @@ extension PostcopyEngine {
             }
             takeAPFWaiters(first, count, into: &done)
         }
-        finishSettling(done, onFaultThread: onFaultThread)
+        finishSettling(done, onFaultThread: onFaultThread, demandReply: demandReply)
     }
 
     /// Under `pages.lock`: the clean precopied pages [first, first+count), one
@@ -162,9 +165,13 @@ extension PostcopyEngine {
 
     /// After the lock: service latencies recorded, parked guest tasks told
     /// "page ready" (in the fault thread's next batch, or at once), completion.
-    func finishSettling(_ done: SettledPages, onFaultThread: Bool) {
+    func finishSettling(_ done: SettledPages, onFaultThread: Bool, demandReply: Bool = false) {
         let recorder = onFaultThread ? latencyOnFaultThread : latencyOnBackgroundThread
         for t0 in done.waits { recorder.record(nanoseconds: done.now - min(t0, done.now)) }
+        if demandReply {
+            let r = onFaultThread ? demandLatencyOnFaultThread : demandLatencyOnBackgroundThread
+            for t0 in done.waits { r.record(nanoseconds: done.now - min(t0, done.now)) }
+        }
         if onFaultThread { fault.readyBatch += done.tokens } else { postAPFReady(done.tokens) }
         if done.complete { markComplete(at: done.now) }
     }

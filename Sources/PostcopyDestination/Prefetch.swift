@@ -38,7 +38,7 @@ struct PrefetchState {
     init(totalPages: Int, unitPages: Int) {
         var limits = PrefetchPlanner.Limits()
         // Depth in guest pages: at most `maxPrefetchPagesInFlight` source pages.
-        limits.maxDepth = max(1, min(limits.maxDepth, PostcopyEngine.maxPrefetchPagesInFlight / 4 / unitPages))
+        limits.maxDepth = max(1, min(limits.maxDepth, PostcopyEngine.maxPrefetchPagesInFlight / 2 / unitPages))
         limits.initialDepth = min(limits.initialDepth, limits.maxDepth)
         planner = PrefetchPlanner(pageCount: totalPages / unitPages, limits: limits)
         heat = [UInt16](repeating: 0, count: (totalPages + Self.blockPages - 1) / Self.blockPages)
@@ -48,7 +48,7 @@ struct PrefetchState {
 extension PostcopyEngine {
     /// Source pages of prefetch replies due at most (bounds what a later demand
     /// reply can queue behind on the demand channel).
-    static let maxPrefetchPagesInFlight = 256
+    static let maxPrefetchPagesInFlight = 64
     /// Source pages per prefetch request at most: a demand request sent just
     /// after one waits for at most this much on the wire.
     static let maxPrefetchRequestPages = 16

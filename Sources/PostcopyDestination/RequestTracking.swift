@@ -59,7 +59,7 @@ extension PostcopyEngine {
             return
         }
         try install(globalFirst: first, count: count, payload: h.isZero ? nil : payload, expected: expected,
-                    onFaultThread: onFaultThread)
+                    onFaultThread: onFaultThread, demandReply: h.pageClass == .demand)
         if h.isZero {
             // The source found these all zero (it had no zero map yet): filled
             // with UFFDIO_ZEROPAGE, no payload crossed the wire.

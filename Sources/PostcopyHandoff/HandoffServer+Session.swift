@@ -179,6 +179,7 @@ extension HandoffServer {
         report.prefetchPages = c.prefetchPages.load(ordering: .relaxed)
         report.prefetchHits = c.prefetchHits.load(ordering: .relaxed)
         report.prefetchLateHits = c.prefetchLateHits.load(ordering: .relaxed)
+        report.demandRequestLatency = engine.demandRequestLatency
         return report
     }
 }

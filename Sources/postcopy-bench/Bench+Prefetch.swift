@@ -32,6 +32,8 @@ extension PostcopyBench {
                 ("stall_seconds", { $0["stall_seconds"] as? Double }),
                 ("fault_p50_us", { (($0["fault_latency"] as? [String: Any])?["p50_ns"] as? Int).map { Double($0) / 1000 } }),
                 ("fault_p99_us", { (($0["fault_latency"] as? [String: Any])?["p99_ns"] as? Int).map { Double($0) / 1000 } }),
+                ("demand_request_p50_us", { (($0["demand_request_latency"] as? [String: Any])?["p50_ns"] as? Int).map { Double($0) / 1000 } }),
+                ("demand_request_p99_us", { (($0["demand_request_latency"] as? [String: Any])?["p99_ns"] as? Int).map { Double($0) / 1000 } }),
                 ("full_copy_seconds", { $0["time_to_full_copy_seconds"] as? Double }),
                 ("ops_per_s_during", { r in
                     let v = r["ops_per_s_during"] as? [Int] ?? []
@@ -61,7 +63,7 @@ extension PostcopyBench {
                 + "demand faults \(range("demand_faults", "off")) vs \(range("demand_faults", "adaptive")) = \(x("demand_faults")); "
                 + "per page touched before the full copy \(range("demand_per_touched", "off")) vs \(range("demand_per_touched", "adaptive")); "
                 + "stall \(range("stall_seconds", "off")) vs \(range("stall_seconds", "adaptive")) s = \(x("stall_seconds")); "
-                + "fault p50 \(x("fault_p50_us")), p99 \(x("fault_p99_us")); full copy \(range("full_copy_seconds", "off")) vs \(range("full_copy_seconds", "adaptive")) s = \(x("full_copy_seconds")); "
+                + "fault p50 \(x("fault_p50_us")), p99 \(x("fault_p99_us")) (faults answered by a demand request: p50 \(x("demand_request_p50_us")), p99 \(x("demand_request_p99_us"))); full copy \(range("full_copy_seconds", "off")) vs \(range("full_copy_seconds", "adaptive")) s = \(x("full_copy_seconds")); "
                 + "ops/s during \(x("ops_per_s_during")); prefetched \(range("prefetch_pages", "adaptive")) pages, shown used \(range("prefetch_hits", "adaptive"))"
             out.append(s)
         }
