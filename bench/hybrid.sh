@@ -37,15 +37,8 @@ DOWNTIME_SIZES=${DOWNTIME_SIZES:-1G,4G,8G}
 OUT=${OUT:-bench/latest}
 mkdir -p "$OUT"
 source scripts/lib.sh
-if [ -n "${POSTCOPY_BIN:-}" ]; then
-    B=$POSTCOPY_BIN
-    BENCH=$(dirname "$B")/postcopy-bench
-else
-    swift build -c release --product postcopy >&2
-    swift build -c release --product postcopy-bench >&2
-    B=.build/release/postcopy
-    BENCH=.build/release/postcopy-bench
-fi
+source bench/lib.sh
+bench_binaries
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 # One migration's JSON in, one line out; exit 1 unless every check held.
 CHECK=$(mktemp)

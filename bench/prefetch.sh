@@ -26,15 +26,8 @@ WORK_OPS=${WORK_OPS:-100000}
 RECORD_SECONDS=${RECORD_SECONDS:-1.5}
 OUT=${OUT:-bench/latest}
 mkdir -p "$OUT"
-if [ -n "${POSTCOPY_BIN:-}" ]; then
-    B=$POSTCOPY_BIN
-    BENCH=$(dirname "$B")/postcopy-bench
-else
-    swift build -c release --product postcopy >&2
-    swift build -c release --product postcopy-bench >&2
-    B=.build/release/postcopy
-    BENCH=.build/release/postcopy-bench
-fi
+source bench/lib.sh
+bench_binaries
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if has prefetch; then

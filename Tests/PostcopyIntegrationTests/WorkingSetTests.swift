@@ -31,12 +31,7 @@ struct WorkingSetTests {
         try vmm.handOver(d.path)
         let base = vmm.mappings[0].address
         for p in first { _ = cpc_touch_read(UnsafeRawPointer(bitPattern: UInt(base) + UInt(p * 4096))!) }
-        vmm.touchAll(threads: 2)
-        #expect(waitFor("completion") { d.stats.completed.load(ordering: .relaxed) == 1 })
-        #expect(vmm.contents() == expected, "guest memory differs from the source")
-        vmm.goAway()
-        #expect(waitFor("session end") { d.stats.ended.load(ordering: .relaxed) == 1 })
-        return d.stats.reports.withLock { $0.last }
+        return try finish(vmm, d, expected: expected)
     }
 
     @Test(.timeLimit(.minutes(3)))
