@@ -184,8 +184,9 @@ struct MigrateCLITests {
     /// byte-exact, the replay checked and used.
     @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
     func restoresRecordThenReplayTheWorkingSet() throws {
-        let r = try runCLI(["restore", "--size", "64M", "--before", "1", "--restores", "1", "--work-ops", "20000",
-                            "--record-seconds", "0.5", "--run-for", "1", "--json"])
+        // Generous: the work must be done within --run-for even by a debug build on a slow machine.
+        let r = try runCLI(["restore", "--size", "64M", "--before", "1", "--restores", "1", "--work-ops", "5000",
+                            "--record-seconds", "0.5", "--run-for", "3", "--json"])
         #expect(r.status == 0, "restore failed: \(r.stderr)")
         let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
         #expect(o?["ok"] as? Bool == true)
