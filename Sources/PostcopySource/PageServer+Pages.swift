@@ -20,12 +20,14 @@ extension PageServer {
         return next
     }
 
-    /// `requests` with the demand ones first (in their order), then the rest
-    /// in theirs: a guest waiting on a page never waits behind a prefetch
-    /// that arrived with it (replies are matched by id, not by order).
+    /// `requests` with the prefetch ones moved behind the others (each part in
+    /// its order): a guest waiting on a page never waits behind a prefetch
+    /// that arrived with it (replies are matched by id, not by order). The
+    /// other classes keep the order they came in.
     public static func demandFirst(_ requests: [PageRequest]) -> [PageRequest] {
-        guard requests.contains(where: { $0.pageClass != .demand }), requests.contains(where: { $0.pageClass == .demand }) else { return requests }
-        return requests.filter { $0.pageClass == .demand } + requests.filter { $0.pageClass != .demand }
+        guard let firstPrefetch = requests.firstIndex(where: { $0.pageClass == .prefetch }),
+              requests[firstPrefetch...].contains(where: { $0.pageClass != .prefetch }) else { return requests }
+        return requests.filter { $0.pageClass != .prefetch } + requests.filter { $0.pageClass == .prefetch }
     }
 
     /// Answers requests in order, in one vectored send. A request out of range

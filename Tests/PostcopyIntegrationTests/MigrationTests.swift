@@ -180,7 +180,8 @@ struct PrefetchMigrationTests {
         let d = PageRequest(requestID: 2, region: 0, pageClass: .demand, pageOffset: 5, pageCount: 1)
         let b = PageRequest(requestID: 3, region: 0, pageClass: .background, pageOffset: 100, pageCount: 128)
         let d2 = PageRequest(requestID: 4, region: 0, pageClass: .demand, pageOffset: 7, pageCount: 1)
-        #expect(PageServer.demandFirst([p, d, b, d2]).map(\.requestID) == [2, 4, 1, 3])
-        #expect(PageServer.demandFirst([p, b]).map(\.requestID) == [1, 3])
+        #expect(PageServer.demandFirst([p, d, b, d2]).map(\.requestID) == [2, 3, 4, 1])
+        #expect(PageServer.demandFirst([d, b, d2, p]).map(\.requestID) == [2, 3, 4, 1], "nothing to move")
+        #expect(PageServer.demandFirst([b, d]).map(\.requestID) == [3, 2], "other classes keep their order")
     }
 }
