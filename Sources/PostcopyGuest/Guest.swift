@@ -168,7 +168,7 @@ public final class ReferenceGuest: @unchecked Sendable {
                     let s = t + min(zipf!.next(u), mine - 1) * n
                     guard s < slots else { continue }
                     let off = KVLayout.headerBytes + s * KVLayout.slotSize
-                    if let log { log[off / pageSize] = 1 }
+                    if let log { cpc_store_u8(log + off / pageSize, 1) }
                     if rng.next() % 100 < writes {
                         markDirty(off)
                         KVLayout.set(base + off, key: UInt64(s), rng: &rng)
@@ -180,18 +180,18 @@ public final class ReferenceGuest: @unchecked Sendable {
                     let p = t * share + st.cursor % max(share, 1)
                     if p < pageCount {
                         _ = cpc_touch_read(base + p * pageSize)
-                        if let log { log[p] = 1 }
+                        if let log { cpc_store_u8(log + p, 1) }
                     }
                     st.cursor += 1
                 case .random:
                     let p = Int(rng.next() % UInt64(pageCount))
                     touch(p, &rng, writes)
-                    if let log { log[p] = 1 }
+                    if let log { cpc_store_u8(log + p, 1) }
                 case .zipf:
                     let u = Double(rng.next() >> 11) / Double(1 << 53)
                     let p = zipf!.next(u)
                     touch(p, &rng, writes)
-                    if let log { log[p] = 1 }
+                    if let log { cpc_store_u8(log + p, 1) }
                 }
                 local += 1
             }
@@ -226,7 +226,7 @@ public final class ReferenceGuest: @unchecked Sendable {
         guard let log = touchLog else { return 0 }
         let b = log.base.assumingMemoryBound(to: UInt8.self)
         var n = 0
-        for p in 0..<pages where b[p] != 0 { n += 1 }
+        for p in 0..<pages where cpc_load_u8(b + p) != 0 { n += 1 }
         return n
     }
 
