@@ -45,6 +45,32 @@ extension HandoffServer {
         return (m.bytes, m.fds[0], Array(m.fds.dropFirst()))
     }
 
+    /// The top-level JSON objects of `bytes`, in order (braces counted outside
+    /// strings); empty when they are not a sequence of whole objects.
+    public static func jsonObjects(_ bytes: [UInt8]) -> [[UInt8]] {
+        var out: [[UInt8]] = []
+        var depth = 0, start = -1, inString = false, escaped = false
+        for (i, b) in bytes.enumerated() {
+            if inString {
+                if escaped { escaped = false } else if b == UInt8(ascii: "\\") { escaped = true } else if b == UInt8(ascii: "\"") { inString = false }
+                continue
+            }
+            switch b {
+            case UInt8(ascii: "\""): guard depth > 0 else { return [] }; inString = true
+            case UInt8(ascii: "{"):
+                if depth == 0 { start = i }
+                depth += 1
+            case UInt8(ascii: "}"):
+                guard depth > 0 else { return [] }
+                depth -= 1
+                if depth == 0 { out.append(Array(bytes[start...i])) }
+            case UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"): break
+            default: guard depth > 0 else { return [] }
+            }
+        }
+        return depth == 0 && !inString ? out : []
+    }
+
     /// A later message from the VMM: the guest enabling async page faults
     /// (sets `apf`), or asking to be told when every page is in (sets
     /// `notify`). False at EOF: the VMM is gone.
@@ -52,15 +78,30 @@ extension HandoffServer {
         let m = Self.receiveMessage(conn, maxBytes: Self.laterMessageMaxBytes)
         if m.n <= 0 && m.n != -Int(EAGAIN) && m.n != -Int(EINTR) { return false }
         let got = m.fds
-        if m.nfds == 0, CompletionNotice.isRequest(m.bytes) {
-            notify = true
-            logger.info("VMM pid \(pid): will be told when every page is in")
-            return true
+        // The socket is a stream: two messages sent back to back (the notice
+        // request, then the APF channel with its fds) may arrive as one read.
+        var bytes = m.bytes
+        let parts = Self.jsonObjects(bytes)
+        if parts.count > 1 || (m.nfds == 0 && parts.count == 1) {
+            var rest: [[UInt8]] = []
+            for p in parts {
+                if CompletionNotice.isRequest(p) {
+                    notify = true
+                    logger.info("VMM pid \(pid): will be told when every page is in")
+                } else {
+                    rest.append(p)
+                }
+            }
+            if rest.isEmpty {
+                for fd in got { close(fd) }
+                return true
+            }
+            bytes = rest.count == 1 ? rest[0] : m.bytes
         }
         var adopted = false  // from then on the channel owns (and closes) the fds
         do throws(APFError) {
             guard apf == nil else { throw .badHeader("async page faults are already enabled for this VM") }
-            try APFEnable.parse(m.bytes)
+            try APFEnable.parse(bytes)
             guard got.count == 3, !m.truncated else { throw .badHeader("expected 3 fds (channel memfd, request eventfd, completion eventfd), got \(m.nfds)") }
             adopted = true
             apf = try APFChannel(memfd: got[0], requestFD: got[1], completionFD: got[2], engine: engine, logger: logger)

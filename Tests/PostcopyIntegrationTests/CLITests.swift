@@ -179,6 +179,21 @@ struct MigrateCLITests {
         #expect((o?["total_migration_seconds"] as? Double ?? 0) >= (o?["time_to_full_copy_seconds"] as? Double ?? 1))
     }
 
+    /// The task guest with async page faults, through `migrate` over TCP: the
+    /// VMM asks for the completion notice and enables APF right after it, two
+    /// messages the stream socket may deliver as one read.
+    @Test(.timeLimit(.minutes(3)), .enabled(if: uffdSkipReason == nil, "userfaultfd unavailable"))
+    func asyncPageFaultsThroughMigrate() throws {
+        let r = try runCLI(["migrate", "--size", "32M", "--tasks", "8", "--apf", "--before", "1", "--after", "1", "--json"])
+        #expect(r.status == 0, "migrate failed: \(r.stderr)")
+        let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        #expect(o?["ok"] as? Bool == true)
+        let work = o?["task_work"] as? [String: Any]
+        let notPresent = work?["not_present"] as? Int ?? 0
+        #expect(notPresent > 0, "the guest took no async fault")
+        #expect(work?["ready"] as? Int == notPresent)
+    }
+
     /// A snapshot restored through the VMM handoff: recorded once, then
     /// restored without and with the working set replayed; every restore
     /// byte-exact, the replay checked and used.
