@@ -76,7 +76,6 @@ final class WorkingSetReplay: @unchecked Sendable {
     }
 
     var refused: Bool { lock.withLock { refusal != nil } }
-    var pendingChecks: Bool { lock.withLock { !checks.isEmpty } }
 
     /// Pages [first, first + count) arrived: compares those under check.
     /// Returns a refusal message the first time a digest differs.
