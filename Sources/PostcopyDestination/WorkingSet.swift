@@ -55,65 +55,75 @@ public struct WorkingSet: Sendable, Equatable {
     /// region count u32, entry count u32, region pages u64 each, entries
     /// (page u64, digest u64), then xxh64 of everything before it; little-endian.
     public func encoded() -> [UInt8] {
-        var out = Self.magic
-        func put<T: FixedWidthInteger>(_ v: T) { withUnsafeBytes(of: v.littleEndian) { out += $0 } }
-        put(Self.version)
-        put(UInt16(0))
-        put(pageSize)
-        put(recordedMs)
-        put(UInt32(regionPages.count))
-        put(UInt32(entries.count))
-        for r in regionPages { put(r) }
+        var w = ByteWriter(capacity: 32 + regionPages.count * 8 + entries.count * 16)
+        w.raw(Self.magic)
+        w.u16(Self.version)
+        w.u16(0)
+        w.u32(pageSize)
+        w.u32(recordedMs)
+        w.u32(UInt32(regionPages.count))
+        w.u32(UInt32(entries.count))
+        for r in regionPages { w.u64(r) }
         for e in entries {
-            put(e.page)
-            put(e.digest)
+            w.u64(e.page)
+            w.u64(e.digest)
         }
-        put(out.withUnsafeBytes { cpc_xxh64($0.baseAddress, $0.count, 0) })
-        return out
+        w.u64(w.bytes.withUnsafeBytes { cpc_xxh64($0.baseAddress, $0.count, 0) })
+        return w.bytes
     }
 
     public static func decode(_ bytes: [UInt8]) throws(FormatError) -> WorkingSet {
-        var at = 0
-        func take<T: FixedWidthInteger>(_: T.Type, _ what: String) throws(FormatError) -> T {
-            let n = MemoryLayout<T>.size
-            guard at + n <= bytes.count else { throw FormatError(description: "working-set file truncated at \(what) (\(bytes.count) bytes)") }
-            var v: T = 0
-            withUnsafeMutableBytes(of: &v) { $0.copyBytes(from: bytes[at..<(at + n)]) }
-            at += n
-            return T(littleEndian: v)
-        }
         guard bytes.count >= 4, Array(bytes[0..<4]) == magic else { throw FormatError(description: "not a working-set file (no PCWS magic)") }
-        at = 4
-        let version = try take(UInt16.self, "version")
-        guard version == Self.version else { throw FormatError(description: "working-set file version \(version), this build reads \(Self.version)") }
-        _ = try take(UInt16.self, "reserved")
-        let pageSize = try take(UInt32.self, "page size")
-        guard pageSize >= 512, pageSize.nonzeroBitCount == 1 else { throw FormatError(description: "page size \(pageSize) is not a power of two ≥ 512") }
-        let recordedMs = try take(UInt32.self, "recorded ms")
-        let regionCount = Int(try take(UInt32.self, "region count"))
-        let entryCount = Int(try take(UInt32.self, "entry count"))
-        guard (1...maxRegions).contains(regionCount) else { throw FormatError(description: "\(regionCount) regions (1...\(maxRegions))") }
-        guard entryCount <= maxEntries else { throw FormatError(description: "\(entryCount) pages (at most \(maxEntries))") }
-        let expected = 4 + 2 + 2 + 4 + 4 + 4 + 4 + regionCount * 8 + entryCount * 16 + 8
-        guard bytes.count == expected else {
-            throw FormatError(description: bytes.count < expected ? "working-set file truncated: \(bytes.count) bytes, its header says \(expected)"
-                                                                   : "working-set file has \(bytes.count - expected) bytes after its end")
+        let decoded: Result<WorkingSet, FormatError> = bytes.withUnsafeBytes { raw in
+            Result { () throws(FormatError) in
+                do throws(WireError) {
+                    var r = ByteReader(raw)
+                    _ = try r.slice(4, "magic")
+                    return try decode(&r, count: bytes.count, checksum: cpc_xxh64(raw.baseAddress, max(bytes.count - 8, 0), 0))
+                } catch {
+                    switch error {
+                    case .truncated(let field, _, _): throw FormatError(description: "working-set file truncated at \(field) (\(bytes.count) bytes)")
+                    case .invalid(_, let reason): throw FormatError(description: reason)
+                    default: throw FormatError(description: "\(error)")
+                    }
+                }
+            }
         }
-        let sum = bytes.withUnsafeBytes { cpc_xxh64($0.baseAddress, expected - 8, 0) }
+        return try decoded.get()
+    }
+
+    /// The fields after the magic; `checksum`: xxh64 of all but the last 8 bytes.
+    private static func decode(_ r: inout ByteReader, count: Int, checksum sum: UInt64) throws(WireError) -> WorkingSet {
+        func fail(_ why: String) -> WireError { .invalid(field: "working set", reason: why) }
+        let version = try r.u16("version")
+        guard version == Self.version else { throw fail("working-set file version \(version), this build reads \(Self.version)") }
+        _ = try r.u16("reserved")
+        let pageSize = try r.u32("page size")
+        guard pageSize >= 512, pageSize.nonzeroBitCount == 1 else { throw fail("page size \(pageSize) is not a power of two ≥ 512") }
+        let recordedMs = try r.u32("recorded ms")
+        let regionCount = Int(try r.u32("region count"))
+        let entryCount = Int(try r.u32("entry count"))
+        guard (1...maxRegions).contains(regionCount) else { throw fail("\(regionCount) regions (1...\(maxRegions))") }
+        guard entryCount <= maxEntries else { throw fail("\(entryCount) pages (at most \(maxEntries))") }
+        let expected = 4 + 2 + 2 + 4 + 4 + 4 + 4 + regionCount * 8 + entryCount * 16 + 8
+        guard count == expected else {
+            throw fail(count < expected ? "working-set file truncated: \(count) bytes, its header says \(expected)"
+                                        : "working-set file has \(count - expected) bytes after its end")
+        }
         var regions: [UInt64] = []
-        for _ in 0..<regionCount { regions.append(try take(UInt64.self, "region size")) }
+        for _ in 0..<regionCount { regions.append(try r.u64("region size")) }
         let total = regions.reduce(UInt64(0)) { $0 &+ $1 }
         var entries: [Entry] = []
         entries.reserveCapacity(entryCount)
         var seen = Set<UInt64>()
         for i in 0..<entryCount {
-            let page = try take(UInt64.self, "entry \(i)")
-            let digest = try take(UInt64.self, "entry \(i)")
-            guard page < total else { throw FormatError(description: "entry \(i): page \(page) outside the \(total) pages recorded") }
-            guard seen.insert(page).inserted else { throw FormatError(description: "entry \(i): page \(page) twice") }
+            let page = try r.u64("entry page")
+            let digest = try r.u64("entry digest")
+            guard page < total else { throw fail("entry \(i): page \(page) outside the \(total) pages recorded") }
+            guard seen.insert(page).inserted else { throw fail("entry \(i): page \(page) twice") }
             entries.append(Entry(page: page, digest: digest))
         }
-        guard try take(UInt64.self, "checksum") == sum else { throw FormatError(description: "working-set file checksum mismatch (corrupted)") }
+        guard try r.u64("checksum") == sum else { throw fail("working-set file checksum mismatch (corrupted)") }
         return WorkingSet(pageSize: pageSize, regionPages: regions, recordedMs: recordedMs, entries: entries)
     }
 
