@@ -3,7 +3,7 @@ import Glibc
 #endif
 // libFuzzer target: the wire decoder (every frame a peer can send). Built with
 // the sources of PostcopyWire by fuzz/run.sh. A decoded message must re-encode
-// and decode to the same type (page data aside, whose payload is borrowed).
+// and decode to the same type (page and gather data aside: their payload is borrowed).
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzWire(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
     let input = UnsafeRawBufferPointer(start: data, count: size)
@@ -13,7 +13,9 @@ public func fuzzWire(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
         let rest = UnsafeRawBufferPointer(rebasing: input[offset...])
         guard let (m, used) = try? Codec.decodeFrame(rest, pageSize: 4096, maxBody: 1 << 20) else { break }
         precondition(used > 0 && used <= rest.count, "decoder consumed \(used) of \(rest.count) bytes")
-        if case .pageData = m {} else {
+        switch m {
+        case .pageData, .gatherData: break
+        default:
             let again = Codec.encode(m)
             let back = again.withUnsafeBytes { try? Codec.decodeFrame($0, pageSize: 4096, maxBody: 1 << 20) }
             precondition(back?.0.type == m.type, "\(m.type) did not survive a round trip")
@@ -54,6 +56,11 @@ public func fuzzInit(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutableP
                                         runs: (0..<20).map { UInt64(64 + 2 * $0)..<UInt64(65 + 2 * $0) }, decision: "converged"))),
         Codec.encode(.pageData(PageDataHeader(requestID: 2, region: 0, pageClass: .precopy, isZero: true, sourcePaused: true, pageOffset: 3, pageCount: 2),
                                payload: UnsafeRawBufferPointer(start: nil, count: 0))),
+        Codec.encode(.gatherRequest(GatherRequest(firstRequestID: 9, pageClass: .background,
+                                                  runs: [GatherRun(region: 0, pageOffset: 7, pageCount: 1), GatherRun(region: 0, pageOffset: 2, pageCount: 3)]))),
+        Codec.encode(.gatherData(GatherData(firstRequestID: 9, pageClass: .background, sourcePaused: true,
+                                            runs: [GatherRun(region: 0, pageOffset: 7, pageCount: 1), GatherRun(region: 0, pageOffset: 2, pageCount: 3, isZero: true)]),
+                                 payload: p)),
     ] }
     for (i, f) in frames.enumerated() { writeSeed(dir, "frame-\(i)", f) }
     writeSeed(dir, "stream", frames.flatMap { $0 })

@@ -99,6 +99,15 @@ ssize_t cpc_recv(int fd, void *p, size_t n) {
     }
 }
 
+ssize_t cpc_recvv(int fd, const struct iovec *iov, int n) {
+    struct msghdr m = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
+    for (;;) {
+        ssize_t r = recvmsg(fd, &m, 0);
+        if (r < 0 && errno == EINTR) continue;
+        return r < 0 ? -errno : r;
+    }
+}
+
 ssize_t cpc_sendv(int fd, const struct iovec *iov, int n) {
     struct msghdr m = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
     for (;;) {

@@ -90,11 +90,23 @@ extension PostcopyEngine {
             do {
                 let window = config.window ?? background.suggestedWindow ?? 4
                 let requestLimit = background.suggestedWindow == nil ? window * Self.shortRunsPerBatch : window
-                while !exhausted, outstanding < requestLimit, outstandingPages < window * batchBytes / pageSize {
+                while !exhausted, outstandingPages < window * batchBytes / pageSize {
                     if let delay = bucket.delayMs(before: batchBytes) {
                         waitMs = delay
                         break
                     }
+                    // A working set being replayed goes first, in gathers where
+                    // the channel can (one request each, so the pages bound them).
+                    if background.canGather, let runs = claimReplayGather() {
+                        let n = runs.reduce(0) { $0 + $1.count }
+                        bucket.spend(n * pageSize)
+                        if outstanding == 0 { stall.progressed() }
+                        outstanding += runs.count
+                        outstandingPages += n
+                        try submitGather(background, runs: runs)
+                        continue
+                    }
+                    guard outstanding < requestLimit else { break }
                     // Locality: restart the scan just after the most recent demand
                     // fault, or where the prefetcher says (`planPrefetch`).
                     let follow = backgroundFollow.load(ordering: .relaxed)
@@ -102,7 +114,7 @@ extension PostcopyEngine {
                         followed = follow
                         if follow >= 0, follow < table.totalPages { cursor = follow }
                     }
-                    // A working set being replayed goes first, in its order.
+                    // (In address order where it cannot.)
                     let replayed = claimReplayRun()
                     guard let run = replayed ?? claimBackgroundRun(from: cursor) else {
                         exhausted = true

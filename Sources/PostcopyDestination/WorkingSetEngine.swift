@@ -57,21 +57,29 @@ final class WorkingSetRecorder: @unchecked Sendable {
     }
 }
 
-/// Replaying one: the pages still missing, in address order, streamed before
-/// anything else the background thread asks for; the first `checkPages` of
-/// them are checked against their recorded digests as they arrive.
+/// Replaying one: the pages still missing, streamed before anything else the
+/// background thread asks for: in the order the guest first touched them,
+/// in gathers (one request and one reply for many scattered runs), or, on a
+/// channel that cannot gather (RDMA), in address order with small gaps
+/// filled. The first `checkPages` still missing are checked against their
+/// recorded digests as they arrive.
 final class WorkingSetReplay: @unchecked Sendable {
     static let checkPages = 64
     private let lock = NSLockLite()
-    /// Pages left to request (background thread), in order.
-    var queue: [Int]
+    /// Pages left to request (background thread, under the page lock): in fault order, and where `next` is.
+    let order: [Int]
     var next = 0
+    /// The same in address order (built on first use), and where `sortedNext` is.
+    var sorted: [Int]?
+    var sortedNext = 0
+    /// Gathers sent so far (their size grows from `firstGatherPages`).
+    var gathers = 0
     private var checks: [Int: UInt64]
     private(set) var refusal: String?
     private var checked = 0
 
     init(pages: [Int], checks: [Int: UInt64]) {
-        queue = pages
+        order = pages
         self.checks = checks
     }
 
@@ -123,9 +131,16 @@ extension PostcopyEngine {
             for e in ws.entries where checks.count < WorkingSetReplay.checkPages && pages.state(Int(e.page)) == .missing {
                 checks[Int(e.page)] = e.digest
             }
-            return WorkingSetReplay(pages: Self.replayOrder(ws.entries.map { Int($0.page) }), checks: checks)
+            return WorkingSetReplay(pages: ws.entries.map { Int($0.page) }, checks: checks)
         }
     }
+
+    /// Pages between two recorded ones fetched with them in one request (the
+    /// address-order replay, on a channel that cannot gather).
+    static let replayGapPages = 16
+    /// The first gather's pages; each next one twice as many, up to a batch:
+    /// the guest's first pages arrive after a short reply, not a batch.
+    static let firstGatherPages = 16
 
     /// While a working set is being recorded, the background stream waits
     /// (demand only), so the record holds every page the guest touched: until
@@ -145,15 +160,6 @@ extension PostcopyEngine {
         }
     }
 
-    /// The recorded pages in the order they are requested: address order, so
-    /// that neighbours go in one request (with the gaps between them). Tried
-    /// on 1 GiB kv restores: fault order by chunks of 512 pages, each chunk in
-    /// address order, made most requests one page long, and the replay 0.8x
-    /// as fast as none; address order, 1.0-1.05x (`bench/README.md`).
-    static func replayOrder(_ pages: [Int]) -> [Int] { pages.sorted() }
-    /// Pages between two recorded ones fetched with them in one request.
-    static let replayGapPages = 16
-
     func refuseWorkingSet(_ why: String) {
         replayRefusal.withLock { if $0 == nil { $0 = why } }
         logger.error("working set refused: \(why); the migration goes on without it")
@@ -167,17 +173,71 @@ extension PostcopyEngine {
         }
     }
 
-    /// Claims the next run of the replay (background thread): recorded pages
-    /// still missing, consecutive in the file and in memory, one source and
-    /// guest region, a batch at most. Nil when the replay is over (or refused).
+    /// Claims the next gather of the replay (background thread): recorded
+    /// pages still missing, in fault order, as runs (a page right after the
+    /// previous one in memory joins its run), `firstGatherPages` at first and
+    /// twice as many each time up to a batch. Nil when the replay is over (or refused).
+    func claimReplayGather() -> [(first: Int, count: Int)]? {
+        assert(backgroundThread.isCurrent)
+        guard let replay, !replay.refused else { return nil }
+        let batch = max(config.batchPages / unitPages, 1) * unitPages
+        return pages.lock.withLock { () -> [(first: Int, count: Int)]? in
+            let limit = max(min(batch, Self.firstGatherPages << min(replay.gathers, 16)), unitPages)
+            var runs: [(first: Int, count: Int)] = []
+            var total = 0
+            while replay.next < replay.order.count, total + unitPages <= limit, runs.count < WireProtocol.maxGatherRuns {
+                let first = replay.order[replay.next] / unitPages * unitPages
+                replay.next += 1
+                guard pages.state(first) == .missing else { continue }
+                for q in first..<(first + unitPages) { pages.set(q, .inflightBackground) }
+                total += unitPages
+                if let last = runs.last, last.first + last.count == first, sameRegions(last.first, first) {
+                    runs[runs.count - 1].count += unitPages
+                } else {
+                    runs.append((first, unitPages))
+                }
+            }
+            guard !runs.isEmpty else {
+                _ = counters.replayRequestedAt.compareExchange(expected: 0, desired: nowNanoseconds(), ordering: .relaxed)
+                return nil
+            }
+            replay.gathers += 1
+            counters.replayPages.add(UInt64(total), ordering: .relaxed)
+            return runs
+        }
+    }
+
+    /// Whether two pages lie in one source region and one guest region (one run may hold both).
+    private func sameRegions(_ a: Int, _ b: Int) -> Bool {
+        table.locate(globalPage: a).region == table.locate(globalPage: b).region && map.regionIndex(ofGlobal: a) == map.regionIndex(ofGlobal: b)
+    }
+
+    /// Sends the runs as one gather of background requests (consecutive ids).
+    func submitGather(_ channel: PageChannel, runs: [(first: Int, count: Int)]) throws(TransportError) {
+        let base = nextRequestID.wrappingAdd(UInt64(runs.count), ordering: .relaxed).oldValue
+        let requests = runs.enumerated().map { i, run in
+            let (region, page) = table.locate(globalPage: run.first)
+            return PageRequest(requestID: base &+ UInt64(i), region: UInt16(region), pageClass: .background,
+                               pageOffset: UInt64(page), pageCount: UInt32(run.count))
+        }
+        inflight.withLock { for r in requests { $0[r.requestID] = r } }
+        try channel.submit(gather: requests)
+    }
+
+    /// Claims the next run of the replay in address order (background thread,
+    /// a channel that cannot gather): recorded pages still missing, with the
+    /// missing pages between them when they are close, one source and guest
+    /// region, a batch at most. Nil when the replay is over (or refused).
     func claimReplayRun() -> (first: Int, count: Int)? {
         assert(backgroundThread.isCurrent)
         guard let replay, !replay.refused else { return nil }
         let batch = max(config.batchPages / unitPages, 1) * unitPages
         return pages.lock.withLock { () -> (first: Int, count: Int)? in
-            while replay.next < replay.queue.count {
-                let first = replay.queue[replay.next] / unitPages * unitPages
-                replay.next += 1
+            if replay.sorted == nil { replay.sorted = replay.order.sorted() }
+            let queue = replay.sorted!
+            while replay.sortedNext < queue.count {
+                let first = queue[replay.sortedNext] / unitPages * unitPages
+                replay.sortedNext += 1
                 guard pages.state(first) == .missing else { continue }
                 let (region, page) = table.locate(globalPage: first)
                 let g = map.region(ofGlobal: first)
@@ -187,13 +247,13 @@ extension PostcopyEngine {
                 // a request per page costs far more than the few pages in
                 // between (which the stream would bring anyway).
                 var end = first + unitPages
-                while replay.next < replay.queue.count {
-                    let q = replay.queue[replay.next] / unitPages * unitPages
-                    if q >= first && q < end { replay.next += 1; continue }  // already in the run
+                while replay.sortedNext < queue.count {
+                    let q = queue[replay.sortedNext] / unitPages * unitPages
+                    if q >= first && q < end { replay.sortedNext += 1; continue }  // already in the run
                     guard q >= end, q - end <= Self.replayGapPages, q + unitPages <= regionEnd, q + unitPages - first <= batch,
                           pages.runLength(from: end, in: .missing, end: q + unitPages) == q + unitPages - end else { break }
                     end = q + unitPages
-                    replay.next += 1
+                    replay.sortedNext += 1
                 }
                 let n = end - first
                 for q in first..<end { pages.set(q, .inflightBackground) }

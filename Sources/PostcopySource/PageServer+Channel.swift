@@ -44,7 +44,7 @@ extension PageServer {
         // requests carry them).
         let scan = memory.scanIfDone
         try conn.send(.welcome(Welcome(pageSize: UInt32(pageSize), sessionID: session.id,
-                                       capabilities: precopy?.offered == true ? [.zeroMap, .urgentChannel, .precopy] : [.zeroMap, .urgentChannel], regions: memory.table.regions,
+                                       capabilities: precopy?.offered == true ? [.zeroMap, .urgentChannel, .gather, .precopy] : [.zeroMap, .urgentChannel, .gather], regions: memory.table.regions,
                                        digest: scan?.digest ?? 0,
                                        deviceStateSize: UInt64(memory.waitForDeviceState(timeoutMs: 0)?.count ?? 0))))
         logger.info("\(hello.role) channel from \(conn.peer) joined session \(session.id)")
@@ -99,6 +99,9 @@ extension PageServer {
             switch m {
             case .pageRequest(let r):
                 next = try handlePageRequests(first: r, channel)
+                flow = .next
+            case .gatherRequest(let g):
+                try serveGather(g, channel)
                 flow = .next
             case .zeroMapRequest(let z):
                 try conn.send(.zeroMap(try zeroMap(z)))

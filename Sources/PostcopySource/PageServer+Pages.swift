@@ -46,45 +46,21 @@ extension PageServer {
         guard paused || requests.allSatisfy({ $0.pageClass == .precopy }) else {
             throw .protocolViolation("page request before the guest paused (its RAM is still changing)")
         }
-        let table = memory.table
-        let pageSize = table.pageSize
         let prefixBytes = WireProtocol.headerSize + PageDataHeader.encodedSize
         var prefixes: [UInt8] = []
         prefixes.reserveCapacity(requests.count * prefixBytes)
         var payloads: [UnsafeRawBufferPointer] = []
         var refused: String?
         for r in requests {
+            let reply: (header: PageDataHeader, payload: UnsafeRawBufferPointer)
             do {
-                try table.validate(region: r.region, pageOffset: r.pageOffset, pageCount: UInt64(r.pageCount))
+                reply = try servedPages(r, paused: paused, pausing: pausing, session: session)
             } catch {
                 refused = error.description
                 break
             }
-            let global = table.firstGlobalPage[Int(r.region)] + Int(r.pageOffset)
-            let count = Int(r.pageCount)
-            let allZero = memory.allZero(globalFirst: global, count: count)
-            if r.pageClass == .precopy {
-                // Precopy sends a page again when it was written: not "twice" (postcopy's count).
-                precopy?.noteServed(session: session.id, globalFirst: global, count: count)
-                stats.precopyPages.add(UInt64(count), ordering: .relaxed)
-            } else {
-                let dup = session.markSent(globalFirst: global, count: count)
-                if dup > 0 { stats.pagesSentTwice.add(UInt64(dup), ordering: .relaxed) }
-            }
-            switch r.pageClass {
-            case .demand: stats.demandPages.add(UInt64(count), ordering: .relaxed)
-            case .prefetch: stats.prefetchPages.add(UInt64(count), ordering: .relaxed)
-            case .background: stats.backgroundPages.add(UInt64(count), ordering: .relaxed)
-            case .precopy: break
-            }
-            let header = PageDataHeader(requestID: r.requestID, region: r.region, pageClass: r.pageClass, isZero: allZero,
-                                        sourcePaused: paused || (r.pageClass == .precopy && pausing),
-                                        pageOffset: r.pageOffset, pageCount: r.pageCount)
-            let regionBase = memory.mapping.base + Int(table.regions[Int(r.region)].sourceOffset)
-            if allZero { stats.zeroReplies.add(1, ordering: .relaxed) }
-            payloads.append(allZero ? UnsafeRawBufferPointer(start: nil, count: 0)
-                : UnsafeRawBufferPointer(start: regionBase + Int(r.pageOffset) * pageSize, count: count * pageSize))
-            prefixes += Codec.encodePageDataPrefix(header, payloadLength: payloads.last!.count)
+            payloads.append(reply.payload)
+            prefixes += Codec.encodePageDataPrefix(reply.header, payloadLength: reply.payload.count)
         }
         let result: Result<Void, TransportError> = prefixes.withUnsafeBytes { raw in
             var parts: [UnsafeRawBufferPointer] = []
@@ -96,13 +72,86 @@ extension PageServer {
             return Result { () throws(TransportError) in try conn.sendv(parts) }
         }
         try result.get()
+        try served(session: session, conn: conn, refused: refused)
+    }
+
+    /// After replies went out: the digests may run once every page that holds
+    /// data went out once; a refused request closes the connection.
+    private func served(session: SourceSession, conn: any FrameConnection, refused: String?) throws(TransportError) {
         memory.noteServed()
-        // Every page that holds data has gone out once: the digests may run now.
-        if let zeros = memory.zeroPageCount, session.distinctSent + zeros >= table.totalPages { memory.wantDigests() }
+        if let zeros = memory.zeroPageCount, session.distinctSent + zeros >= memory.table.totalPages { memory.wantDigests() }
         if let refused {
             stats.rejectedConnections.add(1, ordering: .relaxed)
             try? conn.send(.error(ErrorMessage(code: .outOfRange, message: refused)))
             throw .closed("closed after out-of-range request: \(refused)")
         }
+    }
+
+    /// The reply to one request (checked against the table, counted, marked
+    /// sent): its header and its pages in guest memory (empty when all zero).
+    private func servedPages(_ r: PageRequest, paused: Bool, pausing: Bool, session: SourceSession) throws(WireError) -> (header: PageDataHeader, payload: UnsafeRawBufferPointer) {
+        let table = memory.table
+        try table.validate(region: r.region, pageOffset: r.pageOffset, pageCount: UInt64(r.pageCount))
+        let global = table.firstGlobalPage[Int(r.region)] + Int(r.pageOffset)
+        let count = Int(r.pageCount)
+        let allZero = memory.allZero(globalFirst: global, count: count)
+        if r.pageClass == .precopy {
+            // Precopy sends a page again when it was written: not "twice" (postcopy's count).
+            precopy?.noteServed(session: session.id, globalFirst: global, count: count)
+            stats.precopyPages.add(UInt64(count), ordering: .relaxed)
+        } else {
+            let dup = session.markSent(globalFirst: global, count: count)
+            if dup > 0 { stats.pagesSentTwice.add(UInt64(dup), ordering: .relaxed) }
+        }
+        switch r.pageClass {
+        case .demand: stats.demandPages.add(UInt64(count), ordering: .relaxed)
+        case .prefetch: stats.prefetchPages.add(UInt64(count), ordering: .relaxed)
+        case .background: stats.backgroundPages.add(UInt64(count), ordering: .relaxed)
+        case .precopy: break
+        }
+        let header = PageDataHeader(requestID: r.requestID, region: r.region, pageClass: r.pageClass, isZero: allZero,
+                                    sourcePaused: paused || (r.pageClass == .precopy && pausing),
+                                    pageOffset: r.pageOffset, pageCount: r.pageCount)
+        if allZero { stats.zeroReplies.add(1, ordering: .relaxed) }
+        let regionBase = memory.mapping.base + Int(table.regions[Int(r.region)].sourceOffset)
+        return (header, allZero ? UnsafeRawBufferPointer(start: nil, count: 0)
+            : UnsafeRawBufferPointer(start: regionBase + Int(r.pageOffset) * table.pageSize, count: count * table.pageSize))
+    }
+
+    /// Answers a gather in one reply: every run checked first (one out of
+    /// range refuses the whole gather and closes the connection), then the
+    /// echoed runs and the non-zero ones' pages straight from guest memory, in
+    /// one vectored send. Only once the guest paused (no precopy class).
+    func serveGather(_ g: GatherRequest, _ channel: ServedChannel) throws(TransportError) {
+        let paused = memory.isFrozen
+        guard paused else { throw .protocolViolation("gather request before the guest paused (its RAM is still changing)") }
+        let table = memory.table
+        for r in g.runs {
+            do { try table.validate(region: r.region, pageOffset: r.pageOffset, pageCount: UInt64(r.pageCount)) } catch {
+                try served(session: channel.session, conn: channel.conn, refused: "gather \(g.firstRequestID): \(error.description)")
+                return
+            }
+        }
+        var runs: [GatherRun] = []
+        runs.reserveCapacity(g.runs.count)
+        var parts: [UnsafeRawBufferPointer] = [UnsafeRawBufferPointer(start: nil, count: 0)]
+        parts.reserveCapacity(g.runs.count + 1)
+        for r in g.requests {
+            let reply: (header: PageDataHeader, payload: UnsafeRawBufferPointer)
+            do { reply = try servedPages(r, paused: true, pausing: false, session: channel.session) } catch {
+                throw .protocolViolation("gather run checked, then refused: \(error)")
+            }
+            runs.append(GatherRun(region: r.region, pageOffset: r.pageOffset, pageCount: r.pageCount, isZero: reply.header.isZero))
+            parts.append(reply.payload)
+        }
+        stats.gathers.add(1, ordering: .relaxed)
+        let data = GatherData(firstRequestID: g.firstRequestID, pageClass: g.pageClass, sourcePaused: true, runs: runs)
+        let prefix = Codec.encodeGatherDataPrefix(data, payloadLength: data.payloadBytes(pageSize: table.pageSize))
+        let result: Result<Void, TransportError> = prefix.withUnsafeBytes { raw in
+            parts[0] = raw
+            return Result { () throws(TransportError) in try channel.conn.sendv(parts) }
+        }
+        try result.get()
+        try served(session: channel.session, conn: channel.conn, refused: nil)
     }
 }

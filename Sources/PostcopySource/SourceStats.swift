@@ -8,6 +8,8 @@ public final class SourceStats: Sendable {
     /// Pages sent by precopy passes (before the pause, and a page each time it was written).
     public let precopyPages = Atomic<UInt64>(0)
     public let zeroReplies = Atomic<UInt64>(0)
+    /// Gather requests answered (many runs, one reply each).
+    public let gathers = Atomic<UInt64>(0)
     public let pagesSentTwice = Atomic<UInt64>(0)
     public let bytesSent = Atomic<UInt64>(0)
     public let bytesReceived = Atomic<UInt64>(0)

@@ -35,11 +35,24 @@ public final class TCPConnection: @unchecked Sendable {
     /// alone first, so no payload byte is ever read into the buffer before the
     /// placement was asked.
     public var placement: PagePlacement?
-    /// The page reply whose payload is being received into place: its headers
-    /// wait in the buffer at `start`, `got` of `total` payload bytes are in.
-    /// A cut before the last byte leaves the reply undelivered (the engine
-    /// re-requests it; the partial bytes are never mapped).
-    private var placed: (header: PageDataHeader, to: UnsafeMutableRawPointer, total: Int, got: Int)?
+    /// The page or gather reply whose payload is being received into place:
+    /// its headers (`prefix` bytes) wait in the buffer at `start`, its payload
+    /// fills `segments` in order (one per non-zero run), `got` of `total`
+    /// bytes are in. A cut before the last byte leaves the reply undelivered
+    /// (the engine re-requests it; the partial bytes are never mapped).
+    private var placed: Placed?
+    private struct Placed {
+        enum Reply { case page(PageDataHeader), gather(GatherData) }
+        var reply: Reply
+        var prefix: Int
+        var segments: [UnsafeMutableRawBufferPointer]
+        var total: Int
+        var got = 0
+    }
+    /// Where the runs of the gather reply just returned by `tryReceive` were
+    /// received (one per non-zero run, in order), or nil when its payload is
+    /// in the message. Valid until the next call.
+    public private(set) var gatherPlacement: [UnsafeRawBufferPointer]?
     /// Frame header + page-data header.
     static let pagePrefix = WireProtocol.headerSize + PageDataHeader.encodedSize
 
@@ -180,11 +193,17 @@ public final class TCPConnection: @unchecked Sendable {
     }
 
     private func parseBuffered() throws(TransportError) -> Message? {
+        gatherPlacement = nil
         if let p = placed {
             guard p.got == p.total else { return nil }
             placed = nil
-            start += Self.pagePrefix
-            return .pageData(p.header, payload: UnsafeRawBufferPointer(start: p.to, count: p.total))
+            start += p.prefix
+            switch p.reply {
+            case .page(let h): return .pageData(h, payload: UnsafeRawBufferPointer(p.segments[0]))
+            case .gather(let g):
+                gatherPlacement = p.segments.map { UnsafeRawBufferPointer($0) }
+                return .gatherData(g, payload: UnsafeRawBufferPointer(start: nil, count: 0))
+            }
         }
         let avail = end - start
         guard avail >= WireProtocol.headerSize else { return nil }
@@ -220,7 +239,7 @@ public final class TCPConnection: @unchecked Sendable {
     /// `frameOrigin`. Returns false when the socket would block.
     private func fill() throws(TransportError) -> Bool {
         if var p = placed {
-            let r = cpc_recv(fd.raw, p.to + p.got, p.total - p.got)
+            let r = receiveInPlace(p)
             guard try received(r) else { return false }
             p.got += r
             placed = p
@@ -242,13 +261,38 @@ public final class TCPConnection: @unchecked Sendable {
             want = WireProtocol.headerSize + h.bodyLength
         }
         let placing = placement != nil && !readAhead
-        if placing && avail < Self.pagePrefix { want = Self.pagePrefix }  // the headers alone first
+        if placing && avail < headsLength() { want = headsLength() }  // the headers alone first
         let room = readAhead ? capacity - end : min(capacity - end, max(want - avail, 1))
         let r = cpc_recv(fd.raw, buffer + end, room)
         guard try received(r) else { return false }
         end += r
-        if placing && end - start == Self.pagePrefix { place() }
+        if placing && end - start == headsLength() { place() }
         return true
+    }
+
+    /// Bytes of a frame before its payload, as far as the buffered bytes tell:
+    /// a page reply's two headers, or a gather reply's headers and runs.
+    private func headsLength() -> Int {
+        let avail = end - start
+        guard avail >= WireProtocol.headerSize + GatherData.fixedSize,
+              let f = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: avail), maxBody: maxBody),
+              f.type == .gatherData,
+              let n = Codec.gatherDataHeadSize(UnsafeRawBufferPointer(start: buffer + start + WireProtocol.headerSize, count: GatherData.fixedSize))
+        else { return Self.pagePrefix }
+        return WireProtocol.headerSize + min(n, f.bodyLength)
+    }
+
+    /// One recvmsg into the rest of a placed payload's segments.
+    private func receiveInPlace(_ p: Placed) -> Int {
+        var skip = p.got
+        var iov: [iovec] = []
+        for seg in p.segments {
+            if skip >= seg.count { skip -= seg.count; continue }
+            iov.append(iovec(iov_base: seg.baseAddress! + skip, iov_len: seg.count - skip))
+            skip = 0
+            if iov.count == 1024 { break }  // IOV_MAX
+        }
+        return iov.withUnsafeBufferPointer { cpc_recvv(fd.raw, $0.baseAddress!, Int32($0.count)) }
     }
 
     /// Accounts for one recv; false when it would block.
@@ -269,12 +313,25 @@ public final class TCPConnection: @unchecked Sendable {
     /// included) takes the ordinary path, which reports it.
     private func place() {
         guard let placement, let pageSize,
-              let f = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: end - start), maxBody: maxBody),
-              f.type == .pageData, f.bodyLength > PageDataHeader.encodedSize,
-              let h = try? Codec.decodePageDataHeader(UnsafeRawBufferPointer(start: buffer + start + WireProtocol.headerSize, count: PageDataHeader.encodedSize)),
-              !h.isZero else { return }
-        let bytes = f.bodyLength - PageDataHeader.encodedSize
-        guard bytes == Int(h.pageCount) * pageSize, let to = placement.placement(for: h, payloadBytes: bytes) else { return }
-        placed = (h, to, bytes, 0)
+              let f = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: end - start), maxBody: maxBody) else { return }
+        let heads = end - start
+        let body = UnsafeRawBufferPointer(start: buffer + start + WireProtocol.headerSize, count: heads - WireProtocol.headerSize)
+        let bytes = f.bodyLength - body.count
+        if f.type == .gatherData {
+            // Every non-zero run must have its place, or none is used.
+            guard let g = try? Codec.decodeGatherDataHead(body), bytes > 0, bytes == g.payloadBytes(pageSize: pageSize) else { return }
+            var segments: [UnsafeMutableRawBufferPointer] = []
+            for (i, run) in g.runs.enumerated() where !run.isZero {
+                let n = Int(run.pageCount) * pageSize
+                guard let to = placement.placement(for: g.header(i), payloadBytes: n) else { return }
+                segments.append(UnsafeMutableRawBufferPointer(start: to, count: n))
+            }
+            placed = Placed(reply: .gather(g), prefix: heads, segments: segments, total: bytes)
+            return
+        }
+        guard f.type == .pageData, f.bodyLength > PageDataHeader.encodedSize,
+              let h = try? Codec.decodePageDataHeader(body), !h.isZero,
+              bytes == Int(h.pageCount) * pageSize, let to = placement.placement(for: h, payloadBytes: bytes) else { return }
+        placed = Placed(reply: .page(h), prefix: heads, segments: [UnsafeMutableRawBufferPointer(start: to, count: bytes)], total: bytes)
     }
 }

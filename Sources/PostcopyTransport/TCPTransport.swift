@@ -56,9 +56,13 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         c.pageSize = Int(w.pageSize)
         // From now on a frame is at most one batch of pages (or a 1 MiB control chunk).
         let pages = role == .urgent ? maxDemandPages : maxBatchPages
-        c.setMaxBody(max(Self.handshakeMaxBody, PageDataHeader.encodedSize + pages * Int(w.pageSize)))
+        // (A gather reply carries its runs too.)
+        c.setMaxBody(max(Self.handshakeMaxBody, PageDataHeader.encodedSize + pages * Int(w.pageSize)) + Self.gatherHeadMax)
         return (c, w)
     }
+
+    /// The largest gather reply's bytes before its pages.
+    static let gatherHeadMax = GatherData.fixedSize + WireProtocol.maxGatherRuns * GatherRun.encodedSize
 
     public func connect() throws(TransportError) -> SessionInfo {
         let (c, w) = try handshake(.main, sessionID: 0)
@@ -73,13 +77,13 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         let ch: TCPPageChannel
         switch kind {
         case .background:
-            ch = TCPPageChannel(connection: main, table: info.table)
+            ch = TCPPageChannel(connection: main, table: info.table, gather: info.welcome.capabilities.contains(.gather))
         case .demand:
             let (c, w) = try handshake(.urgent, sessionID: info.welcome.sessionID)
             guard w.sessionID == info.welcome.sessionID, w.regions == info.welcome.regions else {
                 throw .protocolViolation("urgent channel joined a different session")
             }
-            ch = TCPPageChannel(connection: c, table: info.table)
+            ch = TCPPageChannel(connection: c, table: info.table, gather: w.capabilities.contains(.gather))
         }
         lock.withLock { channels.append(ch) }
         return ch
@@ -201,9 +205,12 @@ final class TCPPageChannel: PageChannel, @unchecked Sendable {
     let connection: TCPConnection
     let table: RegionTable
 
-    init(connection: TCPConnection, table: RegionTable) {
+    let canGather: Bool
+
+    init(connection: TCPConnection, table: RegionTable, gather: Bool) {
         self.connection = connection
         self.table = table
+        canGather = gather
     }
 
     var pollDescriptor: Int32 { connection.fd.raw }
@@ -220,18 +227,48 @@ final class TCPPageChannel: PageChannel, @unchecked Sendable {
         try connection.send(requests.map { .pageRequest($0) })
     }
 
+    func submit(gather requests: [PageRequest]) throws(TransportError) {
+        guard canGather, requests.count > 1, let g = GatherRequest(requests) else { return try submit(batch: requests) }
+        try connection.send(.gatherRequest(g))
+    }
+
+    /// Each page reply, and each run of a gather reply, as one completion.
     func drainCompletions(_ body: (PageDataHeader, UnsafeRawBufferPointer) throws(TransportError) -> Void) throws(TransportError) -> Int {
         var n = 0
         while let m = try connection.tryReceive() {
-            guard case .pageData(let h, let payload) = m else {
+            switch m {
+            case .pageData(let h, let payload):
+                try deliver(h, payload, body)
+                n += 1
+            case .gatherData(let g, let payload):
+                let placed = connection.gatherPlacement
+                var at = 0, segment = 0
+                for i in g.runs.indices {
+                    let h = g.header(i)
+                    var part = UnsafeRawBufferPointer(start: nil, count: 0)
+                    if !h.isZero, let placed {
+                        part = placed[segment]
+                        segment += 1
+                    } else if !h.isZero {
+                        let bytes = Int(h.pageCount) * (connection.pageSize ?? 0)
+                        part = UnsafeRawBufferPointer(rebasing: payload[at..<(at + bytes)])
+                        at += bytes
+                    }
+                    try deliver(h, part, body)
+                    n += 1
+                }
+            default:
                 throw .protocolViolation("expected page data, got \(m.type)")
             }
-            do {
-                try table.validate(region: h.region, pageOffset: h.pageOffset, pageCount: UInt64(h.pageCount))
-            } catch { throw .wire(error) }
-            try body(h, payload)
-            n += 1
         }
         return n
+    }
+
+    private func deliver(_ h: PageDataHeader, _ payload: UnsafeRawBufferPointer,
+                         _ body: (PageDataHeader, UnsafeRawBufferPointer) throws(TransportError) -> Void) throws(TransportError) {
+        do {
+            try table.validate(region: h.region, pageOffset: h.pageOffset, pageCount: UInt64(h.pageCount))
+        } catch { throw .wire(error) }
+        try body(h, payload)
     }
 }

@@ -22,6 +22,12 @@ public protocol PageChannel: AnyObject, Sendable {
     func submit(_ request: PageRequest) throws(TransportError)
     /// Queues several fetches, in order (one write where the transport can).
     func submit(batch requests: [PageRequest]) throws(TransportError)
+    /// Queues fetches of scattered runs (consecutive ids, one class, within
+    /// `GatherRequest`'s limits) as one gather where the source answers
+    /// gathers (`canGather`), else as a batch. Completions come per run.
+    func submit(gather requests: [PageRequest]) throws(TransportError)
+    /// Whether `submit(gather:)` sends one request and gets one reply.
+    var canGather: Bool { get }
     /// Delivers every completion available now, without blocking. The payload
     /// (empty when the pages are zero) is valid only during the callback.
     /// Returns how many completions were delivered.
@@ -44,6 +50,8 @@ extension PageChannel {
     public func submit(batch requests: [PageRequest]) throws(TransportError) {
         for r in requests { try submit(r) }
     }
+    public func submit(gather requests: [PageRequest]) throws(TransportError) { try submit(batch: requests) }
+    public var canGather: Bool { false }
     public var busyPoll: Bool { false }
     public func setPlacement(_ placement: PagePlacement?) {}
     /// How many background requests to keep in flight when not configured.

@@ -170,6 +170,15 @@ extension Codec {
             message = .precopyPassRequest(PrecopyPassRequest(pass: pass))
         case .dirtySet:
             message = .dirtySet(try decodeDirtySet(&r))
+        case .gatherRequest:
+            message = .gatherRequest(try decodeGatherRequest(&r))
+        case .gatherData:
+            let g = try decodeGatherDataHead(&r)
+            let expected = g.payloadBytes(pageSize: pageSize ?? 0)
+            guard pageSize != nil, r.remaining == expected else {
+                throw .invalid(field: "gatherData.payload", reason: "\(r.remaining) bytes, expected \(expected)")
+            }
+            message = .gatherData(g, payload: try r.slice(expected, "gatherData.payload"))
         }
         try r.expectEnd("message body")
         return message
@@ -208,7 +217,7 @@ extension Codec {
         }
     }
 
-    private static func pageClass(_ raw: UInt8) throws(WireError) -> PageClass {
+    static func pageClass(_ raw: UInt8) throws(WireError) -> PageClass {
         guard let c = PageClass(rawValue: raw) else { throw .invalid(field: "page class", reason: "unknown class \(raw)") }
         return c
     }

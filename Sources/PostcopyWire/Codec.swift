@@ -82,6 +82,13 @@ public enum Codec {
             w.u32(p.pass)
         case .dirtySet(let d):
             encodeDirtySet(&w, d)
+        case .gatherRequest(let g):
+            w.u64(g.firstRequestID)
+            w.u8(g.pageClass.rawValue)
+            encodeGatherRuns(&w, g.runs)
+        case .gatherData(let g, let payload):
+            encodeGatherDataHead(&w, g)
+            w.raw(payload)
         case .rdmaOffer(let o):
             w.u16(o.port)
             w.raw(o.token.prefix(RDMAOffer.tokenBytes))

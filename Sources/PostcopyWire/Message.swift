@@ -40,6 +40,9 @@ public enum Message {
     case rdmaOffer(RDMAOffer)
     case precopyPassRequest(PrecopyPassRequest)
     case dirtySet(DirtySet)
+    case gatherRequest(GatherRequest)
+    /// A gather reply: the payload is the non-zero runs' pages back to back.
+    case gatherData(GatherData, payload: UnsafeRawBufferPointer)
 
     public var type: MessageType {
         switch self {
@@ -62,6 +65,8 @@ public enum Message {
         case .rdmaOffer: .rdmaOffer
         case .precopyPassRequest: .precopyPassRequest
         case .dirtySet: .dirtySet
+        case .gatherRequest: .gatherRequest
+        case .gatherData: .gatherData
         }
     }
 }

@@ -11,6 +11,8 @@ public enum WireProtocol {
     public static let defaultMaxBody = 16 << 20 + 4096
     /// Largest page run one request may ask for.
     public static let maxPagesPerRequest: UInt32 = 4096
+    /// Most runs one gather request may name (one reply's pages fit IOV_MAX iovecs).
+    public static let maxGatherRuns = 1024
     public static let maxRegions = 1024
     /// Largest zero map one request may ask for, in pages: the source refuses
     /// more, the destination cuts its requests in runs of this.
@@ -41,6 +43,8 @@ public struct Capabilities: OptionSet, Sendable, Hashable {
     /// The source copies RAM while its guest runs (precopy passes: `PrecopyPassRequest`,
     /// `DirtySet`, page requests of class `precopy` before the pause).
     public static let precopy = Capabilities(rawValue: 1 << 4)
+    /// The source answers `GatherRequest`s (many scattered runs, one reply).
+    public static let gather = Capabilities(rawValue: 1 << 5)
 }
 
 public enum MessageType: UInt8, Sendable, CaseIterable {
@@ -63,6 +67,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case rdmaOffer = 17
     case precopyPassRequest = 18
     case dirtySet = 19
+    case gatherRequest = 20
+    case gatherData = 21
 }
 
 /// Which connection of a session this is. Demand pages travel on `.urgent`, so

@@ -153,11 +153,15 @@ struct HostileSourceTests {
         let welcome: Welcome
         let pageReply: @Sendable (PageRequest) -> [UInt8]
         let firstReply: [UInt8]?
+        /// What goes back for a gather (offered only when set).
+        let gatherReply: (@Sendable (GatherRequest) -> [UInt8])?
         var threads: [PThread] = []
 
-        init(pages: Int, firstReply: [UInt8]? = nil, pageReply: @escaping @Sendable (PageRequest) -> [UInt8]) throws {
+        init(pages: Int, firstReply: [UInt8]? = nil, gatherReply: (@Sendable (GatherRequest) -> [UInt8])? = nil,
+             pageReply: @escaping @Sendable (PageRequest) -> [UInt8]) throws {
             listener = try TCPListener(Endpoint(host: "127.0.0.1", port: 0))
-            welcome = Welcome(pageSize: 4096, sessionID: 77, capabilities: [.zeroMap, .urgentChannel],
+            self.gatherReply = gatherReply
+            welcome = Welcome(pageSize: 4096, sessionID: 77, capabilities: gatherReply == nil ? [.zeroMap, .urgentChannel] : [.zeroMap, .urgentChannel, .gather],
                               regions: [RegionDescriptor(size: UInt64(pages * 4096), sourceOffset: 0, name: "ram")],
                               digest: 0, deviceStateSize: 0)
             self.pageReply = pageReply
@@ -186,6 +190,9 @@ struct HostileSourceTests {
                                                     bits: [UInt8](repeating: 0, count: Int((z.pageCount + 7) / 8)))))
                     case .pageRequest(let r):
                         let bytes = pageReply(r)
+                        try bytes.withUnsafeBytes { try c.send($0, UnsafeRawBufferPointer(start: nil, count: 0)) }
+                    case .gatherRequest(let g) where gatherReply != nil:
+                        let bytes = gatherReply!(g)
                         try bytes.withUnsafeBytes { try c.send($0, UnsafeRawBufferPointer(start: nil, count: 0)) }
                     case .complete:
                         try c.send(.completeAck(CompleteAck(digestMatches: false, pagesSentTwice: 0)))
@@ -216,10 +223,10 @@ struct HostileSourceTests {
         }
     }
 
-    func expectFailure(_ fake: FakeSource, containing text: String) {
+    func expectFailure(_ fake: FakeSource, containing text: String, install: InstallMode = .copy, replay: WorkingSet? = nil) {
         defer { fake.stop() }
         do {
-            _ = try runDestination(port: fake.port, touch: .none, threads: 1)
+            _ = try runDestination(port: fake.port, touch: .none, threads: 1, install: install, replay: replay)
             Issue.record("destination accepted a hostile source")
         } catch {
             #expect("\(error)".contains(text), "error was: \(error)")

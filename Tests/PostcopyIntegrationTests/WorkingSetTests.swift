@@ -68,6 +68,7 @@ struct WorkingSetTests {
         rep.stop()
         #expect(r2?.workingSetRefused == nil)
         #expect((r2?.replayPages ?? 0) > 0, "replayed \(r2?.replayPages ?? 0) pages")
+        #expect(server.stats.gathers.load(ordering: .relaxed) > 0, "the replay's scattered pages came in gathers")
 
         // 3. The same file against other memory of the same size: refused by
         // the digests of the first pages it brings; the migration goes on.

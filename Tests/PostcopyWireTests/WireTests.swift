@@ -57,6 +57,11 @@ private func allSampleFrames() -> [[UInt8]] {
             Codec.encode(.precopyPassRequest(PrecopyPassRequest(pass: 1))),
             Codec.encode(.dirtySet(DirtySet(pass: 1, isFinal: false, isLastChunk: true, firstPage: 0, pageCount: 1000,
                                             runs: [0..<10, 500..<501]))),
+            Codec.encode(.gatherRequest(GatherRequest(firstRequestID: 3, pageClass: .background,
+                                                      runs: [GatherRun(region: 0, pageOffset: 5, pageCount: 1), GatherRun(region: 1, pageOffset: 0, pageCount: 2)]))),
+            Codec.encode(.gatherData(GatherData(firstRequestID: 3, pageClass: .background, sourcePaused: true,
+                                                runs: [GatherRun(region: 0, pageOffset: 5, pageCount: 2), GatherRun(region: 1, pageOffset: 0, pageCount: 2, isZero: true)]),
+                                     payload: page)),
         ]
     }
 }

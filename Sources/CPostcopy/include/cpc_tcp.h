@@ -16,9 +16,10 @@ int cpc_tcp_listen(const char *host, const char *port, int backlog, int *bound_p
 /// accept4 with CLOEXEC|NONBLOCK and TCP_NODELAY. Returns fd or -errno.
 /// peer receives a printable address.
 int cpc_tcp_accept(int lfd, char *peer, int peerlen);
-/// Non-blocking recv, and sendmsg of `n` iovecs (n <= IOV_MAX, MSG_NOSIGNAL),
-/// returning bytes or -errno (EINTR retried).
+/// Non-blocking recv, recvmsg into `n` iovecs (n <= IOV_MAX), and sendmsg of
+/// `n` iovecs (MSG_NOSIGNAL), returning bytes or -errno (EINTR retried).
 ssize_t cpc_recv(int fd, void *p, size_t n);
+ssize_t cpc_recvv(int fd, const struct iovec *iov, int n);
 ssize_t cpc_sendv(int fd, const struct iovec *iov, int n);
 /// shutdown(SHUT_RDWR); 0 or -errno.
 int cpc_shutdown(int fd);
