@@ -29,6 +29,9 @@ fi
 # mixed workloads and policies, each verified page by page (`bench/hybrid.sh`
 # runs 20, and the benchmarks).
 PARTS=integrity INTEGRITY_RUNS=3 INTEGRITY_SIZES="32M 64M" OUT=.build/hybrid-ci POSTCOPY_BIN=.build/debug/postcopy bash bench/hybrid.sh
+# Two hosts: a migration between two network namespaces joined by a veth pair,
+# set up as README's "Between two hosts" says (TCP, nothing on loopback).
+POSTCOPY_BIN=.build/debug/postcopy bash scripts/two-hosts-test.sh
 # The host suite again under AddressSanitizer and ThreadSanitizer.
 if [ -n "${POSTCOPY_SKIP_SANITIZERS:-}" ]; then
     echo "SKIP: sanitizer runs (POSTCOPY_SKIP_SANITIZERS is set)"

@@ -66,6 +66,8 @@ extension PostcopyEngine {
         var cleanCursor = precopyProvider == nil ? table.totalPages : 0
         var releaseAllPending = pages.lock.withLock { pages.releaseAllPending }
         var exhausted = false
+        // Until every page of a replayed working set was requested.
+        var replayPending = replay != nil
         var tokens: [UInt64] = []
         var bucket = TokenBucket(bytesPerSecond: config.backgroundRate)
         let batchBytes = max(config.batchPages, unitPages) * pageSize
@@ -90,14 +92,15 @@ extension PostcopyEngine {
             do {
                 let window = config.window ?? background.suggestedWindow ?? 4
                 let requestLimit = background.suggestedWindow == nil ? window * Self.shortRunsPerBatch : window
-                while !exhausted, outstandingPages < window * batchBytes / pageSize {
+                let pagesWindow = window * batchBytes / pageSize
+                while !exhausted, outstandingPages < (replayPending && background.canGather ? max(Self.replayWindowPages, pagesWindow) : pagesWindow) {
                     if let delay = bucket.delayMs(before: batchBytes) {
                         waitMs = delay
                         break
                     }
                     // A working set being replayed goes first, in gathers where
                     // the channel can (one request each, so the pages bound them).
-                    if background.canGather, let runs = claimReplayGather() {
+                    if background.canGather, replayPending, let runs = claimReplayGather() {
                         let n = runs.reduce(0) { $0 + $1.count }
                         bucket.spend(n * pageSize)
                         if outstanding == 0 { stall.progressed() }
@@ -115,7 +118,8 @@ extension PostcopyEngine {
                         if follow >= 0, follow < table.totalPages { cursor = follow }
                     }
                     // (In address order where it cannot.)
-                    let replayed = claimReplayRun()
+                    let replayed = replayPending ? claimReplayRun() : nil
+                    if replayed == nil { replayPending = false }
                     guard let run = replayed ?? claimBackgroundRun(from: cursor) else {
                         exhausted = true
                         break
@@ -133,9 +137,12 @@ extension PostcopyEngine {
                 continue
             }
             // While the requests are on the wire: map a share of the zero pages
-            // before the guest touches them (each would be a fault).
+            // before the guest touches them (each would be a fault); once a
+            // replayed working set is all requested (its pages are the ones
+            // the guest wants first: measured on 1 GiB kv restores, mapping
+            // 58k zero pages ahead took the first 50 ms of the replay).
             var zeroWork = false
-            if zeroCursor < table.totalPages || cleanCursor < table.totalPages {
+            if zeroCursor < table.totalPages || cleanCursor < table.totalPages, !replayPending {
                 do throws(TransportError) {
                     var clean = false, zero = false
                     if cleanCursor < table.totalPages, !releaseAllPending {

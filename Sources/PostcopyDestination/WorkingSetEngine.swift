@@ -141,6 +141,11 @@ extension PostcopyEngine {
     /// The first gather's pages; each next one twice as many, up to a batch:
     /// the guest's first pages arrive after a short reply, not a batch.
     static let firstGatherPages = 16
+    /// Replayed pages in flight at most (gathers of a batch each): measured on
+    /// 1 GiB kv restores (first 100,000 operations, 27k pages replayed), the
+    /// work took 161 ms with the stream's window (512 pages), 122-127 ms with
+    /// 2048, 123-137 ms with 4096-8192; larger gathers (256 pages) changed nothing.
+    static let replayWindowPages = 2048
 
     /// While a working set is being recorded, the background stream waits
     /// (demand only), so the record holds every page the guest touched: until

@@ -39,14 +39,14 @@ struct RestoreCommand: ParsableCommand {
 
     struct Run {
         var index: Int, kind: String
-        var timeToWorkNs: UInt64?, stallSeconds: Double, demandPages: UInt64, replayPages: UInt64, faults: UInt64
+        var timeToWorkNs: UInt64?, stallSeconds: Double, demandPages: UInt64, replayPages: UInt64, faults: UInt64, zeroFaults: UInt64
         var recordedPages: Int?, refused: String?, fullCopySeconds: Double?, ok: Bool
         /// From the resume to the replay's last request.
         var replayRequestedNs: Int?
 
         var json: [String: Any] {
             ["index": index, "working_set": kind, "time_to_work_ns": timeToWorkNs.map { Int($0) } ?? -1, "stall_seconds": stallSeconds,
-             "demand_pages": demandPages, "replay_pages": replayPages, "faults": faults, "recorded_pages": recordedPages ?? -1,
+             "demand_pages": demandPages, "replay_pages": replayPages, "faults": faults, "zero_page_faults": zeroFaults, "recorded_pages": recordedPages ?? -1,
              "refused": refusedText, "time_to_full_copy_seconds": fullCopySeconds ?? -1, "ok": ok, "replay_requested_after_resume_ns": replayRequestedNs ?? -1]
         }
         var refusedText: String { refused ?? "" }
@@ -90,7 +90,7 @@ struct RestoreCommand: ParsableCommand {
         if json {
             let doc: [String: Any] = [
                 "size": shape.size.bytes, "workload": shape.workload.rawValue, "vcpus": shape.vcpus, "work_ops": workOps,
-                "record_seconds": recordSeconds, "prefetch": prefetch, "runs": runs.map(\.json), "ok": ok,
+                "record_seconds": recordSeconds, "run_for": runFor, "prefetch": prefetch, "runs": runs.map(\.json), "ok": ok,
                 "median_time_to_work_ms": ["off": workOff as Any, "replay": workReplay as Any],
                 "median_stall_seconds": ["off": stallOff as Any, "replay": stallReplay as Any],
                 "replay_speedup": speedup as Any, "recorded_pages": runs.first?.recordedPages ?? 0,
@@ -133,6 +133,7 @@ struct RestoreCommand: ParsableCommand {
         }
         return Run(index: index, kind: kind, timeToWorkNs: verified?.timeToWorkNs, stallSeconds: session?.stallSeconds ?? 0,
                    demandPages: session?.demandPages ?? 0, replayPages: session?.replayPages ?? 0, faults: session?.faults ?? 0,
+                   zeroFaults: session?.zeroPagesFaulted ?? 0,
                    recordedPages: session?.workingSetRecordedPages, refused: session?.workingSetRefused,
                    fullCopySeconds: session?.timeToFullCopySeconds, ok: ok,
                    replayRequestedNs: guest.first(\.resumed).flatMap { r in
