@@ -14,6 +14,7 @@ extension HandoffServer {
     static let backgroundDrainTimeoutMs: Int32 = 30_000
 
     func serveVMM(_ conn: OwnedFD) {
+        let startedAt = nowNanoseconds()
         let pid = cpc_peer_pid(conn.raw)
         let json: [UInt8]
         let uffdFD: Int32
@@ -121,6 +122,8 @@ extension HandoffServer {
         report.replayPages = engine.counters.replayPages.load(ordering: .relaxed)
         report.replayRequestedAtNs = engine.counters.replayRequestedAt.load(ordering: .relaxed)
         report.workingSetRefused = engine.workingSetRefusal
+        report.rssOutsideGuestMaxBytes = residentMemory.maxBytes(since: startedAt)
+        report.rssOutsideGuestIdleBytes = residentMemory.idleBytes
         if completed, let out = workingSetOut, let ws = engine.recordedWorkingSet() {
             do {
                 try ws.write(to: out)

@@ -36,6 +36,8 @@ public final class HandoffServer: Sendable {
     public let engineConfig: EngineConfig
     public let logger: Logger
     public let stats = HandoffStats()
+    /// This daemon's memory outside guest memory, sampled while it serves.
+    public let residentMemory: ResidentMemoryLog
     private let listenFD: OwnedFD
     let stopping = Atomic<Bool>(false)
     private let acceptThread = Locked<PThread?>(nil)
@@ -81,6 +83,7 @@ public final class HandoffServer: Sendable {
         guard fd >= 0 else { throw .system(SystemError("listen on unix socket \(path)", errno: -fd)) }
         listenFD = OwnedFD(fd)
         do { sessionEnded = try EventFD() } catch { throw .system(error) }
+        residentMemory = ResidentMemoryLog()
     }
 
     public func start() {
@@ -125,6 +128,7 @@ public final class HandoffServer: Sendable {
         unlink(path)
         sessionEnded.signal()
         for s in sessions.withLock({ $0 }) { s.join() }
+        residentMemory.stop()
     }
 
     func reject(_ pid: Int32, _ error: HandoffError) {

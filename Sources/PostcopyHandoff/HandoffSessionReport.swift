@@ -74,6 +74,11 @@ public struct HandoffSessionReport: Sendable, Codable {
     /// When the replay's last request left (CLOCK_MONOTONIC ns; 0: none).
     public var replayRequestedAtNs: UInt64 = 0
     public var workingSetRefused: String?
+    /// The daemon's resident memory outside guest memory (its aliases of the
+    /// VMMs' memory files left out): the highest sample during this session,
+    /// and the level when the daemon started (every session of the process).
+    public var rssOutsideGuestMaxBytes: Int = 0
+    public var rssOutsideGuestIdleBytes: Int = 0
 
     enum CodingKeys: String, CodingKey {
         case vmmPid = "vmm_pid", transport, regions, guestBytes = "guest_bytes", completed, error, faults
@@ -90,5 +95,6 @@ public struct HandoffSessionReport: Sendable, Codable {
         case prefetch, prefetchRequestedPages = "prefetch_requested_pages", prefetchPages = "prefetch_pages"
         case prefetchHits = "prefetch_hits", prefetchLateHits = "prefetch_late_hits", demandRequestLatency = "demand_request_latency"
         case workingSetRecordedPages = "working_set_recorded_pages", replayPages = "replay_pages", replayRequestedAtNs = "replay_requested_at_ns", workingSetRefused = "working_set_refused"
+        case rssOutsideGuestMaxBytes = "rss_outside_guest_max_bytes", rssOutsideGuestIdleBytes = "rss_outside_guest_idle_bytes"
     }
 }

@@ -191,6 +191,7 @@ struct PostcopyBench: ParsableCommand {
         let installs = installSummary(runs, streams: streams)
         let hybrids = hybridSummary(runs)
         let prefetches = prefetchSummary(runs)
+        let sizeSeries = sizeSummary(runs)
         let config: [String: Any] = ["tasks": tasks, "work_window_ms": workWindowMs, "sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "zipf_skew": zipfSkew, "modes": list(modes),
                                      "install": list(install), "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!, "background_priority": backgroundPriority,
                                      "repeat": `repeat`, "before_seconds": before, "after_seconds": after,
@@ -198,8 +199,11 @@ struct PostcopyBench: ParsableCommand {
         let doc: [String: Any] = ["schema_version": 1, "tool": "postcopy-bench", "started_at": ISO8601DateFormatter().string(from: Date()),
                                   "machine": machine, "config": config, "baselines": baselines, "runs": runs, "failures": failures,
                                   "apf_summary": apf, "install_summary": installs, "hybrid_summary": hybrids,
-                                  "prefetch_summary": prefetches]
-        if let plot { try writePlots(runs, to: plot) }
+                                  "prefetch_summary": prefetches, "size_summary": sizeSeries]
+        if let plot {
+            try writePlots(runs, to: plot)
+            try writeSizePlot(sizeSeries, to: plot)
+        }
         let d = try JSONSerialization.data(withJSONObject: doc, options: [.sortedKeys, .prettyPrinted])
         if let output { try (d + Data("\n".utf8)).write(to: URL(fileURLWithPath: output)) }
         if json {
@@ -212,6 +216,7 @@ struct PostcopyBench: ParsableCommand {
             for s in installs { print(s["line"] as? String ?? "") }
             for s in hybrids { print(s["line"] as? String ?? "") }
             for s in prefetches { print(s["line"] as? String ?? "") }
+            for s in sizeSeries { print(s["line"] as? String ?? "") }
             for s in apf {
                 let f: (Any?) -> String = { v in (v as? Double).map { fixed($0, 2) } ?? "-" }
                 print("APF \(s["transport"] ?? "") \(s["size"] ?? "") \(s["install"] ?? "") (\(tasks) tasks per vCPU, random reads): work in the first \(workWindowMs) ms after resuming, "
@@ -228,7 +233,7 @@ struct PostcopyBench: ParsableCommand {
     func printTable(_ runs: [[String: Any]], a: Int, b: Int, machine: [String: Any]) {
         let us: (Any?) -> String = { v in (v as? Int).map { fixed(Double($0) / 1000, 1) + " µs" } ?? "-" }
         print("postcopy-bench: kernel \(machine["kernel"] ?? "?"), \(machine["cores"] ?? "?") cores; baselines p50: raw TCP 4 KiB round trip \(us(a)), local uffd fault \(us(b))")
-        let header = ["transport", "size", "workload", "mode", "install", "downtime", "vs s&c", "full copy", "fault p50", "p50/(tcp+uffd)", "p99", "p99.9", "max", "stall", "ops/s before", "during", "after", "demand", "bg", "zero", "B/page", "src CPU", "dst CPU", "dst CPU/GiB"]
+        let header = ["transport", "size", "workload", "mode", "install", "downtime", "vs s&c", "full copy", "fault p50", "p50/(tcp+uffd)", "p99", "p99.9", "max", "stall", "ops/s before", "during", "after", "demand", "bg", "zero", "B/page", "src CPU", "dst CPU", "dst CPU/GiB", "dst RSS"]
         var rows: [[String]] = [header]
         for r in runs {
             let c = r["config"] as? [String: Any] ?? [:]
@@ -252,6 +257,7 @@ struct PostcopyBench: ParsableCommand {
                 (r["source_cpu_seconds"] as? Double).map { fixed($0, 2) + " s" } ?? "-",
                 (r["daemon_cpu_seconds"] as? Double).map { fixed($0, 2) + " s" } ?? "-",
                 (r["daemon_cpu_seconds_per_gib"] as? Double).map { fixed($0, 3) + " s" } ?? "-",
+                (r["daemon_rss_outside_guest_max_bytes"] as? Int).flatMap { $0 > 0 ? formatBytes(Double($0)) : nil } ?? "-",
             ])
         }
         let widths = header.indices.map { i in rows.map { $0[i].count }.max() ?? 0 }

@@ -204,6 +204,8 @@ struct MigrateCommand: ParsableCommand {
             "bytes_sent": session?.bytesSent ?? 0,
             "source_cpu_seconds": sourceDone?.cpuSeconds ?? 0, "daemon_cpu_seconds": session?.cpuSeconds ?? 0,
             "daemon_cpu_seconds_to_full_copy": session?.cpuSecondsToFullCopy ?? 0,
+            "daemon_rss_outside_guest_max_bytes": session?.rssOutsideGuestMaxBytes ?? 0,
+            "daemon_rss_outside_guest_idle_bytes": session?.rssOutsideGuestIdleBytes ?? 0,
             "prefetch": session?.prefetch ?? "off", "prefetch_pages": session?.prefetchPages ?? 0,
             "prefetch_requested_pages": session?.prefetchRequestedPages ?? 0,
             "prefetch_hits": session?.prefetchHits ?? 0, "prefetch_late_hits": session?.prefetchLateHits ?? 0,
@@ -265,6 +267,7 @@ struct MigrateCommand: ParsableCommand {
                   shared memory THP   \(shmemTHP) (/sys/kernel/mm/transparent_hugepage/shmem_enabled; with advise, guest RAM and the daemon's alias ask for 2 MiB folios)
                   install path        \(session.map { $0.installPath == "copy" ? "copy (anonymous RAM, UFFDIO_COPY)" : "continue (shared RAM preallocated in \(fixed($0.preallocationSeconds, 3)) s before the switchover, UFFDIO_CONTINUE)" } ?? "none (stop-and-copy)")
                   daemon CPU          \((result["daemon_cpu_seconds_per_gib"] as? Double).map { fixed($0, 3) + " s per GiB received, from the engine's start to the full copy" } ?? "-")
+                  daemon memory       \(session.map { "\(formatBytes(Double($0.rssOutsideGuestMaxBytes))) resident outside guest memory at most (\(formatBytes(Double($0.rssOutsideGuestIdleBytes))) when it started)" } ?? "-")
                   pages               \(session?.demandPages ?? 0) demanded, \(session?.backgroundPages ?? 0) streamed, \(session?.faults ?? 0) faults
                   fault service       p50 \(ns(\.p50Ns))  p90 \(ns(\.p90Ns))  p99 \(ns(\.p99Ns))  p99.9 \(ns(\.p999Ns))  max \(ns(\.maxNs))
                   integrity           \(verified?.ok == true ? "OK" : "FAILED"): \(verified?.kvSlotsVerified ?? 0) key-value checksums hold (\(unknown(verified?.kvSlotsFailed)) failed, \(verified.map { "\($0.getChecksumFailures)" } ?? "?") failed GETs); \(verified?.pagesVerified ?? 0) pages equal the source's RAM at pause, \(unknown(verified?.pagesMismatched)) differ (\(verified?.pagesVerifiedBeforeFirstWrite ?? 0) of them written at the destination were digested just before their first write)

@@ -1,5 +1,9 @@
 import Histogram
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+import CPostcopy
 @testable import PostcopyCore
 
 @Suite("core model")
@@ -44,5 +48,32 @@ struct CoreTests {
         #expect(MemoryDigest.compute(regions: [m.bytes], threads: 1) == d0)
         (m.base + (3 << 20) - 1).storeBytes(of: 1, as: UInt8.self)
         #expect(MemoryDigest.compute(regions: [m.bytes]) != d0)
+    }
+}
+
+@Suite("resident memory")
+struct ResidentMemoryTests {
+    @Test func sharedFileMappingsAreRecognizedFromSmapsHeaders() {
+        #expect(ResidentMemory.isSharedFileMapping("7f0a3c000000-7f0a4c000000 rw-s 00000000 00:01 1035                       /memfd:guest-ram (deleted)\n"))
+        #expect(ResidentMemory.isSharedFileMapping("7f0a3c000000-7f0a4c000000 r--s 00000000 00:2f 7   /dev/hugepages/vm0\n"))
+        #expect(!ResidentMemory.isSharedFileMapping("7f0a3c000000-7f0a4c000000 rw-p 00000000 00:01 1035   /memfd:x (deleted)\n"))
+        #expect(!ResidentMemory.isSharedFileMapping("7f0a3c000000-7f0a4c000000 rw-s 00000000 00:00 0\n"))
+        #expect(!ResidentMemory.isSharedFileMapping("7ffd1000-7ffd2000 rw-p 00000000 00:00 0                          [stack]\n"))
+    }
+
+    /// A shared memfd mapping, touched whole, is left out with `sharedFiles`
+    /// and counted without.
+    @Test func aTouchedSharedMemfdIsLeftOut() throws {
+        let size = 32 << 20
+        let fd = cpc_memfd_create("rss-test", 0)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        #expect(ftruncate(fd, off_t(size)) == 0)
+        let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)!
+        defer { munmap(p, size) }
+        memset(p, 1, size)
+        let with = ResidentMemory.bytesOutside([]), without = ResidentMemory.bytesOutside([], sharedFiles: true)
+        // (Two walks, a moment apart: the rest of the process may move a little.)
+        #expect(with - without >= size * 9 / 10, "with \(with), without \(without)")
     }
 }
