@@ -35,8 +35,11 @@ public struct ResponseFault: Sendable, Equatable {
     public var delayMs: Int
     /// At most this many replies affected per connection (stall: in all).
     public var limit: Int
+    /// Only gather replies count (and are affected), not single page replies.
+    public var gathersOnly: Bool
 
-    public init(_ kind: Kind, every: Int = 50, delayMs: Int = 20, limit: Int = 3) {
+    public init(_ kind: Kind, every: Int = 50, delayMs: Int = 20, limit: Int = 3, gathersOnly: Bool = false) {
+        self.gathersOnly = gathersOnly
         self.kind = kind
         self.every = max(every, 1)
         self.delayMs = delayMs
@@ -129,7 +132,8 @@ public final class ChaosProxy: @unchecked Sendable {
                 let frame = Array(pending[used..<(used + WireProtocol.headerSize + len)])
                 used += frame.count
                 var hit = false
-                if frame[2] == MessageType.pageData.rawValue {
+                let isGather = frame[2] == MessageType.gatherData.rawValue
+                if isGather || (frame[2] == MessageType.pageData.rawValue && !fault.gathersOnly) {
                     replies += 1
                     // A stall is the source hanging once, not every connection after it.
                     let affectedSoFar = fault.kind == .stall || fault.kind == .truncate ? affectedCount.load(ordering: .relaxed) : affectedHere
@@ -157,7 +161,9 @@ public final class ChaosProxy: @unchecked Sendable {
                     usleep(useconds_t(fault.delayMs * 1000))
                     if !send(frame) { return }
                 case .truncate, .split:
-                    let headers = WireProtocol.headerSize + PageDataHeader.encodedSize
+                    let headers = WireProtocol.headerSize + (isGather
+                        ? frame.withUnsafeBytes { Codec.gatherDataHeadSize(UnsafeRawBufferPointer(rebasing: $0[WireProtocol.headerSize...])) ?? 0 }
+                        : PageDataHeader.encodedSize)
                     let payload = frame.count - headers
                     let keep = payload > 0 ? headers + payload / 2 + 100 : frame.count / 2
                     if !send(Array(frame[0..<keep])) { return }
