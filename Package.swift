@@ -13,6 +13,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/swhitty/FlyingFox", from: "0.27.1"),
     ],
     targets: [
         // Kernel interfaces (userfaultfd, epoll/eventfd/poll, threads, clocks, TCP and
@@ -64,10 +67,25 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // VMM handoff: Firecracker's external page-fault handler protocol.
+        // Records its metrics through swift-metrics (whatever backend the
+        // process bootstrapped; none: they cost nothing).
         .target(
             name: "PostcopyHandoff",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA", "PostcopyDestination",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ]),
+        // The Prometheus endpoint: swift-metrics bootstrapped with the
+        // swift-prometheus backend, served at /metrics by FlyingFox's HTTP server.
+        .target(
+            name: "PostcopyMetrics",
+            dependencies: [
+                "PostcopyCore",
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "FlyingFox", package: "FlyingFox"),
+                .product(name: "FlyingSocks", package: "FlyingFox"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // Guest side of paravirtual async page faults (what a guest kernel would do), in C.
@@ -80,7 +98,7 @@ let package = Package(
             name: "postcopy",
             dependencies: [
                 "CPostcopy", "PostcopyWire", "PostcopyCore", "PostcopyTransport", "PostcopyRDMA",
-                "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest", "PostcopyTesting",
+                "PostcopySource", "PostcopyDestination", "PostcopyHandoff", "PostcopyGuest", "PostcopyTesting", "PostcopyMetrics",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),

@@ -32,6 +32,9 @@ PARTS=integrity INTEGRITY_RUNS=3 INTEGRITY_SIZES="32M 64M" OUT=.build/hybrid-ci 
 # Two hosts: a migration between two network namespaces joined by a veth pair,
 # set up as README's "Between two hosts" says (TCP, nothing on loopback).
 POSTCOPY_BIN=.build/debug/postcopy bash scripts/two-hosts-test.sh
+# The daemon's Prometheus endpoint scraped during a migration with cuts and
+# async page faults: every scrape parses, every counter moves.
+POSTCOPY_BIN=.build/debug/postcopy bash scripts/metrics-test.sh
 # The size series, reduced (`bash bench/sizes.sh` runs 1 to 8 GiB).
 SIZES=64M,128M REPEAT=1 OUT=.build/sizes-ci POSTCOPY_BIN=.build/debug/postcopy bash bench/sizes.sh > /dev/null
 echo "size series (64M, 128M): OK"

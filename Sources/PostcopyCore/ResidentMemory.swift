@@ -52,7 +52,11 @@ public final class ResidentMemoryLog: Sendable {
     /// Samples kept (at one every 0.5 s or more: hours).
     static let keep = 20_000
 
-    public init(intervalMs: Int = 500) {
+    private let onSample: (@Sendable (Int) -> Void)?
+
+    /// `onSample`: told every sample (a metrics gauge).
+    public init(intervalMs: Int = 500, onSample: (@Sendable (Int) -> Void)? = nil) {
+        self.onSample = onSample
         stopEvent = try? EventFD()
         idleBytes = ResidentMemory.bytesOutside([], sharedFiles: true)
         record(idleBytes)
@@ -79,6 +83,7 @@ public final class ResidentMemoryLog: Sendable {
     }
 
     private func record(_ b: Int) {
+        onSample?(b)
         samples.withLock {
             $0.append((nowNanoseconds(), b))
             if $0.count > Self.keep { $0.removeFirst($0.count - Self.keep / 2) }

@@ -50,7 +50,10 @@ extension PostcopyEngine {
                 handleFault(address: r.address, at: now)
             }
         }
-        if !answers.isEmpty { hooks.post(answers) }
+        if !answers.isEmpty {
+            counters.apfReady.add(UInt64(answers.count { $0.1 == .ready }), ordering: .relaxed)
+            hooks.post(answers)
+        }
     }
 
     /// "Page ready" for every token the fault thread released in this pass:
@@ -64,6 +67,7 @@ extension PostcopyEngine {
 
     func postAPFReady(_ tokens: [UInt64]) {
         guard !tokens.isEmpty, let hooks = apfHooks.withLock({ $0 }) else { return }
+        counters.apfReady.add(UInt64(tokens.count), ordering: .relaxed)
         hooks.post(tokens.map { ($0, .ready) })
     }
 

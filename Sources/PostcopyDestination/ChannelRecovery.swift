@@ -61,6 +61,7 @@ extension PostcopyEngine {
                     }
                     let took = nowNanoseconds() - t0
                     recoveryTimes.withLock { $0.append(took) }
+                    config.observer?.recovered(took)
                     logger.warning("reconnected to the source after \(formatDuration(ns: took))")
                     return .success(())
                 } catch {

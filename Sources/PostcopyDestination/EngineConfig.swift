@@ -19,6 +19,8 @@ public struct EngineConfig: Sendable {
     /// connection counts as broken (a source that hangs, a reply lost): the
     /// engine reconnects and re-sends them. 0: wait forever.
     public var stallTimeout: Double = 20
+    /// Told of each fault served and each reconnect (metrics); nil: nobody.
+    public var observer: EngineObserver? = nil
     /// Scheduling of the background thread (see `ThreadPriority` for why normal is the default).
     public var backgroundPriority: ThreadPriority = .normal
     /// Page size of the guest memory the uffd serves: the source's page size, or

@@ -5,6 +5,8 @@ public final class EngineCounters: Sendable {
     public let faults = Atomic<UInt64>(0)
     /// Faults that came as async "page not present" requests (a subset of `faults`).
     public let apfFaults = Atomic<UInt64>(0)
+    /// "Page ready" answers posted to guest tasks parked by async page faults.
+    public let apfReady = Atomic<UInt64>(0)
     public let faultsCoalesced = Atomic<UInt64>(0)
     public let demandPages = Atomic<UInt64>(0)
     /// Prefetch (`PrefetchMode.adaptive`): pages requested, pages received,

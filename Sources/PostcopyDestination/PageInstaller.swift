@@ -168,6 +168,7 @@ extension PostcopyEngine {
     func finishSettling(_ done: SettledPages, onFaultThread: Bool, demandReply: Bool = false) {
         let recorder = onFaultThread ? latencyOnFaultThread : latencyOnBackgroundThread
         for t0 in done.waits { recorder.record(nanoseconds: done.now - min(t0, done.now)) }
+        if let o = config.observer { for t0 in done.waits { o.faultServed(done.now - min(t0, done.now)) } }
         if demandReply {
             let r = onFaultThread ? demandLatencyOnFaultThread : demandLatencyOnBackgroundThread
             for t0 in done.waits { r.record(nanoseconds: done.now - min(t0, done.now)) }

@@ -29,6 +29,7 @@ extension HandoffServer {
         let regions: [VMMRegion]
         var shared: VMMSharedMemory?
         var config = engineConfig
+        config.observer = metrics.observer
         do throws(HandoffError) {
             defer { for fd in memoryFDs { close(fd) } }  // until VMMSharedMemory owns them
             regions = try HandoffMessage.parse(json, hostPageSize: Int(getpagesize()))
@@ -67,6 +68,8 @@ extension HandoffServer {
         }
         logger.info("VMM pid \(pid): serving \(regions.count) region(s), \(formatBytes(Double(regions.reduce(0) { $0 + $1.size })))")
         let cpu0 = processCPUNanoseconds()
+        metrics.sessionStarted()
+        var cursor = HandoffMetricsCursor()
         engine.start()
         var completed = false
         var cpuToFullCopy: UInt64?
@@ -76,6 +79,7 @@ extension HandoffServer {
         defer { apf?.close() }
         var notify = false, notified = false
         func sample() {
+            cursor.update(metrics, engine: engine, transport: transport)
             let c = engine.counters
             progress.append([nowNanoseconds(), c.demandPages.load(ordering: .relaxed), c.backgroundPages.load(ordering: .relaxed),
                              UInt64(c.settledPages.load(ordering: .relaxed))])
@@ -114,6 +118,8 @@ extension HandoffServer {
             tellVMM()
         }
         engine.stop()
+        cursor.update(metrics, engine: engine, transport: transport)
+        metrics.sessionEnded(completed: completed)
         var report = sessionReport(pid: pid, regions: regions, engine: engine, transport: transport, completed: completed,
                                    failure: failure, cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, progress: progress)
         report.installPath = config.installPath.name

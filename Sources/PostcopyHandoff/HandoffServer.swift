@@ -38,6 +38,9 @@ public final class HandoffServer: Sendable {
     public let stats = HandoffStats()
     /// This daemon's memory outside guest memory, sampled while it serves.
     public let residentMemory: ResidentMemoryLog
+    /// Its metrics (swift-metrics: recorded nowhere unless the process
+    /// bootstrapped a backend before making the server).
+    let metrics = HandoffMetrics()
     private let listenFD: OwnedFD
     let stopping = Atomic<Bool>(false)
     private let acceptThread = Locked<PThread?>(nil)
@@ -83,7 +86,8 @@ public final class HandoffServer: Sendable {
         guard fd >= 0 else { throw .system(SystemError("listen on unix socket \(path)", errno: -fd)) }
         listenFD = OwnedFD(fd)
         do { sessionEnded = try EventFD() } catch { throw .system(error) }
-        residentMemory = ResidentMemoryLog()
+        let gauge = metrics.residentOutsideGuest
+        residentMemory = ResidentMemoryLog(onSample: { gauge.record($0) })
     }
 
     public func start() {
@@ -132,6 +136,7 @@ public final class HandoffServer: Sendable {
     }
 
     func reject(_ pid: Int32, _ error: HandoffError) {
+        metrics.handoffsRefused.increment()
         stats.rejected.add(1, ordering: .relaxed)
         stats.lastRejection.withLock { $0 = error.description }
         logger.error("VMM pid \(pid): handoff refused: \(error)")

@@ -4,6 +4,7 @@ import Logging
 import PostcopyCore
 import PostcopyDestination
 import PostcopyHandoff
+import PostcopyMetrics
 import PostcopyTransport
 
 extension DestCommand {
@@ -22,6 +23,15 @@ extension DestCommand {
             // operator's to fix before any VMM comes.
             do { config.replayWorkingSet = try WorkingSet.load(from: file) } catch { throw fail("--replay-working-set: \(error)") }
         }
+        // Before the server: its metric handles bind to the backend bootstrapped here.
+        var metrics: MetricsEndpoint?
+        if let m = metricsListen {
+            do { metrics = try MetricsEndpoint.startBlocking(host: m.host, port: m.port, logger: logger) } catch {
+                throw fail("--metrics-listen \(m): \(error)")
+            }
+            logger.info("metrics at http://\(m.host):\(metrics!.port)/metrics")
+        }
+        defer { metrics?.stop() }
         let server: HandoffServer
         do {
             server = try HandoffServer(
@@ -56,7 +66,11 @@ extension DestCommand {
             throw fail("\(error)")
         }
         server.start()
-        if json { emitEvent(.listening(.init(handoff: path))) } else { print("waiting for VMMs on \(path)") }
+        if json {
+            emitEvent(.listening(.init(handoff: path, metricsPort: metrics?.port)))
+        } else {
+            print("waiting for VMMs on \(path)\(metrics.map { ", metrics on port \($0.port)" } ?? "")")
+        }
         server.wait(sessions: once ? 1 : 0)
         server.stop()
         if once, server.stats.completed.load(ordering: .relaxed) == 0 { throw ExitCode(1) }

@@ -27,6 +27,9 @@ struct DestCommand: ParsableCommand {
     @Flag(name: .long, help: "With --handoff: exit once the first VMM's session has ended.")
     var once = false
 
+    @Option(name: .long, help: "With --handoff: serve Prometheus metrics at http://HOST:PORT/metrics (sessions, pages by class, bytes on the wire, fault service and recovery times, reconnects, APF events, the daemon's memory outside guest RAM). Port 0: any (printed).")
+    var metricsListen: Endpoint?
+
     @Option(name: .long, help: "How the built-in guest touches pages: random, sequential, shared (every thread every page, same order) or none.")
     var touch: TouchMode = .random
 

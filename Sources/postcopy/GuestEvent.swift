@@ -41,7 +41,9 @@ enum GuestEvent: Codable, Sendable {
         var port: Int?
         var memoryBytes: Int?
         var handoff: String?
-        enum CodingKeys: String, CodingKey { case port, memoryBytes = "memory_bytes", handoff }
+        /// `dest --handoff --metrics-listen`: the metrics endpoint's port.
+        var metricsPort: Int?
+        enum CodingKeys: String, CodingKey { case port, memoryBytes = "memory_bytes", handoff, metricsPort = "metrics_port" }
     }
 
     struct Ready: Codable, Sendable {

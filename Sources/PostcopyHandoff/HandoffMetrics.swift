@@ -1,0 +1,70 @@
+import Metrics
+import PostcopyCore
+import PostcopyDestination
+import PostcopyTransport
+import Synchronization
+
+/// What the handoff daemon shows an operator, through swift-metrics (served by
+/// `postcopy dest --metrics-listen`): sessions, pages by class, bytes on the
+/// wire, fault service times, reconnects and their duration, APF, and its own
+/// memory. Totals over every VMM the daemon served; no per-VMM labels (the
+/// journal and the per-session JSON report carry those).
+final class HandoffMetrics: Sendable {
+    let sessionsActive = Gauge(label: "postcopy_sessions_active")
+    private let active = Atomic<Int>(0)
+    let sessionsCompleted = Counter(label: "postcopy_sessions_completed_total")
+    let sessionsFailed = Counter(label: "postcopy_sessions_failed_total")
+    let handoffsRefused = Counter(label: "postcopy_handoffs_refused_total")
+    let pagesDemand = Counter(label: "postcopy_pages_total", dimensions: [("class", "demand")])
+    let pagesPrefetch = Counter(label: "postcopy_pages_total", dimensions: [("class", "prefetch")])
+    let pagesBackground = Counter(label: "postcopy_pages_total", dimensions: [("class", "background")])
+    let pagesZero = Counter(label: "postcopy_pages_total", dimensions: [("class", "zero")])
+    let bytesReceived = Counter(label: "postcopy_wire_bytes_total", dimensions: [("direction", "received")])
+    let bytesSent = Counter(label: "postcopy_wire_bytes_total", dimensions: [("direction", "sent")])
+    let faultLatency = Metrics.Timer(label: "postcopy_fault_service_seconds")
+    let reconnects = Counter(label: "postcopy_reconnects_total")
+    let recoveryTime = Metrics.Timer(label: "postcopy_recovery_seconds")
+    let apfNotPresent = Counter(label: "postcopy_apf_events_total", dimensions: [("kind", "not_present")])
+    let apfReady = Counter(label: "postcopy_apf_events_total", dimensions: [("kind", "ready")])
+    let residentOutsideGuest = Gauge(label: "postcopy_resident_memory_outside_guest_bytes")
+
+    func sessionStarted() { sessionsActive.record(active.add(1, ordering: .relaxed).newValue) }
+    func sessionEnded(completed: Bool) {
+        sessionsActive.record(active.subtract(1, ordering: .relaxed).newValue)
+        if completed { sessionsCompleted.increment() } else { sessionsFailed.increment() }
+    }
+
+    /// The engine's hooks for what happens one at a time (each fault served,
+    /// each reconnect).
+    var observer: EngineObserver {
+        EngineObserver(faultServed: { [faultLatency] ns in faultLatency.recordNanoseconds(Int64(ns)) },
+                       recovered: { [reconnects, recoveryTime] ns in
+                           reconnects.increment()
+                           recoveryTime.recordNanoseconds(Int64(ns))
+                       })
+    }
+}
+
+/// One session's counters as last reported, so that each update adds what
+/// changed since (the engine's counters only grow).
+struct HandoffMetricsCursor {
+    var demand: UInt64 = 0, prefetch: UInt64 = 0, background: UInt64 = 0, zero: UInt64 = 0
+    var received: UInt64 = 0, sent: UInt64 = 0, apfNotPresent: UInt64 = 0, apfReady: UInt64 = 0
+
+    mutating func update(_ m: HandoffMetrics, engine: PostcopyEngine, transport: Transport) {
+        let c = engine.counters
+        func add(_ counter: Counter, _ last: inout UInt64, _ now: UInt64) {
+            if now > last { counter.increment(by: Int64(now - last)) }
+            last = max(last, now)
+        }
+        add(m.pagesDemand, &demand, c.demandPages.load(ordering: .relaxed))
+        add(m.pagesPrefetch, &prefetch, c.prefetchPages.load(ordering: .relaxed))
+        add(m.pagesBackground, &background, c.backgroundPages.load(ordering: .relaxed))
+        add(m.pagesZero, &zero, c.zeroFaults.load(ordering: .relaxed) + c.zeroPagesAhead.load(ordering: .relaxed))
+        let wire = transport.bytesOnWire
+        add(m.bytesReceived, &received, wire.received)
+        add(m.bytesSent, &sent, wire.sent)
+        add(m.apfNotPresent, &apfNotPresent, c.apfFaults.load(ordering: .relaxed))
+        add(m.apfReady, &apfReady, c.apfReady.load(ordering: .relaxed))
+    }
+}
