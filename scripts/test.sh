@@ -35,6 +35,9 @@ POSTCOPY_BIN=.build/debug/postcopy bash scripts/two-hosts-test.sh
 # The daemon's Prometheus endpoint scraped during a migration with cuts and
 # async page faults: every scrape parses, every counter moves.
 POSTCOPY_BIN=.build/debug/postcopy bash scripts/metrics-test.sh
+# One daemon, many VMMs misbehaving at once (one killed, one cut 5 times, one
+# with a wrong key, a malformed handoff), reduced (`bash bench/soak.sh`: 8 x 256 MiB, 6 rounds).
+N=4 SIZE=64M ROUNDS=2 OUT=.build/soak-ci POSTCOPY_BIN=.build/debug/postcopy bash bench/soak.sh
 # The size series, reduced (`bash bench/sizes.sh` runs 1 to 8 GiB).
 SIZES=64M,128M REPEAT=1 OUT=.build/sizes-ci POSTCOPY_BIN=.build/debug/postcopy bash bench/sizes.sh > /dev/null
 echo "size series (64M, 128M): OK"

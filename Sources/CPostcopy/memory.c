@@ -1,5 +1,6 @@
 // Memory files and advice.
 #define _GNU_SOURCE
+#include <malloc.h>
 #include "cpostcopy.h"
 #include "shim_errno.h"
 #include <fcntl.h>
@@ -23,3 +24,5 @@ int64_t cpc_fs_type(int fd) {
     if (fstatfs(fd, &fs) != 0) return -(int64_t)errno;
     return (int64_t)(uint32_t)fs.f_type;
 }
+
+int cpc_malloc_trim(void) { return malloc_trim(0); }

@@ -11,23 +11,33 @@ public enum ResidentMemory {
     /// aliases of its VMMs' guest memory files: memfd, tmpfs, hugetlbfs), so
     /// that VMMs coming and going need no bookkeeping of their ranges.
     public static func bytesOutside(_ excluded: [Range<UInt64>], sharedFiles: Bool = false) -> Int {
-        guard let f = fopen("/proc/self/smaps", "r") else { return -1 }
+        let w = walk(excluded)
+        return sharedFiles ? w.outsideSharedFiles : w.outside
+    }
+
+    /// One walk of /proc/self/smaps: resident bytes outside `excluded`, and of
+    /// those, the ones outside shared file mappings too (one moment, both).
+    public static func walk(_ excluded: [Range<UInt64>]) -> (outside: Int, outsideSharedFiles: Int) {
+        guard let f = fopen("/proc/self/smaps", "r") else { return (-1, -1) }
         defer { fclose(f) }
-        var total = 0
-        var skip = false
+        var total = 0, unshared = 0
+        var skip = false, shared = false
         var line = [CChar](repeating: 0, count: 512)
         while fgets(&line, Int32(line.count), f) != nil {
             let s = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             if let dash = s.firstIndex(of: "-"), let sp = s.firstIndex(of: " "), dash < sp,
                let lo = UInt64(s[s.startIndex..<dash], radix: 16),
                let hi = UInt64(s[s.index(after: dash)..<sp], radix: 16) {
-                skip = excluded.contains { $0.overlaps(lo..<hi) } || (sharedFiles && isSharedFileMapping(s))
+                skip = excluded.contains { $0.overlaps(lo..<hi) }
+                shared = isSharedFileMapping(s)
             } else if s.hasPrefix("Rss:"), !skip {
                 let digits = s.dropFirst(4).filter { $0.isNumber }
-                total += (Int(String(digits)) ?? 0) * 1024
+                let b = (Int(String(digits)) ?? 0) * 1024
+                total += b
+                if !shared { unshared += b }
             }
         }
-        return total
+        return (total, unshared)
     }
 
     /// A smaps header line of a shared mapping of a file: permissions ending

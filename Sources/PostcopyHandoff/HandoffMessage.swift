@@ -15,6 +15,10 @@ public struct VMMRegion: Sendable, Equatable {
     /// extension, absent in Firecracker's message): the daemon maps its own
     /// alias of it and installs pages with UFFDIO_CONTINUE.
     public var file: MemoryFileRange?
+    /// The source to fetch this VMM's pages from, "HOST:PORT" (this project's
+    /// extension, the same on every region): a daemon serving VMMs migrating
+    /// from several hosts. Absent: the daemon's own `--connect`.
+    public var source: String?
 
     /// Where a region's bytes live in a memory file the VMM sent: `index` counts
     /// the SCM_RIGHTS fds that follow the userfaultfd (0 = the second fd),
@@ -28,7 +32,8 @@ public struct VMMRegion: Sendable, Equatable {
         }
     }
 
-    public init(base: UInt64, size: UInt64, offset: UInt64, pageSize: UInt64, file: MemoryFileRange? = nil) {
+    public init(base: UInt64, size: UInt64, offset: UInt64, pageSize: UInt64, file: MemoryFileRange? = nil, source: String? = nil) {
+        self.source = source
         self.base = base
         self.size = size
         self.offset = offset
@@ -85,7 +90,11 @@ public enum HandoffMessage {
         var page_size_kib: UInt64?
         var mem_fd_index: Int?
         var mem_fd_offset: UInt64?
+        var postcopy_source: String?
     }
+
+    /// Longest "HOST:PORT" accepted as a VMM's source.
+    public static let maxSourceLength = 300
 
     /// Parses and checks the JSON array a VMM sends. `page_size_kib` is deprecated
     /// and in practice holds bytes; `page_size` wins when both are present and they
@@ -139,7 +148,16 @@ public enum HandoffMessage {
             if i > 0, (file == nil) != (out[0].file == nil) {
                 throw .invalidRegion("region \(i) \(file == nil ? "names no" : "names a") memory file but region 0 \(file == nil ? "does" : "does not"): all regions or none")
             }
-            out.append(VMMRegion(base: r.base_host_virt_addr, size: r.size, offset: r.offset, pageSize: ps, file: file))
+            if let src = r.postcopy_source {
+                guard !src.isEmpty, src.utf8.count <= maxSourceLength, let colon = src.lastIndex(of: ":"),
+                      let port = Int(src[src.index(after: colon)...]), (1...65535).contains(port), colon != src.startIndex else {
+                    throw .invalidRegion("region \(i): postcopy_source \"\(src.prefix(80))\" is not HOST:PORT")
+                }
+            }
+            if i > 0, r.postcopy_source != out[0].source {
+                throw .invalidRegion("region \(i) names another postcopy_source than region 0: one source per VM")
+            }
+            out.append(VMMRegion(base: r.base_host_virt_addr, size: r.size, offset: r.offset, pageSize: ps, file: file, source: r.postcopy_source))
         }
         return out
     }
@@ -165,12 +183,20 @@ public enum HandoffMessage {
         }
     }
 
+    /// A JSON string literal.
+    static func jsonString(_ s: String) -> String {
+        let data = (try? JSONEncoder().encode(s)) ?? Data("\"\"".utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+
     /// Encodes regions exactly as Firecracker sends them, plus `mem_fd_index` and
-    /// `mem_fd_offset` for regions in a memory file (for tests and the reference guest).
+    /// `mem_fd_offset` for regions in a memory file and `postcopy_source` (for
+    /// tests and the reference guest).
     public static func encode(_ regions: [VMMRegion]) -> [UInt8] {
         let objects = regions.map { r in
             let file = r.file.map { ",\"mem_fd_index\":\($0.index),\"mem_fd_offset\":\($0.offset)" } ?? ""
-            return "{\"base_host_virt_addr\":\(r.base),\"size\":\(r.size),\"offset\":\(r.offset),\"page_size\":\(r.pageSize),\"page_size_kib\":\(r.pageSize)\(file)}"
+            let source = r.source.map { ",\"postcopy_source\":\(jsonString($0))" } ?? ""
+            return "{\"base_host_virt_addr\":\(r.base),\"size\":\(r.size),\"offset\":\(r.offset),\"page_size\":\(r.pageSize),\"page_size_kib\":\(r.pageSize)\(file)\(source)}"
         }
         return Array(("[" + objects.joined(separator: ",") + "]").utf8)
     }

@@ -29,9 +29,12 @@ final class HandoffMetrics: Sendable {
     let residentOutsideGuest = Gauge(label: "postcopy_resident_memory_outside_guest_bytes")
 
     func sessionStarted() { sessionsActive.record(active.add(1, ordering: .relaxed).newValue) }
-    func sessionEnded(completed: Bool) {
-        sessionsActive.record(active.subtract(1, ordering: .relaxed).newValue)
+    /// Returns the sessions still active.
+    @discardableResult func sessionEnded(completed: Bool) -> Int {
+        let left = active.subtract(1, ordering: .relaxed).newValue
+        sessionsActive.record(left)
         if completed { sessionsCompleted.increment() } else { sessionsFailed.increment() }
+        return left
     }
 
     /// The engine's hooks for what happens one at a time (each fault served,

@@ -54,7 +54,17 @@ extension HandoffServer {
         // 2 MiB (hugetlbfs) guest pages are fetched and installed whole.
         let guestPage = Int(regions[0].pageSize)
         config.guestPageSize = guestPage
-        let transport = makeTransport(guestPage: guestPage, config: config)
+        // The VMM's own source when it names one, else the daemon's.
+        var endpoint = source
+        if let named = regions[0].source {
+            guard let e = Endpoint(parsing: named) else {
+                reject(pid, .invalidRegion("postcopy_source \"\(named.prefix(80))\" is not HOST:PORT"))
+                return
+            }
+            endpoint = e
+            logger.info("VMM pid \(pid): pages from \(endpoint)")
+        }
+        let transport = makeTransport(guestPage: guestPage, config: config, source: endpoint)
         defer { transport.close() }
         let engine: PostcopyEngine
         do {
@@ -119,7 +129,11 @@ extension HandoffServer {
         }
         engine.stop()
         cursor.update(metrics, engine: engine, transport: transport)
-        metrics.sessionEnded(completed: completed)
+        if metrics.sessionEnded(completed: completed) == 0 {
+            // The last VMM gone: what the sessions' buffers took goes back to
+            // the host (glibc keeps freed heap otherwise), for the next ones.
+            _ = cpc_malloc_trim()
+        }
         var report = sessionReport(pid: pid, regions: regions, engine: engine, transport: transport, completed: completed,
                                    failure: failure, cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, progress: progress)
         report.installPath = config.installPath.name

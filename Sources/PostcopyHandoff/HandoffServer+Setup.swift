@@ -6,9 +6,9 @@ import PostcopyTransport
 
 /// A VMM's transport to the source and its engine.
 extension HandoffServer {
-    /// The VMM's transport to the source (`TransportFactory`), its requests
+    /// The VMM's transport to `source` (`TransportFactory`), its requests
     /// sized so that a guest page of `guestPage` bytes fits whole.
-    func makeTransport(guestPage: Int, config: EngineConfig) -> Transport {
+    func makeTransport(guestPage: Int, config: EngineConfig, source: Endpoint) -> Transport {
         let unitPages = max(guestPage / Int(getpagesize()), 1)
         let (transport, reason) = TransportFactory.connectOrTCP(transportKind, endpoint: source,
                                                                 maxBatchPages: max(config.batchPages, unitPages),

@@ -44,7 +44,14 @@ public final class HandoffServer: Sendable {
     private let listenFD: OwnedFD
     let stopping = Atomic<Bool>(false)
     private let acceptThread = Locked<PThread?>(nil)
-    private let sessions = Locked<[PThread]>([])
+    /// One thread per VMM connection, joined once it ended (a thread that is
+    /// never joined keeps its stack: a long-lived daemon would grow by it with
+    /// every VMM).
+    private let sessions = Locked<[SessionThread]>([])
+    private final class SessionThread: Sendable {
+        let done = Atomic<Bool>(false)
+        let thread: Locked<PThread?> = Locked(nil)
+    }
     private let sessionEnded: EventFD
     /// Told when a VMM's memory is complete (pid, CLOCK_MONOTONIC ns of the last page) and when its session ends.
     public let onComplete: (@Sendable (Int32, UInt64) -> Void)?
@@ -100,13 +107,18 @@ public final class HandoffServer: Sendable {
                 }
                 stats.accepted.add(1, ordering: .relaxed)
                 let conn = OwnedFD(c)
-                let s = PThread(name: "handoff-vmm") { [self] in
-                    serveVMM(conn)
-                    conn.close()
-                    stats.ended.add(1, ordering: .relaxed)
-                    sessionEnded.signal()
+                reapSessions()
+                let entry = SessionThread()
+                entry.thread.withLock {
+                    $0 = PThread(name: "handoff-vmm") { [self] in
+                        serveVMM(conn)
+                        conn.close()
+                        entry.done.store(true, ordering: .releasing)
+                        stats.ended.add(1, ordering: .relaxed)
+                        sessionEnded.signal()
+                    }
                 }
-                sessions.withLock { $0.append(s) }
+                sessions.withLock { $0.append(entry) }
             }
         }
         acceptThread.withLock { $0 = t }
@@ -116,8 +128,19 @@ public final class HandoffServer: Sendable {
     static let waitPollIntervalMs: Int32 = 500
 
     /// Blocks until `count` VMM sessions have ended (0: until `stop()`).
+    /// Joins the threads of the VMMs that are gone.
+    private func reapSessions() {
+        let ended = sessions.withLock { list -> [SessionThread] in
+            let e = list.filter { $0.done.load(ordering: .acquiring) }
+            list.removeAll { s in e.contains { $0 === s } }
+            return e
+        }
+        for e in ended { e.thread.withLock { $0 }?.join() }
+    }
+
     public func wait(sessions count: UInt64) {
         while !stopping.load(ordering: .relaxed) {
+            reapSessions()
             if count > 0 && stats.ended.load(ordering: .relaxed) >= count { return }
             _ = cpc_poll1(sessionEnded.fd.raw, Int16(POLLIN), Self.waitPollIntervalMs)
             sessionEnded.drain()
@@ -131,7 +154,7 @@ public final class HandoffServer: Sendable {
         listenFD.close()
         unlink(path)
         sessionEnded.signal()
-        for s in sessions.withLock({ $0 }) { s.join() }
+        for s in sessions.withLock({ $0 }) { s.thread.withLock { $0 }?.join() }
         residentMemory.stop()
     }
 

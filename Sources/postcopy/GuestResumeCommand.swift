@@ -6,6 +6,7 @@ import PostcopyDestination
 import PostcopyGuest
 import PostcopyHandoff
 import PostcopyTransport
+import Synchronization
 
 struct GuestResumeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -25,6 +26,7 @@ struct GuestResumeCommand: ParsableCommand {
     @Option(name: .long, help: "The daemon's handoff socket (not needed with --stop-and-copy).") var handoff: String?
     @Flag(name: .long, help: "Baseline: copy all RAM while paused, then resume (no userfaultfd, no daemon).") var stopAndCopy = false
     @Option(name: .long, help: "Source address, HOST:PORT (device state and page digests).") var source: Endpoint
+    @Option(name: .long, help: "Name this source (HOST:PORT) in the handoff, so that a daemon serving VMMs from several sources fetches this guest's pages there rather than from its own --connect.") var handoffSource: Endpoint?
     @Option(name: .long, help: "Guest RAM handed to the daemon: shared (a memfd; the daemon installs by UFFDIO_CONTINUE) or anonymous (UFFDIO_COPY). Ignored with --stop-and-copy.") var memory: GuestMemoryKind = .shared
     @Option(name: .long, help: "off: pure precopy (the source ran with --precopy N|auto --postcopy off): the vCPUs resume only once the daemon says every page is in, so the guest never faults a page over the network.") var postcopy: Toggle = .on
     @Option(name: .long, help: "Seconds to run at the destination before checking integrity.") var runFor: Double = 5
@@ -46,6 +48,15 @@ struct GuestResumeCommand: ParsableCommand {
         guard runFor > 0 else { throw ValidationError("--run-for must be positive") }
         guard stopAndCopy || handoff != nil else { throw ValidationError("--handoff is required unless --stop-and-copy") }
         guard postcopy == .on || (!stopAndCopy && tasks == 0) else { throw ValidationError("--postcopy off needs --handoff and the key-value guest (no --tasks, no --stop-and-copy)") }
+    }
+
+    /// The page-fault daemon went away before every page was in (or refused
+    /// the handoff): this guest cannot go on (its vCPUs wait on faults nobody
+    /// will serve; its source still holds the paused guest), so the VMM exits
+    /// at once, status 3, saying why.
+    static func daemonGone(_ why: String) -> Never {
+        FileHandle.standardError.write(Data("error: the page-fault daemon is gone before every page was in (\(why)); this guest cannot run here, its source still holds it\n".utf8))
+        _exit(3)
     }
 
     func run() throws {
@@ -75,7 +86,7 @@ struct GuestResumeCommand: ParsableCommand {
             do { client = try VMMHandoffClient(path: handoff) } catch { throw fail("cannot reach the daemon at \(handoff): \(error)") }
             vmm = client
             let region = VMMRegion(base: ram.address, size: UInt64(bytes), offset: 0, pageSize: UInt64(info.table.pageSize),
-                                   file: shared.map { _ in .init(index: 0, offset: 0) })
+                                   file: shared.map { _ in .init(index: 0, offset: 0) }, source: handoffSource?.description)
             do { try client.handOver([region], uffd: u.fd.raw, files: shared.map { [$0.file.raw] } ?? []) } catch {
                 throw fail("handoff sendmsg failed: \(error)")
             }
@@ -126,10 +137,28 @@ struct GuestResumeCommand: ParsableCommand {
         let resumedAt = guest.release()
         // Distinct pages the guest touched while postcopy ran (until every page was in).
         let touched = Locked<Int?>(nil)
+        // Watches the daemon until every page is in: the touches count until
+        // then (within the run); a daemon that goes away first, or refused the
+        // handoff, ends this VMM (`daemonGone`): nobody serves its faults, and
+        // its memory must never be read as zeros.
+        let stopWatching = Atomic<Bool>(false)
         let watcher = postcopyWindow ? PThread(name: "full-copy") { [runFor, vmm] in
-            let done = (try? vmm!.waitForCompletion(timeoutMs: Int32(runFor * 1000) + 1000))?.complete == true
-            let n = guest.stopRecordingTouches()
-            if done { touched.withLock { $0 = n } }
+            let deadline = resumedAt + UInt64((runFor + 1) * 1e9)
+            var recording = true
+            while !stopWatching.load(ordering: .relaxed) {
+                let answer: CompletionNotice.Answer
+                do { answer = try vmm!.waitForCompletion(timeoutMs: 200) } catch {
+                    if vmm!.closedByDaemon(within: 0) { Self.daemonGone("\(error)") }
+                    if recording, nowNanoseconds() >= deadline {
+                        _ = guest.stopRecordingTouches()
+                        recording = false
+                    }
+                    continue
+                }
+                guard answer.complete else { Self.daemonGone(answer.error ?? "the daemon gave up") }
+                if recording { touched.withLock { $0 = guest.stopRecordingTouches() } }
+                return
+            }
         } : nil
         let downtime = resumedAt &- state.pausedAtNs
         if json {
@@ -161,6 +190,7 @@ struct GuestResumeCommand: ParsableCommand {
         } : nil
         usleep(useconds_t(runFor * 1e6))
         _ = guest.pause(pausedAt: nowNanoseconds())
+        stopWatching.store(true, ordering: .relaxed)
         reporter.finish()
         fetcher.join()
         watcher?.join()

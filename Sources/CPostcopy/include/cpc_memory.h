@@ -30,4 +30,7 @@ int cpc_fallocate_punch_hole(int fd, int64_t offset, int64_t len);
 int64_t cpc_fs_type(int fd);
 static const unsigned int CPC_MFD_HUGETLB = MFD_HUGETLB;
 
+/// malloc_trim(0): gives freed heap back to the kernel. Returns 1 if any was.
+int cpc_malloc_trim(void);
+
 #endif
