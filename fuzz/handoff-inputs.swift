@@ -121,6 +121,8 @@ func writeSeeds(_ cDir: UnsafePointer<CChar>) {
         HandoffMessage.encode(oneRegion),
         HandoffMessage.encode(threeRegions),
         HandoffMessage.encode(hugeRegion),
+        HandoffMessage.encode([VMMRegion(base: 0x7f00_0000_0000, size: 1 << 21, offset: 0, pageSize: 4096, source: "10.1.2.3:7000"),
+                               VMMRegion(base: 0x7f10_0000_0000, size: 1 << 22, offset: 1 << 21, pageSize: 4096, source: "10.1.2.3:7000")]),
     ]
     for (i, s) in messages.enumerated() { writeSeed(dir, "handoff-\(i)", s) }
 
