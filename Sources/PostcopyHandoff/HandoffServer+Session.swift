@@ -153,7 +153,11 @@ extension HandoffServer {
                 logger.error("VMM pid \(pid): writing the working set to \(out) failed: \(error)")
             }
         }
-        stats.reports.withLock { $0.append(report) }
+        stats.reports.withLock {
+            $0.append(report)
+            // The latest only: a daemon serving VMMs for months must not keep them all.
+            if $0.count > HandoffStats.reportsKept { $0.removeFirst($0.count - HandoffStats.reportsKept) }
+        }
         onSessionEnd?(report)
         logger.info("VMM pid \(pid) went away; its session is released")
     }

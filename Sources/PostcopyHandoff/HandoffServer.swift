@@ -14,7 +14,9 @@ public final class HandoffStats: Sendable {
     public let completed = Atomic<UInt64>(0)
     public let ended = Atomic<UInt64>(0)
     public let lastRejection = Locked<String?>(nil)
+    /// The reports of the latest sessions (`reportsKept` at most), oldest first.
     public let reports = Locked<[HandoffSessionReport]>([])
+    public static let reportsKept = 64
 }
 
 /// The destination daemon's VMM socket, speaking Firecracker's protocol for
