@@ -1,0 +1,63 @@
+import CPostcopy
+import PostcopyWire
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Receiving page payloads straight into place (`PagePlacement`): the headers
+/// of a page or gather reply are read alone first, then its payload goes
+/// where the placement says, one `recvmsg` over every run's final place.
+extension TCPConnection {
+    /// Bytes of a frame before its payload, as far as the buffered bytes tell:
+    /// a page reply's two headers, or a gather reply's headers and runs.
+    func headsLength() -> Int {
+        let avail = end - start
+        guard avail >= WireProtocol.headerSize + GatherData.fixedSize,
+              let f = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: avail), maxBody: maxBody),
+              f.type == .gatherData,
+              let n = Codec.gatherDataHeadSize(UnsafeRawBufferPointer(start: buffer + start + WireProtocol.headerSize, count: GatherData.fixedSize))
+        else { return Self.pagePrefix }
+        return WireProtocol.headerSize + min(n, f.bodyLength)
+    }
+
+    /// One recvmsg into the rest of a placed payload's segments.
+    func receiveInPlace(_ p: Placed) -> Int {
+        var skip = p.got
+        var iov: [iovec] = []
+        for seg in p.segments {
+            if skip >= seg.count { skip -= seg.count; continue }
+            iov.append(iovec(iov_base: seg.baseAddress! + skip, iov_len: seg.count - skip))
+            skip = 0
+            if iov.count == 1024 { break }  // IOV_MAX
+        }
+        return iov.withUnsafeBufferPointer { cpc_recvv(fd.raw, $0.baseAddress!, Int32($0.count)) }
+    }
+
+    /// The headers of a frame are in (and nothing after them): when it is a
+    /// page reply with a payload of exactly its pages and the placement has a
+    /// place for it, its payload goes there. Anything else (a malformed header
+    /// included) takes the ordinary path, which reports it.
+    func place() {
+        guard let placement, let pageSize,
+              let f = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: end - start), maxBody: maxBody) else { return }
+        let heads = end - start
+        let body = UnsafeRawBufferPointer(start: buffer + start + WireProtocol.headerSize, count: heads - WireProtocol.headerSize)
+        let bytes = f.bodyLength - body.count
+        if f.type == .gatherData {
+            // Every non-zero run must have its place, or none is used.
+            guard let g = try? Codec.decodeGatherDataHead(body), bytes > 0, bytes == g.payloadBytes(pageSize: pageSize) else { return }
+            var segments: [UnsafeMutableRawBufferPointer] = []
+            for (i, run) in g.runs.enumerated() where !run.isZero {
+                let n = Int(run.pageCount) * pageSize
+                guard let to = placement.placement(for: g.header(i), payloadBytes: n) else { return }
+                segments.append(UnsafeMutableRawBufferPointer(start: to, count: n))
+            }
+            placed = Placed(reply: .gather(g), prefix: heads, segments: segments, total: bytes)
+            return
+        }
+        guard f.type == .pageData, f.bodyLength > PageDataHeader.encodedSize,
+              let h = try? Codec.decodePageDataHeader(body), !h.isZero,
+              bytes == Int(h.pageCount) * pageSize, let to = placement.placement(for: h, payloadBytes: bytes) else { return }
+        placed = Placed(reply: .page(h), prefix: heads, segments: [UnsafeMutableRawBufferPointer(start: to, count: bytes)], total: bytes)
+    }
+}
