@@ -90,7 +90,12 @@ public final class TCPTransport: Transport, @unchecked Sendable {
     }
 
     private func control(_ m: Message, timeoutMs: Int32 = WireProtocol.controlReplyTimeoutMs) throws(TransportError) -> Message {
-        guard let main = lock.withLock({ main }) else { throw .protocolViolation("control call before connect") }
+        guard let main = lock.withLock({ main }) else {
+            // Connected once, then a reconnect failed part-way (it drops the old
+            // connection first): a lost connection, which the caller retries.
+            if info != nil { throw .closed("\(endpoint): not connected (a reconnect is under way or failed)") }
+            throw .protocolViolation("control call before connect")
+        }
         try main.send(m)
         return try main.receive(timeoutMs: timeoutMs)
     }
@@ -131,7 +136,8 @@ public final class TCPTransport: Transport, @unchecked Sendable {
     }
 
     public func fetchDirtySet(pass: UInt32) throws(TransportError) -> PrecopySet {
-        guard let info, let main = lock.withLock({ main }) else { throw .protocolViolation("precopy before connect") }
+        guard let info else { throw .protocolViolation("precopy before connect") }
+        guard let main = lock.withLock({ main }) else { throw .closed("\(endpoint): not connected (a reconnect is under way or failed)") }
         try main.send(.precopyPassRequest(PrecopyPassRequest(pass: pass)))
         // The first chunk comes when the source decided (it may wait for its
         // operator, then for its guest's pause): no timeout.
