@@ -81,7 +81,7 @@ let package = Package(
         .target(
             name: "PostcopyMetrics",
             dependencies: [
-                "PostcopyCore",
+                "PostcopyCore", "PostcopySource",
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "FlyingFox", package: "FlyingFox"),

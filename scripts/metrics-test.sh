@@ -7,7 +7,8 @@
 # Prometheus text parser (python3-prometheus-client, installed if missing) and
 # the counters must move: sessions active then completed, pages by class, bytes
 # on the wire, fault service times, reconnects and their duration, APF events,
-# the daemon's memory outside guest RAM.
+# the daemon's memory outside guest RAM. Then the source's endpoint (postcopy
+# source --metrics-listen): pages served, bytes sent, the session completed.
 #
 # Usage: bash scripts/metrics-test.sh        (about 20 s)
 # Env:   POSTCOPY_BIN (default .build/debug/postcopy)
@@ -64,6 +65,22 @@ while kill -0 "$daemon" 2>/dev/null; do scrape "$n" && n=$((n + 1)); sleep 0.2; 
 wait "$guest" || fail "the destination guest failed"
 wait "$daemon" || fail "the daemon failed"
 
+# The source's endpoint: a memory file served with --metrics-listen, taken
+# whole by a destination, scraped after.
+"$B" make-memory "$work/mem" --size 64M --zero-percent 25 > /dev/null
+"$B" source --memory "$work/mem" --listen 127.0.0.1:0 --key-file "$key" --transport tcp --metrics-listen 127.0.0.1:0 \
+    --serve-forever --json > "$work/src2.json" 2> "$work/src2.err" &
+src2=$!
+pids+=($src2)
+wait_for "$work/src2.json" '"metrics_port"' || fail "the source did not start its metrics endpoint"
+src2_port=$($PY -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["port"])' "$work/src2.json")
+src2_metrics=$($PY -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["metrics_port"])' "$work/src2.json")
+"$B" dest --connect "127.0.0.1:$src2_port" --key-file "$key" --transport tcp --touch random --json --no-progress \
+    > "$work/dest2.json" 2> "$work/dest2.err" || fail "the destination of the source's test failed"
+sleep 1.2  # the source's counters are read twice a second
+curl -sf "http://127.0.0.1:$src2_metrics/metrics" -o "$work/source-scrape.txt" || fail "no /metrics at the source"
+kill "$src2" 2>/dev/null || true
+
 $PY - "$work" "$n" <<'PY' || fail "see above"
 import glob, json, sys
 from prometheus_client.parser import text_string_to_metric_families
@@ -97,5 +114,14 @@ assert session and session[-1]["completed"], "the migration did not complete"
 print("metrics: %d scrapes parsed; pages demand %d, background %d; %d reconnects; %d faults in the histogram" % (
     n, v(last, "postcopy_pages_total", **{"class": "demand"}), v(last, "postcopy_pages_total", **{"class": "background"}),
     v(last, "postcopy_reconnects_total"), v(last, "postcopy_fault_service_seconds_count")))
+src = parse(work + "/source-scrape.txt")
+src_checks = [
+    ("source: pages served by demand", v(src, "postcopy_source_pages_total", **{"class": "demand"}) > 0),
+    ("source: pages served in the background", v(src, "postcopy_source_pages_total", **{"class": "background"}) > 0),
+    ("source: bytes sent", v(src, "postcopy_source_wire_bytes_total", direction="sent") > 32 << 20),
+    ("source: the session completed", v(src, "postcopy_source_sessions_completed_total") == 1),
+]
+for c, ok in src_checks: print("  %s %s" % ("ok  " if ok else "FAIL", c))
+bad += [c for c, ok in src_checks if not ok]
 assert not bad, "counters that did not move: %s" % bad
 PY

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import PostcopyCore
 import PostcopySource
+import PostcopyMetrics
 import PostcopyTransport
 
 struct SourceCommand: ParsableCommand {
@@ -20,6 +21,9 @@ struct SourceCommand: ParsableCommand {
 
     @Option(name: .long, help: "Address to listen on, HOST:PORT (port 0 picks a free port, printed on stdout).")
     var listen = Endpoint(host: "127.0.0.1", port: 7070)
+
+    @Option(name: .long, help: "Serve Prometheus metrics at http://HOST:PORT/metrics (pages served by class, bytes on the wire, sessions, reconnects, connections refused, gathers). Port 0: any (printed).")
+    var metricsListen: Endpoint?
 
     @Option(name: .long, help: "Device-state blob to hand to the destination (optional).")
     var deviceState: String?
@@ -46,6 +50,13 @@ struct SourceCommand: ParsableCommand {
             throw fail("cannot serve \(memory): \(error)")
         }
         let key = try common.loadKey()
+        var metrics: MetricsEndpoint?
+        if let m = metricsListen {
+            do { metrics = try MetricsEndpoint.startBlocking(host: m.host, port: m.port, logger: logger) } catch {
+                throw fail("--metrics-listen \(m): \(error)")
+            }
+        }
+        defer { metrics?.stop() }
         let rdma = try Transports.listenRDMA(common.transport, host: listen.host, memory: mem.mapping, file: file.fd.raw, logger: logger)
         let server: PageServer
         do {
@@ -58,6 +69,8 @@ struct SourceCommand: ParsableCommand {
         let scanSeconds = Double(nowNanoseconds() - t0) / 1e9
         let scan = mem.waitForScan()!  // the file source is frozen and scanned at start
         let rss = ResidentMemorySampler(excluding: [mem.mapping.range])
+        let collector = metrics.map { _ in SourceMetricsCollector(server.stats) }
+        defer { collector?.finish() }
         server.start()
         // What serving costs, apart from start-up (mapping, scan, RDMA registration).
         let serveCPU0 = processCPUNanoseconds()
@@ -65,7 +78,8 @@ struct SourceCommand: ParsableCommand {
         // it is the first JSON line; the report follows as the second).
         let banner: String
         if common.json {
-            banner = "{\"event\":\"listening\",\"port\":\(server.port),\"memory_bytes\":\(mem.mapping.length),\"zero_pages\":\(scan.zeros.count),\"digest\":\"\(MemoryDigest.hex(scan.digest))\"}\n"
+            let metricsPort = metrics.map { ",\"metrics_port\":\($0.port)" } ?? ""
+            banner = "{\"event\":\"listening\",\"port\":\(server.port),\"memory_bytes\":\(mem.mapping.length),\"zero_pages\":\(scan.zeros.count),\"digest\":\"\(MemoryDigest.hex(scan.digest))\"\(metricsPort)}\n"
         } else {
             banner = "listening on port \(server.port) (\(formatBytes(Double(mem.mapping.length))), \(scan.zeros.count) zero pages, digest \(MemoryDigest.hex(scan.digest)))\n"
         }
