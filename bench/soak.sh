@@ -42,8 +42,11 @@ newkey "$work/key"; newkey "$work/other.key"
 
 # The daemon: its own --connect leads nowhere (every VMM names its source).
 sock=$work/dest.sock
+# The stream is capped at 64 MB/s per VMM, so that each migration lasts long
+# enough for VMM 2's five cuts whatever the machine (at full speed a 64 MiB
+# guest could be in before the first).
 "$B" dest --handoff "$sock" --connect 127.0.0.1:9 --key-file "$work/key" --transport tcp --json \
-    --metrics-listen 127.0.0.1:0 > "$work/daemon.json" 2> "$work/daemon.err" &
+    --background-rate 64M --metrics-listen 127.0.0.1:0 > "$work/daemon.json" 2> "$work/daemon.err" &
 daemon=$!
 pids+=($daemon)
 wait_for "$work/daemon.json" '"metrics_port"' || fail "the daemon did not start"
@@ -69,7 +72,7 @@ round() {
         wait_for "$work/source-$r-$i.json" '"listening"' || fail "round $r: source $i did not start"
         src[$i]=127.0.0.1:$(json_field "$work/source-$r-$i.json" port)
     done
-    "$B" chaos-proxy --to "${src[2]}" --cuts 5 --interval-ms 300 > "$work/proxy-$r.out" 2> "$work/proxy-$r.err" &
+    "$B" chaos-proxy --to "${src[2]}" --cuts 5 --interval-ms 100 > "$work/proxy-$r.out" 2> "$work/proxy-$r.err" &
     pids+=($!)
     wait_for "$work/proxy-$r.out" 'listening on port' || fail "round $r: the proxy did not start"
     local via_proxy=127.0.0.1:$(sed -n 's/listening on port //p' "$work/proxy-$r.out" | head -1)
