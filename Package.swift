@@ -31,10 +31,13 @@ let package = Package(
                 "CPostcopy",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]),
+        // AES-256-GCM from the system's libcrypto (OpenSSL, libssl-dev) behind a
+        // small C shim: in-place record encryption for the TCP stream.
+        .target(name: "CAEAD", linkerSettings: [.linkedLibrary("crypto")]),
         // Transport protocol and its TCP implementation.
         .target(
             name: "PostcopyTransport",
-            dependencies: ["CPostcopy", "PostcopyWire", "PostcopyCore", .product(name: "Crypto", package: "swift-crypto")]),
+            dependencies: ["CPostcopy", "CAEAD", "PostcopyWire", "PostcopyCore", .product(name: "Crypto", package: "swift-crypto")]),
         // libibverbs + librdmacm behind a small C shim (connection setup, READ, CQ).
         .target(name: "CRDMA", linkerSettings: [.linkedLibrary("ibverbs"), .linkedLibrary("rdmacm")]),
         // RDMA transport (one-sided READ), the source's RDMA listener, and

@@ -12,7 +12,8 @@ extension HandoffServer {
         let unitPages = max(guestPage / Int(getpagesize()), 1)
         let (transport, reason) = TransportFactory.connectOrTCP(transportKind, endpoint: source,
                                                                 maxBatchPages: max(config.batchPages, unitPages),
-                                                                maxDemandPages: max(64, unitPages), authKey: authKey, logger: logger)
+                                                                maxDemandPages: max(64, unitPages), authKey: authKey,
+                                                                encryption: encryption, logger: logger)
         logger.debug("transport: \(reason)")
         return transport
     }

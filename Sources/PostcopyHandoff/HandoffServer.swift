@@ -66,6 +66,8 @@ public final class HandoffServer: Sendable {
 
     /// Shared key for the source (see `Authentication`), or nil.
     public let authKey: [UInt8]?
+    /// Whether the streams to the sources are encrypted (with a key).
+    public let encryption: StreamEncryption
 
     /// How each VMM's pages travel (`TransportFactory`; TCP when that kind
     /// cannot be had for a VMM).
@@ -74,7 +76,8 @@ public final class HandoffServer: Sendable {
     /// (`EngineConfig.recordWorkingSetSeconds`); the last one wins.
     public let workingSetOut: String?
 
-    public init(path: String, source: Endpoint, engineConfig: EngineConfig, authKey: [UInt8]? = nil, logger: Logger,
+    public init(path: String, source: Endpoint, engineConfig: EngineConfig, authKey: [UInt8]? = nil,
+                encryption: StreamEncryption = .on, logger: Logger,
                 transport: TransportKind = .tcp, workingSetOut: String? = nil,
                 onComplete: (@Sendable (Int32, UInt64) -> Void)? = nil,
                 onSessionEnd: (@Sendable (HandoffSessionReport) -> Void)? = nil,
@@ -85,6 +88,7 @@ public final class HandoffServer: Sendable {
         self.transportKind = transport
         self.workingSetOut = workingSetOut
         self.authKey = authKey
+        self.encryption = encryption
         self.onComplete = onComplete
         self.onSessionEnd = onSessionEnd
         self.path = path

@@ -48,14 +48,17 @@ public final class RDMATransport: Transport, @unchecked Sendable {
     /// How long rdma_cm address/route resolution and the connect may take (ms).
     public static let defaultConnectTimeoutMs: Int32 = 10_000
 
-    public init(endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64, authKey: [UInt8]? = nil, fallBackToTCP: Bool = false,
+    /// `encryption` covers the TCP control connection (and the TCP page channels
+    /// of a failover); pages READ by the NIC cross the fabric in clear.
+    public init(endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64, authKey: [UInt8]? = nil,
+                encryption: StreamEncryption = .on, fallBackToTCP: Bool = false,
                 connectTimeoutMs: Int32 = RDMATransport.defaultConnectTimeoutMs, logger: Logger? = nil) {
         self.fallBackToTCP = fallBackToTCP
         self.endpoint = endpoint
         self.maxBatchPages = maxBatchPages
         self.connectTimeoutMs = connectTimeoutMs
         self.logger = logger
-        tcp = TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey)
+        tcp = TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey, encryption: encryption)
     }
 
     public func connect() throws(TransportError) -> SessionInfo {

@@ -7,15 +7,20 @@ import PostcopyTransport
 /// - `.tcp`: TCP only;
 /// - `.rdma`: RDMA, or a clear error when it cannot work here;
 /// - `.auto`: RDMA when this host has an RDMA device (and, at the destination,
-///   the source offers RDMA over a route to it), else TCP.
+///   the source offers RDMA over a route to it), else TCP; but TCP whenever the
+///   stream is encrypted (a key and `--encryption on`, the default): one-sided
+///   RDMA READ cannot encrypt pages, and `auto` never trades confidentiality
+///   for speed on its own (`--transport rdma` does, and says so).
 public enum TransportFactory {
     /// The destination's transport to the source at `endpoint`, and the reason
     /// for the choice.
     public static func connect(_ kind: TransportKind, endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64,
-                               authKey: [UInt8]? = nil, logger: Logger? = nil) throws(TransportError) -> (Transport, reason: String) {
+                               authKey: [UInt8]? = nil, encryption: StreamEncryption = .on,
+                               logger: Logger? = nil) throws(TransportError) -> (Transport, reason: String) {
         func tcp() -> TCPTransport {
-            tcpTransport(endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey)
+            tcpTransport(endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey, encryption: encryption)
         }
+        let encrypted = authKey != nil && encryption == .on
         switch kind {
         case .tcp:
             return (tcp(), "tcp requested")
@@ -23,12 +28,20 @@ public enum TransportFactory {
             guard rdmaDeviceCount() > 0 else {
                 throw .unavailable("no RDMA device on this host (ibv_get_device_list found none; for soft-RoCE: rdma link add rxe0 type rxe netdev IFACE); use --transport tcp or auto")
             }
-            return (RDMATransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey, logger: logger), "rdma requested")
+            if encrypted {
+                logger?.warning("--transport rdma with encryption on: the control connection is encrypted, but pages READ over RDMA cross the fabric in clear (one-sided READ cannot be encrypted); use --transport tcp for encrypted pages")
+            }
+            return (RDMATransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey,
+                                  encryption: encryption, logger: logger),
+                    encrypted ? "rdma requested (pages in clear on the fabric; control encrypted)" : "rdma requested")
         case .auto:
             let n = rdmaDeviceCount()
             guard n > 0 else { return (tcp(), "auto: no RDMA device on this host, using TCP") }
+            if encrypted {
+                return (tcp(), "auto: the stream is encrypted and RDMA READ cannot encrypt pages, using TCP (--transport rdma or --encryption off allow RDMA)")
+            }
             return (RDMATransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey,
-                                  fallBackToTCP: true, logger: logger),
+                                  encryption: encryption, fallBackToTCP: true, logger: logger),
                     "auto: \(n) RDMA device(s) here; RDMA if the source offers it over a route to \(endpoint.host), else TCP")
         }
     }
@@ -36,18 +49,20 @@ public enum TransportFactory {
     /// Like `connect`, but never fails: when `kind` cannot be had here, TCP
     /// (for a daemon that checked `kind` once at start and must serve every VMM).
     public static func connectOrTCP(_ kind: TransportKind, endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64,
-                                    authKey: [UInt8]? = nil, logger: Logger? = nil) -> (Transport, reason: String) {
+                                    authKey: [UInt8]? = nil, encryption: StreamEncryption = .on,
+                                    logger: Logger? = nil) -> (Transport, reason: String) {
         do {
             return try connect(kind, endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages,
-                               authKey: authKey, logger: logger)
+                               authKey: authKey, encryption: encryption, logger: logger)
         } catch {
-            return (tcpTransport(endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey),
+            return (tcpTransport(endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey, encryption: encryption),
                     "\(kind.rawValue): \(error); using TCP")
         }
     }
 
-    private static func tcpTransport(_ endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int, authKey: [UInt8]?) -> TCPTransport {
-        TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey)
+    private static func tcpTransport(_ endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int, authKey: [UInt8]?,
+                                     encryption: StreamEncryption) -> TCPTransport {
+        TCPTransport(endpoint: endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey, encryption: encryption)
     }
 
     /// The source's remote-read provider for `kind`: an `RDMAServer` listening

@@ -44,7 +44,7 @@ extension PageServer {
         // requests carry them).
         let scan = memory.scanIfDone
         try conn.send(.welcome(Welcome(pageSize: UInt32(pageSize), sessionID: session.id,
-                                       capabilities: precopy?.offered == true ? [.zeroMap, .urgentChannel, .gather, .precopy] : [.zeroMap, .urgentChannel, .gather], regions: memory.table.regions,
+                                       capabilities: offeredCapabilities, regions: memory.table.regions,
                                        digest: scan?.digest ?? 0,
                                        deviceStateSize: UInt64(memory.waitForDeviceState(timeoutMs: 0)?.count ?? 0))))
         logger.info("\(hello.role) channel from \(conn.peer) joined session \(session.id)")
@@ -54,6 +54,15 @@ extension PageServer {
         }
         defer { if hello.role == .main { precopy?.mainChannel(session: session.id, connected: false) } }
         try dispatch(ServedChannel(conn: conn, session: session, role: hello.role))
+    }
+
+    /// What the welcome says this source does.
+    var offeredCapabilities: Capabilities {
+        var c: Capabilities = [.zeroMap, .urgentChannel, .gather]
+        if precopy?.offered == true { c.insert(.precopy) }
+        if authKey != nil { c.insert(.authentication) }
+        if encrypted { c.insert(.encryption) }
+        return c
     }
 
     /// The session a hello asks for: a new one (main, id 0), the one a

@@ -37,6 +37,9 @@ public final class PageServer: Sendable {
     /// Shared key: when set, a peer must prove it (and this source proves it)
     /// before it learns anything but an error.
     public let authKey: [UInt8]?
+    /// Whether frames after the authentication are encrypted (only with a key;
+    /// a destination asking for the other mode is refused).
+    public let encrypted: Bool
 
     /// Remote READ access to guest RAM (RDMA), offered on authenticated main
     /// connections once the guest paused; nil = page replies only.
@@ -48,17 +51,18 @@ public final class PageServer: Sendable {
 
     /// Serves on a TCP listener at `endpoint`.
     public convenience init(memory: SourceMemory, listen endpoint: Endpoint, exitAfterCompletion: Bool,
-                            backgroundPriority: ThreadPriority = .normal, authKey: [UInt8]? = nil,
+                            backgroundPriority: ThreadPriority = .normal, authKey: [UInt8]? = nil, encryption: StreamEncryption = .on,
                             rdma: (any RemoteReadProvider)? = nil, precopy: PrecopyController? = nil, logger: Logger) throws(TransportError) {
         try self.init(memory: memory, listener: try TCPListener(endpoint), exitAfterCompletion: exitAfterCompletion,
-                      backgroundPriority: backgroundPriority, authKey: authKey, rdma: rdma, precopy: precopy, logger: logger)
+                      backgroundPriority: backgroundPriority, authKey: authKey, encryption: encryption, rdma: rdma, precopy: precopy, logger: logger)
     }
 
     /// Serves the page channels `listener` accepts.
     public init(memory: SourceMemory, listener: any PageChannelListener, exitAfterCompletion: Bool,
-                backgroundPriority: ThreadPriority = .normal, authKey: [UInt8]? = nil,
+                backgroundPriority: ThreadPriority = .normal, authKey: [UInt8]? = nil, encryption: StreamEncryption = .on,
                 rdma: (any RemoteReadProvider)? = nil, precopy: PrecopyController? = nil, logger: Logger) throws(TransportError) {
         self.rdma = rdma
+        encrypted = authKey != nil && encryption == .on
         self.precopy = precopy
         self.authKey = authKey
         self.memory = memory
@@ -124,6 +128,7 @@ public final class PageServer: Sendable {
                 serve(conn)
                 stats.bytesSent.add(conn.bytesSent, ordering: .relaxed)
                 stats.bytesReceived.add(conn.bytesReceived, ordering: .relaxed)
+                stats.bytesEncrypted.add(conn.bytesEncrypted, ordering: .relaxed)
                 connections.withLock { _ = $0.removeValue(forKey: key) }
                 conn.close()
             }

@@ -13,6 +13,8 @@ public final class SourceStats: Sendable {
     public let pagesSentTwice = Atomic<UInt64>(0)
     public let bytesSent = Atomic<UInt64>(0)
     public let bytesReceived = Atomic<UInt64>(0)
+    /// Frame bytes encrypted for closed connections (0 without encryption).
+    public let bytesEncrypted = Atomic<UInt64>(0)
     public let rejectedConnections = Atomic<UInt64>(0)
     public let completedSessions = Atomic<UInt64>(0)
     /// Main connections that resumed an existing session (a destination reconnecting).

@@ -58,13 +58,16 @@ public final class ChaosProxy: @unchecked Sendable {
     private var seen = false
 
     public let fault: ResponseFault?
-    private let affectedCount = Atomic<Int>(0)
+    public let recordFault: RecordFault?
+    let affectedCount = Atomic<Int>(0)
     /// Page replies the proxy dropped, duplicated, delayed, reordered or stalled so far.
     public var affected: Int { affectedCount.load(ordering: .relaxed) }
 
-    public init(target: Endpoint, listen: Endpoint = Endpoint(host: "127.0.0.1", port: 0), fault: ResponseFault? = nil) throws(TransportError) {
+    public init(target: Endpoint, listen: Endpoint = Endpoint(host: "127.0.0.1", port: 0), fault: ResponseFault? = nil,
+                recordFault: RecordFault? = nil) throws(TransportError) {
         self.target = target
         self.fault = fault
+        self.recordFault = recordFault
         listener = try TCPListener(listen)
         let accept = PThread(name: "proxy-accept") { [self] in
             while let down = try? listener.accept(maxBody: 1 << 16) {
@@ -72,7 +75,7 @@ public final class ChaosProxy: @unchecked Sendable {
                 lock.withLock { pairs.append((down, up)); seen = true }
                 let a = PThread(name: "proxy-up") { Self.pump(down, up) }
                 let b = PThread(name: "proxy-down") { [self] in
-                    if let fault { pumpFrames(up, down, fault) } else { Self.pump(up, down) }
+                    if let recordFault { pumpRecords(up, down, recordFault) } else if let fault { pumpFrames(up, down, fault) } else { Self.pump(up, down) }
                 }
                 lock.withLock { threads += [a, b] }
             }
@@ -189,6 +192,11 @@ public final class ChaosProxy: @unchecked Sendable {
             b.shutdown()
         }
         return now.count
+    }
+
+    /// Takes the one record fault of the proxy: true the first time only.
+    func recordFaultsLeft() -> Bool {
+        affectedCount.compareExchange(expected: 0, desired: 1, ordering: .relaxed).exchanged
     }
 
     /// Whether any connection has gone through the proxy yet.

@@ -37,6 +37,10 @@ public protocol FrameConnection: AnyObject, Sendable {
     func send(_ message: Message) throws(TransportError)
     /// Sends `parts` in order with as few system calls as possible.
     func sendv(_ parts: [UnsafeRawBufferPointer]) throws(TransportError)
+    /// Every frame from now on travels encrypted under `keys` (both ways).
+    func startEncryption(_ keys: StreamKeys) throws(TransportError)
+    /// Frame bytes encrypted so far (0 in clear).
+    var bytesEncrypted: UInt64 { get }
     /// Wakes a thread blocked on this connection (it sees EOF); `close` releases it.
     func shutdown()
     func close()

@@ -20,8 +20,17 @@ extension TCPConnection {
         return WireProtocol.headerSize + min(n, f.bodyLength)
     }
 
-    /// One recvmsg into the rest of a placed payload's segments.
-    func receiveInPlace(_ p: Placed) -> Int {
+    /// One recvmsg into the rest of a placed payload's segments (encrypted:
+    /// the next plaintext bytes into the first segment not yet full).
+    func receiveInPlace(_ p: Placed) throws(TransportError) -> Int {
+        if opener != nil {
+            var skip = p.got
+            for seg in p.segments {
+                if skip >= seg.count { skip -= seg.count; continue }
+                return try receive(into: seg.baseAddress! + skip, max: seg.count - skip)
+            }
+            return 0
+        }
         var skip = p.got
         var iov: [iovec] = []
         for seg in p.segments {
@@ -30,7 +39,9 @@ extension TCPConnection {
             skip = 0
             if iov.count == 1024 { break }  // IOV_MAX
         }
-        return iov.withUnsafeBufferPointer { cpc_recvv(fd.raw, $0.baseAddress!, Int32($0.count)) }
+        let r = iov.withUnsafeBufferPointer { cpc_recvv(fd.raw, $0.baseAddress!, Int32($0.count)) }
+        if r > 0 { received.add(UInt64(r), ordering: .relaxed) }
+        return r
     }
 
     /// The headers of a frame are in (and nothing after them): when it is a
@@ -38,7 +49,8 @@ extension TCPConnection {
     /// place for it, its payload goes there. Anything else (a malformed header
     /// included) takes the ordinary path, which reports it.
     func place() {
-        guard let placement, let pageSize,
+        // Encrypted: only by headers whose record verified.
+        guard unverified == 0, let placement, let pageSize,
               let f = try? FrameHeader.parse(UnsafeRawBufferPointer(start: buffer + start, count: end - start), maxBody: maxBody) else { return }
         let heads = end - start
         let body = UnsafeRawBufferPointer(start: buffer + start + WireProtocol.headerSize, count: heads - WireProtocol.headerSize)

@@ -24,7 +24,15 @@ public final class TCPConnection: @unchecked Sendable {
     var start = 0
     var end = 0
     private let sent = Atomic<UInt64>(0)
-    private let received = Atomic<UInt64>(0)
+    let received = Atomic<UInt64>(0)
+    /// Set once the handshake switched this connection to encrypted records
+    /// (`startEncryption`); nil: frames in clear.
+    private var sealer: RecordSealer?
+    var opener: RecordOpener?
+    /// Encrypted: how many bytes at the end of the buffer belong to a record
+    /// whose tag has not been checked yet. Frames are parsed only from the
+    /// bytes before them.
+    var unverified = 0
     /// Page size once the handshake fixed it (makes page payload lengths exact).
     public var pageSize: Int?
     /// Read as much as is there, not one frame at a time: for a side that
@@ -107,6 +115,20 @@ public final class TCPConnection: @unchecked Sendable {
     public var bytesSent: UInt64 { sent.load(ordering: .relaxed) }
     public var bytesReceived: UInt64 { received.load(ordering: .relaxed) }
 
+    /// Every frame from now on, both ways, travels in AES-256-GCM records
+    /// (`RecordFormat`) under `keys`. Called by both sides at the same point of
+    /// the handshake, with nothing of the peer's buffered yet.
+    public func startEncryption(_ keys: StreamKeys) throws(TransportError) {
+        guard start == end, placed == nil else { throw .protocolViolation("\(peer) sent more than its handshake before encryption started") }
+        sealer = try RecordSealer(key: keys.send)
+        opener = try RecordOpener(key: keys.receive)
+    }
+
+    public var isEncrypted: Bool { sealer != nil }
+    /// Bytes encrypted (frames sent) and decrypted (frames received) so far.
+    public var bytesEncrypted: UInt64 { sealer?.bytesSealed ?? 0 }
+    public var bytesDecrypted: UInt64 { opener?.bytesOpened ?? 0 }
+
     /// Closes the socket; a thread blocked on it wakes with an error.
     public func shutdown() { _ = cpc_shutdown(fd.raw) }
     public func close() { fd.close() }
@@ -135,6 +157,11 @@ public final class TCPConnection: @unchecked Sendable {
     /// Sends the buffers in order, as few sendmsg calls as the kernel allows
     /// (a burst of page replies in one call instead of one each).
     public func sendv(_ parts: [UnsafeRawBufferPointer]) throws(TransportError) {
+        guard let sealer else { return try rawSendv(parts) }
+        try sealer.seal(parts) { (records) throws(TransportError) in try rawSendv([records]) }
+    }
+
+    private func rawSendv(_ parts: [UnsafeRawBufferPointer]) throws(TransportError) {
         var iov = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
         var first = 0
         while first < iov.count {
@@ -197,6 +224,9 @@ public final class TCPConnection: @unchecked Sendable {
         gatherPlacement = nil
         if let p = placed {
             guard p.got == p.total else { return nil }
+            // The sender ends a payload's record with the payload: a payload
+            // that is all in while its record goes on is not the sender's.
+            if let opener, !opener.atBoundary { throw .integrity("a payload ends inside an encrypted record (its length was changed on the way)") }
             placed = nil
             start += p.prefix
             switch p.reply {
@@ -206,7 +236,7 @@ public final class TCPConnection: @unchecked Sendable {
                 return .gatherData(g, payload: UnsafeRawBufferPointer(start: nil, count: 0))
             }
         }
-        let avail = end - start
+        let avail = end - unverified - start
         guard avail >= WireProtocol.headerSize else { return nil }
         let header: FrameHeader
         do {
@@ -240,7 +270,7 @@ public final class TCPConnection: @unchecked Sendable {
     /// `frameOrigin`. Returns false when the socket would block.
     private func fill() throws(TransportError) -> Bool {
         if var p = placed {
-            let r = receiveInPlace(p)
+            let r = try receiveInPlace(p)
             guard try received(r) else { return false }
             p.got += r
             placed = p
@@ -264,22 +294,40 @@ public final class TCPConnection: @unchecked Sendable {
         let placing = placement != nil && !readAhead
         if placing && avail < headsLength() { want = headsLength() }  // the headers alone first
         let room = readAhead ? capacity - end : min(capacity - end, max(want - avail, 1))
-        let r = cpc_recv(fd.raw, buffer + end, room)
+        // (Full, with a frame in it: in clear it would have parsed; encrypted,
+        // its record goes on past it, which no sender of this protocol does.)
+        guard room > 0 else { throw .integrity("a frame ends inside an encrypted record (its length was changed on the way)") }
+        let r = try receive(into: buffer + end, max: room)
         guard try received(r) else { return false }
         end += r
+        if let opener { unverified = opener.atBoundary ? 0 : unverified + r }
         if placing && end - start == headsLength() { place() }
         return true
     }
 
-    /// Accounts for one recv; false when it would block.
-    private func received(_ r: Int) throws(TransportError) -> Bool {
+    /// One recv, or (encrypted) the next plaintext bytes of the stream, into
+    /// `to`: at most `max` bytes, -EAGAIN, 0 at the end, or -errno.
+    func receive(into to: UnsafeMutableRawPointer, max: Int) throws(TransportError) -> Int {
+        guard let opener else {
+            let r = cpc_recv(fd.raw, to, max)
+            if r > 0 { received.add(UInt64(r), ordering: .relaxed) }
+            return r
+        }
+        return try opener.read(into: to, max: max, maxRecord: WireProtocol.headerSize + maxBody) { p, n in
+            let r = cpc_recv(fd.raw, p, n)
+            if r > 0 { received.add(UInt64(r), ordering: .relaxed) }
+            return r
+        }
+    }
+
+    /// Maps the result of one `receive`; false when it would block.
+    func received(_ r: Int) throws(TransportError) -> Bool {
         if r == -Int(EAGAIN) { return false }
-        if r == 0 { throw .closed(peer) }
+        if r == 0 { throw .closed(opener?.isMidRecord == true ? "\(peer) (in the middle of an encrypted record)" : peer) }
         if r < 0 {
             if r == -Int(ECONNRESET) { throw .closed("\(peer) (connection reset)") }
             throw .system(SystemError("recv from \(peer)", errno: Int32(-r)))
         }
-        received.add(UInt64(r), ordering: .relaxed)
         return true
     }
 

@@ -19,12 +19,16 @@ public final class TCPTransport: Transport, @unchecked Sendable {
     private var channels: [TCPPageChannel] = []
     /// Bytes of connections closed by reconnects (still part of the wire total).
     private var retired: (sent: UInt64, received: UInt64) = (0, 0)
+    private var retiredCipher: (encrypted: UInt64, decrypted: UInt64) = (0, 0)
 
     /// Shared key; when set, the source must prove it and this side proves it too.
     private let authKey: [UInt8]?
+    /// Whether frames after the authentication are encrypted (only with a key).
+    public let encrypted: Bool
 
-    public init(endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64, authKey: [UInt8]? = nil) {
+    public init(endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64, authKey: [UInt8]? = nil, encryption: StreamEncryption = .on) {
         self.authKey = authKey
+        encrypted = authKey != nil && encryption == .on
         self.endpoint = endpoint
         self.maxBatchPages = maxBatchPages
         self.maxDemandPages = maxDemandPages
@@ -36,7 +40,9 @@ public final class TCPTransport: Transport, @unchecked Sendable {
     private func handshake(_ role: ChannelRole, sessionID: UInt64) throws(TransportError) -> (TCPConnection, Welcome) {
         let c = try TCPConnection.connect(endpoint, maxBody: Self.handshakeMaxBody)
         let nonce = authKey.map { _ in Authentication.nonce() }
-        try c.send(.hello(Hello(role: role, capabilities: nonce == nil ? [.zeroMap, .urgentChannel] : [.zeroMap, .urgentChannel, .authentication],
+        let asked: Capabilities = nonce == nil ? [.zeroMap, .urgentChannel] : encrypted ? [.zeroMap, .urgentChannel, .authentication, .encryption]
+            : [.zeroMap, .urgentChannel, .authentication]
+        try c.send(.hello(Hello(role: role, capabilities: asked,
                                 sessionID: sessionID,
                                 extensions: nonce.map { [HandshakeExtension(type: ExtensionType.clientNonce, value: $0)] } ?? [])))
         var reply = try c.receive(timeoutMs: WireProtocol.handshakeTimeoutMs)
@@ -48,6 +54,10 @@ public final class TCPTransport: Transport, @unchecked Sendable {
                 throw .protocolViolation("the source at \(endpoint) could not prove the shared key; refusing it")
             }
             try c.send(.authResponse(AuthResponse(proof: Authentication.destinationProof(key: authKey, clientNonce: nonce, serverNonce: challenge.serverNonce))))
+            if encrypted {
+                // The welcome and everything after it, both ways, in AES-256-GCM records.
+                try c.startEncryption(StreamKeys(sharedKey: authKey, clientNonce: nonce, serverNonce: challenge.serverNonce, isSource: false))
+            }
             reply = try c.receive(timeoutMs: WireProtocol.handshakeTimeoutMs)
         } else if authKey != nil {
             throw .protocolViolation("the source at \(endpoint) did not authenticate; refusing to take pages from it")
@@ -168,12 +178,14 @@ public final class TCPTransport: Transport, @unchecked Sendable {
     public func reconnect() throws(TransportError) -> (demand: PageChannel, background: PageChannel) {
         guard let info else { throw .protocolViolation("reconnect before connect") }
         let old = bytesOnWire
+        let oldCipher = bytesThroughCipher
         // Shut down, not close: a thread may still be inside a call on an old
         // connection, and a closed fd number could be reused by the new one.
         // The old descriptors close when their last user lets go of them.
         close()
         lock.withLock {
             retired = old
+            retiredCipher = oldCipher
             channels = []
             main = nil
         }
@@ -197,6 +209,19 @@ public final class TCPTransport: Transport, @unchecked Sendable {
             r += c.bytesReceived
         }
         return (s, r)
+    }
+
+    /// Frame bytes encrypted (sent) and decrypted (received) by this transport's
+    /// connections so far, closed ones included: 0 when not encrypted.
+    public var bytesThroughCipher: (encrypted: UInt64, decrypted: UInt64) {
+        let (retired, conns) = lock.withLock { (self.retiredCipher, self.channels.map { $0.connection } + (self.main.map { [$0] } ?? [])) }
+        var e = retired.encrypted, d = retired.decrypted
+        var seen = Set<ObjectIdentifier>()
+        for c in conns where seen.insert(ObjectIdentifier(c)).inserted {
+            e += c.bytesEncrypted
+            d += c.bytesDecrypted
+        }
+        return (e, d)
     }
 
     public func close() {

@@ -17,12 +17,16 @@ public enum TransportError: Error, Sendable, CustomStringConvertible {
     case timedOut(String)
     /// A failure on this side (userfaultfd, memory), not the connection's.
     case local(SystemError)
+    /// An encrypted record did not verify (tampered, replayed, reordered or
+    /// cut): nothing of it was accepted; the connection is dropped and, like a
+    /// lost one, reconnected with fresh keys.
+    case integrity(String)
 
     /// A broken or stalled connection (worth reconnecting), as opposed to a peer
     /// that broke the protocol or refused us (never retried).
     public var isConnectionLoss: Bool {
         switch self {
-        case .closed, .system, .timedOut: return true
+        case .closed, .system, .timedOut, .integrity: return true
         default: return false
         }
     }
@@ -37,6 +41,7 @@ public enum TransportError: Error, Sendable, CustomStringConvertible {
         case .unavailable(let s): return "transport unavailable: \(s)"
         case .timedOut(let s): return "timed out: \(s)"
         case .local(let e): return e.description
+        case .integrity(let s): return "encrypted stream failed its integrity check: \(s)"
         }
     }
 }

@@ -45,6 +45,9 @@ public struct Capabilities: OptionSet, Sendable, Hashable {
     public static let precopy = Capabilities(rawValue: 1 << 4)
     /// The source answers `GatherRequest`s (many scattered runs, one reply).
     public static let gather = Capabilities(rawValue: 1 << 5)
+    /// Every frame after the authentication travels in AES-256-GCM records
+    /// (asked for by the destination; a source in the other mode refuses it).
+    public static let encryption = Capabilities(rawValue: 1 << 6)
 }
 
 public enum MessageType: UInt8, Sendable, CaseIterable {

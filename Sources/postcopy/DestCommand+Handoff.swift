@@ -14,9 +14,10 @@ extension DestCommand {
         let endpoint = connect
         let json = common.json
         // `--transport rdma` without a device fails now, not when a VMM arrives.
-        let (_, reason) = try Transports.connect(kind, to: endpoint, maxBatchPages: batchPages, authKey: nil)
-        logger.info("transport for VMMs: \(reason)")
         let key = try common.loadKey()
+        let encryption = try common.streamEncryption()
+        let (_, reason) = try Transports.connect(kind, to: endpoint, maxBatchPages: batchPages, authKey: key, encryption: encryption)
+        logger.info("transport for VMMs: \(reason)")
         var config = engineConfig()
         if let file = replayWorkingSet {
             // Checked now: a file that cannot be read, or is corrupt, is the
@@ -35,7 +36,7 @@ extension DestCommand {
         let server: HandoffServer
         do {
             server = try HandoffServer(
-                path: path, source: endpoint, engineConfig: config, authKey: key, logger: logger,
+                path: path, source: endpoint, engineConfig: config, authKey: key, encryption: encryption, logger: logger,
                 transport: kind, workingSetOut: recordWorkingSet,
                 onComplete: { pid, at in
                     if json {

@@ -143,7 +143,7 @@ struct DestCommand: ParsableCommand {
         }
         let key = try common.loadKey()
         let (transport, reason) = try Transports.connect(common.transport, to: connect, maxBatchPages: batchPages,
-                                                         authKey: key, logger: logger)
+                                                         authKey: key, encryption: try common.streamEncryption(), logger: logger)
         if !common.json { FileHandle.standardError.write("transport: \(transport.name) (\(reason))\n".data(using: .utf8)!) }
         let dest = StandaloneDestination(options: options, logger: logger)
         let progress = (!noProgress && !common.json && isatty(2) != 0) ? ProgressBar(dest) : nil

@@ -62,7 +62,8 @@ struct GuestResumeCommand: ParsableCommand {
     func run() throws {
         if let reason = Userfaultfd.unavailableReason() { throw fail(reason) }
         // Device state and digests; with --stop-and-copy also every page, in its batches.
-        let control = TCPTransport(endpoint: source, maxBatchPages: StopAndCopy.batchPages, authKey: try key.loadKey())
+        let control = TCPTransport(endpoint: source, maxBatchPages: StopAndCopy.batchPages, authKey: try key.loadKey(),
+                                   encryption: try key.streamEncryption())
         let info: SessionInfo
         do { info = try control.connect() } catch { throw fail("cannot reach the source: \(error)") }
         let bytes = info.table.totalPages * info.table.pageSize

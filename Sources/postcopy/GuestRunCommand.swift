@@ -106,7 +106,7 @@ struct GuestRunCommand: ParsableCommand {
         do {
             let rdma = try Transports.listenRDMA(transport, host: listen.host, memory: ram, logger: logger)
             server = try PageServer(memory: memoryState, listen: listen, exitAfterCompletion: false,
-                                    backgroundPriority: backgroundPriority, authKey: authKey,
+                                    backgroundPriority: backgroundPriority, authKey: authKey, encryption: try key.streamEncryption(),
                                     rdma: rdma, precopy: controller.offered ? controller : nil, logger: logger)
         } catch { throw fail("\(error)") }
         server.start()

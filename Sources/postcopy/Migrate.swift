@@ -45,6 +45,7 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Destination guest RAM: shared (a memfd; the daemon writes pages through its preallocated alias and maps them with UFFDIO_CONTINUE) or anonymous (Firecracker's plain handoff; UFFDIO_COPY).") var memory: GuestMemoryKind = .shared
     @Option(name: .long, help: "The destination daemon's prefetch: adaptive or off (see dest --help).") var prefetch: PrefetchMode = .adaptive
     @Option(name: .long, help: "Transport: tcp, rdma (one-sided RDMA READ; --address must be an RDMA device's IP) or auto.") var transport: TransportKind = .tcp
+    @Option(name: .long, help: "on or off: encrypt the stream between source and destination (AES-256-GCM under this migration's fresh key; see source --help). With on, --transport rdma still READs pages in clear.") var encryption: StreamEncryption = .on
     @Option(name: .long, help: "IP address the source serves on and the destination connects to (for RDMA: the RDMA device's IP).") var address: String = "127.0.0.1"
     @Option(name: .long, help: "At the destination, run a task guest: this many cooperative tasks per vCPU reading random pages (0: the guest's own workload).") var tasks: Int = 0
     @Flag(name: .long, help: "With --tasks: paravirtual async page faults (a task that touches a missing page parks, the vCPU runs another).") var apf = false
@@ -83,7 +84,7 @@ struct MigrateCommand: ParsableCommand {
         say("booting a \(size) guest (\(workload), \(vcpus) vCPUs) at the source...")
         let source = try Child("source guest", ["guest", "run", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
                                                 "--zipf-skew", "\(shape.zipfSkew)", "--write-percent", "\(shape.effectiveWritePercent)",
-                                                "--listen", "\(address):0", "--json", "--report-ms", "\(reportMs)", "--key-file", keyFile,
+                                                "--listen", "\(address):0", "--json", "--report-ms", "\(reportMs)", "--key-file", keyFile, "--encryption", encryption.rawValue,
                                                 "--transport", transport.rawValue, "--precopy", precopy, "--postcopy", postcopy.rawValue,
                                                 "--background-priority", backgroundPriority.rawValue])
         var children = [source]
@@ -102,7 +103,7 @@ struct MigrateCommand: ParsableCommand {
             say("source guest running, serving its RAM on \(address):\(port); starting the destination daemon and guest")
             let d = try Child("destination daemon", ["dest", "--handoff", socket, "--connect", "\(address):\(port)", "--once",
                                                      "--json", "--transport", transport.rawValue, "--background-rate", backgroundRate.text,
-                                                     "--key-file", keyFile, "--background-priority", backgroundPriority.rawValue,
+                                                     "--key-file", keyFile, "--encryption", encryption.rawValue, "--background-priority", backgroundPriority.rawValue,
                                                      "--prefetch", prefetch.rawValue])
             children.append(d)
             guard d.waitFor(\.listening, seconds: 30) != nil else { throw abort("the destination daemon did not start") }
@@ -111,7 +112,7 @@ struct MigrateCommand: ParsableCommand {
             say("source guest running, serving its RAM on \(address):\(port); starting the destination guest (stop-and-copy)")
         }
         let dest = try Child("destination guest", ["guest", "resume", "--source", "\(address):\(port)", "--run-for", "\(after)",
-                                                   "--json", "--report-ms", "\(reportMs)", "--key-file", keyFile]
+                                                   "--json", "--report-ms", "\(reportMs)", "--key-file", keyFile, "--encryption", encryption.rawValue]
                                                    + (postcopy ? ["--handoff", socket, "--memory", memory.rawValue, "--postcopy", self.postcopy.rawValue] : ["--stop-and-copy"])
                                                    + (tasks > 0 ? ["--tasks", "\(tasks)", "--think", "\(think)", "--work-window-ms", "\(workWindowMs)"] : [])
                                                    + (apf ? ["--apf"] : []))

@@ -9,6 +9,7 @@ import PostcopyTransport
 // The library enums are the option types: argument-parser checks the spelling
 // and lists the allowed values in --help.
 extension TransportKind: ExpressibleByArgument {}
+extension StreamEncryption: ExpressibleByArgument {}
 extension ThreadPriority: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 extension TouchMode: ExpressibleByArgument {}
@@ -66,10 +67,26 @@ struct KeyOptions: ParsableArguments {
     @Option(name: .long, help: "Shared key file (mode 600, at least 16 bytes): both sides must prove it before any page or state is exchanged.")
     var keyFile: String?
 
+    @Option(name: .long, help: ArgumentHelp(
+        "on or off (default: on with --key-file): encrypt every frame after the authentication (AES-256-GCM, keys derived from the shared key and both sides' nonces).",
+        discussion: "Both sides must agree: each refuses a peer in the other mode. off is for a link you trust. RDMA READ cannot encrypt pages: with encryption on, --transport auto uses TCP, and --transport rdma sends pages in clear (control encrypted)."))
+    var encryption: StreamEncryption?
+
     /// The shared key, or nil without --key-file.
     func loadKey() throws -> [UInt8]? {
         guard let keyFile else { return nil }
         do { return try Authentication.loadKey(keyFile) } catch { throw fail("\(error)") }
+    }
+
+    /// `--encryption`, checked: `on` needs a key to derive its keys from.
+    func streamEncryption() throws -> StreamEncryption {
+        if encryption == .on, keyFile == nil { throw fail("--encryption on needs --key-file: the stream's keys are derived from the shared key") }
+        return encryption ?? .on
+    }
+
+    /// The arguments that give a child process the same key and mode.
+    func arguments(keyFile path: String) -> [String] {
+        ["--key-file", path] + (encryption.map { ["--encryption", $0.rawValue] } ?? [])
     }
 }
 
@@ -90,6 +107,7 @@ struct CommonOptions: ParsableArguments {
     @OptionGroup var key: KeyOptions
 
     func loadKey() throws -> [UInt8]? { try key.loadKey() }
+    func streamEncryption() throws -> StreamEncryption { try key.streamEncryption() }
 
     func makeLogger(_ label: String) -> Logger {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }

@@ -62,7 +62,7 @@ struct SourceCommand: ParsableCommand {
         do {
             server = try PageServer(memory: mem, listen: listen, exitAfterCompletion: !serveForever,
                                   backgroundPriority: common.backgroundPriority,
-                                  authKey: key, rdma: rdma, logger: logger)
+                                  authKey: key, encryption: try common.streamEncryption(), rdma: rdma, logger: logger)
         } catch {
             throw fail("\(error)")
         }

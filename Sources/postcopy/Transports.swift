@@ -10,9 +10,10 @@ enum Transports {
     /// The destination's transport to `endpoint` and why it was chosen; an error
     /// (`rdma` without a device) is reported as `error: …`, exit status 1.
     static func connect(_ kind: TransportKind, to endpoint: Endpoint, maxBatchPages: Int, authKey: [UInt8]?,
-                        logger: Logger? = nil) throws -> (Transport, reason: String) {
+                        encryption: StreamEncryption = .on, logger: Logger? = nil) throws -> (Transport, reason: String) {
         do {
-            return try TransportFactory.connect(kind, endpoint: endpoint, maxBatchPages: maxBatchPages, authKey: authKey, logger: logger)
+            return try TransportFactory.connect(kind, endpoint: endpoint, maxBatchPages: maxBatchPages, authKey: authKey,
+                                                encryption: encryption, logger: logger)
         } catch {
             throw fail("\(error)")
         }
