@@ -26,6 +26,9 @@ public struct DestinationReport: Sendable, Codable {
     public var eagain: UInt64
     public var bytesSent: UInt64
     public var bytesReceived: UInt64
+    /// Whether the stream was encrypted, and the frame bytes decrypted.
+    public var encrypted = false
+    public var bytesDecrypted: UInt64 = 0
     /// bytes received / (non-zero pages × page size).
     public var wireOverhead: Double
     /// From the start to the stream's start, preallocation included.
@@ -69,7 +72,7 @@ public struct DestinationReport: Sendable, Codable {
         case prefetchPages = "prefetch_pages", prefetchHits = "prefetch_hits"
         case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted", zeroPagesMappedAhead = "zero_pages_mapped_ahead"
         case faults, faultsCoalesced = "faults_coalesced", eexist, eagain
-        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", wireOverhead = "wire_overhead"
+        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", wireOverhead = "wire_overhead", encrypted, bytesDecrypted = "bytes_decrypted"
         case handshakeSeconds = "handshake_seconds", installPath = "install_path", preallocationSeconds = "preallocation_seconds"
         case cpuSecondsToFullCopy = "cpu_seconds_to_full_copy"
         case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place"

@@ -141,6 +141,7 @@ public final class StandaloneDestination: Sendable {
             throw .transport(error)
         }
         let wire = transport.bytesOnWire
+        let cipher = transport.bytesThroughCipher
         transport.close()
         let rssMax = rss.finish(excluding: guestRanges)
 
@@ -168,6 +169,8 @@ public final class StandaloneDestination: Sendable {
             cpuSeconds: Double(processCPUNanoseconds() - cpu0) / 1e9, uffdOrigin: uffd.origin,
             recoveryNs: setupRecoveries + engine.recoveryTimes.withLock { $0 })
         report.cpuSecondsToFullCopy = Double(cpuToFullCopy) / 1e9
+        report.encrypted = transport.encrypted
+        report.bytesDecrypted = cipher.decrypted
         report.prefetchPages = c.prefetchPages.load(ordering: .relaxed)
         report.prefetchHits = c.prefetchHits.load(ordering: .relaxed)
         report.pagesCopied = c.pagesCopied.load(ordering: .relaxed)

@@ -21,6 +21,9 @@ final class HandoffMetrics: Sendable {
     let pagesZero = Counter(label: "postcopy_pages_total", dimensions: [("class", "zero")])
     let bytesReceived = Counter(label: "postcopy_wire_bytes_total", dimensions: [("direction", "received")])
     let bytesSent = Counter(label: "postcopy_wire_bytes_total", dimensions: [("direction", "sent")])
+    /// Frame bytes through AES-256-GCM (0 while nothing is encrypted).
+    let bytesDecrypted = Counter(label: "postcopy_encrypted_bytes_total", dimensions: [("direction", "received")])
+    let bytesEncrypted = Counter(label: "postcopy_encrypted_bytes_total", dimensions: [("direction", "sent")])
     let faultLatency = Metrics.Timer(label: "postcopy_fault_service_seconds")
     let reconnects = Counter(label: "postcopy_reconnects_total")
     let recoveryTime = Metrics.Timer(label: "postcopy_recovery_seconds")
@@ -52,7 +55,7 @@ final class HandoffMetrics: Sendable {
 /// changed since (the engine's counters only grow).
 struct HandoffMetricsCursor {
     var demand: UInt64 = 0, prefetch: UInt64 = 0, background: UInt64 = 0, zero: UInt64 = 0
-    var received: UInt64 = 0, sent: UInt64 = 0, apfNotPresent: UInt64 = 0, apfReady: UInt64 = 0
+    var received: UInt64 = 0, sent: UInt64 = 0, decrypted: UInt64 = 0, encrypted: UInt64 = 0, apfNotPresent: UInt64 = 0, apfReady: UInt64 = 0
 
     mutating func update(_ m: HandoffMetrics, engine: PostcopyEngine, transport: Transport) {
         let c = engine.counters
@@ -67,6 +70,9 @@ struct HandoffMetricsCursor {
         let wire = transport.bytesOnWire
         add(m.bytesReceived, &received, wire.received)
         add(m.bytesSent, &sent, wire.sent)
+        let cipher = transport.bytesThroughCipher
+        add(m.bytesDecrypted, &decrypted, cipher.decrypted)
+        add(m.bytesEncrypted, &encrypted, cipher.encrypted)
         add(m.apfNotPresent, &apfNotPresent, c.apfFaults.load(ordering: .relaxed))
         add(m.apfReady, &apfReady, c.apfReady.load(ordering: .relaxed))
     }

@@ -192,6 +192,8 @@ extension HandoffServer {
             progress: progress, pagesCopied: c.pagesCopied.load(ordering: .relaxed),
             pagesContinued: c.pagesContinued.load(ordering: .relaxed), pagesReceivedInPlace: c.pagesReceivedInPlace.load(ordering: .relaxed),
             removedInFlight: c.removedInFlight.load(ordering: .relaxed))
+        report.encrypted = transport.encrypted
+        report.bytesDecrypted = transport.bytesThroughCipher.decrypted
         report.precopyPasses = c.precopyPasses.load(ordering: .relaxed)
         report.precopyPages = c.precopyPages.load(ordering: .relaxed)
         report.precopyStalePages = c.precopyStalePages.load(ordering: .relaxed)

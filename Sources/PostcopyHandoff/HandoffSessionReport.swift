@@ -25,6 +25,9 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var zeroPages: Int
     public var bytesSent: UInt64
     public var bytesReceived: UInt64
+    /// Whether the stream from the source was encrypted, and the frame bytes decrypted.
+    public var encrypted = false
+    public var bytesDecrypted: UInt64 = 0
     /// CPU time of the daemon process while this session ran.
     public var cpuSeconds: Double
     /// CPU time of the daemon from the engine's start (after preallocation,
@@ -86,7 +89,7 @@ public struct HandoffSessionReport: Sendable, Codable {
         case zeroPagesMappedAhead = "zero_pages_mapped_ahead"
         case removeEvents = "remove_events", timeToFullCopySeconds = "time_to_full_copy_seconds", faultLatency = "fault_latency"
         case faultLatencyCDF = "fault_latency_cdf", stallSeconds = "stall_seconds", zeroPages = "zero_pages"
-        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", cpuSeconds = "cpu_seconds", cpuSecondsToFullCopy = "cpu_seconds_to_full_copy", progress
+        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", encrypted, bytesDecrypted = "bytes_decrypted", cpuSeconds = "cpu_seconds", cpuSecondsToFullCopy = "cpu_seconds_to_full_copy", progress
         case installPath = "install_path", preallocationSeconds = "preallocation_seconds"
         case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place", removedInFlight = "removed_in_flight"
         case precopyPasses = "precopy_passes", precopyPages = "precopy_pages", precopyStalePages = "precopy_stale_pages"

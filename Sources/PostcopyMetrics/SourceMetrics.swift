@@ -24,6 +24,7 @@ public final class SourceMetricsCollector: Sendable {
             (Counter(label: "postcopy_source_pages_total", dimensions: [("class", "precopy")]), { stats.precopyPages.load(ordering: .relaxed) }),
             (Counter(label: "postcopy_source_wire_bytes_total", dimensions: [("direction", "sent")]), { stats.bytesSent.load(ordering: .relaxed) }),
             (Counter(label: "postcopy_source_wire_bytes_total", dimensions: [("direction", "received")]), { stats.bytesReceived.load(ordering: .relaxed) }),
+            (Counter(label: "postcopy_source_encrypted_bytes_total", dimensions: [("direction", "sent")]), { stats.bytesEncrypted.load(ordering: .relaxed) }),
             (Counter(label: "postcopy_source_sessions_completed_total"), { stats.completedSessions.load(ordering: .relaxed) }),
             (Counter(label: "postcopy_source_sessions_resumed_total"), { stats.resumedSessions.load(ordering: .relaxed) }),
             (Counter(label: "postcopy_source_connections_refused_total"), { stats.rejectedConnections.load(ordering: .relaxed) }),

@@ -182,6 +182,11 @@ public final class RDMATransport: Transport, @unchecked Sendable {
         }
     }
 
+    /// The TCP control connection's (and a failover's page channels'): pages
+    /// READ by the NIC are never encrypted.
+    public var encrypted: Bool { tcp.encrypted }
+    public var bytesThroughCipher: (encrypted: UInt64, decrypted: UInt64) { tcp.bytesThroughCipher }
+
     public var bytesOnWire: (sent: UInt64, received: UInt64) {
         let t = tcp.bytesOnWire
         let r = lock.withLock { channels.reduce(retiredReceived) { $0 + $1.bytesReceived } }

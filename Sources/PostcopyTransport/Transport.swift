@@ -87,10 +87,17 @@ public protocol Transport: AnyObject, Sendable {
     func reconnect() throws(TransportError) -> (demand: PageChannel, background: PageChannel)
     /// Bytes put on and taken off the wire so far, every channel and header included.
     var bytesOnWire: (sent: UInt64, received: UInt64) { get }
+    /// Whether the stream is encrypted (`StreamEncryption`), and the frame
+    /// bytes encrypted (sent) and decrypted (received) so far.
+    var encrypted: Bool { get }
+    var bytesThroughCipher: (encrypted: UInt64, decrypted: UInt64) { get }
     func close()
 }
 
 extension Transport {
+    public var encrypted: Bool { false }
+    public var bytesThroughCipher: (encrypted: UInt64, decrypted: UInt64) { (0, 0) }
+
     public func fetchDirtySet(pass: UInt32) throws(TransportError) -> PrecopySet {
         throw .unavailable("the \(name) transport does not copy in precopy passes")
     }

@@ -53,7 +53,7 @@ struct AuthTests {
         // A raw peer that asks for pages anyway, with a made-up proof.
         let c = try rawConnect(server.port)
         let nonce = Authentication.nonce()
-        try c.send(.hello(Hello(role: .main, capabilities: [.authentication], sessionID: 0,
+        try c.send(.hello(Hello(role: .main, capabilities: [.authentication, .encryption], sessionID: 0,
                                 extensions: [HandshakeExtension(type: ExtensionType.clientNonce, value: nonce)])))
         guard case .authChallenge = try c.receive(timeoutMs: 10_000) else { Issue.record("no challenge"); return }
         try c.send(.authResponse(AuthResponse(proof: [UInt8](repeating: 0, count: 32))))
