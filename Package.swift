@@ -31,9 +31,10 @@ let package = Package(
                 "CPostcopy",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]),
-        // AES-256-GCM from the system's libcrypto (OpenSSL, libssl-dev) behind a
-        // small C shim: in-place record encryption for the TCP stream.
-        .target(name: "CAEAD", linkerSettings: [.linkedLibrary("crypto")]),
+        // Streaming AES-256-GCM for the encrypted TCP stream, from swift-crypto's
+        // BoringSSL (its symbols are linked in through Crypto): decrypts
+        // straight into place (see Sources/CAEAD/include/caead.h).
+        .target(name: "CAEAD", dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
         // Transport protocol and its TCP implementation.
         .target(
             name: "PostcopyTransport",

@@ -8,20 +8,19 @@ if ! command -v swift >/dev/null; then
     exit 2
 fi
 
-# The build links libibverbs and librdmacm (the RDMA transport) and OpenSSL's
-# libcrypto (AES-256-GCM of the encrypted TCP stream): installs their
+# The build links libibverbs and librdmacm (the RDMA transport): installs their
 # development packages when missing (Debian/Ubuntu; needs root).
 postcopy_build_deps() {
-    if [ -e /usr/include/infiniband/verbs.h ] && [ -e /usr/include/rdma/rdma_cma.h ] && [ -e /usr/include/openssl/evp.h ] \
-        && ls /usr/lib/*/libibverbs.so /usr/lib/*/librdmacm.so /usr/lib/*/libcrypto.so >/dev/null 2>&1; then
+    if [ -e /usr/include/infiniband/verbs.h ] && [ -e /usr/include/rdma/rdma_cma.h ] \
+        && ls /usr/lib/*/libibverbs.so /usr/lib/*/librdmacm.so >/dev/null 2>&1; then
         return 0
     fi
-    echo "installing libibverbs-dev librdmacm-dev libssl-dev (needed to build the RDMA transport and the encrypted stream)..." >&2
+    echo "installing libibverbs-dev librdmacm-dev (needed to build the RDMA transport)..." >&2
     if ! command -v apt-get >/dev/null; then
-        echo "error: install the libibverbs, librdmacm (rdma-core) and OpenSSL (libssl) development packages first" >&2
+        echo "error: install the libibverbs and librdmacm development packages (rdma-core) first" >&2
         return 2
     fi
-    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs-dev librdmacm-dev libssl-dev >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs-dev librdmacm-dev >&2
 }
 
 # Runs "$@" with the host's transparent huge pages for shared memory set to $1

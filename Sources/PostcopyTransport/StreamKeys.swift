@@ -29,6 +29,10 @@ public struct StreamKeys: Sendable {
 
     /// Which library runs the cipher (for reports).
     public static var library: String { String(cString: caead_library()) }
+
+    /// The cipher's known-answer test (`caead_self_test`): 0 when it passes,
+    /// else the step that failed. Run once before the first encrypted connection.
+    public static let cipherSelfTest: Int32 = caead_self_test()
 }
 
 /// Whether a connection with a shared key encrypts its frames. Both sides must
@@ -48,8 +52,11 @@ final class AEADContext {
     private(set) var counter: UInt64 = 0
 
     init(key: [UInt8], encrypt: Bool) throws(TransportError) {
+        guard StreamKeys.cipherSelfTest == 0 else {
+            throw .unavailable("AES-256-GCM failed its known-answer test (step \(StreamKeys.cipherSelfTest)): \(StreamKeys.library) does not work as expected here; refusing to encrypt with it")
+        }
         guard key.count == Int(CAEAD_KEY_BYTES), let c = caead_new(key, encrypt ? 1 : 0) else {
-            throw .unavailable("libcrypto could not set up AES-256-GCM")
+            throw .unavailable("\(StreamKeys.library) could not set up AES-256-GCM")
         }
         ctx = c
     }

@@ -203,6 +203,7 @@ struct MigrateCommand: ParsableCommand {
             "zero_pages_mapped_ahead": session?.zeroPagesMappedAhead ?? 0,
             "bytes_received": session?.bytesReceived ?? sourceDone?.bytesSent ?? 0,
             "bytes_sent": session?.bytesSent ?? 0,
+            "encryption": encryption.rawValue, "encrypted": session?.encrypted ?? false, "bytes_decrypted": session?.bytesDecrypted ?? 0,
             "source_cpu_seconds": sourceDone?.cpuSeconds ?? 0, "daemon_cpu_seconds": session?.cpuSeconds ?? 0,
             "daemon_cpu_seconds_to_full_copy": session?.cpuSecondsToFullCopy ?? 0,
             "daemon_rss_outside_guest_max_bytes": session?.rssOutsideGuestMaxBytes ?? 0,
@@ -266,6 +267,7 @@ struct MigrateCommand: ParsableCommand {
                                       M ops/s every 100 ms: before [\(perSecond(Array(beforeOps.suffix(10))))] during [\(perSecond(duringOps))] after [\(perSecond(Array(afterOps.prefix(10))))]
                   precopy             \(precopy == "off" ? "off" : "\(precopy): \(sourceDone?.precopy?.passes.count ?? 0) pass(es) of \(sourceDone?.precopy?.passes.map(String.init).joined(separator: ", ") ?? "") pages in \(fixed(Double(pausedAt - migratingAt) / 1e9, 3)) s; paused: \(paused?.reason ?? "?"); final dirty set \(sourceDone?.precopy?.finalDirtyPages.map(String.init) ?? "?") pages, \(session?.cleanPagesReleased ?? 0) clean pages left to the guest's own faults and \(session?.cleanPagesMapped ?? 0) mapped, without a transfer; guest ops/s during precopy \(fmtOps(precopyOps))")
                   shared memory THP   \(shmemTHP) (/sys/kernel/mm/transparent_hugepage/shmem_enabled; with advise, guest RAM and the daemon's alias ask for 2 MiB folios)
+                  encryption          \(session.map { $0.encrypted ? "AES-256-GCM (\(StreamKeys.library)): \(formatBytes(Double($0.bytesDecrypted))) decrypted by the daemon, \(formatBytes(Double($0.bytesReceived))) on the wire" : encryption == .off ? "off (authenticated, in clear)" : "control only (pages READ over \($0.transport) in clear)" } ?? (encryption == .on ? "on" : "off"))
                   install path        \(session.map { $0.installPath == "copy" ? "copy (anonymous RAM, UFFDIO_COPY)" : "continue (shared RAM preallocated in \(fixed($0.preallocationSeconds, 3)) s before the switchover, UFFDIO_CONTINUE)" } ?? "none (stop-and-copy)")
                   daemon CPU          \((result["daemon_cpu_seconds_per_gib"] as? Double).map { fixed($0, 3) + " s per GiB received, from the engine's start to the full copy" } ?? "-")
                   daemon memory       \(session.map { "\(formatBytes(Double($0.rssOutsideGuestMaxBytes))) resident outside guest memory at most (\(formatBytes(Double($0.rssOutsideGuestIdleBytes))) when it started)" } ?? "-")

@@ -150,6 +150,12 @@ struct StreamRecordTests {
     /// Which frame record `r` belongs to (records of `sendAll`, in order).
     static let frameOfRecord = [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 6, 7]
 
+    /// The cipher against a published test vector (sealed in pieces, opened
+    /// in place, a flipped bit refused).
+    @Test func cipherKnownAnswer() {
+        #expect(StreamKeys.cipherSelfTest == 0, "caead_self_test failed at step \(StreamKeys.cipherSelfTest)")
+    }
+
     @Test func frameRoundTripAndNothingInClear() throws {
         let keys = Keys()
         let records = try Self.wire(keys)
