@@ -20,7 +20,7 @@ postcopy_build_deps
 ROUNDS=${1:-5}
 SIZE=${SIZE:-1G}
 INSTALLS=${INSTALLS:-copy continue}
-OUT=bench/results/encryption
+OUT=${OUT:-bench/results/encryption}
 PORT=${PORT:-7311}
 rm -rf "$OUT"; mkdir -p "$OUT"
 bench_binaries
@@ -54,8 +54,12 @@ import json, os, statistics, sys
 out, rounds, installs, size = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
 speed = open(os.path.join(out, "openssl-speed.txt")).read().split()
 def load(kind, name): return json.load(open(os.path.join(out, f"{kind}-{name}.json")))
-lines, res = [], {"size": size, "rounds": rounds, "openssl_speed_aes_256_gcm_16k": " ".join(speed)}
-try: lines.append(f"openssl speed -evp aes-256-gcm (16 KiB blocks, one core): {float(speed[-1].rstrip('k')) * 1000 / 1e9:.2f} GB/s")
+import platform, subprocess
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+machine = f"{os.cpu_count()} cores ({cpu}), kernel {platform.release()}, commit {rev}"
+lines, res = [f"machine: {machine}"], {"size": size, "rounds": rounds, "machine": machine, "openssl_speed_aes_256_gcm_16k": " ".join(speed)}
+try: lines.append(f"openssl speed -evp aes-256-gcm (Debian's OpenSSL, 16 KiB blocks, one core; for reference, the stream uses BoringSSL): {float(speed[-1].rstrip('k')) * 1000 / 1e9:.2f} GB/s")
 except Exception: pass
 for inst in installs:
     r = {"on": [], "off": []}

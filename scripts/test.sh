@@ -41,6 +41,10 @@ N=4 SIZE=64M ROUNDS=2 OUT=.build/soak-ci POSTCOPY_BIN=.build/debug/postcopy bash
 # The size series, reduced (`bash bench/sizes.sh` runs 1 to 8 GiB).
 SIZES=64M,128M REPEAT=1 OUT=.build/sizes-ci POSTCOPY_BIN=.build/debug/postcopy bash bench/sizes.sh > /dev/null
 echo "size series (64M, 128M): OK"
+# Encrypted against clear streams, reduced (`bash bench/encryption.sh`: 1 GiB,
+# 5 pairs per install path): each run byte-exact and encrypted only when asked.
+SIZE=128M OUT=.build/encryption-ci POSTCOPY_BIN=.build/debug/postcopy bash bench/encryption.sh 1 > /dev/null
+echo "encrypted and clear streams (128M, both install paths): OK"
 # The host suite again under AddressSanitizer and ThreadSanitizer.
 if [ -n "${POSTCOPY_SKIP_SANITIZERS:-}" ]; then
     echo "SKIP: sanitizer runs (POSTCOPY_SKIP_SANITIZERS is set)"
