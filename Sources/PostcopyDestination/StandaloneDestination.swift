@@ -24,27 +24,14 @@ public final class StandaloneDestination: Sendable {
         self.logger = logger
     }
 
-    /// Runs `attempt` (told whether it is a retry) until it succeeds. A failure
-    /// `retryable` accepts is tried again after a backoff, until the recovery
-    /// deadline counted from `since`; the time from the first failure to the
-    /// success joins `recoveries`.
+    /// `SetupRetry.run` with this run's deadline; a final failure is the run's.
     private func retrying<T>(_ stage: String, _ then: String, since: UInt64 = nowNanoseconds(), recoveries: inout [UInt64],
                              retryable: (TransportError) -> Bool,
                              _ attempt: (_ isRetry: Bool) throws(TransportError) -> T) throws(DestinationError) -> T {
-        var backoff = Backoff(deadline: options.engine.recoveryDeadline, since: since)
-        var lostAt: UInt64?
-        while true {
-            do {
-                let value = try attempt(lostAt != nil)
-                if let l = lostAt { recoveries.append(nowNanoseconds() - l) }
-                return value
-            } catch {
-                if lostAt == nil { lostAt = nowNanoseconds() }
-                guard retryable(error), options.engine.recoveryDeadline > 0, !backoff.expired else { throw .transport(error) }
-                logger.warning("connection to the source lost during \(stage) (\(error)); \(then)")
-                backoff.wait()
-            }
-        }
+        do {
+            return try SetupRetry(deadline: options.engine.recoveryDeadline, logger: logger)
+                .run(stage, then, since: since, recoveries: &recoveries, retryable: retryable, attempt)
+        } catch { throw .transport(error) }
     }
 
     public func run(transport: Transport, transportReason: String) throws(DestinationError) -> DestinationReport {
@@ -58,7 +45,7 @@ public final class StandaloneDestination: Sendable {
         // exist is reported at once, not retried for a minute.
         var setupRecoveries: [UInt64] = []
         let info = try retrying("the handshake", "trying again", since: t0, recoveries: &setupRecoveries,
-                                retryable: { if case .closed = $0 { true } else { false } }) { (_) throws(TransportError) in
+                                retryable: SetupRetry.handshakeRetryable) { (_) throws(TransportError) in
             try transport.connect()
         }
         let table = info.table

@@ -19,9 +19,16 @@ extension HandoffServer {
     }
 
     /// Joins a source session over `transport`, checks the VMM's regions
-    /// against the source's, opens both channels and makes the engine.
+    /// against the source's, opens both channels and makes the engine. A
+    /// connection lost on the way (a cut during the handshake or while the
+    /// channels open) is recovered as one lost later would be: tried again,
+    /// with backoff, until the recovery deadline; the VMM is refused only when
+    /// that runs out, or when the source refuses or is not there.
     func makeEngine(uffd: Userfaultfd, regions: [VMMRegion], transport: Transport, config: EngineConfig) throws -> PostcopyEngine {
-        let info = try transport.connect()
+        let retry = SetupRetry(deadline: config.recoveryDeadline, logger: logger)
+        var recoveries: [UInt64] = []
+        let info = try retry.run("the handshake", "trying again", recoveries: &recoveries,
+                                 retryable: SetupRetry.handshakeRetryable) { (_) throws(TransportError) in try transport.connect() }
         let table = info.table
         let ps = UInt64(table.pageSize)
         let guest = regions.map {
@@ -34,8 +41,12 @@ extension HandoffServer {
         // source's start), then the channels open.
         let precopied = info.welcome.capabilities.contains(.precopy) && PostcopyEngine.takesPrecopy(config, pageSize: table.pageSize)
         let firstSet = precopied && transport.name != "tcp" ? try transport.fetchDirtySet(pass: 1) : nil
-        let demand = try transport.openChannel(.demand)
-        let background = try transport.openChannel(.background)
+        let (demand, background) = try retry.run("opening the page channels", "reconnecting", recoveries: &recoveries,
+                                                  retryable: { $0.isConnectionLoss }) { (isRetry) throws(TransportError) in
+            if isRetry { return try transport.reconnect() }
+            return (try transport.openChannel(.demand), try transport.openChannel(.background))
+        }
+        if !recoveries.isEmpty { logger.info("session set-up recovered from \(recoveries.count) lost connection(s)") }
         // The source guest may still be running: the background stream waits
         // for its pause (the device state being published) and the zero map
         // (the quick first pass of the source's scan: never the digests), then

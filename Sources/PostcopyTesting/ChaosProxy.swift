@@ -56,6 +56,7 @@ public final class ChaosProxy: @unchecked Sendable {
     private var pairs: [(TCPConnection, TCPConnection)] = []
     private var threads: [PThread] = []
     private var seen = false
+    private var accepted = 0
 
     public let fault: ResponseFault?
     public let recordFault: RecordFault?
@@ -64,13 +65,17 @@ public final class ChaosProxy: @unchecked Sendable {
     public var affected: Int { affectedCount.load(ordering: .relaxed) }
 
     public init(target: Endpoint, listen: Endpoint = Endpoint(host: "127.0.0.1", port: 0), fault: ResponseFault? = nil,
-                recordFault: RecordFault? = nil) throws(TransportError) {
+                recordFault: RecordFault? = nil, dropOnAccept: Set<Int> = []) throws(TransportError) {
         self.target = target
         self.fault = fault
         self.recordFault = recordFault
         listener = try TCPListener(listen)
         let accept = PThread(name: "proxy-accept") { [self] in
             while let down = try? listener.accept(maxBody: 1 << 16) {
+                // The n-th connection (from 1) in `dropOnAccept` is closed at
+                // once: the peer's hello meets the end of the stream.
+                let n = lock.withLock { accepted += 1; return accepted }
+                if dropOnAccept.contains(n) { down.shutdown(); continue }
                 guard let up = try? TCPConnection.connect(target, maxBody: 1 << 16) else { down.shutdown(); continue }
                 lock.withLock { pairs.append((down, up)); seen = true }
                 let a = PThread(name: "proxy-up") { Self.pump(down, up) }
@@ -198,6 +203,9 @@ public final class ChaosProxy: @unchecked Sendable {
     func recordFaultsLeft() -> Bool {
         affectedCount.compareExchange(expected: 0, desired: 1, ordering: .relaxed).exchanged
     }
+
+    /// Connections accepted so far (dropped ones included).
+    public var connectionCount: Int { lock.withLock { accepted } }
 
     /// Whether any connection has gone through the proxy yet.
     public var hasSeenConnections: Bool { lock.withLock { seen } }

@@ -3,23 +3,24 @@ import CPostcopy
 import Foundation
 import Histogram
 import PostcopyCore
+import PostcopyTransport
 
 struct BaselineCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "baseline",
-        abstract: "Measure a baseline in this process: tcp-rtt (raw loopback 4 KiB round trip), uffd-fault (local userfaultfd fault service), tcp-stream (raw loopback TCP throughput) or dirty-scan (dirty tracking by async write-protect: protecting guest RAM once, and one scan of the pages written since the last).",
+        abstract: "Measure a baseline in this process: tcp-rtt (raw loopback 4 KiB round trip), uffd-fault (local userfaultfd fault service), tcp-stream (raw loopback TCP throughput), aes-gcm (the encrypted stream's cipher alone, one core: sealing and opening records of --write-size) or dirty-scan (dirty tracking by async write-protect: protecting guest RAM once, and one scan of the pages written since the last).",
         discussion: "Benchmarks report the project's latencies as ratios against these, measured in the same run.")
 
-    @Argument(help: "tcp-rtt, uffd-fault, tcp-stream or dirty-scan")
+    @Argument(help: "tcp-rtt, uffd-fault, tcp-stream, aes-gcm or dirty-scan")
     var which: BaselineKind
 
     @Option(name: .long, help: "Number of samples (tcp-rtt, uffd-fault; dirty-scan: rounds, at most 500).")
     var samples: Int = 20_000
 
-    @Option(name: .long, help: "tcp-stream: bytes per write and per receive (e.g. 4K, or the transport's batch, 512K).")
+    @Option(name: .long, help: "tcp-stream: bytes per write and per receive (e.g. 4K, or the transport's batch, 512K); aes-gcm: bytes per record.")
     var writeSize: String = "512K"
 
-    @Option(name: .long, help: "tcp-stream: bytes to stream; dirty-scan: guest RAM to track (shared memory, allocated first).")
+    @Option(name: .long, help: "tcp-stream: bytes to stream; aes-gcm: bytes to seal and open; dirty-scan: guest RAM to track (shared memory, allocated first).")
     var bytes: String = "1G"
 
     @Option(name: .long, help: "dirty-scan: random pages written before each scan.")
@@ -36,6 +37,7 @@ struct BaselineCommand: ParsableCommand {
 
     func run() throws {
         if which == .tcpStream { return try stream() }
+        if which == .aesGCM { return try cipher() }
         if which == .dirtyScan { return try dirtyScan() }
         var out = [UInt64](repeating: 0, count: samples)
         let n = out.withUnsafeMutableBufferPointer { p in
@@ -74,6 +76,24 @@ extension BaselineCommand {
     }
 }
 
+extension BaselineCommand {
+    /// The stream's AES-256-GCM alone: seal and open rates, and CPU per GiB.
+    func cipher() throws {
+        let w = parseByteSize(writeSize)!, total = parseByteSize(bytes)!
+        let r: (sealSeconds: Double, openSeconds: Double)
+        do { r = try CipherBaseline.measure(recordBytes: w, total: total) } catch { throw fail("aes-gcm baseline failed: \(error)") }
+        let moved = Double(max(total / w, 1) * w), gib = moved / Double(1 << 30)
+        let report: [String: Any] = ["baseline": which.rawValue, "library": StreamKeys.library, "record_bytes": w, "bytes": Int(moved),
+                                     "seal_bytes_per_second": moved / r.sealSeconds, "open_bytes_per_second": moved / r.openSeconds,
+                                     "seal_seconds_per_gib": r.sealSeconds / gib, "open_seconds_per_gib": r.openSeconds / gib]
+        if json {
+            emitEvent(report)
+        } else {
+            print("aes-gcm (\(StreamKeys.library), \(formatBytes(Double(w))) records, one core): seal \(fixed(moved / r.sealSeconds / 1e9, 2)) GB/s, open \(fixed(moved / r.openSeconds / 1e9, 2)) GB/s (\(fixed(r.sealSeconds / gib, 3)) and \(fixed(r.openSeconds / gib, 3)) s per GiB)")
+        }
+    }
+}
+
 struct StreamBaselineReport: Codable {
     var baseline: String
     var writeSize: Int
@@ -98,4 +118,5 @@ enum BaselineKind: String, CaseIterable, ExpressibleByArgument {
     case uffdFault = "uffd-fault"
     case tcpStream = "tcp-stream"
     case dirtyScan = "dirty-scan"
+    case aesGCM = "aes-gcm"
 }
