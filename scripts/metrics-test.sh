@@ -99,6 +99,8 @@ checks = [
     ("pages arrived by demand", v(last, "postcopy_pages_total", **{"class": "demand"}) > v(first, "postcopy_pages_total", **{"class": "demand"})),
     ("pages arrived in the background", v(last, "postcopy_pages_total", **{"class": "background"}) > 0),
     ("bytes came over the wire", v(last, "postcopy_wire_bytes_total", direction="received") > 1 << 20),
+    ("bytes were decrypted (encryption on: the default with a key)", v(last, "postcopy_encrypted_bytes_total", direction="received") > 1 << 20),
+    ("requests were encrypted", v(last, "postcopy_encrypted_bytes_total", direction="sent") > 0),
     ("faults were served (histogram)", v(last, "postcopy_fault_service_seconds_count") > 0),
     ("the connection was recovered", v(last, "postcopy_reconnects_total") >= 1 and v(last, "postcopy_recovery_seconds_count") >= 1),
     ("async page faults: not present", v(last, "postcopy_apf_events_total", kind="not_present") > 0),
@@ -120,6 +122,7 @@ src_checks = [
     ("source: pages served in the background", v(src, "postcopy_source_pages_total", **{"class": "background"}) > 0),
     ("source: bytes sent", v(src, "postcopy_source_wire_bytes_total", direction="sent") > 32 << 20),
     ("source: the session completed", v(src, "postcopy_source_sessions_completed_total") == 1),
+    ("source: bytes encrypted", v(src, "postcopy_source_encrypted_bytes_total", direction="sent") > 32 << 20),
 ]
 for c, ok in src_checks: print("  %s %s" % ("ok  " if ok else "FAIL", c))
 bad += [c for c, ok in src_checks if not ok]

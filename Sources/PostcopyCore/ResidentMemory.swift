@@ -50,14 +50,47 @@ public enum ResidentMemory {
     static func isSharedFileMapping(_ header: String) -> Bool { isSharedFileMapping(header[...]) }
 }
 
+/// A thread at idle priority that calls `tick` every `intervalMs` (first at
+/// once, or after one interval), and less often when a tick is slow, until
+/// `stop` (or until `tick` returns false).
+final class IdleTicker: Sendable {
+    private let stopEvent: EventFD?
+    private let thread = Locked<PThread?>(nil)
+
+    init(name: String, intervalMs: Int, tickFirst: Bool, _ tick: @escaping @Sendable () -> Bool) {
+        let stop = try? EventFD()
+        stopEvent = stop
+        thread.withLock {
+            $0 = PThread(name: name, priority: .idle) {
+                var wait = intervalMs
+                if !tickFirst, cpc_poll1(stop?.fd.raw ?? -1, 1, Int32(wait)) != 0 { return }
+                while true {
+                    let t0 = nowNanoseconds()
+                    guard tick() else { return }
+                    // At most 2 % of a CPU: where a tick is slow (a walk of smaps
+                    // costs about 1 ms per GiB mapped, more on an emulated CPU or
+                    // beside a big pinned mapping), tick less often.
+                    wait = max(intervalMs, Int((nowNanoseconds() - t0) / 1_000_000) * 50)
+                    if cpc_poll1(stop?.fd.raw ?? -1, 1, Int32(wait)) != 0 { return }
+                }
+            }
+        }
+    }
+
+    /// Ends the thread and waits for it. May be called again.
+    func stop() {
+        stopEvent?.signal()
+        thread.withLock { $0?.join(); $0 = nil }
+    }
+}
+
 /// The resident memory of this process outside guest memory (`bytesOutside`
 /// with `sharedFiles`), sampled on a thread for as long as the process serves:
 /// its level when sampling started (idle), the highest seen, and the highest
 /// since a given time (one VMM's session).
 public final class ResidentMemoryLog: Sendable {
     private let samples = Locked<[(at: UInt64, bytes: Int)]>([])
-    private let stopEvent: EventFD?
-    private let thread = Locked<PThread?>(nil)
+    private let ticker = Locked<IdleTicker?>(nil)
     public let idleBytes: Int
     /// Samples kept (at one every 0.5 s or more: hours).
     static let keep = 20_000
@@ -67,20 +100,13 @@ public final class ResidentMemoryLog: Sendable {
     /// `onSample`: told every sample (a metrics gauge).
     public init(intervalMs: Int = 500, onSample: (@Sendable (Int) -> Void)? = nil) {
         self.onSample = onSample
-        stopEvent = try? EventFD()
         idleBytes = ResidentMemory.bytesOutside([], sharedFiles: true)
         record(idleBytes)
-        let stop = stopEvent
-        thread.withLock {
-            $0 = PThread(name: "rss-log", priority: .idle) { [weak self] in
-                var wait = intervalMs
-                while cpc_poll1(stop?.fd.raw ?? -1, 1, Int32(wait)) == 0 {
-                    guard let self else { return }
-                    let t0 = nowNanoseconds()
-                    _ = self.sample()
-                    // At most 2 % of a CPU (a walk costs about 1 ms per GiB mapped).
-                    wait = max(intervalMs, Int((nowNanoseconds() - t0) / 1_000_000) * 50)
-                }
+        ticker.withLock {
+            $0 = IdleTicker(name: "rss-log", intervalMs: intervalMs, tickFirst: false) { [weak self] in
+                guard let self else { return false }
+                _ = self.sample()
+                return true
             }
         }
     }
@@ -110,41 +136,31 @@ public final class ResidentMemoryLog: Sendable {
     public var peakBytes: Int { samples.withLock { $0.map(\.bytes).max() ?? 0 } }
 
     public func stop() {
-        stopEvent?.signal()
-        thread.withLock { $0?.join(); $0 = nil }
+        ticker.withLock { $0 }?.stop()
     }
 }
 
-/// Samples `ResidentMemory.bytesOutside` on a thread and keeps the maximum.
+/// Samples `ResidentMemory.bytesOutside` on a thread and keeps the maximum
+/// (walking smaps costs about a millisecond per GiB mapped: seldom).
 public final class ResidentMemorySampler: Sendable {
-    private final class Shared: Sendable {
-        let maxBytes = Atomic<Int>(0)
-        let stop: EventFD?
-        init() { stop = try? EventFD() }
-    }
-    private let shared = Shared()
-    private let thread: PThread
+    private final class Peak: Sendable { let bytes = Atomic<Int>(0) }
+    private let peak = Peak()
+    private let ticker = Locked<IdleTicker?>(nil)
 
-    /// Walking smaps costs about a millisecond per GiB mapped, so sample seldom.
     public init(excluding: [Range<UInt64>], intervalMs: Int = 500) {
-        let shared = self.shared
-        thread = PThread(name: "rss-sampler", priority: .idle) {
-            var wait = intervalMs
-            repeat {
-                let t0 = nowNanoseconds()
+        let peak = self.peak
+        ticker.withLock {
+            $0 = IdleTicker(name: "rss-sampler", intervalMs: intervalMs, tickFirst: true) {
                 let v = ResidentMemory.bytesOutside(excluding)
-                if v > shared.maxBytes.load(ordering: .relaxed) { shared.maxBytes.store(v, ordering: .relaxed) }
-                // Never more than 2% of a CPU: where a walk is slow (a big pinned
-                // mapping, an emulated CPU) sample less often.
-                wait = max(intervalMs, Int((nowNanoseconds() - t0) / 1_000_000) * 50)
-            } while cpc_poll1(shared.stop?.fd.raw ?? -1, 1, Int32(wait)) == 0
+                if v > peak.bytes.load(ordering: .relaxed) { peak.bytes.store(v, ordering: .relaxed) }
+                return true
+            }
         }
     }
 
     /// Stops sampling (one last sample) and returns the maximum seen. May be called again.
     public func finish(excluding: [Range<UInt64>]) -> Int {
-        shared.stop?.signal()
-        thread.join()
-        return max(shared.maxBytes.load(ordering: .relaxed), ResidentMemory.bytesOutside(excluding))
+        ticker.withLock { $0 }?.stop()
+        return max(peak.bytes.load(ordering: .relaxed), ResidentMemory.bytesOutside(excluding))
     }
 }

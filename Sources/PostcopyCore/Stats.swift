@@ -90,3 +90,17 @@ public struct LatencySummary: Sendable, Codable, Equatable {
         case meanNs = "mean_ns"
     }
 }
+
+/// How much a counter that only grows (an engine's or a server's) has grown
+/// since the last reading: what a metrics counter fed from it must add.
+public struct GrowthCursor: Sendable {
+    public private(set) var last: UInt64 = 0
+    public init() {}
+
+    /// The growth since the last reading (0 if it did not grow), and `now`
+    /// becomes the last reading.
+    public mutating func growth(to now: UInt64) -> UInt64 {
+        defer { last = max(last, now) }
+        return now > last ? now - last : 0
+    }
+}

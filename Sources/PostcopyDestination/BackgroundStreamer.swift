@@ -72,6 +72,14 @@ extension PostcopyEngine {
         var bucket = TokenBucket(bytesPerSecond: config.backgroundRate)
         let batchBytes = max(config.batchPages, unitPages) * pageSize
         var stall = StallWatch(timeout: config.stallTimeout)
+        /// What every submission (a run, or a gather of runs) costs the window,
+        /// the rate limit and the stall watch.
+        func submitting(requests: Int, pages: Int) {
+            bucket.spend(pages * pageSize)
+            if outstanding == 0 { stall.progressed() }
+            outstanding += requests
+            outstandingPages += pages
+        }
         while true {
             if channelGeneration != generation {
                 let old = background
@@ -101,11 +109,7 @@ extension PostcopyEngine {
                     // A working set being replayed goes first, in gathers where
                     // the channel can (one request each, so the pages bound them).
                     if background.canGather, replayPending, let runs = claimReplayGather() {
-                        let n = runs.reduce(0) { $0 + $1.count }
-                        bucket.spend(n * pageSize)
-                        if outstanding == 0 { stall.progressed() }
-                        outstanding += runs.count
-                        outstandingPages += n
+                        submitting(requests: runs.count, pages: runs.reduce(0) { $0 + $1.count })
                         try submitGather(background, runs: runs)
                         continue
                     }
@@ -126,10 +130,7 @@ extension PostcopyEngine {
                     }
                     if replayed == nil { cursor = run.first + run.count }
                     let (region, page) = table.locate(globalPage: run.first)
-                    bucket.spend(run.count * pageSize)
-                    if outstanding == 0 { stall.progressed() }
-                    outstanding += 1
-                    outstandingPages += run.count
+                    submitting(requests: 1, pages: run.count)
                     try submit(background, region: region, page: page, count: run.count, class: .background)
                 }
             } catch {

@@ -11,9 +11,24 @@ extension PostcopyEngine {
                     pageClass: cls, pageOffset: UInt64(page), pageCount: UInt32(count))
     }
 
+    /// Requests for `runs` with consecutive ids (a gather's run i stands for
+    /// its first id + i).
+    func newRequests(_ runs: [(region: Int, page: Int, count: Int)], class cls: PageClass) -> [PageRequest] {
+        let base = nextRequestID.wrappingAdd(UInt64(runs.count), ordering: .relaxed).oldValue
+        return runs.enumerated().map { i, r in
+            PageRequest(requestID: base &+ UInt64(i), region: UInt16(r.region), pageClass: cls, pageOffset: UInt64(r.page), pageCount: UInt32(r.count))
+        }
+    }
+
+    /// In flight from now on: registered before it goes out (its reply may be
+    /// drained before `submit` returns).
+    func track(_ requests: [PageRequest]) {
+        inflight.withLock { for r in requests { $0[r.requestID] = r } }
+    }
+
     func submit(_ channel: PageChannel, region: Int, page: Int, count: Int, class cls: PageClass) throws(TransportError) {
         let r = newRequest(region: region, page: page, count: count, class: cls)
-        inflight.withLock { $0[r.requestID] = r }
+        track([r])
         try channel.submit(r)
     }
 

@@ -219,13 +219,11 @@ extension PostcopyEngine {
 
     /// Sends the runs as one gather of background requests (consecutive ids).
     func submitGather(_ channel: PageChannel, runs: [(first: Int, count: Int)]) throws(TransportError) {
-        let base = nextRequestID.wrappingAdd(UInt64(runs.count), ordering: .relaxed).oldValue
-        let requests = runs.enumerated().map { i, run in
+        let requests = newRequests(runs.map { run in
             let (region, page) = table.locate(globalPage: run.first)
-            return PageRequest(requestID: base &+ UInt64(i), region: UInt16(region), pageClass: .background,
-                               pageOffset: UInt64(page), pageCount: UInt32(run.count))
-        }
-        inflight.withLock { for r in requests { $0[r.requestID] = r } }
+            return (region, page, run.count)
+        }, class: .background)
+        track(requests)
         try channel.submit(gather: requests)
     }
 

@@ -54,14 +54,15 @@ final class HandoffMetrics: Sendable {
 /// One session's counters as last reported, so that each update adds what
 /// changed since (the engine's counters only grow).
 struct HandoffMetricsCursor {
-    var demand: UInt64 = 0, prefetch: UInt64 = 0, background: UInt64 = 0, zero: UInt64 = 0
-    var received: UInt64 = 0, sent: UInt64 = 0, decrypted: UInt64 = 0, encrypted: UInt64 = 0, apfNotPresent: UInt64 = 0, apfReady: UInt64 = 0
+    var demand = GrowthCursor(), prefetch = GrowthCursor(), background = GrowthCursor(), zero = GrowthCursor()
+    var received = GrowthCursor(), sent = GrowthCursor(), decrypted = GrowthCursor(), encrypted = GrowthCursor()
+    var apfNotPresent = GrowthCursor(), apfReady = GrowthCursor()
 
     mutating func update(_ m: HandoffMetrics, engine: PostcopyEngine, transport: Transport) {
         let c = engine.counters
-        func add(_ counter: Counter, _ last: inout UInt64, _ now: UInt64) {
-            if now > last { counter.increment(by: Int64(now - last)) }
-            last = max(last, now)
+        func add(_ counter: Counter, _ cursor: inout GrowthCursor, _ now: UInt64) {
+            let g = cursor.growth(to: now)
+            if g > 0 { counter.increment(by: Int64(g)) }
         }
         add(m.pagesDemand, &demand, c.demandPages.load(ordering: .relaxed))
         add(m.pagesPrefetch, &prefetch, c.prefetchPages.load(ordering: .relaxed))

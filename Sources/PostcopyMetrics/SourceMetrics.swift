@@ -32,12 +32,11 @@ public final class SourceMetricsCollector: Sendable {
         ]
         thread.withLock {
             $0 = PThread(name: "src-metrics", priority: .idle) {
-                var last = [UInt64](repeating: 0, count: counters.count)
+                var cursors = [GrowthCursor](repeating: GrowthCursor(), count: counters.count)
                 func update() {
                     for (i, (counter, read)) in counters.enumerated() {
-                        let now = read()
-                        if now > last[i] { counter.increment(by: Int64(now - last[i])) }
-                        last[i] = max(last[i], now)
+                        let g = cursors[i].growth(to: read())
+                        if g > 0 { counter.increment(by: Int64(g)) }
                     }
                 }
                 while !flag.stop.load(ordering: .relaxed) {

@@ -77,3 +77,18 @@ struct ResidentMemoryTests {
         #expect(w.outside - w.outsideSharedFiles >= size, "all \(w.outside), without shared files \(w.outsideSharedFiles)")
     }
 }
+
+@Suite("growth cursor")
+struct GrowthCursorTests {
+    /// What a metrics counter adds from a source counter: its growth, never
+    /// a negative step when a reading comes in lower (a counter reset or a
+    /// reading of a closed connection's total that went away).
+    @Test func growthOnlyAndNeverBackwards() {
+        var c = GrowthCursor()
+        #expect(c.growth(to: 5) == 5)
+        #expect(c.growth(to: 5) == 0)
+        #expect(c.growth(to: 3) == 0)
+        #expect(c.growth(to: 7) == 2)
+        #expect(c.last == 7)
+    }
+}
