@@ -1,5 +1,6 @@
 import PostcopyCore
 import PostcopyDestination
+import PostcopyTransport
 
 extension DestCommand {
     func printSummary(_ r: DestinationReport) {
@@ -12,6 +13,7 @@ extension DestCommand {
               pages               \(r.totalPages) total: \(r.demandPages) demanded, \(r.backgroundPages) streamed, \(r.zeroPages) zero (never sent; \(r.zeroPagesMappedAhead) mapped ahead, \(r.zeroPagesFaulted) faulted)
               faults              \(r.faults) (\(r.faultsCoalesced) coalesced onto in-flight pages)
               bytes on the wire   \(formatBytes(Double(r.bytesReceived))) in, \(formatBytes(Double(r.bytesSent))) out (\(fixed(r.wireOverhead, 4)) × non-zero RAM)
+              encryption          \(r.encrypted ? "AES-256-GCM (\(StreamKeys.library)), \(formatBytes(Double(r.bytesDecrypted))) decrypted" : "none (no key, or --encryption off)")
               fault service       p50 \(formatDuration(ns: fl.p50Ns))  p99 \(formatDuration(ns: fl.p99Ns))  max \(formatDuration(ns: fl.maxNs))  (\(fl.count) faults)
               guest-seen faults   p50 \(formatDuration(ns: gl.p50Ns))  p99 \(formatDuration(ns: gl.p99Ns))  max \(formatDuration(ns: gl.maxNs))  (\(gl.count) touches that faulted)
               memory              \(formatBytes(Double(r.rssOutsideGuestMaxBytes))) resident outside guest RAM (max); CPU \(fixed(r.cpuSeconds, 3)) s
