@@ -1,3 +1,4 @@
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -20,8 +21,9 @@ final class RecordOpener {
     private var end = 0
     /// Plaintext bytes of the current record still to come (0: between records).
     private var left = 0
-    /// Plaintext bytes decrypted so far.
-    private(set) var bytesOpened: UInt64 = 0
+    /// Plaintext bytes decrypted so far (read by other threads: metrics).
+    private let opened = Atomic<UInt64>(0)
+    var bytesOpened: UInt64 { opened.load(ordering: .relaxed) }
 
     static let bufferBytes = 256 << 10
 
@@ -62,7 +64,7 @@ final class RecordOpener {
             try aead.update(to, staging + start, n)
             start += n
             left -= n
-            bytesOpened += UInt64(n)
+            opened.add(UInt64(n), ordering: .relaxed)
             return n
         }
         // The record's last byte, given out once its tag verified.
@@ -75,7 +77,7 @@ final class RecordOpener {
         start += 1 + RecordFormat.tagBytes
         left = 0
         to.storeBytes(of: last, as: UInt8.self)
-        bytesOpened += 1
+        opened.add(1, ordering: .relaxed)
         return 1
     }
 

@@ -1,6 +1,7 @@
 import CPostcopy
 import PostcopyCore
 import PostcopyWire
+import Synchronization
 
 /// The sending half of an encrypted connection (`RecordFormat`): takes the
 /// frames a send would write (whole frames, split over any number of parts,
@@ -13,8 +14,9 @@ final class RecordSealer: @unchecked Sendable {
     private let out: UnsafeMutableRawPointer
     private let capacity: Int
     private var used = 0
-    /// Plaintext bytes sealed so far.
-    private(set) var bytesSealed: UInt64 = 0
+    /// Plaintext bytes sealed so far (read by other threads: metrics).
+    private let sealed = Atomic<UInt64>(0)
+    var bytesSealed: UInt64 { sealed.load(ordering: .relaxed) }
 
     /// Ciphertext staged before each write to the socket.
     static let bufferBytes = 256 << 10
@@ -81,7 +83,7 @@ final class RecordSealer: @unchecked Sendable {
         try room(RecordFormat.tagBytes, write)
         try aead.seal(tag: out + used)
         used += RecordFormat.tagBytes
-        bytesSealed += UInt64(length)
+        sealed.add(UInt64(length), ordering: .relaxed)
     }
 
     /// Makes room for `n` bytes, writing out what is staged if needed.
