@@ -36,10 +36,11 @@ wait_for() { for _ in $(seq 300); do grep -q "$2" "$1" 2>/dev/null && return 0; 
 key=$work/key
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$key"; echo >> "$key"; chmod 600 "$key"
 "$B" guest run --size 256M --workload kv --vcpus 1 --listen 127.0.0.1:0 --key-file "$key" --transport tcp \
-    --pause-after 2 --json > "$work/source.json" 2> "$work/source.err" &
+    --pause-after 2 --metrics-listen 127.0.0.1:0 --json > "$work/source.json" 2> "$work/source.err" &
 pids+=($!)
 wait_for "$work/source.json" '"listening"' || fail "the source guest did not start"
 src_port=$(python3 -c 'import json,sys; print(next(json.loads(l)["port"] for l in open(sys.argv[1]) if "listening" in l))' "$work/source.json")
+guest_metrics_port=$(python3 -c 'import json,sys; print(next(json.loads(l)["metrics_port"] for l in open(sys.argv[1]) if "listening" in l))' "$work/source.json")
 "$B" chaos-proxy --to "127.0.0.1:$src_port" --cuts 3 --interval-ms 400 > "$work/proxy.out" 2> "$work/proxy.err" &
 pids+=($!)
 wait_for "$work/proxy.out" 'listening on port' || fail "the proxy did not start"
@@ -61,7 +62,12 @@ scrape 0 || fail "no /metrics before the migration"
 guest=$!
 pids+=($guest)
 n=1
-while kill -0 "$daemon" 2>/dev/null; do scrape "$n" && n=$((n + 1)); sleep 0.2; done
+# (The reference guest's page server too, while it serves: it exits once done.)
+while kill -0 "$daemon" 2>/dev/null; do
+    scrape "$n" && n=$((n + 1))
+    curl -sf "http://127.0.0.1:$guest_metrics_port/metrics" -o "$work/guest-scrape.tmp" && mv "$work/guest-scrape.tmp" "$work/guest-scrape.txt"
+    sleep 0.2
+done
 wait "$guest" || fail "the destination guest failed"
 wait "$daemon" || fail "the daemon failed"
 
@@ -82,7 +88,7 @@ curl -sf "http://127.0.0.1:$src2_metrics/metrics" -o "$work/source-scrape.txt" |
 kill "$src2" 2>/dev/null || true
 
 $PY - "$work" "$n" <<'PY' || fail "see above"
-import glob, json, sys
+import glob, json, os, sys
 from prometheus_client.parser import text_string_to_metric_families
 work, n = sys.argv[1], int(sys.argv[2])
 def parse(path):
@@ -123,6 +129,10 @@ src_checks = [
     ("source: bytes sent", v(src, "postcopy_source_wire_bytes_total", direction="sent") > 32 << 20),
     ("source: the session completed", v(src, "postcopy_source_sessions_completed_total") == 1),
     ("source: bytes encrypted", v(src, "postcopy_source_encrypted_bytes_total", direction="sent") > 32 << 20),
+]
+gs = parse(work + "/guest-scrape.txt") if os.path.exists(work + "/guest-scrape.txt") else {}
+src_checks += [
+    ("reference guest's page server: pages served", v(gs, "postcopy_source_pages_total", **{"class": "demand"}) + v(gs, "postcopy_source_pages_total", **{"class": "background"}) > 0),
 ]
 for c, ok in src_checks: print("  %s %s" % ("ok  " if ok else "FAIL", c))
 bad += [c for c, ok in src_checks if not ok]

@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import PostcopyCore
 import PostcopyGuest
+import PostcopyMetrics
 import PostcopySource
 import PostcopyTransport
 
@@ -40,6 +41,8 @@ struct GuestRunCommand: ParsableCommand {
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Option(name: .long, help: "How destinations may fetch: tcp, rdma (also offer one-sided RDMA READ of guest RAM; the listen address must be the RDMA device's) or auto (RDMA when possible).") var transport: TransportKind = .auto
     @Option(name: .long, help: "Scheduling of the thread streaming background pages to a destination: normal, low (nice 10) or idle (SCHED_IDLE).") var backgroundPriority: ThreadPriority = .normal
+    @Option(name: .long, help: "Serve the page server's Prometheus metrics at http://HOST:PORT/metrics (as source --metrics-listen; port 0: any, given as metrics_port in the listening line).")
+    var metricsListen: Endpoint?
     @OptionGroup var io: GuestIOOptions
     var key: KeyOptions { io.key }
     var json: Bool { io.json }
@@ -102,6 +105,13 @@ struct GuestRunCommand: ParsableCommand {
         let controller = try PrecopyController(policy: policy,
                                                memory: memoryState, destinationWaitSeconds: precopyWait, abandonSeconds: precopyAbandonAfter,
                                                logger: logger, requestPause: requestPause)
+        var metrics: MetricsEndpoint?
+        if let m = metricsListen {
+            do { metrics = try MetricsEndpoint.startBlocking(host: m.host, port: m.port, logger: logger) } catch {
+                throw fail("--metrics-listen \(m): \(error)")
+            }
+        }
+        defer { metrics?.stop() }
         let server: PageServer
         do {
             let rdma = try Transports.listenRDMA(transport, host: listen.host, memory: ram, logger: logger)
@@ -109,9 +119,11 @@ struct GuestRunCommand: ParsableCommand {
                                     backgroundPriority: backgroundPriority, authKey: authKey, encryption: try key.streamEncryption(),
                                     rdma: rdma, precopy: controller.offered ? controller : nil, logger: logger)
         } catch { throw fail("\(error)") }
+        let collector = metrics.map { _ in SourceMetricsCollector(server.stats) }
+        defer { collector?.finish() }
         server.start()
         if json {
-            emitEvent(.listening(.init(port: server.port, memoryBytes: bytes)))
+            emitEvent(.listening(.init(port: server.port, memoryBytes: bytes, metricsPort: metrics?.port)))
         } else {
             print("guest running at the source, \(formatBytes(Double(bytes))), workload \(shape.workload.rawValue); serving on port \(server.port); type \"pause\" to switch over")
         }
