@@ -26,8 +26,8 @@ public final class TCPConnection: @unchecked Sendable {
     private let sent = Atomic<UInt64>(0)
     let received = Atomic<UInt64>(0)
     /// Set once the handshake switched this connection to encrypted records
-    /// (`startEncryption`); nil: frames in clear.
-    private var sealer: RecordSealer?
+    /// (`startEncryption`, `TCPConnection+Encryption.swift`); nil: frames in clear.
+    var sealer: RecordSealer?
     var opener: RecordOpener?
     /// Encrypted: how many bytes at the end of the buffer belong to a record
     /// whose tag has not been checked yet. Frames are parsed only from the
@@ -115,19 +115,6 @@ public final class TCPConnection: @unchecked Sendable {
     public var bytesSent: UInt64 { sent.load(ordering: .relaxed) }
     public var bytesReceived: UInt64 { received.load(ordering: .relaxed) }
 
-    /// Every frame from now on, both ways, travels in AES-256-GCM records
-    /// (`RecordFormat`) under `keys`. Called by both sides at the same point of
-    /// the handshake, with nothing of the peer's buffered yet.
-    public func startEncryption(_ keys: StreamKeys) throws(TransportError) {
-        guard start == end, placed == nil else { throw .protocolViolation("\(peer) sent more than its handshake before encryption started") }
-        sealer = try RecordSealer(key: keys.send)
-        opener = try RecordOpener(key: keys.receive)
-    }
-
-    public var isEncrypted: Bool { sealer != nil }
-    /// Bytes encrypted (frames sent) and decrypted (frames received) so far.
-    public var bytesEncrypted: UInt64 { sealer?.bytesSealed ?? 0 }
-    public var bytesDecrypted: UInt64 { opener?.bytesOpened ?? 0 }
 
     /// Closes the socket; a thread blocked on it wakes with an error.
     public func shutdown() { _ = cpc_shutdown(fd.raw) }
@@ -303,21 +290,6 @@ public final class TCPConnection: @unchecked Sendable {
         if let opener { unverified = opener.atBoundary ? 0 : unverified + r }
         if placing && end - start == headsLength() { place() }
         return true
-    }
-
-    /// One recv, or (encrypted) the next plaintext bytes of the stream, into
-    /// `to`: at most `max` bytes, -EAGAIN, 0 at the end, or -errno.
-    func receive(into to: UnsafeMutableRawPointer, max: Int) throws(TransportError) -> Int {
-        guard let opener else {
-            let r = cpc_recv(fd.raw, to, max)
-            if r > 0 { received.add(UInt64(r), ordering: .relaxed) }
-            return r
-        }
-        return try opener.read(into: to, max: max, maxRecord: WireProtocol.headerSize + maxBody) { p, n in
-            let r = cpc_recv(fd.raw, p, n)
-            if r > 0 { received.add(UInt64(r), ordering: .relaxed) }
-            return r
-        }
     }
 
     /// Maps the result of one `receive`; false when it would block.
