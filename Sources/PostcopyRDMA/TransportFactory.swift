@@ -20,7 +20,7 @@ public enum TransportFactory {
         func tcp() -> TCPTransport {
             tcpTransport(endpoint, maxBatchPages: maxBatchPages, maxDemandPages: maxDemandPages, authKey: authKey, encryption: encryption)
         }
-        let encrypted = authKey != nil && encryption == .on
+        let encrypted = encryption.applies(withKey: authKey)
         switch kind {
         case .tcp:
             return (tcp(), "tcp requested")

@@ -62,7 +62,7 @@ public final class PageServer: Sendable {
                 backgroundPriority: ThreadPriority = .normal, authKey: [UInt8]? = nil, encryption: StreamEncryption = .on,
                 rdma: (any RemoteReadProvider)? = nil, precopy: PrecopyController? = nil, logger: Logger) throws(TransportError) {
         self.rdma = rdma
-        encrypted = authKey != nil && encryption == .on
+        encrypted = encryption.applies(withKey: authKey)
         self.precopy = precopy
         self.authKey = authKey
         self.memory = memory

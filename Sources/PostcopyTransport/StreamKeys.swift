@@ -43,6 +43,10 @@ public enum StreamEncryption: String, Sendable, CaseIterable {
     case on
     /// Authenticated, not encrypted: for a link the operator trusts.
     case off
+
+    /// Whether frames are encrypted with this setting and `key` (there are
+    /// no keys to derive without a shared key).
+    public func applies(withKey key: [UInt8]?) -> Bool { key != nil && self == .on }
 }
 
 /// One AES-256-GCM context (one direction of one connection).

@@ -115,7 +115,6 @@ public final class TCPConnection: @unchecked Sendable {
     public var bytesSent: UInt64 { sent.load(ordering: .relaxed) }
     public var bytesReceived: UInt64 { received.load(ordering: .relaxed) }
 
-
     /// Closes the socket; a thread blocked on it wakes with an error.
     public func shutdown() { _ = cpc_shutdown(fd.raw) }
     public func close() { fd.close() }

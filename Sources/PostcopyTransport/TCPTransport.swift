@@ -17,9 +17,12 @@ public final class TCPTransport: Transport, @unchecked Sendable {
     private var main: TCPConnection?
     private var info: SessionInfo?
     private var channels: [TCPPageChannel] = []
-    /// Bytes of connections closed by reconnects (still part of the wire total).
-    private var retired: (sent: UInt64, received: UInt64) = (0, 0)
-    private var retiredCipher: (encrypted: UInt64, decrypted: UInt64) = (0, 0)
+    /// What this transport's connections moved: on the wire, and through the cipher.
+    private struct ByteTotals {
+        var sent: UInt64 = 0, received: UInt64 = 0, encrypted: UInt64 = 0, decrypted: UInt64 = 0
+    }
+    /// Totals of connections closed by reconnects (still part of the totals).
+    private var retired = ByteTotals()
 
     /// Shared key; when set, the source must prove it and this side proves it too.
     private let authKey: [UInt8]?
@@ -28,7 +31,7 @@ public final class TCPTransport: Transport, @unchecked Sendable {
 
     public init(endpoint: Endpoint, maxBatchPages: Int, maxDemandPages: Int = 64, authKey: [UInt8]? = nil, encryption: StreamEncryption = .on) {
         self.authKey = authKey
-        encrypted = authKey != nil && encryption == .on
+        encrypted = encryption.applies(withKey: authKey)
         self.endpoint = endpoint
         self.maxBatchPages = maxBatchPages
         self.maxDemandPages = maxDemandPages
@@ -40,8 +43,9 @@ public final class TCPTransport: Transport, @unchecked Sendable {
     private func handshake(_ role: ChannelRole, sessionID: UInt64) throws(TransportError) -> (TCPConnection, Welcome) {
         let c = try TCPConnection.connect(endpoint, maxBody: Self.handshakeMaxBody)
         let nonce = authKey.map { _ in Authentication.nonce() }
-        let asked: Capabilities = nonce == nil ? [.zeroMap, .urgentChannel] : encrypted ? [.zeroMap, .urgentChannel, .authentication, .encryption]
-            : [.zeroMap, .urgentChannel, .authentication]
+        var asked: Capabilities = [.zeroMap, .urgentChannel]
+        if nonce != nil { asked.insert(.authentication) }
+        if encrypted { asked.insert(.encryption) }
         try c.send(.hello(Hello(role: role, capabilities: asked,
                                 sessionID: sessionID,
                                 extensions: nonce.map { [HandshakeExtension(type: ExtensionType.clientNonce, value: $0)] } ?? [])))
@@ -177,15 +181,13 @@ public final class TCPTransport: Transport, @unchecked Sendable {
 
     public func reconnect() throws(TransportError) -> (demand: PageChannel, background: PageChannel) {
         guard let info else { throw .protocolViolation("reconnect before connect") }
-        let old = bytesOnWire
-        let oldCipher = bytesThroughCipher
+        let old = totals
         // Shut down, not close: a thread may still be inside a call on an old
         // connection, and a closed fd number could be reused by the new one.
         // The old descriptors close when their last user lets go of them.
         close()
         lock.withLock {
             retired = old
-            retiredCipher = oldCipher
             channels = []
             main = nil
         }
@@ -198,30 +200,32 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         return (try openChannel(.demand), try openChannel(.background))
     }
 
-    public var bytesOnWire: (sent: UInt64, received: UInt64) {
+    /// The totals of every connection so far, closed ones included (each
+    /// connection once: the main one is also the background channel's).
+    private var totals: ByteTotals {
         let (retired, channels, main) = lock.withLock { (self.retired, self.channels, self.main) }
-        var s: UInt64 = retired.sent, r: UInt64 = retired.received
+        var t = retired
         var conns = channels.map { $0.connection }
         if let main { conns.append(main) }
         var seen = Set<ObjectIdentifier>()
         for c in conns where seen.insert(ObjectIdentifier(c)).inserted {
-            s += c.bytesSent
-            r += c.bytesReceived
+            t.sent += c.bytesSent
+            t.received += c.bytesReceived
+            t.encrypted += c.bytesEncrypted
+            t.decrypted += c.bytesDecrypted
         }
-        return (s, r)
+        return t
     }
 
-    /// Frame bytes encrypted (sent) and decrypted (received) by this transport's
-    /// connections so far, closed ones included: 0 when not encrypted.
+    public var bytesOnWire: (sent: UInt64, received: UInt64) {
+        let t = totals
+        return (t.sent, t.received)
+    }
+
+    /// Frame bytes encrypted (sent) and decrypted (received) so far: 0 when not encrypted.
     public var bytesThroughCipher: (encrypted: UInt64, decrypted: UInt64) {
-        let (retired, conns) = lock.withLock { (self.retiredCipher, self.channels.map { $0.connection } + (self.main.map { [$0] } ?? [])) }
-        var e = retired.encrypted, d = retired.decrypted
-        var seen = Set<ObjectIdentifier>()
-        for c in conns where seen.insert(ObjectIdentifier(c)).inserted {
-            e += c.bytesEncrypted
-            d += c.bytesDecrypted
-        }
-        return (e, d)
+        let t = totals
+        return (t.encrypted, t.decrypted)
     }
 
     public func close() {
