@@ -101,7 +101,7 @@ extension PostcopyEngine {
                 let window = config.window ?? background.suggestedWindow ?? 4
                 let requestLimit = background.suggestedWindow == nil ? window * Self.shortRunsPerBatch : window
                 let pagesWindow = window * batchBytes / pageSize
-                while !exhausted, outstandingPages < (replayPending && background.canGather ? max(Self.replayWindowPages, pagesWindow) : pagesWindow) {
+                while !exhausted, outstandingPages < (background.canGather ? max(Self.replayWindowPages, pagesWindow) : pagesWindow) {
                     if let delay = bucket.delayMs(before: batchBytes) {
                         waitMs = delay
                         break
@@ -113,7 +113,8 @@ extension PostcopyEngine {
                         try submitGather(background, runs: runs)
                         continue
                     }
-                    guard outstanding < requestLimit else { break }
+                    // Gathers are bounded by pages (their runs by the wire's maximum).
+                    guard background.canGather || outstanding < requestLimit else { break }
                     // Locality: restart the scan just after the most recent demand
                     // fault, or where the prefetcher says (`planPrefetch`).
                     let follow = backgroundFollow.load(ordering: .relaxed)
@@ -124,6 +125,18 @@ extension PostcopyEngine {
                     // (In address order where it cannot.)
                     let replayed = replayPending ? claimReplayRun() : nil
                     if replayed == nil { replayPending = false }
+                    // Where the channel can: runs of missing pages, scattered or
+                    // not, a batch of them per gather (`claimBackgroundGather`).
+                    if replayed == nil, background.canGather {
+                        guard let runs = claimBackgroundGather(from: cursor) else {
+                            exhausted = true
+                            break
+                        }
+                        cursor = runs[runs.count - 1].first + runs[runs.count - 1].count
+                        submitting(requests: runs.count, pages: runs.reduce(0) { $0 + $1.count })
+                        try submitGather(background, runs: runs)
+                        continue
+                    }
                     guard let run = replayed ?? claimBackgroundRun(from: cursor) else {
                         exhausted = true
                         break
@@ -136,6 +149,10 @@ extension PostcopyEngine {
             } catch {
                 if try recover(from: generation, cause: error) == .sourceDone { return }
                 continue
+            }
+            // While the first requests are on the wire (after precopy): the long clean runs leave the userfaultfd.
+            if pages.lock.withLock({ () -> Bool in defer { pages.releaseRunsPending = false }; return pages.releaseRunsPending }) {
+                releaseCleanRuns()
             }
             // While the requests are on the wire: map a share of the zero pages
             // before the guest touches them (each would be a fault); once a
@@ -252,8 +269,9 @@ extension PostcopyEngine {
 
     /// Claims (marks in flight) the next run of missing pages at or after
     /// `cursor`: whole guest pages, inside one source region and one guest
-    /// region, at most a batch. Nil when no page is missing.
-    private func claimBackgroundRun(from cursor: Int) -> (first: Int, count: Int)? {
+    /// region, at most a batch (and `limit`, rounded down to whole guest pages but
+    /// at least one). Nil when no page is missing.
+    func claimBackgroundRun(from cursor: Int, limit: Int = .max) -> (first: Int, count: Int)? {
         assert(backgroundThread.isCurrent)
         return pages.lock.withLock { () -> (first: Int, count: Int)? in
             guard let found = pages.nextMissing(from: cursor) else { return nil }
@@ -262,7 +280,7 @@ extension PostcopyEngine {
             let g = map.region(ofGlobal: first)
             let regionEnd = min(first - page + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize)
             var n = 0
-            let batch = max(config.batchPages / unitPages, 1) * unitPages
+            let batch = max(min(config.batchPages, limit) / unitPages, 1) * unitPages
             while n < batch, first + n < regionEnd, pages.state(first + n) == .missing {
                 for q in (first + n)..<(first + n + unitPages) { pages.set(q, .inflightBackground) }
                 n += unitPages

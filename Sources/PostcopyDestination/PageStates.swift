@@ -123,6 +123,9 @@ final class PageStates: @unchecked Sendable {
     /// the whole guest memory leaves the userfaultfd at once
     /// (`PrecopyReceiver.releaseAllWhenFetched`).
     var releaseAllPending = false
+    /// The final dirty set was applied: the long clean runs are to leave the
+    /// userfaultfd (`releaseCleanRuns`), once the stale pages' first requests left.
+    var releaseRunsPending = false
 
     /// Faults on pages of a precopy pass (staged or in flight) before the
     /// final dirty set was applied, by fault address (their first-fault

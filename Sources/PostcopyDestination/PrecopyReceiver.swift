@@ -181,7 +181,9 @@ extension PostcopyEngine {
 
     /// The final dirty set: its staged pages are stale (missing again), every
     /// other staged page is clean. Faults parked meanwhile go on, and long
-    /// runs of clean pages leave the userfaultfd at once (`releaseCleanRuns`).
+    /// runs of clean pages leave the userfaultfd (`releaseCleanRuns`) as soon
+    /// as the first requests for the stale pages are out: the guest's hot
+    /// pages are among those, and the releases take 1-13 ms at 1 GiB.
     /// Measured at 1 GiB (zipf, 160-290 stale pages, 3-4 runs each): releasing
     /// the clean runs at once cut the summed vCPU stall after the switch from
     /// 37-97 ms (waiting for the stale pages before releasing anything) to
@@ -211,7 +213,7 @@ extension PostcopyEngine {
         // while the long clean runs leave the userfaultfd here.
         counters.finalSetAppliedAt.store(nowNanoseconds(), ordering: .relaxed)
         finalSetEvent.signal()
-        releaseCleanRuns()
+        pages.lock.withLock { pages.releaseRunsPending = true }
         if stale <= Self.wholeReleaseStalePages {
             // Few stale pages: once they are fetched again, the rest (short
             // clean runs) is released too, and the regions whole again.

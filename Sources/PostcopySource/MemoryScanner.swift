@@ -36,8 +36,8 @@ final class MemoryScanner: @unchecked Sendable {
         return ZeroPages(bits)
     }
 
-    /// Page digests and the RAM digest (second pass, two threads), after `zeroPages`.
-    func digests(zeros: ZeroPages) -> MemoryScan {
+    /// Page digests and the RAM digest (second pass, two threads at `nice`), after `zeroPages`.
+    func digests(zeros: ZeroPages, nice: Int32) -> MemoryScan {
         let chunk = MemoryDigest.chunkSize
         let block = max(pageSize, chunk)  // both divide it
         let length = mapping.length
@@ -53,7 +53,8 @@ final class MemoryScanner: @unchecked Sendable {
         nonisolated(unsafe) let pd = pageDigests, cd = chunkDigests, zb = UnsafeRawPointer(zeroBuffer)
         nonisolated(unsafe) let base = UnsafeRawPointer(mapping.base)
         let workers = (0..<2).map { w in
-            PThread(name: "src-scan-part", priority: .low) { [self] in
+            PThread(name: "src-scan-part") { [self] in
+                _ = cpc_set_thread_nice(nice)
                 let staging = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
                 defer { staging.deallocate() }
                 var b = w

@@ -57,8 +57,8 @@ struct HostileGatherTests {
         try expectFailure(containing: "gatherData.payload") { g in Self.gatherData(g, dropPages: 1) }
     }
 
-    /// The honest answer: the replay's pages come in gathers and the
-    /// migration completes, on both install paths (on continue, each run
+    /// The honest answer: the replay's pages come in gathers (and the
+    /// background stream's, where runs are scattered) and the migration completes, on both install paths (on continue, each run
     /// received straight into shared memory).
     @Test(.timeLimit(.minutes(1)))
     func honestGathersComplete() throws {
@@ -70,7 +70,8 @@ struct HostileGatherTests {
             }) { r in HostileSourceTests.pageData(r) }
             defer { fake.stop() }
             let r = try runDestination(port: fake.port, touch: .none, threads: 1, install: install, replay: Self.workingSet)
-            #expect(gathered.load(ordering: .relaxed) == Self.workingSet.entries.count, "\(install): \(gathered.load(ordering: .relaxed)) pages gathered")
+            // The replay's pages, and the stream's scattered runs after it.
+            #expect(gathered.load(ordering: .relaxed) >= Self.workingSet.entries.count, "\(install): \(gathered.load(ordering: .relaxed)) pages gathered")
             if install == .continue { #expect(r.pagesReceivedInPlace == UInt64(Self.pages), "\(install): \(r.pagesReceivedInPlace) in place") }
         }
     }
