@@ -81,9 +81,21 @@ extension PostcopyEngine {
         var paused = false
         var stall = StallWatch(timeout: config.stallTimeout)
         var tokens: [UInt64] = []
+        // Where the source gathers precopy runs: a batch of runs per request,
+        // bounded by pages only (later passes' pages are scattered).
+        let gathers = channel.canGatherPrecopy
+        let gatherPageLimit = max(Self.replayWindowPages, pageLimit)
         while true {
-            while !paused, outstanding < requestLimit, outstandingPages < pageLimit,
-                  let r = claimPrecopyRun(set, run: &run, page: &page) {
+            while !paused, gathers || outstanding < requestLimit, outstandingPages < (gathers ? gatherPageLimit : pageLimit) {
+                if gathers {
+                    guard let runs = claimPrecopyGather(set, run: &run, page: &page) else { break }
+                    if outstanding == 0 { stall.progressed() }
+                    outstanding += runs.count
+                    outstandingPages += runs.reduce(0) { $0 + $1.count }
+                    try submitGather(channel, runs: runs, class: .precopy)
+                    continue
+                }
+                guard let r = claimPrecopyRun(set, run: &run, page: &page) else { break }
                 let (region, p) = table.locate(globalPage: r.first)
                 if outstanding == 0 { stall.progressed() }
                 outstanding += 1
@@ -107,7 +119,7 @@ extension PostcopyEngine {
     /// Claims the next run of `set` (from `run`/`page`) of pages still to
     /// copy: missing, or staged by an earlier pass (then written again). At
     /// most a batch, inside one region. Nil when the set is done.
-    private func claimPrecopyRun(_ set: PrecopySet, run: inout Int, page: inout Int) -> (first: Int, count: Int)? {
+    private func claimPrecopyRun(_ set: PrecopySet, run: inout Int, page: inout Int, limit: Int = .max) -> (first: Int, count: Int)? {
         pages.lock.withLock { () -> (first: Int, count: Int)? in
             while run < set.runs.count {
                 let r = set.runs[run]
@@ -120,7 +132,7 @@ extension PostcopyEngine {
                 let first = page
                 let (region, p) = table.locate(globalPage: first)
                 let g = map.region(ofGlobal: first)
-                let limit = min(first - p + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize, first + config.batchPages)
+                let limit = min(first - p + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize, first + min(config.batchPages, limit))
                 while true {
                     let end = min(set.runs[run].upperBound, limit)
                     while page < end, Self.copiesInPrecopy(pages.state(page)) {
@@ -142,6 +154,19 @@ extension PostcopyEngine {
             }
             return nil
         }
+    }
+
+    /// Claims runs of `set` still to copy for one gather: up to a batch of
+    /// pages or `WireProtocol.maxGatherRuns` runs. Nil when the set is done.
+    private func claimPrecopyGather(_ set: PrecopySet, run: inout Int, page: inout Int) -> [(first: Int, count: Int)]? {
+        var runs: [(first: Int, count: Int)] = []
+        var total = 0
+        while total < config.batchPages, runs.count < WireProtocol.maxGatherRuns,
+              let r = claimPrecopyRun(set, run: &run, page: &page, limit: config.batchPages - total) {
+            runs.append(r)
+            total += r.count
+        }
+        return runs.isEmpty ? nil : runs
     }
 
     private static func copiesInPrecopy(_ s: PageStates.State) -> Bool { s == .missing || s == .staged }

@@ -217,12 +217,12 @@ extension PostcopyEngine {
         table.locate(globalPage: a).region == table.locate(globalPage: b).region && map.regionIndex(ofGlobal: a) == map.regionIndex(ofGlobal: b)
     }
 
-    /// Sends the runs as one gather of background requests (consecutive ids).
-    func submitGather(_ channel: PageChannel, runs: [(first: Int, count: Int)]) throws(TransportError) {
+    /// Sends the runs as one gather of requests of class `cls` (consecutive ids).
+    func submitGather(_ channel: PageChannel, runs: [(first: Int, count: Int)], class cls: PageClass = .background) throws(TransportError) {
         let requests = newRequests(runs.map { run in
             let (region, page) = table.locate(globalPage: run.first)
             return (region, page, run.count)
-        }, class: .background)
+        }, class: cls)
         track(requests)
         try channel.submit(gather: requests)
     }

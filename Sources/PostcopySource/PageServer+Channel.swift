@@ -59,7 +59,7 @@ extension PageServer {
     /// What the welcome says this source does.
     var offeredCapabilities: Capabilities {
         var c: Capabilities = [.zeroMap, .urgentChannel, .gather]
-        if precopy?.offered == true { c.insert(.precopy) }
+        if precopy?.offered == true { c.formUnion([.precopy, .precopyGather]) }
         if authKey != nil { c.insert(.authentication) }
         if encrypted { c.insert(.encryption) }
         return c

@@ -121,10 +121,19 @@ extension PageServer {
     /// Answers a gather in one reply: every run checked first (one out of
     /// range refuses the whole gather and closes the connection), then the
     /// echoed runs and the non-zero ones' pages straight from guest memory, in
-    /// one vectored send. Only once the guest paused (no precopy class).
+    /// one vectored send. Once the guest paused, or, of class precopy, during
+    /// a precopy pass of this session (as `servePages` answers precopy
+    /// requests: the pages were protected again before they are read).
     func serveGather(_ g: GatherRequest, _ channel: ServedChannel) throws(TransportError) {
         let paused = memory.isFrozen
-        guard paused else { throw .protocolViolation("gather request before the guest paused (its RAM is still changing)") }
+        let precopying = precopy?.mayServe(session: channel.session.id) == true
+        if g.pageClass == .precopy, !precopying {
+            throw .protocolViolation("precopy gather \(g.firstRequestID) outside a precopy pass (none asked for, or the final dirty set was sent)")
+        }
+        guard paused || g.pageClass == .precopy else {
+            throw .protocolViolation("gather request before the guest paused (its RAM is still changing)")
+        }
+        let pausing = g.pageClass == .precopy && precopy?.pausing == true
         let table = memory.table
         for r in g.runs {
             do { try table.validate(region: r.region, pageOffset: r.pageOffset, pageCount: UInt64(r.pageCount)) } catch {
@@ -138,14 +147,15 @@ extension PageServer {
         parts.reserveCapacity(g.runs.count + 1)
         for r in g.requests {
             let reply: (header: PageDataHeader, payload: UnsafeRawBufferPointer)
-            do { reply = try servedPages(r, paused: true, pausing: false, session: channel.session) } catch {
+            do { reply = try servedPages(r, paused: paused, pausing: pausing, session: channel.session) } catch {
                 throw .protocolViolation("gather run checked, then refused: \(error)")
             }
             runs.append(GatherRun(region: r.region, pageOffset: r.pageOffset, pageCount: r.pageCount, isZero: reply.header.isZero))
             parts.append(reply.payload)
         }
         stats.gathers.add(1, ordering: .relaxed)
-        let data = GatherData(firstRequestID: g.firstRequestID, pageClass: g.pageClass, sourcePaused: true, runs: runs)
+        if g.pageClass == .precopy { stats.precopyGathers.add(1, ordering: .relaxed) }
+        let data = GatherData(firstRequestID: g.firstRequestID, pageClass: g.pageClass, sourcePaused: paused || pausing, runs: runs)
         let prefix = Codec.encodeGatherDataPrefix(data, payloadLength: data.payloadBytes(pageSize: table.pageSize))
         let result: Result<Void, TransportError> = prefix.withUnsafeBytes { raw in
             parts[0] = raw

@@ -10,6 +10,8 @@ public final class SourceStats: Sendable {
     public let zeroReplies = Atomic<UInt64>(0)
     /// Gather requests answered (many runs, one reply each).
     public let gathers = Atomic<UInt64>(0)
+    /// Of those, gathers of precopy pages (during a pass).
+    public let precopyGathers = Atomic<UInt64>(0)
     public let pagesSentTwice = Atomic<UInt64>(0)
     public let bytesSent = Atomic<UInt64>(0)
     public let bytesReceived = Atomic<UInt64>(0)

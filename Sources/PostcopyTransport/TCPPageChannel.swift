@@ -6,11 +6,13 @@ final class TCPPageChannel: PageChannel, @unchecked Sendable {
     let table: RegionTable
 
     let canGather: Bool
+    let canGatherPrecopy: Bool
 
-    init(connection: TCPConnection, table: RegionTable, gather: Bool) {
+    init(connection: TCPConnection, table: RegionTable, capabilities: Capabilities) {
         self.connection = connection
         self.table = table
-        canGather = gather
+        canGather = capabilities.contains(.gather)
+        canGatherPrecopy = canGather && capabilities.contains(.precopyGather)
     }
 
     var pollDescriptor: Int32 { connection.fd.raw }

@@ -91,13 +91,13 @@ public final class TCPTransport: Transport, @unchecked Sendable {
         let ch: TCPPageChannel
         switch kind {
         case .background:
-            ch = TCPPageChannel(connection: main, table: info.table, gather: info.welcome.capabilities.contains(.gather))
+            ch = TCPPageChannel(connection: main, table: info.table, capabilities: info.welcome.capabilities)
         case .demand:
             let (c, w) = try handshake(.urgent, sessionID: info.welcome.sessionID)
             guard w.sessionID == info.welcome.sessionID, w.regions == info.welcome.regions else {
                 throw .protocolViolation("urgent channel joined a different session")
             }
-            ch = TCPPageChannel(connection: c, table: info.table, gather: w.capabilities.contains(.gather))
+            ch = TCPPageChannel(connection: c, table: info.table, capabilities: w.capabilities)
         }
         lock.withLock { channels.append(ch) }
         return ch

@@ -28,6 +28,8 @@ public protocol PageChannel: AnyObject, Sendable {
     func submit(gather requests: [PageRequest]) throws(TransportError)
     /// Whether `submit(gather:)` sends one request and gets one reply.
     var canGather: Bool { get }
+    /// Whether it does so for class `precopy` too, before the pause.
+    var canGatherPrecopy: Bool { get }
     /// Delivers every completion available now, without blocking. The payload
     /// (empty when the pages are zero) is valid only during the callback.
     /// Returns how many completions were delivered.
@@ -52,6 +54,7 @@ extension PageChannel {
     }
     public func submit(gather requests: [PageRequest]) throws(TransportError) { try submit(batch: requests) }
     public var canGather: Bool { false }
+    public var canGatherPrecopy: Bool { false }
     public var busyPoll: Bool { false }
     public func setPlacement(_ placement: PagePlacement?) {}
     /// How many background requests to keep in flight when not configured.

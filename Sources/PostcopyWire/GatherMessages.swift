@@ -165,7 +165,7 @@ extension Codec {
     static func decodeGatherRequest(_ r: inout ByteReader) throws(WireError) -> GatherRequest {
         let id = try r.u64("gatherRequest.firstRequestID")
         let cls = try pageClass(try r.u8("gatherRequest.class"))
-        guard cls != .precopy else { throw .invalid(field: "gatherRequest.class", reason: "precopy pages are not gathered") }
+        // Any class: the source refuses precopy gathers outside a pass (`serveGather`).
         return GatherRequest(firstRequestID: id, pageClass: cls, runs: try decodeGatherRuns(&r, "gatherRequest.runCount", replies: false))
     }
 }

@@ -48,6 +48,9 @@ public struct Capabilities: OptionSet, Sendable, Hashable {
     /// Every frame after the authentication travels in AES-256-GCM records
     /// (asked for by the destination; a source in the other mode refuses it).
     public static let encryption = Capabilities(rawValue: 1 << 6)
+    /// The source answers gathers of class `precopy` during a precopy pass
+    /// (the later passes' scattered pages, a batch of runs per request).
+    public static let precopyGather = Capabilities(rawValue: 1 << 7)
 }
 
 public enum MessageType: UInt8, Sendable, CaseIterable {

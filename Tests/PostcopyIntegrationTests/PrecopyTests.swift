@@ -59,6 +59,7 @@ struct PrecopyTests {
         #expect((r?.cleanPagesReleased ?? 0) + (r?.cleanPagesMapped ?? 0) > 0, "clean pages are mapped without a transfer")
         #expect(r?.pagesCopied == 0)
         #expect(source.server.stats.precopyPages.load(ordering: .relaxed) >= UInt64(source.pageCount))
+        #expect(source.server.stats.precopyGathers.load(ordering: .relaxed) > 0, "pass 2's scattered pages come in gathers")
     }
 
     /// auto against a guest that rewrites pages as fast as it can: precopy
@@ -139,6 +140,17 @@ struct PrecopyTests {
             _ = try HostileDestinationTests.hello(c)
             try c.send(.pageRequest(PageRequest(requestID: 1, region: 0, pageClass: .precopy, pageOffset: 0, pageCount: 1)))
         }
+        try expectRefused("a precopy gather before any pass", "outside a precopy pass") { c in
+            let w = try HostileDestinationTests.hello(c)
+            #expect(w.capabilities.contains(.precopyGather))
+            try c.send(.gatherRequest(GatherRequest(firstRequestID: 1, pageClass: .precopy,
+                                                    runs: [GatherRun(region: 0, pageOffset: 0, pageCount: 1), GatherRun(region: 0, pageOffset: 5, pageCount: 2)])))
+        }
+        try expectRefused("a background gather before the pause", "before the guest paused") { c in
+            _ = try HostileDestinationTests.hello(c)
+            try c.send(.gatherRequest(GatherRequest(firstRequestID: 1, pageClass: .background,
+                                                    runs: [GatherRun(region: 0, pageOffset: 0, pageCount: 1), GatherRun(region: 0, pageOffset: 5, pageCount: 2)])))
+        }
         // The owner: pass 1's first piece.
         source.controller.begin()
         let owner = try rawConnect(port)
@@ -159,7 +171,12 @@ struct PrecopyTests {
         try owner.send(.pageRequest(PageRequest(requestID: 9, region: 0, pageClass: .precopy, pageOffset: 0, pageCount: 4)))
         guard case .pageData(let h, _) = try owner.receive(timeoutMs: 10_000) else { Issue.record("no precopy page"); return }
         #expect(h.pageClass == .precopy && !h.sourcePaused)
-        #expect(source.server.stats.rejectedConnections.load(ordering: .relaxed) >= 4)
+        // And gathers of precopy pages, during its pass.
+        try owner.send(.gatherRequest(GatherRequest(firstRequestID: 10, pageClass: .precopy,
+                                                    runs: [GatherRun(region: 0, pageOffset: 8, pageCount: 1), GatherRun(region: 0, pageOffset: 20, pageCount: 3)])))
+        guard case .gatherData(let g, _) = try owner.receive(timeoutMs: 10_000) else { Issue.record("no precopy gather"); return }
+        #expect(g.pageClass == .precopy && !g.sourcePaused && g.runs.count == 2)
+        #expect(source.server.stats.rejectedConnections.load(ordering: .relaxed) >= 6)
         owner.close()
     }
 }
