@@ -229,11 +229,14 @@ public final class PrecopyController: @unchecked Sendable {
                 return handOut(set, pass: pass, &s)
             }
         }
-        let (previous, begunAt, bytes) = state.withLock { ($0.passPages.last ?? 0, $0.begunAt, $0.bytesSent) }
+        let (previous, beforePrevious, begunAt, bytes) = state.withLock {
+            ($0.passPages.last ?? 0, $0.passPages.count >= 2 ? $0.passPages[$0.passPages.count - 2] : 0, $0.begunAt, $0.bytesSent)
+        }
         let dirty: DirtyPages
         do { dirty = try tracker.collect() } catch { throw .local(error) }
         let real = state.withLock { $0.passPages.count } + 1
-        let verdict = policy.beforePass(real, dirty: dirty.count, previous: previous, elapsedSeconds: Double(t - begunAt) / 1e9,
+        let verdict = policy.beforePass(real, dirty: dirty.count, previous: previous, beforePrevious: beforePrevious,
+                                        elapsedSeconds: Double(t - begunAt) / 1e9,
                                         bytesSent: bytes, ramBytes: memory.mapping.length)
         if case .stop(let why) = verdict {
             try state.withLock { (s: inout State) throws(TransportError) in

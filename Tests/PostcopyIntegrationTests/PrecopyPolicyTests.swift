@@ -34,6 +34,13 @@ import Testing
         // Not shrinking by a quarter: stop.
         #expect(stops(a.beforePass(4, dirty: 2400, previous: 3000, elapsedSeconds: 0.7, bytesSent: 1 << 30, ramBytes: 1 << 30))?.hasPrefix("not converging") == true)
         #expect(stops(a.beforePass(4, dirty: 2200, previous: 3000, elapsedSeconds: 0.7, bytesSent: 1 << 30, ramBytes: 1 << 30)) == nil)
+        // One pass that did not shrink, after one that did, is given another pass ...
+        #expect(stops(a.beforePass(3, dirty: 27_629, previous: 26_064, beforePrevious: 262_144, elapsedSeconds: 0.9, bytesSent: 1 << 30, ramBytes: 1 << 30)) == nil)
+        // ... a second one in a row stops.
+        #expect(stops(a.beforePass(4, dirty: 25_000, previous: 27_629, beforePrevious: 26_064, elapsedSeconds: 1.0, bytesSent: 1 << 30, ramBytes: 1 << 30))?.hasPrefix("not converging") == true)
+        #expect(stops(a.beforePass(4, dirty: 5_000, previous: 27_629, beforePrevious: 26_064, elapsedSeconds: 1.0, bytesSent: 1 << 30, ramBytes: 1 << 30)) == nil)
+        // No second chance for a set of more than an eighth of RAM (a guest writing everywhere).
+        #expect(stops(a.beforePass(3, dirty: 40_000, previous: 35_000, beforePrevious: 262_144, elapsedSeconds: 0.9, bytesSent: 1 << 30, ramBytes: 1 << 30))?.contains("an eighth") == true)
     }
 
     @Test func autoStopsOnItsBudgets() {
