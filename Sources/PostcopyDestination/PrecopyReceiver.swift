@@ -118,8 +118,8 @@ extension PostcopyEngine {
 
     /// Claims the next run of `set` (from `run`/`page`) of pages still to
     /// copy: missing, or staged by an earlier pass (then written again). At
-    /// most a batch, inside one region. Nil when the set is done.
-    private func claimPrecopyRun(_ set: PrecopySet, run: inout Int, page: inout Int, limit: Int = .max) -> (first: Int, count: Int)? {
+    /// most a batch (and `maxPages`), inside one region. Nil when the set is done.
+    private func claimPrecopyRun(_ set: PrecopySet, run: inout Int, page: inout Int, maxPages: Int = .max) -> (first: Int, count: Int)? {
         pages.lock.withLock { () -> (first: Int, count: Int)? in
             while run < set.runs.count {
                 let r = set.runs[run]
@@ -132,7 +132,7 @@ extension PostcopyEngine {
                 let first = page
                 let (region, p) = table.locate(globalPage: first)
                 let g = map.region(ofGlobal: first)
-                let limit = min(first - p + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize, first + min(config.batchPages, limit))
+                let limit = min(first - p + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize, first + min(config.batchPages, maxPages))
                 while true {
                     let end = min(set.runs[run].upperBound, limit)
                     while page < end, Self.copiesInPrecopy(pages.state(page)) {
@@ -162,7 +162,7 @@ extension PostcopyEngine {
         var runs: [(first: Int, count: Int)] = []
         var total = 0
         while total < config.batchPages, runs.count < WireProtocol.maxGatherRuns,
-              let r = claimPrecopyRun(set, run: &run, page: &page, limit: config.batchPages - total) {
+              let r = claimPrecopyRun(set, run: &run, page: &page, maxPages: config.batchPages - total) {
             runs.append(r)
             total += r.count
         }
