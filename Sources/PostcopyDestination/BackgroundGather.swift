@@ -11,21 +11,30 @@ import PostcopyWire
 /// after the pause, one request each, took 153 ms to come in, the guest at
 /// 0.1 M ops/s meanwhile (its hot pages are the stale ones).
 extension PostcopyEngine {
-    /// Claims (marks in flight) runs of missing pages from `cursor` on, in
-    /// address order, as `claimBackgroundRun` claims them, until a batch of
-    /// pages or `WireProtocol.maxGatherRuns` runs. Nil when no page is missing.
-    func claimBackgroundGather(from cursor: Int) -> [(first: Int, count: Int)]? {
-        assert(backgroundThread.isCurrent)
-        let batch = max(config.batchPages / unitPages, 1) * unitPages
+    /// The runs of one gather: `claim(pagesLeft)` claims the next run of at
+    /// most that many pages (nil: none left), until `batch` pages or
+    /// `WireProtocol.maxGatherRuns` runs. Nil when the first claim finds none.
+    /// The background stream's and the precopy passes' gathers.
+    func gatherRuns(batch: Int, _ claim: (Int) -> (first: Int, count: Int)?) -> [(first: Int, count: Int)]? {
         var runs: [(first: Int, count: Int)] = []
         var total = 0
-        var next = cursor
-        while total < batch, runs.count < WireProtocol.maxGatherRuns,
-              let run = claimBackgroundRun(from: next, limit: batch - total) {
+        while total < batch, runs.count < WireProtocol.maxGatherRuns, let run = claim(batch - total) {
             runs.append(run)
             total += run.count
-            next = run.first + run.count
         }
         return runs.isEmpty ? nil : runs
+    }
+
+    /// Claims (marks in flight) runs of missing pages from `cursor` on, in
+    /// address order, as `claimBackgroundRun` claims them, for one gather.
+    /// Nil when no page is missing.
+    func claimBackgroundGather(from cursor: Int) -> [(first: Int, count: Int)]? {
+        assert(backgroundThread.isCurrent)
+        var next = cursor
+        return gatherRuns(batch: max(config.batchPages / unitPages, 1) * unitPages) { left in
+            let run = claimBackgroundRun(from: next, limit: left)
+            if let run { next = run.first + run.count }
+            return run
+        }
     }
 }

@@ -159,14 +159,9 @@ extension PostcopyEngine {
     /// Claims runs of `set` still to copy for one gather: up to a batch of
     /// pages or `WireProtocol.maxGatherRuns` runs. Nil when the set is done.
     private func claimPrecopyGather(_ set: PrecopySet, run: inout Int, page: inout Int) -> [(first: Int, count: Int)]? {
-        var runs: [(first: Int, count: Int)] = []
-        var total = 0
-        while total < config.batchPages, runs.count < WireProtocol.maxGatherRuns,
-              let r = claimPrecopyRun(set, run: &run, page: &page, maxPages: config.batchPages - total) {
-            runs.append(r)
-            total += r.count
-        }
-        return runs.isEmpty ? nil : runs
+        var (r, p) = (run, page)
+        defer { (run, page) = (r, p) }
+        return gatherRuns(batch: config.batchPages) { left in claimPrecopyRun(set, run: &r, page: &p, maxPages: left) }
     }
 
     private static func copiesInPrecopy(_ s: PageStates.State) -> Bool { s == .missing || s == .staged }
