@@ -103,6 +103,8 @@ extension PostcopyEngine {
                 let pagesWindow = window * batchBytes / pageSize
                 while !exhausted, outstandingPages < (background.canGather ? max(Self.replayWindowPages, pagesWindow) : pagesWindow) {
                     if let delay = bucket.delayMs(before: batchBytes) {
+                        // Nothing left to claim: the stream is over, whatever its budget says.
+                        if !replayPending, pages.lock.withLock({ pages.missing == 0 }) { exhausted = true }
                         waitMs = delay
                         break
                     }

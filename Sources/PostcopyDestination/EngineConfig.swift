@@ -56,5 +56,9 @@ public struct EngineConfig: Sendable {
     public var replayWorkingSet: WorkingSet? = nil
     /// Fetch ahead of the faults (`PrefetchMode`).
     public var prefetch: PrefetchMode = .adaptive
+    /// Tests only (0 otherwise): the fault thread waits this long before it
+    /// sends the demand requests of a batch, widening the window in which a
+    /// page is claimed for a fetch but its request is not in flight yet.
+    public var testDelayBeforeDemandMicroseconds: UInt32 = 0
     public init() {}
 }

@@ -2,6 +2,9 @@ import CPostcopy
 import PostcopyCore
 import PostcopyTransport
 import PostcopyWire
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What only the fault thread touches: the uffd message buffer, demand requests
 /// waiting for room (oldest first), zero pages faulted on and not yet filled,
@@ -147,6 +150,7 @@ extension PostcopyEngine {
         let n = min(fault.deferredDemand.count, Self.maxDemandInFlight - fault.demandInFlight)
         let m = min(fault.deferredPrefetch.count, Self.maxDemandInFlight - fault.demandInFlight - n)
         guard n + m > 0 else { return }
+        if config.testDelayBeforeDemandMicroseconds > 0 { usleep(config.testDelayBeforeDemandMicroseconds) }
         if fault.demandInFlight == 0 { fault.demandStall.progressed() }
         let batch = fault.deferredDemand.prefix(n).map { p in
             let (region, page) = table.locate(globalPage: p)

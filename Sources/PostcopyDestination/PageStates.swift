@@ -25,6 +25,8 @@ final class PageStates: @unchecked Sendable {
         /// Staged and not in the final dirty set: the alias holds the page as
         /// it was at the pause; mapping it needs no transfer (UFFDIO_CONTINUE).
         case clean = 7
+
+        var isInflight: Bool { self == .inflightDemand || self == .inflightBackground || self == .inflightPrecopy }
     }
 
     let count: Int
@@ -65,12 +67,19 @@ final class PageStates: @unchecked Sendable {
         if s == .zero { zero += 1 }
         if old == .missing { missing -= 1 }
         if s == .missing { missing += 1 }
+        if old.isInflight { inflight -= 1 }
+        if s.isInflight { inflight += 1 }
         states[p] = s.rawValue
     }
 
     /// Pages in state zero, and missing.
     private(set) var zero = 0
     private(set) var missing: Int
+    /// Pages in any in-flight state: claimed by a thread for a fetch, an
+    /// install or a mapping that is not done yet, whether or not its request
+    /// is registered in the engine's `inflight` table (the fault thread
+    /// claims pages first and sends their requests at the end of its batch).
+    private(set) var inflight = 0
 
     /// How many pages from `first` (before `end`) are in state `s`.
     func runLength(from first: Int, in s: State, end: Int) -> Int {
@@ -88,6 +97,8 @@ final class PageStates: @unchecked Sendable {
         let old = state(first)
         precondition(s != .zero && s != .missing && old != .zero && old != .present && old != .missing,
                      "setRun from or to a state counted apart")
+        if old.isInflight { inflight -= count }
+        if s.isInflight { inflight += count }
         (states + first).initialize(repeating: s.rawValue, count: count)
         guard isSettled, !waiting.isEmpty else { return [] }
         return (first..<(first + count)).compactMap { waiting.removeValue(forKey: $0) }
@@ -109,11 +120,10 @@ final class PageStates: @unchecked Sendable {
     /// then zeroes it instead of using the reply. Returns whether it was in flight.
     @discardableResult
     func markRemoved(_ p: Int, keepInflight: Bool) -> Bool {
-        let s = state(p)
-        let inflight = s == .inflightDemand || s == .inflightBackground || s == .inflightPrecopy
-        if inflight { removedInflight.insert(p) }
-        if !(inflight && keepInflight) { set(p, .zero) }
-        return inflight
+        let wasInflight = state(p).isInflight
+        if wasInflight { removedInflight.insert(p) }
+        if !(wasInflight && keepInflight) { set(p, .zero) }
+        return wasInflight
     }
 
     func wasRemovedInflight(_ p: Int) -> Bool { removedInflight.contains(p) }

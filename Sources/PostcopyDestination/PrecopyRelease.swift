@@ -4,8 +4,8 @@ import PostcopyCore
 /// leave the userfaultfd, so that the guest's own minor faults map them.
 extension PostcopyEngine {
     /// After a small final dirty set (its long clean runs already released by
-    /// `releaseCleanRuns`): once no page is missing and no fetch is in flight
-    /// (the stale pages are in again) and no zero page waits to be written,
+    /// `releaseCleanRuns`): once no page is missing or in flight (the stale
+    /// pages are in again) and no zero page waits to be written,
     /// the clean pages left are settled in one write per run and every guest
     /// region is unregistered from the userfaultfd with one call each (parts
     /// already unregistered are skipped): the guest's own minor faults map the
@@ -18,7 +18,13 @@ extension PostcopyEngine {
     func releaseAllWhenFetched() -> Bool {
         var perRun = false
         let done: SettledPages? = pages.lock.withLock {
-            guard pages.releaseAllPending, pages.missing == 0, inflight.withLock({ $0.isEmpty }) else { return nil }
+            // No page may be in flight, registered or not: a page the fault
+            // thread claimed (its request not sent yet, or its reply being
+            // installed) would be mapped by the guest itself from the page
+            // cache once unregistered, with the bytes precopied before it was
+            // written again, and its reply would then overwrite the guest's
+            // writes to it (found as one page mismatched in a hybrid run).
+            guard pages.releaseAllPending, pages.missing == 0, pages.inflight == 0, inflight.withLock({ $0.isEmpty }) else { return nil }
             pages.releaseAllPending = false
             // A zero page (removed by the VMM meanwhile) must still be written
             // as zeros and mapped here: release clean runs one by one instead.

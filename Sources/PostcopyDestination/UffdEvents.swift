@@ -1,6 +1,9 @@
 import CPostcopy
 import PostcopyCore
 import PostcopyTransport
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The fault thread's handling of userfaultfd messages: page faults (and async
 /// "page not present" requests, which take the same path) and REMOVE events.
@@ -85,8 +88,9 @@ extension PostcopyEngine {
             // MINOR on pages we installed. Mapped again here (EEXIST when it
             // was only the race); a wake alone would loop that fault forever.
             if !isCopy {
+                // (After the whole release, ENOENT: the guest maps it itself.)
                 do { _ = try uffd.continue(at: addr, length: unitBytes) } catch {
-                    logger.error("mapping again a present page at 0x\(String(addr, radix: 16)) failed: \(error)")
+                    if error.errno != ENOENT || !wholeReleased.load(ordering: .acquiring) { logger.error("mapping again a present page at 0x\(String(addr, radix: 16)) failed: \(error)") }
                 }
             }
             uffd.wake(addr, length: unitBytes)
