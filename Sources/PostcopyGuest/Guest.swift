@@ -247,8 +247,10 @@ public final class ReferenceGuest: @unchecked Sendable {
     /// Compares every page with the source's page digests at pause: a page the
     /// guest has not written since resuming as it is now, a written one by the
     /// digest taken just before its first write at the destination.
-    public func verifyPages(against digests: [UInt64]) -> (verified: Int, verifiedBeforeWrite: Int, mismatched: Int) {
+    /// `firstMismatched`: the numbers of the first 16 pages that differ (for diagnosis).
+    public func verifyPages(against digests: [UInt64]) -> (verified: Int, verifiedBeforeWrite: Int, mismatched: Int, firstMismatched: [Int]) {
         var ok = 0, beforeWrite = 0, bad = 0
+        var first: [Int] = []
         for p in 0..<min(pages, digests.count) {
             let h: UInt64
             if let dirty, let preWrite, cpc_load_u8(dirty + p) == 2 {
@@ -257,9 +259,14 @@ public final class ReferenceGuest: @unchecked Sendable {
             } else {
                 h = cpc_xxh64(base + p * pageSize, pageSize, 0)
             }
-            if h == digests[p] { ok += 1 } else { bad += 1 }
+            if h == digests[p] {
+                ok += 1
+            } else {
+                bad += 1
+                if first.count < 16 { first.append(p) }
+            }
         }
         if digests.count != pages { bad += abs(pages - digests.count) }
-        return (ok, beforeWrite, bad)
+        return (ok, beforeWrite, bad, first)
     }
 }

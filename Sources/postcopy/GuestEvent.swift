@@ -103,11 +103,13 @@ enum GuestEvent: Codable, Sendable {
         var pagesTouchedBeforeFullCopy: Int? = nil
         /// From the resume until the guest had done `guest resume --work-ops` operations.
         var timeToWorkNs: UInt64? = nil
+        /// The first pages (at most 16) that differ from the source's RAM at pause.
+        var mismatchedPages: [Int]? = nil
         enum CodingKeys: String, CodingKey {
             case ok, kvSlotsVerified = "kv_slots_verified", kvSlotsFailed = "kv_slots_failed", getChecksumFailures = "get_checksum_failures"
             case pagesVerified = "pages_verified", pagesVerifiedBeforeFirstWrite = "pages_verified_before_first_write"
             case pagesMismatched = "pages_mismatched", ops, pagesTouchedBeforeFullCopy = "pages_touched_before_full_copy"
-            case timeToWorkNs = "time_to_work_ns"
+            case timeToWorkNs = "time_to_work_ns", mismatchedPages = "mismatched_pages"
         }
     }
 

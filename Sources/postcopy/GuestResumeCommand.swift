@@ -206,7 +206,7 @@ struct GuestResumeCommand: ParsableCommand {
             ok: ok, kvSlotsVerified: store.verified, kvSlotsFailed: store.failed, getChecksumFailures: failures,
             pagesVerified: pagesCheck.verified, pagesVerifiedBeforeFirstWrite: pagesCheck.verifiedBeforeWrite,
             pagesMismatched: pagesCheck.mismatched, ops: guest.totalOps, pagesTouchedBeforeFullCopy: touched.withLock { $0 },
-            timeToWorkNs: workDone.withLock { $0 }))
+            timeToWorkNs: workDone.withLock { $0 }, mismatchedPages: pagesCheck.firstMismatched.isEmpty ? nil : pagesCheck.firstMismatched))
         if json { emitEvent(result) } else { print("integrity: \(ok ? "OK" : "FAILED") \(result.line)") }
         vmm?.close()  // the VMM goes away: the daemon releases its session
         withExtendedLifetime((ram, uffd, shared)) {}

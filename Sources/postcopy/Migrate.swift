@@ -273,7 +273,7 @@ struct MigrateCommand: ParsableCommand {
                   daemon memory       \(session.map { "\(formatBytes(Double($0.rssOutsideGuestMaxBytes))) resident outside guest memory at most (\(formatBytes(Double($0.rssOutsideGuestIdleBytes))) when it started)" } ?? "-")
                   pages               \(session?.demandPages ?? 0) demanded, \(session?.backgroundPages ?? 0) streamed, \(session?.faults ?? 0) faults
                   fault service       p50 \(ns(\.p50Ns))  p90 \(ns(\.p90Ns))  p99 \(ns(\.p99Ns))  p99.9 \(ns(\.p999Ns))  max \(ns(\.maxNs))
-                  integrity           \(verified?.ok == true ? "OK" : "FAILED"): \(verified?.kvSlotsVerified ?? 0) key-value checksums hold (\(unknown(verified?.kvSlotsFailed)) failed, \(verified.map { "\($0.getChecksumFailures)" } ?? "?") failed GETs); \(verified?.pagesVerified ?? 0) pages equal the source's RAM at pause, \(unknown(verified?.pagesMismatched)) differ (\(verified?.pagesVerifiedBeforeFirstWrite ?? 0) of them written at the destination were digested just before their first write)
+                  integrity           \(verified?.ok == true ? "OK" : "FAILED"): \(verified?.kvSlotsVerified ?? 0) key-value checksums hold (\(unknown(verified?.kvSlotsFailed)) failed, \(verified.map { "\($0.getChecksumFailures)" } ?? "?") failed GETs); \(verified?.pagesVerified ?? 0) pages equal the source's RAM at pause, \(unknown(verified?.pagesMismatched)) differ (\(verified?.pagesVerifiedBeforeFirstWrite ?? 0) of them written at the destination were digested just before their first write)\(verified?.mismatchedPages.map { "; the first differing pages: \($0.map(String.init).joined(separator: " "))" } ?? "")
                 """)
         }
         if !ok {

@@ -81,5 +81,14 @@ struct GuestTests {
         #expect(check.mismatched == 0)
         #expect(check.verifiedBeforeWrite > 0, "the resumed guest wrote pages")
         #expect(check.verified == ram.length / 4096)
+        #expect(check.firstMismatched.isEmpty)
+        // A page that differs from the source's at pause (digests of another
+        // content) is counted and named.
+        var other = atPause
+        other[0] &+= 1
+        other[77] &+= 1
+        let bad = resumed.verifyPages(against: other)
+        #expect(bad.mismatched == 2)
+        #expect(bad.firstMismatched == [0, 77])
     }
 }

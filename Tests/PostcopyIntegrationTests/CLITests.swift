@@ -166,7 +166,7 @@ struct MigrateCLITests {
         let o = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
         #expect(o?["ok"] as? Bool == true)
         let integrity = o?["integrity"] as? [String: Any]
-        #expect(integrity?["pages_mismatched"] as? Int == 0)
+        #expect(integrity?["pages_mismatched"] as? Int == 0, "integrity: \(integrity ?? [:]); daemon: \(r.stderr.suffix(2000))")
         #expect(integrity?["pages_verified"] as? Int == (64 << 20) / 4096)
         let source = o?["source_precopy"] as? [String: Any]
         #expect((source?["passes"] as? [Int] ?? []).count == 3, "passes: \(source ?? [:])")
