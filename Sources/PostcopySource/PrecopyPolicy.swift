@@ -88,7 +88,12 @@ public struct PrecopyPolicy: Sendable, Equatable {
             let previousShrank = beforePrevious > 0 && Double(previous) <= shrinkRatio * Double(beforePrevious)
             if Double(dirty) > shrinkRatio * Double(previous), !previousShrank || dirty > patientPages {
                 let pct = previous == 0 ? 100 : dirty * 100 / previous
-                let again = beforePrevious == 0 ? "" : previousShrank ? " (more than an eighth of RAM)" : " (the pass before did not shrink either: \(previous * 100 / beforePrevious) %)"
+                let again: String
+                switch (beforePrevious, previousShrank) {
+                case (0, _): again = ""
+                case (_, true): again = " (more than an eighth of RAM)"
+                case (_, false): again = " (the pass before did not shrink either: \(previous * 100 / beforePrevious) %)"
+                }
                 return .stop("not converging: \(dirty) pages dirty after pass \(pass - 1), \(pct) % of the \(previous) of the pass before\(again)")
             }
             if let budget = budgetExceeded(passes: pass - 1, elapsedSeconds: elapsedSeconds, bytesSent: bytesSent, ramBytes: ramBytes) {

@@ -27,8 +27,6 @@ public final class SourceMemory: Sendable {
         var scan: MemoryScan?
         /// A zero map waits for the first pass: it runs at the stream's priority, not `scanNice`.
         var zerosUrgent = false
-        /// The caller waits for the whole scan (a memory file scanned at start): no `scanNice`.
-        var scanUrgent = false
     }
     private let state = Locked(State())
     private let frozenEvent: EventFD
@@ -75,14 +73,14 @@ public final class SourceMemory: Sendable {
         try self.init(mapping: try MemoryMapping.file(fd: file.fd.raw, length: file.size, writable: false),
                       pageSize: pageSize, file: file.fd.raw)
         // Someone waits for this scan (the source serves nothing before it): no nice.
-        state.withLock { $0.scanUrgent = true }
-        freeze(deviceState: deviceState)
+        freeze(deviceState: deviceState, scanWaitedFor: true)
         _ = waitForScan()
     }
 
     /// The guest is paused: RAM will not change any more. Publishes the device
     /// state at once and scans RAM on a background thread.
-    public func freeze(deviceState: [UInt8]) {
+    /// `scanWaitedFor`: the caller waits for the whole scan (no `scanNice`).
+    public func freeze(deviceState: [UInt8], scanWaitedFor: Bool = false) {
         let first: Bool = state.withLock {
             guard $0.deviceState == nil else { return false }
             $0.deviceState = deviceState
@@ -102,8 +100,8 @@ public final class SourceMemory: Sendable {
             while cpc_poll1(zerosWanted.fd.raw, Int16(POLLIN), 1000) == 0 {
                 if self == nil { return }  // nobody will ever ask
             }
-            guard let (zerosUrgent, scanUrgent) = self?.state.withLock({ ($0.zerosUrgent, $0.scanUrgent) }) else { return }
-            let nice = scanUrgent ? 0 : Self.scanNice
+            guard let zerosUrgent = self?.state.withLock({ $0.zerosUrgent }) else { return }
+            let nice = scanWaitedFor ? 0 : Self.scanNice
             if !zerosUrgent { _ = cpc_set_thread_nice(nice) }
             let zeros = scanner.zeroPages()
             guard let wanted = self?.publish(zeros: zeros) else { return }
