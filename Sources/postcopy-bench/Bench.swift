@@ -62,6 +62,7 @@ struct PostcopyBench: ParsableCommand {
     @Option(name: .long, help: "Transports: tcp, rdma (comma-separated).") var transports: String = "tcp"
     @Option(name: .long, help: "Background streaming cap (bytes/s, e.g. 500M; 0 = none).") var backgroundRate: String = "0"
     @Option(name: .long, help: "Scheduling of the background streaming threads (source and destination): normal, low or idle.") var backgroundPriority: String = "normal"
+    @Option(name: .long, help: "on or off: the migrations' stream encryption (migrate's default, on: AES-256-GCM; the raw TCP baselines are always in clear, so compare streams with off).") var encryption: String = "on"
     @Option(name: .long, help: "Runs of each combination.") var `repeat`: Int = 1
     @Option(name: .long, help: "Seconds the guest runs before the switchover.") var before: Double = 2
     @Option(name: .long, help: "Seconds the guest runs at the destination.") var after: Double = 3
@@ -83,6 +84,7 @@ struct PostcopyBench: ParsableCommand {
         for i in list(install) where !["copy", "continue"].contains(i) { throw ValidationError("bad install path '\(i)' (copy, continue)") }
         guard !list(install).isEmpty else { throw ValidationError("--install needs copy, continue or both") }
         for w in list(streamWriteSizes) where parseByteSize(w) == nil { throw ValidationError("bad stream write size '\(w)'") }
+        guard ["on", "off"].contains(encryption) else { throw ValidationError("--encryption must be on or off, not '\(encryption)'") }
         for t in list(transports) where !["tcp", "rdma"].contains(t) { throw ValidationError("bad transport '\(t)'") }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1") }
         guard parseByteSize(backgroundRate) != nil else { throw ValidationError("bad --background-rate") }
@@ -138,7 +140,7 @@ struct PostcopyBench: ParsableCommand {
                             let args = ["migrate", "--size", size, "--workload", workload, "--vcpus", "\(vcpus)",
                                         "--mode", taskMode || precopies ? "postcopy" : mode, "--zipf-skew", "\(zipfSkew)",
                                         "--transport", transport, "--background-rate", backgroundRate, "--background-priority", backgroundPriority,
-                                        "--before", "\(before)", "--after", "\(after)", "--json"]
+                                        "--before", "\(before)", "--after", "\(after)", "--encryption", encryption, "--json"]
                                 + (taskMode ? ["--tasks", "\(tasks)", "--work-window-ms", "\(workWindowMs)"] : [])
                                 + (mode == "postcopy-apf" ? ["--apf"] : [])
                                 + (precopies ? ["--precopy", precopy, "--postcopy", mode == "hybrid" ? "on" : "off"] : [])
@@ -151,7 +153,7 @@ struct PostcopyBench: ParsableCommand {
                                              "zipf_skew": zipfSkew, "write_percent": writePercent ?? -1, "precopy": precopies ? precopy : "off",
                                              "mode": mode, "install": inst, "transport": transport, "background_rate": parseByteSize(backgroundRate)!,
                                              "background_priority": backgroundPriority, "before_seconds": before, "after_seconds": after, "repeat_index": i,
-                                             "prefetch": pf]
+                                             "prefetch": pf, "encryption": encryption]
                             if r.status != 0 || run["ok"] as? Bool != true {
                                 let why = (run["reasons"] as? [String])?.joined(separator: "; ") ?? ""
                                 let detail = why.isEmpty ? String(r.stderr.split(separator: "\n").prefix(3).joined(separator: " | ")) : why
@@ -193,7 +195,7 @@ struct PostcopyBench: ParsableCommand {
         let prefetches = prefetchSummary(runs)
         let sizeSeries = sizeSummary(runs)
         let config: [String: Any] = ["tasks": tasks, "work_window_ms": workWindowMs, "sizes": list(sizes), "workloads": list(workloads), "vcpus": vcpus, "zipf_skew": zipfSkew, "modes": list(modes),
-                                     "install": list(install), "transports": list(transports), "background_rate": parseByteSize(backgroundRate)!, "background_priority": backgroundPriority,
+                                     "install": list(install), "transports": list(transports), "encryption": encryption, "background_rate": parseByteSize(backgroundRate)!, "background_priority": backgroundPriority,
                                      "repeat": `repeat`, "before_seconds": before, "after_seconds": after,
                                      "precopy": precopy, "write_percent": writePercent ?? -1, "prefetch": list(prefetch)]
         let doc: [String: Any] = ["schema_version": 1, "tool": "postcopy-bench", "started_at": ISO8601DateFormatter().string(from: Date()),
