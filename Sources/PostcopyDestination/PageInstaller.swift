@@ -59,10 +59,13 @@ extension PostcopyEngine {
         let dst = map.address(ofGlobal: first + i)
         let r: Userfaultfd.FillResult
         do { r = try fill(dst, page: first + i, pages: run, from: removed ? nil : payload.map { $0.baseAddress! + i * pageSize }) } catch {
-            // Only a clean precopied page can be installed after guest memory
-            // left the userfaultfd (the release waits for every fetch): it is
-            // in the page cache already, the guest maps it itself.
+            // Guest memory left the userfaultfd whole (`releaseAllWhenFetched`)
+            // only once no page was in flight: a page installed after that
+            // was claimed too late, and the guest may have mapped it itself
+            // before its bytes were in. Said loudly; its bytes are in the
+            // page cache now, which the guest maps.
             guard error.errno == ENOENT, wholeReleased.load(ordering: .acquiring) else { throw .local(error) }
+            logger.error("pages \(first + i)..<\(first + i + run) installed after guest memory left the userfaultfd: the guest may have seen them before their bytes were in")
             r = .done
         }
         var filled = 0
