@@ -34,6 +34,21 @@ final class WorkingSetRecorder: @unchecked Sendable {
         }
     }
 
+    /// The work being recorded is done (`RecordEnd`): the window ends now, if
+    /// it is still open (and at once, if no fault came yet).
+    func end(at now: UInt64) {
+        lock.withLock {
+            if startedAt == 0 { startedAt = now }
+            until = min(until, now)
+        }
+    }
+
+    /// How long the window lasted (or lasts), in ms.
+    private var windowMs: UInt32 {
+        let ns = until == .max ? seconds * 1e9 : Double(until - startedAt)
+        return UInt32(min(ns / 1e6, Double(UInt32.max)))
+    }
+
     /// Whether the window is over (nil: no fault yet).
     func over(at now: UInt64) -> Bool? { lock.withLock { startedAt == 0 ? nil : now >= until } }
 
@@ -51,7 +66,7 @@ final class WorkingSetRecorder: @unchecked Sendable {
     func workingSet(table: RegionTable) -> WorkingSet {
         lock.withLock {
             WorkingSet(pageSize: UInt32(table.pageSize), regionPages: table.regions.map { $0.size / UInt64(table.pageSize) },
-                       recordedMs: UInt32(min(seconds * 1000, Double(UInt32.max))),
+                       recordedMs: windowMs,
                        entries: order.compactMap { p in digests[p].map { WorkingSet.Entry(page: UInt64(p), digest: $0) } })
         }
     }
@@ -163,6 +178,14 @@ extension PostcopyEngine {
             }
             if cpc_poll1(shutdown.fd.raw, Int16(POLLIN), 5) > 0 { return false }
         }
+    }
+
+    /// The VMM says the work being recorded is done (`RecordEnd`): the
+    /// recording window ends now (nothing when not recording).
+    public func endRecording() {
+        guard let recorder else { return }
+        recorder.end(at: nowNanoseconds())
+        logger.info("working set: the recorded work is done; the window ends")
     }
 
     func refuseWorkingSet(_ why: String) {

@@ -72,8 +72,9 @@ extension HandoffServer {
     }
 
     /// A later message from the VMM: the guest enabling async page faults
-    /// (sets `apf`), or asking to be told when every page is in (sets
-    /// `notify`). False at EOF: the VMM is gone.
+    /// (sets `apf`), asking to be told when every page is in (sets
+    /// `notify`), or saying the recorded work is done (`RecordEnd`). False at
+    /// EOF: the VMM is gone.
     func receiveLaterMessage(_ conn: OwnedFD, pid: Int32, engine: PostcopyEngine, apf: inout APFChannel?, notify: inout Bool) -> Bool {
         let m = Self.receiveMessage(conn, maxBytes: Self.laterMessageMaxBytes)
         if m.n <= 0 && m.n != -Int(EAGAIN) && m.n != -Int(EINTR) { return false }
@@ -88,6 +89,9 @@ extension HandoffServer {
                 if CompletionNotice.isRequest(p) {
                     notify = true
                     logger.info("VMM pid \(pid): will be told when every page is in")
+                } else if RecordEnd.isRequest(p) {
+                    engine.endRecording()
+                    logger.info("VMM pid \(pid): the recorded work is done")
                 } else {
                     rest.append(p)
                 }

@@ -41,6 +41,12 @@ public final class VMMHandoffClient: Sendable {
         try send(CompletionNotice.request, fds: [])
     }
 
+    /// Says the work being recorded is done (`RecordEnd`): a daemon recording
+    /// the working set ends its window now.
+    public func endRecording() throws(SystemError) {
+        try send(RecordEnd.request, fds: [])
+    }
+
     /// Waits up to `ms` for the daemon's completion notice. Throws if the
     /// daemon closed the socket, answered something else, or was silent.
     public func waitForCompletion(timeoutMs ms: Int32) throws -> CompletionNotice.Answer {

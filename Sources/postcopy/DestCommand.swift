@@ -58,7 +58,7 @@ struct DestCommand: ParsableCommand {
     @Option(name: .long, help: "With --handoff: record each VMM's working set (the pages it faults on in the --record-seconds after its first fault, in order, with a digest of each) and write it to this file when its migration completes. The background stream holds off during that window, so the record is whole. For restoring the same memory snapshot many times: give the file to --replay-working-set next time.")
     var recordWorkingSet: String?
 
-    @Option(name: .long, help: "With --record-working-set: the recording window after the first fault, in seconds.")
+    @Option(name: .long, help: "With --record-working-set: the recording window after the first fault, in seconds; a VMM that says its recorded work is done ({\"notify\":{\"record_end\":1}} on the handoff socket, `guest resume --end-recording-after-work`) ends it sooner.")
     var recordSeconds: Double = 2
 
     @Option(name: .long, help: "With --handoff: fetch the pages of this working-set file first, in its order and in large batches, ahead of everything but demand faults. A file for other memory (another layout, or pages whose bytes differ from their recorded digests) is refused for that VMM, which migrates without it.")

@@ -33,6 +33,7 @@ struct GuestResumeCommand: ParsableCommand {
     @Option(name: .long, help: "Milliseconds between two ops/s reports.") var reportMs: Int32 = 1000
     @Flag(name: .long, help: "After the handoff, wait for a line \"resume\" on stdin before fetching the device state (restoring a snapshot that is there already: `postcopy restore` says when the daemon is ready).") var resumeOnStdin = false
     @Option(name: .long, help: "Report how long after resuming the guest had done this many operations (its first work after a restore; 0: not measured).") var workOps: UInt64 = 0
+    @Flag(name: .long, help: "Once the guest has done its --work-ops, tell the daemon the recorded work is done: a daemon recording the working set (--record-working-set) ends its window then, so that the record holds the pages that work needed, however fast this machine is.") var endRecordingAfterWork = false
     @Option(name: .long, help: "Run a task guest instead of the key-value workload: this many cooperative tasks per vCPU thread, each reading random words of random pages.") var tasks: Int = 0
     @Flag(name: .long, help: "Paravirtual async page faults for the task guest: RAM registered with UFFD_FEATURE_SIGBUS, a touched missing page parks the task (\"page not present\") and the vCPU runs another one until \"page ready\".") var apf = false
     @Option(name: .long, help: "Arithmetic iterations per read in the task guest (compute between memory touches).") var think: UInt32 = 100
@@ -46,6 +47,7 @@ struct GuestResumeCommand: ParsableCommand {
         guard !apf || (tasks > 0 && handoff != nil && !stopAndCopy) else { throw ValidationError("--apf needs --tasks N and --handoff") }
         guard workWindowMs > 0 else { throw ValidationError("--work-window-ms must be positive") }
         guard runFor > 0 else { throw ValidationError("--run-for must be positive") }
+        guard !endRecordingAfterWork || (workOps > 0 && handoff != nil) else { throw ValidationError("--end-recording-after-work needs --work-ops N and --handoff") }
         guard stopAndCopy || handoff != nil else { throw ValidationError("--handoff is required unless --stop-and-copy") }
         guard postcopy == .on || (!stopAndCopy && tasks == 0) else { throw ValidationError("--postcopy off needs --handoff and the key-value guest (no --tasks, no --stop-and-copy)") }
     }
@@ -179,11 +181,14 @@ struct GuestResumeCommand: ParsableCommand {
         let reporter = try OpsReporter(side: "destination", json: json, intervalMs: reportMs) { guest.totalOps }
         // How long the guest took for its first `workOps` operations.
         let workDone = Locked<UInt64?>(nil)
+        let endRecording = endRecordingAfterWork ? vmm : nil
         let workWatch = workOps > 0 ? PThread(name: "work") { [workOps, runFor] in
             let deadline = resumedAt + UInt64(runFor * 1e9)
             while nowNanoseconds() < deadline {
                 if guest.totalOps >= workOps {
                     workDone.withLock { $0 = nowNanoseconds() - resumedAt }
+                    // (A daemon gone meanwhile is seen by the full-copy watch.)
+                    try? endRecording?.endRecording()
                     return
                 }
                 usleep(200)

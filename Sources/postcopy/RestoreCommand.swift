@@ -12,8 +12,9 @@ struct RestoreCommand: ParsableCommand {
             The serverless cold-start case (REAP, FaaSnap): one memory snapshot restored again and \
             again. A reference guest boots, runs --before seconds, and pauses: its frozen RAM and device \
             state are the snapshot, served by it to every restore. The first restore records the \
-            working set (the destination daemon's --record-working-set: the pages faulted on in the \
-            --record-seconds after the first fault, demand only); then --restores restores without the \
+            working set (the destination daemon's --record-working-set: the pages faulted on, demand \
+            only, until that guest finished its first --work-ops, which it tells the daemon, or \
+            --record-seconds after the first fault, whichever comes first); then --restores restores without the \
             working set and --restores with it replayed (--replay-working-set), alternated. Each one is \
             a fresh daemon and a fresh destination guest; it reports the time from the resume until the \
             guest had done --work-ops operations, the summed vCPU stall, the demand faults and the \
@@ -25,7 +26,8 @@ struct RestoreCommand: ParsableCommand {
     @Option(name: .long, help: "Seconds the guest runs before it is paused into the snapshot.") var before: Double = 2
     @Option(name: .long, help: "Restores without and with the working set (each).") var restores: Int = 5
     @Option(name: .long, help: "The guest's first work after each restore: this many operations.") var workOps: UInt64 = 2_000_000
-    @Option(name: .long, help: "The recording restore's window after its first fault, in seconds.") var recordSeconds: Double = 1
+    @Option(name: .long, help: "The recording restore's window after its first fault, in seconds (the longest it lasts, with --record-until-work).") var recordSeconds: Double = 1
+    @Flag(name: .long, inversion: .prefixedNo, help: "End the recording restore's window when its guest has done its first --work-ops (the pages that work needed, as REAP records a first invocation), or after --record-seconds if that comes first; with --no-record-until-work, always after --record-seconds.") var recordUntilWork = true
     @Option(name: .long, help: "Seconds each restored guest runs (its work must fit).") var runFor: Double = 3
     @Option(name: .long, help: "The destination daemons' prefetch: adaptive or off.") var prefetch: String = "adaptive"
     @Flag(name: .long, help: "One JSON object on stdout instead of the summary.") var json = false
@@ -90,7 +92,7 @@ struct RestoreCommand: ParsableCommand {
         if json {
             let doc: [String: Any] = [
                 "size": shape.size.bytes, "workload": shape.workload.rawValue, "vcpus": shape.vcpus, "work_ops": workOps,
-                "record_seconds": recordSeconds, "run_for": runFor, "prefetch": prefetch, "runs": runs.map(\.json), "ok": ok,
+                "record_seconds": recordSeconds, "record_until_work": recordUntilWork, "run_for": runFor, "prefetch": prefetch, "runs": runs.map(\.json), "ok": ok,
                 "median_time_to_work_ms": ["off": workOff as Any, "replay": workReplay as Any],
                 "median_stall_seconds": ["off": stallOff as Any, "replay": stallReplay as Any],
                 "replay_speedup": speedup as Any, "recorded_pages": runs.first?.recordedPages ?? 0,
@@ -116,7 +118,7 @@ struct RestoreCommand: ParsableCommand {
         guard daemon.waitFor(\.listening, seconds: 30) != nil else { throw fail("restore \(index + 1): the daemon did not start: \(daemon.errors.suffix(400))") }
         let guest = try Child("restored guest", ["guest", "resume", "--source", "127.0.0.1:\(port)", "--handoff", socket, "--memory", "shared",
                                                  "--run-for", "\(runFor)", "--json", "--key-file", keyFile, "--work-ops", "\(workOps)",
-                                                 "--resume-on-stdin"])
+                                                 "--resume-on-stdin"] + (kind == "record" && recordUntilWork ? ["--end-recording-after-work"] : []))
         defer { _ = guest.finish(seconds: 0) }
         // As a warm host would: the daemon has the memory (preallocated) before the guest resumes.
         guard guest.waitFor(\.ready, seconds: 60) != nil, daemon.waitFor(\.prepared, seconds: 120) != nil else {

@@ -92,6 +92,46 @@ struct WorkingSetTests {
         #expect(r4?.replayPages == 0)
     }
 
+    /// The VMM says its recorded work is done (`RecordEnd`) long before the
+    /// window's 60 s: the window ends then. The stream, held off while
+    /// recording, brings the rest with no further touch (on the old daemon
+    /// nothing would come for 60 s), and the record holds exactly the pages
+    /// the work read, in its order. A daemon that records nothing ignores it.
+    @Test(.timeLimit(.minutes(2)))
+    func theVMMEndsTheRecordingWhenItsWorkIsDone() throws {
+        let mem = try TempMemory(size: Self.size, zeroPercent: 0, seed: 34)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let file = "/tmp/postcopy-ws-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { unlink(file) }
+        var rng = SplitMix64(seed: 9)
+        let work = Array((0..<(Self.size / 4096)).shuffled(using: &rng).prefix(200))
+        for recording in [true, false] {
+            let d = try daemon(server.port, record: recording ? 60 : 0, out: recording ? file : nil)
+            defer { d.stop() }
+            let vmm = try TestVMM(size: Self.size, shared: true)
+            try vmm.handOver(d.path)
+            let base = vmm.mappings[0].address
+            for p in work { _ = cpc_touch_read(UnsafeRawPointer(bitPattern: UInt(base) + UInt(p * 4096))!) }
+            try vmm.client!.endRecording()
+            // No other touch: only the stream can complete the migration now.
+            #expect(waitFor("completion without a touch") { d.stats.completed.load(ordering: .relaxed) == 1 })
+            #expect(vmm.contents() == Array(mem.mapping.bytes), "guest memory differs from the source")
+            vmm.goAway()
+            #expect(waitFor("session end") { d.stats.ended.load(ordering: .relaxed) == 1 })
+            let r = d.stats.reports.withLock { $0.last }
+            if recording {
+                #expect(r?.workingSetRecordedPages == work.count)
+                let ws = try WorkingSet.load(from: file)
+                let exact = ws.entries.map { Int($0.page) } == work
+                #expect(exact, "the record is the work's pages, in their order (\(ws.entries.count) recorded)")
+                #expect(ws.recordedMs < 60_000, "the window ended with the work (\(ws.recordedMs) ms)")
+            } else {
+                #expect(r?.completed == true)
+            }
+        }
+    }
+
     func finish(_ vmm: TestVMM, _ d: HandoffServer, expected: [UInt8]) throws -> HandoffSessionReport? {
         vmm.touchAll(threads: 2)
         #expect(waitFor("completion") { d.stats.completed.load(ordering: .relaxed) == 1 })
