@@ -16,7 +16,8 @@
 #
 # Usage: bash bench/prefetch.sh            (about 12 minutes)
 # Env:   PARTS ("prefetch restore")  REPEAT (5)  RESTORES (5)  WORK_OPS ("20000 100000")
-#        RECORD_SECONDS (1.5)  OUT (bench/latest)  POSTCOPY_BIN (a postcopy binary instead of building)
+#        RECORD_SECONDS (3: the longest the recording lasts; it ends when the
+#        recording guest has done its first WORK_OPS)  OUT (bench/latest)  POSTCOPY_BIN (a postcopy binary instead of building)
 # CI runs the tests only (the prefetch and restore tests in `swift test`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ PARTS=${PARTS:-prefetch restore}
 REPEAT=${REPEAT:-5}
 RESTORES=${RESTORES:-5}
 WORK_OPS=${WORK_OPS:-20000 100000}
-RECORD_SECONDS=${RECORD_SECONDS:-1.5}
+RECORD_SECONDS=${RECORD_SECONDS:-3}
 OUT=${OUT:-bench/latest}
 mkdir -p "$OUT"
 source bench/lib.sh
