@@ -67,8 +67,8 @@ final class PageStates: @unchecked Sendable {
         if s == .zero { zero += 1 }
         if old == .missing { missing -= 1 }
         if s == .missing { missing += 1 }
-        if old.isInflight { inflight -= 1 }
-        if s.isInflight { inflight += 1 }
+        if old.isInflight { inflightCount -= 1 }
+        if s.isInflight { inflightCount += 1 }
         states[p] = s.rawValue
     }
 
@@ -79,7 +79,7 @@ final class PageStates: @unchecked Sendable {
     /// install or a mapping that is not done yet, whether or not its request
     /// is registered in the engine's `inflight` table (the fault thread
     /// claims pages first and sends their requests at the end of its batch).
-    private(set) var inflight = 0
+    private(set) var inflightCount = 0
 
     /// How many pages from `first` (before `end`) are in state `s`.
     func runLength(from first: Int, in s: State, end: Int) -> Int {
@@ -97,8 +97,8 @@ final class PageStates: @unchecked Sendable {
         let old = state(first)
         precondition(s != .zero && s != .missing && old != .zero && old != .present && old != .missing,
                      "setRun from or to a state counted apart")
-        if old.isInflight { inflight -= count }
-        if s.isInflight { inflight += count }
+        if old.isInflight { inflightCount -= count }
+        if s.isInflight { inflightCount += count }
         (states + first).initialize(repeating: s.rawValue, count: count)
         guard isSettled, !waiting.isEmpty else { return [] }
         return (first..<(first + count)).compactMap { waiting.removeValue(forKey: $0) }

@@ -24,7 +24,9 @@ extension PostcopyEngine {
             // cache once unregistered, with the bytes precopied before it was
             // written again, and its reply would then overwrite the guest's
             // writes to it (found as one page mismatched in a hybrid run).
-            guard pages.releaseAllPending, pages.missing == 0, pages.inflight == 0, inflight.withLock({ $0.isEmpty }) else { return nil }
+            // The request table is looked at too: on the copy path a page
+            // removed while in flight is zero already, its reply still due.
+            guard pages.releaseAllPending, pages.missing == 0, pages.inflightCount == 0, inflight.withLock({ $0.isEmpty }) else { return nil }
             pages.releaseAllPending = false
             // A zero page (removed by the VMM meanwhile) must still be written
             // as zeros and mapped here: release clean runs one by one instead.
