@@ -146,52 +146,76 @@ int cpc_baseline_uffd_fault(int pages, uint64_t *out_ns) {
     return pages;
 }
 
-struct stream_tx { int lfd; size_t write_size; size_t total; int err; };
+struct stream_tx { int lfd; size_t write_size; size_t total; size_t span; char *buf; int err; };
+
+/// A buffer of `len` bytes, every page allocated and written (as guest RAM is
+/// at a source, and a destination's alias after preallocation); NULL on error.
+static char *stream_buffer(size_t len, int fill) {
+    char *b = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (b == MAP_FAILED) return NULL;
+    memset(b, fill, len);
+    return b;
+}
 
 static void *stream_sender(void *arg) {
     struct stream_tx *s = arg;
     int fd = accept(s->lfd, NULL, NULL);
     if (fd < 0) { s->err = errno; return NULL; }
-    char *buf = malloc(s->write_size);
-    memset(buf, 0xA5, s->write_size);
     for (size_t sent = 0; sent < s->total; sent += s->write_size) {
-        if (write_full(fd, buf, s->write_size) < 0) { s->err = errno ? errno : EPIPE; break; }
+        if (write_full(fd, s->buf + sent % s->span, s->write_size) < 0) { s->err = errno ? errno : EPIPE; break; }
     }
-    free(buf);
     close(fd);
     return NULL;
 }
 
-int cpc_baseline_tcp_stream(size_t write_size, size_t total, uint64_t *out_ns, uint64_t *out_recv_cpu_ns) {
+int cpc_baseline_tcp_stream(size_t write_size, size_t total, size_t span, uint64_t *out_ns, uint64_t *out_recv_cpu_ns) {
     if (write_size == 0 || total < write_size) return -EINVAL;
     total -= total % write_size;
+    // `span` 0: one buffer of a write at each end, hot in the cache. Otherwise
+    // the writes walk `span` bytes of memory at each end (memory to memory).
+    span = span < write_size ? write_size : span - span % write_size;
     struct sockaddr_in a;
     int lfd = loopback_listener(&a);
     if (lfd < 0) return lfd;
-    struct stream_tx tx = { lfd, write_size, total, 0 };
+    // Both buffers are ready before the clock starts.
+    struct stream_tx tx = { lfd, write_size, total, span, stream_buffer(span, 0xA5), 0 };
+    // The receiver reads each write's worth into its place, as the page
+    // transport reads one reply: the baseline for the destination's stream.
+    char *buf = stream_buffer(span, 0);
+    if (!buf || !tx.buf) {
+        if (buf) munmap(buf, span);
+        if (tx.buf) munmap(tx.buf, span);
+        close(lfd);
+        return -ENOMEM;
+    }
     pthread_t t;
     pthread_create(&t, NULL, stream_sender, &tx);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) { int e = errno; close(fd); close(lfd); pthread_join(t, NULL); return -e; }
-    // The receiver reads each write's worth into one buffer, as the page
-    // transport reads one reply: the baseline for the destination's stream.
-    char *buf = malloc(write_size);
-    memset(buf, 0, write_size);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+        int e = errno;
+        close(fd);
+        close(lfd);
+        pthread_join(t, NULL);
+        munmap(buf, span);
+        munmap(tx.buf, span);
+        return -e;
+    }
     struct timespec c0, c1;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
     uint64_t t0 = cpc_now_ns();
     size_t got = 0;
     int rc = 0;
     while (got < total) {
-        if (read_full(fd, buf, write_size) < 0) { rc = -(errno ? errno : EPIPE); break; }
+        if (read_full(fd, buf + got % span, write_size) < 0) { rc = -(errno ? errno : EPIPE); break; }
         got += write_size;
     }
     *out_ns = cpc_now_ns() - t0;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
     *out_recv_cpu_ns = (uint64_t)(c1.tv_sec - c0.tv_sec) * 1000000000ull + (uint64_t)(c1.tv_nsec - c0.tv_nsec);
-    free(buf);
+    munmap(buf, span);
     close(fd);
     pthread_join(t, NULL);
+    munmap(tx.buf, span);
     close(lfd);
     if (rc == 0 && tx.err) rc = -tx.err;
     return rc;

@@ -27,12 +27,12 @@ extension PostcopyEngine {
 
     /// Claims (marks in flight) runs of missing pages from `cursor` on, in
     /// address order, as `claimBackgroundRun` claims them, for one gather.
-    /// Nil when no page is missing.
-    func claimBackgroundGather(from cursor: Int) -> [(first: Int, count: Int)]? {
+    /// Nil when no page is missing (in [cursor, upTo) with `upTo`).
+    func claimBackgroundGather(from cursor: Int, upTo: Int = .max) -> [(first: Int, count: Int)]? {
         assert(backgroundThread.isCurrent)
         var next = cursor
         return gatherRuns(batch: max(config.batchPages / unitPages, 1) * unitPages) { left in
-            let run = claimBackgroundRun(from: next, limit: left)
+            let run = claimBackgroundRun(from: next, limit: left, upTo: upTo)
             if let run { next = run.first + run.count }
             return run
         }

@@ -43,8 +43,10 @@ extension PostcopyEngine {
         // only delay them, and make the source scan RAM while the guest
         // starts), unless precopy stopped early.
         let precopied = precopyProvider != nil && pages.lock.withLock { pages.missing < pages.count / 8 }
+        var zeroChunks: ZeroMapChunks?
         if let zeroMapProvider, !precopied {
-            guard try applyZeroMaps(from: zeroMapProvider, generation: &generation, background: &background) else { return }
+            guard try waitForSource(zeroMapProvider, generation: &generation, background: &background) else { return }
+            if zeroMapProvider.fetch != nil { zeroChunks = ZeroMapChunks(table: table, unitPages: unitPages) }
         }
         guard holdWhileRecording() else { return }
         let epoll: Epoll
@@ -101,7 +103,7 @@ extension PostcopyEngine {
                 let window = config.window ?? background.suggestedWindow ?? 4
                 let requestLimit = background.suggestedWindow == nil ? window * Self.shortRunsPerBatch : window
                 let pagesWindow = window * batchBytes / pageSize
-                while !exhausted, outstandingPages < (background.canGather ? max(Self.replayWindowPages, pagesWindow) : pagesWindow) {
+                claiming: while !exhausted, outstandingPages < (background.canGather ? max(Self.replayWindowPages, pagesWindow) : pagesWindow) {
                     if let delay = bucket.delayMs(before: batchBytes) {
                         // Nothing left to claim: the stream is over, whatever its budget says.
                         if !replayPending, pages.lock.withLock({ pages.missing == 0 }) { exhausted = true }
@@ -127,10 +129,22 @@ extension PostcopyEngine {
                     // (In address order where it cannot.)
                     let replayed = replayPending ? claimReplayRun() : nil
                     if replayed == nil { replayPending = false }
+                    // Only where the zero map is known (fetched here as the stream gets there).
+                    var upTo = Int.max
+                    if replayed == nil, zeroChunks != nil {
+                        switch try zeroMapSpan(from: cursor, &zeroChunks!, zeroCursor: &zeroCursor, channelIdle: outstanding == 0) {
+                        case .span(let first, let end): (cursor, upTo) = (first, end)
+                        case .waitForIdle: break claiming
+                        case .noneMissing:
+                            exhausted = true
+                            break claiming
+                        }
+                    }
                     // Where the channel can: runs of missing pages, scattered or
                     // not, a batch of them per gather (`claimBackgroundGather`).
                     if replayed == nil, background.canGather {
-                        guard let runs = claimBackgroundGather(from: cursor) else {
+                        guard let runs = claimBackgroundGather(from: cursor, upTo: upTo) else {
+                            if upTo < .max { cursor = upTo % table.totalPages; continue }
                             exhausted = true
                             break
                         }
@@ -139,7 +153,8 @@ extension PostcopyEngine {
                         try submitGather(background, runs: runs)
                         continue
                     }
-                    guard let run = replayed ?? claimBackgroundRun(from: cursor) else {
+                    guard let run = replayed ?? claimBackgroundRun(from: cursor, upTo: upTo) else {
+                        if upTo < .max { cursor = upTo % table.totalPages; continue }
                         exhausted = true
                         break
                     }
@@ -244,46 +259,23 @@ extension PostcopyEngine {
     /// Clean precopied pages mapped between two looks (cheaper: no zeroing).
     static let cleanPagesAheadPerRound = 8192
 
-    /// Before streaming: asks `provider` for the zero map (reconnecting after a
-    /// connection loss) and applies it. False when the source went away after
-    /// every page was already in: nothing is left to stream.
-    private func applyZeroMaps(from provider: ZeroMapProvider, generation: inout Int,
-                               background: inout PageChannel) throws(TransportError) -> Bool {
-        var fetched: [ZeroMap]?
-        while fetched == nil {
-            do { fetched = try provider() } catch {
-                if try recover(from: generation, cause: error) == .sourceDone { return false }
-                let now = currentChannels()
-                generation = now.generation
-                if let b = now.background { background = b }
-            }
-        }
-        let maps = fetched ?? []
-        let complete: Bool = pages.lock.withLock {
-            pages.applyZeroMaps(maps, table: table, unitPages: unitPages)
-            counters.zeroPagesKnown.store(pages.zero, ordering: .relaxed)
-            counters.settledPages.store(pages.settled, ordering: .relaxed)
-            return pages.isComplete
-        }
-        if complete { markComplete(at: nowNanoseconds()) }
-        return true
-    }
-
     /// Claims (marks in flight) the next run of missing pages at or after
     /// `cursor`: whole guest pages, inside one source region and one guest
     /// region, at most a batch (and `limit`, rounded down to whole guest pages but
-    /// at least one). Nil when no page is missing.
-    func claimBackgroundRun(from cursor: Int, limit: Int = .max) -> (first: Int, count: Int)? {
+    /// at least one). Nil when no page is missing; with `upTo`, when none is
+    /// missing in [cursor, upTo) (the run ends before `upTo`).
+    func claimBackgroundRun(from cursor: Int, limit: Int = .max, upTo: Int = .max) -> (first: Int, count: Int)? {
         assert(backgroundThread.isCurrent)
         return pages.lock.withLock { () -> (first: Int, count: Int)? in
             guard let found = pages.nextMissing(from: cursor) else { return nil }
+            if upTo != .max, found < cursor || found >= upTo { return nil }
             let first = found / unitPages * unitPages  // whole guest pages share a state
             let (region, page) = table.locate(globalPage: first)
             let g = map.region(ofGlobal: first)
             let regionEnd = min(first - page + table.pageCount(region: region), g.sourceFirstPage + g.size / pageSize)
             var n = 0
             let batch = max(min(config.batchPages, limit) / unitPages, 1) * unitPages
-            while n < batch, first + n < regionEnd, pages.state(first + n) == .missing {
+            while n < batch, first + n < min(regionEnd, upTo), pages.state(first + n) == .missing {
                 for q in (first + n)..<(first + n + unitPages) { pages.set(q, .inflightBackground) }
                 n += unitPages
             }

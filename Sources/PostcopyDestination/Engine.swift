@@ -117,10 +117,6 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// When the last page was settled (0 until then).
     public var streamEnd: UInt64 { completedAt.load(ordering: .acquiring) }
 
-    /// Runs on the background thread before it streams: fetches the zero map when
-    /// it was not known at start, or just waits until the source can serve pages
-    /// (its guest paused) and returns none. Demand faults are served meanwhile.
-    public typealias ZeroMapProvider = @Sendable () throws(TransportError) -> [ZeroMap]
     let zeroMapProvider: ZeroMapProvider?
 
     /// The pages of precopy pass n (`Transport.fetchDirtySet`), on the

@@ -163,19 +163,26 @@ final class PageStates: @unchecked Sendable {
     /// Marks zero every page the zero maps flag that is still missing, then
     /// keeps guest pages (`unitPages` source pages each) uniform: one is zero
     /// only if all its source pages are; otherwise it is fetched whole.
-    func applyZeroMaps(_ maps: [ZeroMap], table: RegionTable, unitPages: Int) {
+    /// Returns how many pages it marked zero.
+    @discardableResult
+    func applyZeroMaps(_ maps: [ZeroMap], table: RegionTable, unitPages: Int) -> Int {
+        let before = zero
         for z in maps {
             let first = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
             for i in 0..<Int(z.pageCount) where z.isZero(i) && state(first + i) == .missing { set(first + i, .zero) }
         }
-        guard unitPages > 1 else { return }
-        var u = 0
-        while u < count {
-            let end = min(u + unitPages, count)
-            if (u..<end).contains(where: { state($0) != .zero }) {
-                for p in u..<end where state(p) == .zero { set(p, .missing) }
+        guard unitPages > 1 else { return zero - before }
+        for z in maps {
+            let first = table.firstGlobalPage[Int(z.region)] + Int(z.firstPage)
+            var u = first / unitPages * unitPages
+            while u < min(first + Int(z.pageCount), count) {
+                let end = min(u + unitPages, count)
+                if (u..<end).contains(where: { state($0) != .zero }) {
+                    for p in u..<end where state(p) == .zero { set(p, .missing) }
+                }
+                u = end
             }
-            u = end
         }
+        return zero - before
     }
 }

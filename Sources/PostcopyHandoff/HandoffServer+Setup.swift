@@ -3,6 +3,7 @@ import PostcopyCore
 import PostcopyDestination
 import PostcopyRDMA
 import PostcopyTransport
+import PostcopyWire
 
 /// A VMM's transport to the source and its engine.
 extension HandoffServer {
@@ -62,11 +63,13 @@ extension HandoffServer {
                 return try t.fetchDirtySet(pass: pass)
             }
         }
+        let ready: @Sendable () throws(TransportError) -> Void = { () throws(TransportError) in _ = try t.fetchDeviceState(timeoutMs: -1) }
+        let fetch: @Sendable (UInt16, UInt64, UInt64) throws(TransportError) -> ZeroMap = { (region, first, count) throws(TransportError) -> ZeroMap in
+            try t.fetchZeroMap(region: region, firstPage: first, pageCount: count)
+        }
+        let zeroMaps = ZeroMapProvider(ready: ready, fetch: zeroMap ? fetch : nil)
         return try PostcopyEngine(uffd: uffd, regions: guest, session: info, zeroMaps: [],
-                                  zeroMapProvider: { () throws(TransportError) in
-                                      _ = try t.fetchDeviceState(timeoutMs: -1)
-                                      return zeroMap ? try t.fetchWholeZeroMap(table) : []
-                                  }, precopy: precopy,
+                                  zeroMapProvider: zeroMaps, precopy: precopy,
                                   demand: demand, background: background,
                                   reconnect: { () throws(TransportError) in try t.reconnect() },
                                   config: config, logger: logger)

@@ -3,7 +3,7 @@ import PostcopyCore
 import Glibc
 #endif
 
-/// The holes of a memory file (`lseek` with `SEEK_DATA` / `SEEK_HOLE`): ranges
+/// The holes of a memory file (`lseek` with `SEEK_DATA`): ranges
 /// that hold no data and read as zeros. Shmem counts a page swapped out as
 /// data, so a hole is never a page with contents. On a file system without
 /// hole support the whole file is data (the kernel's generic answer), and any
@@ -11,8 +11,8 @@ import Glibc
 /// calling one zero.
 final class FileHoles: Sendable {
     let fd: OwnedFD
-    /// `SEEK_DATA` and `SEEK_HOLE` (Linux, <unistd.h> with _GNU_SOURCE).
-    static let seekData: Int32 = 3, seekHole: Int32 = 4
+    /// `SEEK_DATA` (Linux, <unistd.h> with _GNU_SOURCE).
+    static let seekData: Int32 = 3
 
     init(duplicating raw: Int32) throws(SystemError) {
         fd = OwnedFD(try libcCall("fcntl(F_DUPFD_CLOEXEC)") { fcntl(raw, F_DUPFD_CLOEXEC, 0) })
@@ -25,37 +25,10 @@ final class FileHoles: Sendable {
         return errno == ENXIO ? nil : offset
     }
 
-    /// The first byte of a hole at or after `offset` (the end of the file is one).
-    func nextHole(from offset: Int) -> Int {
-        let r = lseek(fd.raw, off_t(offset), Self.seekHole)
-        return r >= 0 ? Int(r) : Int.max
-    }
-
     /// Whether [offset, offset+length) holds no data.
     func isHole(offset: Int, length: Int) -> Bool {
         guard let d = nextData(from: offset) else { return true }
         return d >= offset + length
-    }
-
-    /// One bit per page of the first `pages`, set for the pages wholly inside a hole.
-    func holeBits(pages: Int, pageSize: Int) -> PageBitmap {
-        var bits = PageBitmap(pages: pages)
-        let end = pages * pageSize
-        var offset = 0
-        while offset < end {
-            let data = min(nextData(from: offset) ?? end, end)
-            // Pages wholly inside [offset, data).
-            var p = (offset + pageSize - 1) / pageSize
-            while (p + 1) * pageSize <= data {
-                bits.insert(p)
-                p += 1
-            }
-            guard data < end else { break }
-            let hole = nextHole(from: data)
-            guard hole > data else { break }  // an error: the rest counts as data
-            offset = hole
-        }
-        return bits
     }
 
     /// Reads [offset, offset+length) into `buffer`; holes read as zeros and

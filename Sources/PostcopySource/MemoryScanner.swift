@@ -4,9 +4,10 @@ import PostcopyCore
 import Glibc
 #endif
 
-/// The two passes over frozen RAM. `zeroPages` is quick: holes of the memory
-/// file are zero without a look, and `cpc_is_zero` stops at the first non-zero
-/// byte, which for most pages is one of the first. `digests` reads every byte
+/// The two passes over frozen RAM. The zero pass (`zeroBits`, by chunks:
+/// `ZeroPass`) is quick: holes of the memory file are zero without a look, and
+/// `cpc_is_zero` stops at the first non-zero byte, which for most pages is one
+/// of the first. `digests` reads every byte
 /// that holds data, once for the page digests and, while the block is in the
 /// cache, once for the RAM digest's chunks; hole pages and chunks take the
 /// digest of zeros without being touched.
@@ -15,7 +16,8 @@ final class MemoryScanner: @unchecked Sendable {
     let pageSize: Int
     let pages: Int
     let holes: FileHoles?
-    private var holeBits: PageBitmap?
+    /// The hole pages, set by `ZeroPass` before the digests (which skip them).
+    var holeBits: PageBitmap?
 
     init(mapping: MemoryMapping, pageSize: Int, holes: FileHoles?) {
         self.mapping = mapping
@@ -26,17 +28,51 @@ final class MemoryScanner: @unchecked Sendable {
 
     private func isHole(_ p: Int) -> Bool { holeBits?.contains(p) ?? false }
 
-    /// The zero pages (first pass).
-    func zeroPages() -> ZeroPages {
-        holeBits = holes?.holeBits(pages: pages, pageSize: pageSize)
-        var bits = holeBits ?? PageBitmap(pages: pages)
-        for p in 0..<pages where !isHole(p) && cpc_is_zero(mapping.base + p * pageSize, pageSize) != 0 {
-            bits.insert(p)
+    /// The first pass over `range` (a `ZeroPass` chunk, a multiple of 8 pages
+    /// unless it ends RAM): sets the bits of its hole pages in `holeOut` and of
+    /// its zero pages (holes included) in `zeros`.
+    ///
+    /// A page in the page cache (`mincore`) is data: `cpc_is_zero` looks at it.
+    /// The others are holes unless `SEEK_DATA` says data (swapped out): one
+    /// `lseek` per run of them, bounded by the run. (A `SEEK_HOLE` walk from
+    /// a chunk's data runs on to the next hole, past the chunk: measured on a
+    /// 1 GiB kv guest, 32 chunks walked in turn doubled the whole pass.)
+    func zeroBits(pages range: Range<Int>, zeros: UnsafeMutablePointer<UInt8>, holes holeOut: UnsafeMutablePointer<UInt8>) {
+        let zero = { (p: Int) in zeros[p >> 3] |= 1 << UInt8(p & 7) }
+        let look = { (p: Int) in if cpc_is_zero(self.mapping.base + p * self.pageSize, self.pageSize) != 0 { zero(p) } }
+        var resident = [UInt8](repeating: 1, count: range.count)
+        guard let holes, mincore(mapping.base + range.lowerBound * pageSize, range.count * pageSize, &resident) == 0 else {
+            range.forEach(look)  // no file (nothing is a hole), or mincore failed: look at every page
+            return
         }
-        return ZeroPages(bits)
+        var p = range.lowerBound
+        while p < range.upperBound {
+            guard resident[p - range.lowerBound] & 1 == 0 else {
+                look(p)
+                p += 1
+                continue
+            }
+            var q = p
+            while q < range.upperBound, resident[q - range.lowerBound] & 1 == 0 { q += 1 }
+            // [p, q) is not in the page cache: holes, but for the data SEEK_DATA finds.
+            var page = p
+            while page < q {
+                let data = min(holes.nextData(from: page * pageSize) ?? .max, q * pageSize)
+                while (page + 1) * pageSize <= data {
+                    holeOut[page >> 3] |= 1 << UInt8(page & 7)
+                    zero(page)
+                    page += 1
+                }
+                if page < q {
+                    look(page)  // data after all (swapped out, or written since mincore: never at a frozen source)
+                    page += 1
+                }
+            }
+            p = q
+        }
     }
 
-    /// Page digests and the RAM digest (second pass, two threads at `nice`), after `zeroPages`.
+    /// Page digests and the RAM digest (second pass, two threads at `nice`), after the zero pass.
     func digests(zeros: ZeroPages, nice: Int32) -> MemoryScan {
         let chunk = MemoryDigest.chunkSize
         let block = max(pageSize, chunk)  // both divide it

@@ -136,12 +136,12 @@ extension PageServer {
     /// How often the waits for the pause and the scan look at the stop flag (ms).
     static let freezePollIntervalMs = 200
 
-    /// The zero pages (the scan's first pass, after the pause); nil when the server stops first.
-    func waitForZeroPages() -> ZeroPages? {
+    /// Waits for the pause; false when the server stops first.
+    func waitForFreeze() -> Bool {
         while !stopping.load(ordering: .relaxed) {
-            if let z = memory.waitForZeroPages(timeoutMs: Self.freezePollIntervalMs) { return z }
+            if memory.waitForDeviceState(timeoutMs: Self.freezePollIntervalMs) != nil { return true }
         }
-        return nil
+        return false
     }
 
     /// The RAM scan (after the pause); nil when the server stops first.

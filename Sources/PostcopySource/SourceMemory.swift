@@ -27,6 +27,8 @@ public final class SourceMemory: Sendable {
         var scan: MemoryScan?
         /// A zero map waits for the first pass: it runs at the stream's priority, not `scanNice`.
         var zerosUrgent = false
+        /// The first pass by chunks, once frozen.
+        var zeroPass: ZeroPass?
     }
     private let state = Locked(State())
     private let frozenEvent: EventFD
@@ -95,6 +97,8 @@ public final class SourceMemory: Sendable {
         // `scanNice`, so that they never take CPU from the stream, the demand
         // faults or a guest.
         let scanner = MemoryScanner(mapping: mapping, pageSize: table.pageSize, holes: holes)
+        let pass = ZeroPass(scanner: scanner)
+        state.withLock { $0.zeroPass = pass }
         let zerosWanted = self.zerosWanted
         let t = PThread(name: "src-scan") { [weak self] in
             while cpc_poll1(zerosWanted.fd.raw, Int16(POLLIN), 1000) == 0 {
@@ -103,7 +107,10 @@ public final class SourceMemory: Sendable {
             guard let zerosUrgent = self?.state.withLock({ $0.zerosUrgent }) else { return }
             let nice = scanWaitedFor ? 0 : Self.scanNice
             if !zerosUrgent { _ = cpc_set_thread_nice(nice) }
-            let zeros = scanner.zeroPages()
+            pass.runAll()
+            let (bits, holeBits) = pass.result()
+            scanner.holeBits = holeBits
+            let zeros = ZeroPages(bits)
             guard let wanted = self?.publish(zeros: zeros) else { return }
             while cpc_poll1(wanted.fd.raw, Int16(POLLIN), 1000) == 0 {
                 if self == nil { return }  // nobody will ever ask
@@ -160,6 +167,20 @@ public final class SourceMemory: Sendable {
         state.withLock { $0.zerosUrgent = true }
         zerosWanted.signal()
         return wait(zerosEvent, timeoutMs: timeoutMs) { $0.zeros }
+    }
+
+    /// Whether each page of [first, first+count) (global numbering) is zero:
+    /// waits only for the first pass's chunks that cover them (and scans those
+    /// nobody took yet on the caller's thread). Nil before the freeze.
+    func zeroBits(globalFirst first: Int, count: Int) -> ((Int) -> Bool)? {
+        let (zeros, pass) = state.withLock { s -> (ZeroPages?, ZeroPass?) in
+            s.zerosUrgent = true
+            return (s.zeros, s.zeroPass)
+        }
+        if let zeros { return zeros.contains }
+        guard let pass else { return nil }
+        zerosWanted.signal()
+        return pass.zeroBits(first: first, count: count)
     }
 
     /// The scan once done.

@@ -23,6 +23,9 @@ struct BaselineCommand: ParsableCommand {
     @Option(name: .long, help: "tcp-stream: bytes to stream; aes-gcm: bytes to seal and open; dirty-scan: guest RAM to track (shared memory, allocated first).")
     var bytes: String = "1G"
 
+    @Option(name: .long, help: "tcp-stream: memory each end walks through (e.g. 1G: from allocated memory into allocated memory, as a migration moves guest RAM); 0: one buffer of a write at each end, hot in the cache.")
+    var span: String = "0"
+
     @Option(name: .long, help: "dirty-scan: random pages written before each scan.")
     var written: Int = 1000
 
@@ -33,6 +36,7 @@ struct BaselineCommand: ParsableCommand {
         guard (100...10_000_000).contains(samples) else { throw ValidationError("--samples must be 100...10000000") }
         guard let w = parseByteSize(writeSize), (1...(64 << 20)).contains(w) else { throw ValidationError("--write-size must be 1 byte to 64 MiB") }
         guard let b = parseByteSize(bytes), b >= w, b <= (64 << 30) else { throw ValidationError("--bytes must be at least --write-size and at most 64 GiB") }
+        guard let sp = parseByteSize(span), sp <= (16 << 30) else { throw ValidationError("--span must be 0 to 16 GiB") }
     }
 
     func run() throws {
@@ -59,19 +63,20 @@ struct BaselineCommand: ParsableCommand {
 extension BaselineCommand {
     /// Raw loopback TCP throughput at one write size, and the receiver's CPU per GiB.
     func stream() throws {
-        let w = parseByteSize(writeSize)!, total = parseByteSize(bytes)!
+        let w = parseByteSize(writeSize)!, total = parseByteSize(bytes)!, sp = parseByteSize(span)!
         var ns: UInt64 = 0, cpu: UInt64 = 0
-        let r = cpc_baseline_tcp_stream(w, total, &ns, &cpu)
+        let r = cpc_baseline_tcp_stream(w, total, sp, &ns, &cpu)
         guard r == 0, ns > 0 else { throw fail("tcp-stream baseline failed: \(SystemError("tcp-stream", errno: -r))") }
         let moved = total - total % w
         let gib = Double(moved) / Double(1 << 30)
-        let report = StreamBaselineReport(baseline: which.rawValue, writeSize: w, bytes: moved, seconds: Double(ns) / 1e9,
+        let report = StreamBaselineReport(baseline: which.rawValue, writeSize: w, span: sp == 0 ? w : max(sp - sp % w, w), bytes: moved, seconds: Double(ns) / 1e9,
                                           bytesPerSecond: Double(moved) / (Double(ns) / 1e9),
                                           receiverCPUSecondsPerGiB: Double(cpu) / 1e9 / gib)
         if json {
             emitJSON(report)
         } else {
-            print("tcp-stream: \(formatBytes(Double(moved))) in \(formatBytes(Double(w))) writes: \(formatBytes(report.bytesPerSecond))/s, receiver CPU \(fixed(report.receiverCPUSecondsPerGiB, 3)) s/GiB")
+            let from = sp == 0 ? "one hot buffer at each end" : "walking \(formatBytes(Double(report.span))) of memory at each end"
+            print("tcp-stream: \(formatBytes(Double(moved))) in \(formatBytes(Double(w))) writes (\(from)): \(formatBytes(report.bytesPerSecond))/s, receiver CPU \(fixed(report.receiverCPUSecondsPerGiB, 3)) s/GiB")
         }
     }
 }
@@ -97,12 +102,14 @@ extension BaselineCommand {
 struct StreamBaselineReport: Codable {
     var baseline: String
     var writeSize: Int
+    /// Bytes of memory each end walks through (the write size: one hot buffer).
+    var span: Int
     var bytes: Int
     var seconds: Double
     var bytesPerSecond: Double
     var receiverCPUSecondsPerGiB: Double
     enum CodingKeys: String, CodingKey {
-        case baseline, writeSize = "write_size", bytes, seconds, bytesPerSecond = "bytes_per_second"
+        case baseline, writeSize = "write_size", span, bytes, seconds, bytesPerSecond = "bytes_per_second"
         case receiverCPUSecondsPerGiB = "receiver_cpu_seconds_per_gib"
     }
 }

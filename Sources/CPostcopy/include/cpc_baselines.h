@@ -13,8 +13,11 @@ int cpc_baseline_tcp_rtt(int samples, uint64_t *out_ns);
 /// Returns pages measured or -errno.
 int cpc_baseline_uffd_fault(int pages, uint64_t *out_ns);
 /// Raw loopback TCP stream: a thread sends `total` bytes in `write_size`
-/// writes, this thread receives each write's worth into one buffer. Sets the
+/// writes, this thread receives each write's worth. `span` 0: from and into
+/// one buffer of a write each (hot in the cache); otherwise the writes walk
+/// `span` bytes of allocated memory at each end, as guest RAM is sent from
+/// the source's and received into the destination's (memory to memory). Sets the
 /// wall time and the receiving thread's CPU time; returns 0 or -errno.
-int cpc_baseline_tcp_stream(size_t write_size, size_t total, uint64_t *out_ns, uint64_t *out_recv_cpu_ns);
+int cpc_baseline_tcp_stream(size_t write_size, size_t total, size_t span, uint64_t *out_ns, uint64_t *out_recv_cpu_ns);
 
 #endif
