@@ -16,6 +16,7 @@ extension PageServer {
         guard waitForFreeze(), let isZero = memory.zeroBits(globalFirst: global, count: Int(z.pageCount)) else {
             throw .closed("source stopping")
         }
+        stats.zeroMaps.add(1, ordering: .relaxed)
         var bits = PageBitmap(pages: Int(z.pageCount))
         for i in 0..<Int(z.pageCount) where isZero(global + i) { bits.insert(i) }
         return ZeroMap(region: z.region, firstPage: z.firstPage, pageCount: z.pageCount, bits: bits.bytes)

@@ -29,6 +29,8 @@ public final class SourceMemory: Sendable {
         var zerosUrgent = false
         /// The first pass by chunks, once frozen.
         var zeroPass: ZeroPass?
+        /// `slowZeroPassForTests`.
+        var testZeroPassDelayPerChunk = 0
     }
     private let state = Locked(State())
     private let frozenEvent: EventFD
@@ -49,6 +51,14 @@ public final class SourceMemory: Sendable {
     /// source host's guest is paused then: this CPU is its to give). At 19 a
     /// pass takes about 1.5 % of a CPU that others want, and all of an idle one.
     static let scanNice: Int32 = 19
+
+    deinit { state.withLock { $0.zeroPass?.cancel() } }
+
+    /// Tests only, before `freeze`: the zero pass's own thread waits this long
+    /// before each chunk, so that only the chunks asked for are done for a while.
+    public func slowZeroPassForTests(microsecondsPerChunk: Int) {
+        state.withLock { $0.testZeroPassDelayPerChunk = microsecondsPerChunk }
+    }
 
     /// Serves `mapping` as one region. Call `freeze` when the guest is paused.
     /// `file`: the memory file mapped at offset 0 (duplicated, so the caller
@@ -97,8 +107,11 @@ public final class SourceMemory: Sendable {
         // `scanNice`, so that they never take CPU from the stream, the demand
         // faults or a guest.
         let scanner = MemoryScanner(mapping: mapping, pageSize: table.pageSize, holes: holes)
-        let pass = ZeroPass(scanner: scanner)
-        state.withLock { $0.zeroPass = pass }
+        let pass = state.withLock { s in
+            let p = ZeroPass(scanner: scanner, delayPerChunkMicroseconds: s.testZeroPassDelayPerChunk)
+            s.zeroPass = p
+            return p
+        }
         let zerosWanted = self.zerosWanted
         let t = PThread(name: "src-scan") { [weak self] in
             while cpc_poll1(zerosWanted.fd.raw, Int16(POLLIN), 1000) == 0 {
@@ -107,7 +120,7 @@ public final class SourceMemory: Sendable {
             guard let zerosUrgent = self?.state.withLock({ $0.zerosUrgent }) else { return }
             let nice = scanWaitedFor ? 0 : Self.scanNice
             if !zerosUrgent { _ = cpc_set_thread_nice(nice) }
-            pass.runAll()
+            guard pass.runAll() else { return }
             let (bits, holeBits) = pass.result()
             scanner.holeBits = holeBits
             let zeros = ZeroPages(bits)
@@ -172,7 +185,7 @@ public final class SourceMemory: Sendable {
     /// Whether each page of [first, first+count) (global numbering) is zero:
     /// waits only for the first pass's chunks that cover them (and scans those
     /// nobody took yet on the caller's thread). Nil before the freeze.
-    func zeroBits(globalFirst first: Int, count: Int) -> ((Int) -> Bool)? {
+    public func zeroBits(globalFirst first: Int, count: Int) -> ((Int) -> Bool)? {
         let (zeros, pass) = state.withLock { s -> (ZeroPages?, ZeroPass?) in
             s.zerosUrgent = true
             return (s.zeros, s.zeroPass)

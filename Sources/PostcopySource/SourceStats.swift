@@ -12,6 +12,8 @@ public final class SourceStats: Sendable {
     public let gathers = Atomic<UInt64>(0)
     /// Of those, gathers of precopy pages (during a pass).
     public let precopyGathers = Atomic<UInt64>(0)
+    /// Zero maps answered (a destination asks for one chunk of RAM at a time).
+    public let zeroMaps = Atomic<UInt64>(0)
     public let pagesSentTwice = Atomic<UInt64>(0)
     public let bytesSent = Atomic<UInt64>(0)
     public let bytesReceived = Atomic<UInt64>(0)

@@ -1,5 +1,6 @@
 import CPostcopy
 import PostcopyCore
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -40,8 +41,9 @@ final class ZeroPass: @unchecked Sendable {
     }
     private let state: Locked<State>
 
-    init(scanner: MemoryScanner) {
+    init(scanner: MemoryScanner, delayPerChunkMicroseconds: Int = 0) {
         self.scanner = scanner
+        self.delayPerChunkMicroseconds = delayPerChunkMicroseconds
         pages = scanner.pages
         chunks = (pages + Self.chunkPages - 1) / Self.chunkPages
         byteCount = max((pages + 7) / 8, 1)
@@ -59,13 +61,31 @@ final class ZeroPass: @unchecked Sendable {
 
     var isDone: Bool { state.withLock { $0.done == chunks } }
 
+    /// Tests only: the pass's own thread waits this long before each chunk (a
+    /// slow pass; a connection asking for a chunk still scans it at once).
+    let delayPerChunkMicroseconds: Int
+    private let cancelled = Atomic<Bool>(false)
+
     /// The pass's own thread: every chunk nobody took, from the first one asked
-    /// for on; returns once every chunk is done (some by other threads).
-    func runAll() {
+    /// for on; returns once every chunk is done (some by other threads), or
+    /// false when cancelled first.
+    func runAll() -> Bool {
         let start = state.withLock { $0.start ?? 0 }
-        for i in 0..<chunks { _ = scan(chunk: (start + i) % chunks) }
+        for i in 0..<chunks {
+            var waited = 0
+            while waited < delayPerChunkMicroseconds {
+                if cancelled.load(ordering: .relaxed) { return false }
+                usleep(10_000)
+                waited += 10_000
+            }
+            _ = scan(chunk: (start + i) % chunks)
+        }
         waitDone(0..<chunks)
+        return true
     }
+
+    /// Ends a slowed pass early (its memory is going away).
+    func cancel() { cancelled.store(true, ordering: .relaxed) }
 
     /// Whether global page `p` is zero; the chunks of [first, first+count)
     /// are scanned (or waited for) first.
