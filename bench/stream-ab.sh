@@ -5,15 +5,19 @@
 # install path, stream in clear, as issue 13's stream goal is stated), and
 # prints per binary the time to full copy and the stream's bytes per second
 # over the raw stream's, each run against the raw run next to it, with the
-# spread and the medians.
+# spread and the medians. The raw stream runs twice each round: from and into
+# one hot 512 KiB buffer (cache-resident), and walking 1 GiB of allocated memory
+# at each end (memory to memory, as guest RAM moves); the second is the new
+# binary's baseline (`--span`: B runs both baselines).
 #
 # Usage: bench/stream-ab.sh OLD_BINARY NEW_BINARY [ROUNDS]   (ROUNDS 5: about 2 minutes)
+#        bench/stream-ab.sh BINARY BINARY 5                  (one binary: the stream's spread)
 # Env:   SIZE (1G), WORKLOAD (kv), VCPUS (2)
 # To build the old one: git worktree add /tmp/old REV && (cd /tmp/old && swift build -c release --product postcopy)
 # Results: bench/results/stream-ab/{runs.jsonl,summary.json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n 2,13p "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,17p "$0" >&2; exit 2; }
 A=$(realpath "$1"); B=$(realpath "$2"); ROUNDS=${3:-5}
 SIZE=${SIZE:-1G}; WORKLOAD=${WORKLOAD:-kv}; VCPUS=${VCPUS:-2}
 for b in "$A" "$B"; do [ -x "$b" ] || { echo "error: $b is not an executable" >&2; exit 2; }; done
@@ -37,30 +41,36 @@ for line in sys.stdin:
                           "mismatched": j.get("integrity", {}).get("pages_mismatched")}))
 ' "$side" "$i" >> "$OUT/runs.jsonl"
     done
-    echo "== round $i/$ROUNDS, raw loopback TCP stream (512 KiB writes)" >&2
-    "$A" baseline tcp-stream --write-size 512K --bytes 1G --json \
-        | python3 -c 'import json,sys; j=json.load(sys.stdin); print(json.dumps({"side": "raw", "round": int(sys.argv[1]), "stream_bps": j["bytes_per_second"]}))' "$i" \
-        >> "$OUT/runs.jsonl"
+    for span in 0 1G; do
+        echo "== round $i/$ROUNDS, raw loopback TCP stream (512 KiB writes, span $span)" >&2
+        "$B" baseline tcp-stream --write-size 512K --bytes 1G --span "$span" --json \
+            | python3 -c 'import json,sys; j=json.load(sys.stdin); print(json.dumps({"side": "raw" if sys.argv[2] == "0" else "raw-memory", "round": int(sys.argv[1]), "stream_bps": j["bytes_per_second"]}))' "$i" "$span" \
+            >> "$OUT/runs.jsonl"
+    done
 done
 python3 - "$OUT" "$A" "$B" <<'PY'
 import json, statistics, sys
 out, bins = sys.argv[1], {"A": sys.argv[2], "B": sys.argv[3]}
 runs = [json.loads(l) for l in open(f"{out}/runs.jsonl")]
 raw = {r["round"]: r["stream_bps"] for r in runs if r["side"] == "raw"}
-summary = {"raw_bps": sorted(raw.values())}
-print(f"raw loopback TCP stream: " + ", ".join(f"{b / 2**30:.2f}" for b in summary["raw_bps"]) + " GiB/s")
+mem = {r["round"]: r["stream_bps"] for r in runs if r["side"] == "raw-memory"}
+summary = {"raw_bps": sorted(raw.values()), "raw_memory_bps": sorted(mem.values())}
+print(f"raw loopback TCP stream, hot buffers:      " + ", ".join(f"{b / 2**30:.2f}" for b in summary["raw_bps"]) + " GiB/s")
+print(f"raw loopback TCP stream, memory to memory: " + ", ".join(f"{b / 2**30:.2f}" for b in summary["raw_memory_bps"]) + " GiB/s")
 for side in "AB":
     mine = [r for r in runs if r["side"] == side]
     bad = [r for r in mine if not r["ok"] or r["mismatched"]]
     ok = [r for r in mine if r["ok"] and not r["mismatched"] and r["stream_bps"]]
     ratio = sorted(r["stream_bps"] / raw[r["round"]] for r in ok)
+    mratio = sorted(r["stream_bps"] / mem[r["round"]] for r in ok)
     copy = sorted(r["full_copy_s"] for r in ok)
-    summary[side] = {"binary": bins[side], "stream_over_raw": ratio, "full_copy_s": copy, "failed": len(bad)}
+    summary[side] = {"binary": bins[side], "stream_over_raw": ratio, "stream_over_raw_memory": mratio, "full_copy_s": copy, "failed": len(bad)}
     if not ok:
         print(f"{side} ({bins[side]}): no run succeeded"); continue
     print(f"{side} ({bins[side]}), {len(ok)} runs" + (f", {len(bad)} FAILED or mismatched" if bad else ", every guest verified"))
-    print(f"   stream / raw TCP:  " + ", ".join(f"{x:.2f}" for x in ratio) + f"   median {statistics.median(ratio):.2f}")
-    print(f"   full copy:         " + ", ".join(f"{x:.3f}" for x in copy) + f" s   median {statistics.median(copy):.3f} s")
+    print(f"   stream / raw TCP, hot buffers:      " + ", ".join(f"{x:.2f}" for x in ratio) + f"   median {statistics.median(ratio):.2f}")
+    print(f"   stream / raw TCP, memory to memory: " + ", ".join(f"{x:.2f}" for x in mratio) + f"   median {statistics.median(mratio):.2f}")
+    print(f"   full copy:                          " + ", ".join(f"{x:.3f}" for x in copy) + f" s   median {statistics.median(copy):.3f} s")
 if "A" in summary and "B" in summary and summary["A"]["full_copy_s"] and summary["B"]["full_copy_s"]:
     r = statistics.median(summary["B"]["full_copy_s"]) / statistics.median(summary["A"]["full_copy_s"])
     summary["full_copy_B_over_A"] = r

@@ -8,11 +8,21 @@ extension PostcopyBench {
     /// (medians over the repeats): full copy against stop-and-copy, the
     /// stream against the raw TCP stream at the batch's write size, and the
     /// daemon's CPU per GiB received.
+    /// " (0.58x raw TCP, 0.78x raw TCP memory to memory)", or "".
+    private func streamRatios(_ e: [String: Any]) -> String {
+        let r = [("stream_over_raw_tcp_stream", "raw TCP"), ("stream_over_raw_tcp_memory_stream", "raw TCP memory to memory")]
+            .compactMap { k, name in (e[k] as? Double).map { "\(fixed($0, 2))x \(name)" } }
+        return r.isEmpty ? "" : " (" + r.joined(separator: ", ") + ")"
+    }
+
     func installSummary(_ runs: [[String: Any]], streams: [[String: Any]]) -> [[String: Any]] {
         func cfg(_ r: [String: Any], _ k: String) -> String { "\((r["config"] as? [String: Any])?[k] ?? "")" }
         func median(_ v: [Double]) -> Double? { v.isEmpty ? nil : v.sorted()[v.count / 2] }
-        let batchStream = streams.max { ($0["write_size"] as? Int ?? 0) < ($1["write_size"] as? Int ?? 0) }
+        // The hot-buffer stream at the batch's write size, and the one from memory into memory.
+        let isMemory: ([String: Any]) -> Bool = { ($0["span"] as? Int ?? 0) > ($0["write_size"] as? Int ?? 0) }
+        let batchStream = streams.filter { !isMemory($0) }.max { ($0["write_size"] as? Int ?? 0) < ($1["write_size"] as? Int ?? 0) }
         let rawBps = batchStream?["bytes_per_second"] as? Double
+        let memoryBps = streams.first(where: isMemory)?["bytes_per_second"] as? Double
         var out: [[String: Any]] = []
         var seen = Set<String>()
         for r in runs where cfg(r, "mode") == "postcopy" && r["ok"] as? Bool == true {
@@ -23,6 +33,7 @@ extension PostcopyBench {
             var s: [String: Any] = ["transport": cfg(r, "transport"), "size": cfg(r, "size"), "workload": cfg(r, "workload")]
             if let sc { s["stop_and_copy_seconds"] = sc }
             if let rawBps { s["raw_tcp_stream_bytes_per_second"] = rawBps; s["raw_tcp_stream_write_size"] = batchStream?["write_size"] ?? 0 }
+            if let memoryBps { s["raw_tcp_memory_stream_bytes_per_second"] = memoryBps }
             var parts: [String] = []
             for inst in list(install) {
                 let mine = same.filter { cfg($0, "mode") == "postcopy" && cfg($0, "install") == inst }
@@ -39,11 +50,12 @@ extension PostcopyBench {
                 if let b { e["stream_bytes_per_second"] = b }
                 if let f, let sc, sc > 0 { e["full_copy_over_stop_and_copy"] = f / sc }
                 if let b, let rawBps, rawBps > 0 { e["stream_over_raw_tcp_stream"] = b / rawBps }
+                if let b, let memoryBps, memoryBps > 0 { e["stream_over_raw_tcp_memory_stream"] = b / memoryBps }
                 s[inst] = e
                 parts.append("\(inst): full copy \(f.map { fixed($0, 3) } ?? "-") s"
                              + ((e["full_copy_over_stop_and_copy"] as? Double).map { " (\(fixed($0, 2))x stop-and-copy)" } ?? "")
                              + ", stream \(b.map { fixed($0 / Double(1 << 30), 2) } ?? "-") GiB/s"
-                             + ((e["stream_over_raw_tcp_stream"] as? Double).map { " (\(fixed($0, 2))x raw TCP)" } ?? "")
+                             + streamRatios(e)
                              + ", daemon CPU \(c.map { fixed($0, 3) } ?? "-") s/GiB"
                              + (inst == "continue" ? ", preallocated in \(median(pre).map { fixed($0, 3) } ?? "-") s before the pause" : ""))
             }
