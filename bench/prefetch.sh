@@ -49,15 +49,18 @@ for s in d["prefetch_summary"]:
     if w == "scan":
         per = med("demand_per_touched", "adaptive")
         print("  goal scan: demand faults <= 5 %% of touched pages: %.2f %% -> %s" % (per * 100, "holds" if per <= 0.05 else "MISSED"))
-    if "demand_request_p99_us" in r:
-        print("  goal %s: p99 of the faults answered by a demand request <= 1.2x off: %.2fx -> %s (every fault, waits on a prefetch in flight included: %.2fx)" % (
-            w, r["demand_request_p99_us"], "holds" if r["demand_request_p99_us"] <= 1.2 else "MISSED", r["fault_p99_us"]))
+    if "pooled_demand_request_p99_us" in r:
+        print("  goal %s: p99 of the faults answered by a demand request <= 1.2x off, pooled over every such fault of the runs: %.2fx -> %s (median of per-run p99s %.2fx; every fault, pooled: %.2fx)" % (
+            w, r["pooled_demand_request_p99_us"], "holds" if r["pooled_demand_request_p99_us"] <= 1.2 else "MISSED",
+            r.get("demand_request_p99_us", float("nan")), r.get("pooled_fault_p99_us", float("nan"))))
     if w == "zipf":
         print("  goal zipf: demand faults <= 0.5x off: %.2fx -> %s; stall <= 0.7x off: %.2fx -> %s" % (
             r["demand_faults"], "holds" if r["demand_faults"] <= 0.5 else "MISSED", r["stall_seconds"], "holds" if r["stall_seconds"] <= 0.7 else "MISSED"))
     if w == "random":
-        ok = abs(r["fault_p50_us"] - 1) <= 0.1 and abs(r["full_copy_seconds"] - 1) <= 0.1
-        print("  goal random: fault p50 %.2fx and full copy %.2fx within 10 %% of off -> %s" % (r["fault_p50_us"], r["full_copy_seconds"], "holds" if ok else "MISSED"))
+        p50 = r.get("pooled_fault_p50_us", r["fault_p50_us"])
+        ok = abs(p50 - 1) <= 0.1 and abs(r["full_copy_seconds"] - 1) <= 0.1
+        print("  goal random: fault p50 (pooled over every fault) %.2fx and full copy %.2fx within 10 %% of off -> %s (median of per-run p50s %.2fx)" % (
+            p50, r["full_copy_seconds"], "holds" if ok else "MISSED", r["fault_p50_us"]))
 PY
 fi
 if has restore; then
