@@ -2,29 +2,6 @@ import PostcopyCore
 import PostcopyTransport
 import PostcopyWire
 
-/// Paces background requests to `bytesPerSecond` (0: no limit), counted from
-/// when the stream starts: a batch may leave once the bytes requested so far,
-/// itself included, fit in the budget earned since.
-struct TokenBucket {
-    let bytesPerSecond: Int
-    private let started = nowNanoseconds()
-    private var requested = 0
-
-    init(bytesPerSecond: Int) { self.bytesPerSecond = bytesPerSecond }
-
-    /// Milliseconds to wait (at most 1000) before `bytes` more may be
-    /// requested, or nil when they may go now.
-    func delayMs(before bytes: Int) -> Int32? {
-        guard bytesPerSecond > 0 else { return nil }
-        let allowed = Double(bytesPerSecond) * Double(nowNanoseconds() - started) / 1e9
-        let next = Double(requested + bytes)
-        guard next > allowed else { return nil }
-        return Int32(min(1000, ((next - allowed) / Double(bytesPerSecond) * 1000).rounded(.up)))
-    }
-
-    mutating func spend(_ bytes: Int) { requested += bytes }
-}
-
 /// The background thread: streams the pages no guest asked for, after the
 /// most recent demand fault first (locality), with at most `window` batches in
 /// flight and at most `backgroundRate` bytes per second.
@@ -67,6 +44,7 @@ extension PostcopyEngine {
         // Precopied clean pages are mapped first: no transfer, and each would be a fault.
         var cleanCursor = precopyProvider == nil ? table.totalPages : 0
         var releaseAllPending = pages.lock.withLock { pages.releaseAllPending }
+        var nextHeldCheck: UInt64 = 0
         var exhausted = false
         // Until every page of a replayed working set was requested.
         var replayPending = replay != nil
@@ -192,7 +170,15 @@ extension PostcopyEngine {
             }
             // After a small final dirty set: everything at once, as soon as it can be.
             if releaseAllPending, outstanding == 0 { releaseAllPending = !releaseAllWhenFetched() }
-            if exhausted && outstanding == 0 && !zeroWork && !releaseAllPending { return }
+            // Held streamed pages: their blocks leave the userfaultfd once full (every 1 ms at most).
+            if holdsStreamedPages, nowNanoseconds() >= nextHeldCheck {
+                nextHeldCheck = nowNanoseconds() + 1_000_000
+                _ = releaseFilledBlocks()
+            }
+            if exhausted && outstanding == 0 && !zeroWork && !releaseAllPending {
+                if finishHeldBlocks(cleanCursor: &cleanCursor) { continue }
+                return
+            }
             let timeout = zeroWork ? 0 : (outstanding > 0 ? stall.pollMs : (releaseAllPending ? 1 : waitMs))
             do { try epoll.wait(&tokens, timeoutMs: timeout) } catch { throw .local(error) }
             if tokens.contains(.shutdown) { return }

@@ -44,6 +44,10 @@ public struct DestinationReport: Sendable, Codable {
     public var cpuSecondsToFullCopy: Double = 0
     public var pagesContinued: UInt64 = 0
     public var pagesReceivedInPlace: UInt64 = 0
+    /// Streamed pages held unmapped, and those settled by their block leaving
+    /// the userfaultfd (never CONTINUEd here: `LazyStreamMapping.swift`).
+    public var streamedPagesHeld: UInt64 = 0
+    public var streamedPagesReleased: UInt64 = 0
     public var timeToFullCopySeconds: Double
     public var digestSeconds: Double
     public var totalSeconds: Double
@@ -76,6 +80,7 @@ public struct DestinationReport: Sendable, Codable {
         case handshakeSeconds = "handshake_seconds", installPath = "install_path", preallocationSeconds = "preallocation_seconds"
         case cpuSecondsToFullCopy = "cpu_seconds_to_full_copy"
         case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place"
+        case streamedPagesHeld = "streamed_pages_held", streamedPagesReleased = "streamed_pages_released"
         case timeToFullCopySeconds = "time_to_full_copy_seconds"
         case digestSeconds = "digest_seconds", totalSeconds = "total_seconds"
         case faultLatency = "fault_latency", guestTouchLatency = "guest_touch_latency", touchedPages = "touched_pages"

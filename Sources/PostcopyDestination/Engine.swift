@@ -127,6 +127,8 @@ public final class PostcopyEngine: @unchecked Sendable {
     let finalSetEvent: EventFD
     /// Guest memory left the userfaultfd whole after precopy (`releaseAllWhenFetched`).
     let wholeReleased = Atomic<Bool>(false)
+    /// A block of streamed pages left the userfaultfd (`releaseFilledBlocks`).
+    let streamReleased = Atomic<Bool>(false)
 
     public init(uffd: Userfaultfd, regions: [GuestRegion], session: SessionInfo, zeroMaps: [ZeroMap],
                 zeroMapProvider: ZeroMapProvider? = nil, precopy: PrecopyProvider? = nil,

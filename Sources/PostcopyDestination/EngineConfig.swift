@@ -41,6 +41,12 @@ public struct EngineConfig: Sendable {
     /// first fault. No memory cost: UFFDIO_ZEROPAGE maps the shared zero page,
     /// and the continue path's alias is allocated already.
     public var installZeroPagesAhead = true
+    /// Continue path, pure postcopy, 4 KiB guest pages: the background
+    /// stream's pages are left unmapped in the alias when no guest waits on
+    /// them, and blocks whose every page is in leave the userfaultfd (the
+    /// guest's own minor faults map them) instead of one UFFDIO_CONTINUE per
+    /// page here (`LazyStreamMapping.swift`).
+    public var mapStreamLazily = true
     /// Copy pages in precopy passes while the source guest still runs, when
     /// the source offers it (`Capabilities.precopy`): continue path only
     /// (the pages wait unmapped in the alias for the final dirty set), 4 KiB

@@ -52,6 +52,11 @@ public final class EngineCounters: Sendable {
     /// Clean pages handed to the guest's own page faults (unregistered).
     public let cleanPagesReleased = Atomic<UInt64>(0)
     public let cleanPageFaults = Atomic<UInt64>(0)
+    /// Streamed pages held unmapped in the alias, and those of them handed to
+    /// the guest's own page faults by unregistering their block
+    /// (`LazyStreamMapping.swift`; the rest were mapped on a fault, or at the end).
+    public let streamedPagesHeld = Atomic<UInt64>(0)
+    public let streamedPagesReleased = Atomic<UInt64>(0)
     public let faultsParkedOnFinalSet = Atomic<UInt64>(0)
     /// When the final dirty set arrived and when it was applied, clean runs
     /// released (0: not yet or no precopy).

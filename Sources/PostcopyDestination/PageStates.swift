@@ -142,6 +142,13 @@ final class PageStates: @unchecked Sendable {
     /// times are in `waiting`). They are handled again once it is.
     var parkedOnFinalSet: [UInt64] = []
 
+    /// Whether a guest waits on page p (a fault recorded, not yet settled).
+    func hasWaiter(_ p: Int) -> Bool { !waiting.isEmpty && waiting[p] != nil }
+
+    /// Blocks holding streamed pages left unmapped (`LazyStreamMapping.swift`),
+    /// by their first page: each leaves the userfaultfd once all its pages are in.
+    var heldBlocks = Set<Int>()
+
     /// Removes and returns the first-fault time if a guest waited on page p.
     func takeWaiter(_ p: Int) -> UInt64? { waiting.isEmpty ? nil : waiting.removeValue(forKey: p) }
 

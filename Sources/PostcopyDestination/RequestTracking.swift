@@ -73,6 +73,12 @@ extension PostcopyEngine {
             stage(globalFirst: first, count: count, payload: h.isZero ? nil : payload)
             return
         }
+        if h.pageClass == .background, !h.isZero, !onFaultThread, holdsStreamedPages {
+            // Left unmapped in the alias where no guest waits (`LazyStreamMapping.swift`).
+            try holdStreamed(globalFirst: first, count: count, payload: payload)
+            counters.backgroundPages.add(UInt64(count), ordering: .relaxed)
+            return
+        }
         try install(globalFirst: first, count: count, payload: h.isZero ? nil : payload, expected: expected,
                     onFaultThread: onFaultThread, demandReply: h.pageClass == .demand)
         if h.isZero {

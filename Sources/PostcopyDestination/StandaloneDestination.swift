@@ -162,6 +162,8 @@ public final class StandaloneDestination: Sendable {
         report.prefetchHits = c.prefetchHits.load(ordering: .relaxed)
         report.pagesCopied = c.pagesCopied.load(ordering: .relaxed)
         report.pagesContinued = c.pagesContinued.load(ordering: .relaxed)
+        report.streamedPagesHeld = c.streamedPagesHeld.load(ordering: .relaxed)
+        report.streamedPagesReleased = c.streamedPagesReleased.load(ordering: .relaxed)
         report.pagesReceivedInPlace = c.pagesReceivedInPlace.load(ordering: .relaxed)
         withExtendedLifetime(memory) {}  // guest RAM stays mapped until the report is built
         return report

@@ -88,9 +88,10 @@ extension PostcopyEngine {
             // MINOR on pages we installed. Mapped again here (EEXIST when it
             // was only the race); a wake alone would loop that fault forever.
             if !isCopy {
-                // (After the whole release, ENOENT: the guest maps it itself.)
+                // (After the whole release or its block's, ENOENT: the guest maps it itself.)
                 do { _ = try uffd.continue(at: addr, length: unitBytes) } catch {
-                    if error.errno != ENOENT || !wholeReleased.load(ordering: .acquiring) { logger.error("mapping again a present page at 0x\(String(addr, radix: 16)) failed: \(error)") }
+                    let released = wholeReleased.load(ordering: .acquiring) || streamReleased.load(ordering: .acquiring)
+                    if error.errno != ENOENT || !released { logger.error("mapping again a present page at 0x\(String(addr, radix: 16)) failed: \(error)") }
                 }
             }
             uffd.wake(addr, length: unitBytes)

@@ -199,6 +199,8 @@ extension HandoffServer {
         report.precopyStalePages = c.precopyStalePages.load(ordering: .relaxed)
         report.cleanPagesMapped = c.cleanPagesMapped.load(ordering: .relaxed)
         report.cleanPagesReleased = c.cleanPagesReleased.load(ordering: .relaxed)
+        report.streamedPagesHeld = c.streamedPagesHeld.load(ordering: .relaxed)
+        report.streamedPagesReleased = c.streamedPagesReleased.load(ordering: .relaxed)
         report.cleanPageFaults = c.cleanPageFaults.load(ordering: .relaxed)
         report.faultsParkedOnFinalSet = c.faultsParkedOnFinalSet.load(ordering: .relaxed)
         report.finalSetAppliedAtNs = c.finalSetAppliedAt.load(ordering: .relaxed)

@@ -46,6 +46,10 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var pagesContinued: UInt64 = 0
     /// Pages whose bytes were received straight into the alias (continue path).
     public var pagesReceivedInPlace: UInt64 = 0
+    /// Streamed pages held unmapped, and those settled by their block leaving
+    /// the userfaultfd (never CONTINUEd: `LazyStreamMapping.swift`).
+    public var streamedPagesHeld: UInt64 = 0
+    public var streamedPagesReleased: UInt64 = 0
     /// Pages a REMOVE hit while their fetch was in flight.
     public var removedInFlight: UInt64 = 0
     /// Precopy (hybrid): passes, pages received in them, pages the final dirty
@@ -92,6 +96,7 @@ public struct HandoffSessionReport: Sendable, Codable {
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", encrypted, bytesDecrypted = "bytes_decrypted", cpuSeconds = "cpu_seconds", cpuSecondsToFullCopy = "cpu_seconds_to_full_copy", progress
         case installPath = "install_path", preallocationSeconds = "preallocation_seconds"
         case pagesCopied = "pages_copied", pagesContinued = "pages_continued", pagesReceivedInPlace = "pages_received_in_place", removedInFlight = "removed_in_flight"
+        case streamedPagesHeld = "streamed_pages_held", streamedPagesReleased = "streamed_pages_released"
         case precopyPasses = "precopy_passes", precopyPages = "precopy_pages", precopyStalePages = "precopy_stale_pages"
         case cleanPagesMapped = "clean_pages_mapped", cleanPagesReleased = "clean_pages_released", cleanPageFaults = "clean_page_faults"
         case faultsParkedOnFinalSet = "faults_parked_on_final_set", finalSetAppliedAtNs = "final_set_applied_at_ns", finalSetReceivedAtNs = "final_set_received_at_ns"

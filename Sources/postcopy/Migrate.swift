@@ -234,6 +234,7 @@ struct MigrateCommand: ParsableCommand {
             "install_path": session?.installPath ?? "none", "preallocation_seconds": session?.preallocationSeconds ?? 0,
             "pages_copied": session?.pagesCopied ?? 0, "pages_continued": session?.pagesContinued ?? 0,
             "pages_received_in_place": session?.pagesReceivedInPlace ?? 0,
+            "streamed_pages_held": session?.streamedPagesHeld ?? 0, "streamed_pages_released": session?.streamedPagesReleased ?? 0,
             "exit_status": ["source": sourceStatus, "daemon": daemonStatus, "destination": destStatus],
         ]
         if let w = dest.first(\.taskWork) { result["task_work"] = jsonObject(GuestEvent.taskWork(w)) }
