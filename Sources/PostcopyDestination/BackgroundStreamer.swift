@@ -232,7 +232,10 @@ extension PostcopyEngine {
                             expected: .inflightBackground, onFaultThread: false)
                 counters.cleanPagesMapped.add(UInt64(run.count), ordering: .relaxed)
             } else {
-                try install(globalFirst: run.first, count: run.count, payload: nil, expected: .inflightBackground, onFaultThread: false)
+                // Held where the alias reads zero already (`holdZeros`); the rest written as zeros and mapped.
+                if !holdsStreamedPages || holdZeros(globalFirst: run.first, count: run.count) < run.count {
+                    try install(globalFirst: run.first, count: run.count, payload: nil, expected: .inflightBackground, onFaultThread: false)
+                }
                 counters.zeroPagesAhead.add(UInt64(run.count), ordering: .relaxed)
             }
             budget -= run.count

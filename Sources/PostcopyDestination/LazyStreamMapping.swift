@@ -1,3 +1,4 @@
+import CPostcopy
 import PostcopyCore
 import PostcopyTransport
 
@@ -64,6 +65,29 @@ extension PostcopyEngine {
         if held < count {
             try install(globalFirst: first, count: count, payload: payload, expected: .inflightBackground, onFaultThread: false)
         }
+    }
+
+    /// Zero pages mapped ahead (claimed: in flight): each whose alias page
+    /// reads zero already (a preallocated file) is held like a streamed page,
+    /// with no write and no CONTINUE; returns how many. The others stay in
+    /// flight for `install` (zeros written, then mapped).
+    func holdZeros(globalFirst first: Int, count: Int) -> Int {
+        assert(backgroundThread.isCurrent)
+        var held = 0
+        removeGuard.withLock {
+            let alias = aliasBuffer(globalFirst: first, count: count)
+            pages.lock.withLock {
+                for p in first..<(first + count)
+                where pages.state(p) == .inflightBackground && !pages.wasRemovedInflight(p) && !pages.hasWaiter(p) && apfWaiters[p] == nil
+                    && cpc_is_zero(alias.baseAddress! + (p - first) * pageSize, pageSize) != 0 {
+                    pages.set(p, .clean)
+                    pages.heldBlocks.insert(heldBlock(p).lowerBound)
+                    held += 1
+                }
+            }
+        }
+        counters.streamedPagesHeld.add(UInt64(held), ordering: .relaxed)
+        return held
     }
 
     /// Releases the blocks whose every page is in (held or present): their
