@@ -71,8 +71,8 @@ extension PostcopyBench {
     }
 
     /// Async against blocking page faults, per transport and size: the median
-    /// work (reads) of the task guest in the window after resuming, and per-task
-    /// stall of the async runs.
+    /// work (reads) of the task guest in the window after resuming, its reads
+    /// per second while postcopy ran, and per-task stall of the async runs.
     func apfSummary(_ runs: [[String: Any]]) -> [[String: Any]] {
         func cfg(_ r: [String: Any], _ k: String) -> String { "\((r["config"] as? [String: Any])?[k] ?? "")" }
         func median(_ v: [Int]) -> Int? { v.isEmpty ? nil : v.sorted()[v.count / 2] }
@@ -91,6 +91,22 @@ extension PostcopyBench {
             if let a { s["apf_ops_in_window"] = a }
             if let b { s["blocking_ops_in_window"] = b }
             if let a, let b, b > 0 { s["apf_over_blocking"] = Double(a) / Double(b) }
+            // The reads per second while pages were missing (resume to full
+            // copy, 100 ms samples): what async faults are for. The window above
+            // also counts work after the full copy when the copy ends inside it.
+            let rate: (String) -> [Int] = { m in
+                same.filter { cfg($0, "mode") == m }.compactMap { r in
+                    let v = r["ops_per_s_during"] as? [Int] ?? []
+                    return v.isEmpty ? nil : v.reduce(0, +) / v.count
+                }
+            }
+            s["apf_ops_per_s_during_postcopy_each"] = rate("postcopy-apf")
+            s["blocking_ops_per_s_during_postcopy_each"] = rate("postcopy-blocking")
+            if let ra = median(rate("postcopy-apf")), let rb = median(rate("postcopy-blocking")), rb > 0 {
+                s["apf_ops_per_s_during_postcopy"] = ra
+                s["blocking_ops_per_s_during_postcopy"] = rb
+                s["apf_over_blocking_during_postcopy"] = Double(ra) / Double(rb)
+            }
             if let p = median(stalls.compactMap({ $0["p50"] as? Int })) { s["apf_task_stall_p50_ms"] = Double(p) / 1e6 }
             if let m = stalls.compactMap({ $0["max"] as? Int }).max() { s["apf_task_stall_max_ms"] = Double(m) / 1e6 }
             out.append(s)
