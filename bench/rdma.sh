@@ -67,13 +67,13 @@ source bench/lib.sh
 migrate() { local name=$1 transport=$2 mem=$3; shift 3; bench_migrate "$name" "$ADDR" "$transport" "$mem" --batch-pages "$BATCH_PAGES" --no-progress "$@"; }
 echo "migrations..." >&2
 for inst in $INSTALLS; do
-    migrate "idle-rdma-$inst" rdma "$SMALL" --install "$inst" --background off --touch sequential --threads 1
+    migrate "idle-rdma-$inst" rdma "$SMALL" --install "$inst" --background off --prefetch off --touch sequential --threads 1
 done
 for i in 1 2 3; do
     read_bw "$i"
     for inst in $INSTALLS; do migrate "copy-rdma-$inst-$i" rdma "$FULL" --install "$inst" --touch none; done
 done
-migrate idle-tcp tcp "$SMALL" --background off --touch sequential --threads 1
+migrate idle-tcp tcp "$SMALL" --background off --prefetch off --touch sequential --threads 1
 migrate copy-tcp-1 tcp "$FULL" --touch none
 
 python3 - "$OUT" "$BATCH" $INSTALLS <<'PY'

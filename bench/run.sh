@@ -56,7 +56,7 @@ echo "baselines..." >&2
 for INSTALL in $INSTALLS; do
 echo "migrations ($INSTALL)..." >&2
 # (c) idle: no background stream, one guest thread, every page a demand fault.
-migrate idle "$SMALL" --background off --touch sequential --threads 1 --no-progress
+migrate idle "$SMALL" --background off --prefetch off --touch sequential --threads 1 --no-progress
 # demand under an unthrottled background stream: one guest thread touching at
 # random with 20 µs of compute between touches (as a running vCPU would), so the
 # stream keeps most of its speed while the guest faults.

@@ -170,9 +170,9 @@ extension PostcopyEngine {
             }
             // After a small final dirty set: everything at once, as soon as it can be.
             if releaseAllPending, outstanding == 0 { releaseAllPending = !releaseAllWhenFetched() }
-            // Held streamed pages: their blocks leave the userfaultfd once full (every 1 ms at most).
+            // Held streamed pages: their blocks leave the userfaultfd once full (every 2 ms at most).
             if holdsStreamedPages, nowNanoseconds() >= nextHeldCheck {
-                nextHeldCheck = nowNanoseconds() + 1_000_000
+                nextHeldCheck = nowNanoseconds() + 2_000_000
                 _ = releaseFilledBlocks()
             }
             if exhausted && outstanding == 0 && !zeroWork && !releaseAllPending {

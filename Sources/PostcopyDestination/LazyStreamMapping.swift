@@ -100,7 +100,9 @@ extension PostcopyEngine {
         let left: Bool = pages.lock.withLock {
             for s in Array(pages.heldBlocks) {
                 let b = heldBlock(s)
-                guard b.allSatisfy({ let st = pages.state($0); return st == .clean || st == .present }) else { continue }
+                // The usual reasons a block waits first, by memchr; then every page.
+                guard !pages.has(.missing, in: b), !pages.has(.inflightBackground, in: b),
+                      b.allSatisfy({ let st = pages.state($0); return st == .clean || st == .present }) else { continue }
                 var p = b.lowerBound
                 while let c = pages.next(.clean, from: p), c < b.upperBound {
                     let n = pages.runLength(from: c, in: .clean, end: b.upperBound)

@@ -142,6 +142,11 @@ final class PageStates: @unchecked Sendable {
     /// times are in `waiting`). They are handled again once it is.
     var parkedOnFinalSet: [UInt64] = []
 
+    /// Whether a page of `range` is in state `s` (a memchr).
+    func has(_ s: State, in range: Range<Int>) -> Bool {
+        cpc_find_byte(UnsafePointer(states), range.lowerBound, min(range.upperBound, count), s.rawValue) >= 0
+    }
+
     /// Whether a guest waits on page p (a fault recorded, not yet settled).
     func hasWaiter(_ p: Int) -> Bool { !waiting.isEmpty && waiting[p] != nil }
 
