@@ -53,12 +53,7 @@ extension PostcopyEngine {
                 UnsafeMutableRawPointer(mutating: alias.baseAddress!).copyMemory(from: payload.baseAddress!, byteCount: alias.count)
             }
             pages.lock.withLock {
-                for p in first..<(first + count)
-                where pages.state(p) == .inflightBackground && !pages.wasRemovedInflight(p) && !pages.hasWaiter(p) && apfWaiters[p] == nil {
-                    pages.set(p, .clean)
-                    pages.heldBlocks.insert(heldBlock(p).lowerBound)
-                    held += 1
-                }
+                for p in first..<(first + count) where holdLocked(p) { held += 1 }
             }
         }
         counters.streamedPagesHeld.add(UInt64(held), ordering: .relaxed)
@@ -78,16 +73,24 @@ extension PostcopyEngine {
             let alias = aliasBuffer(globalFirst: first, count: count)
             pages.lock.withLock {
                 for p in first..<(first + count)
-                where pages.state(p) == .inflightBackground && !pages.wasRemovedInflight(p) && !pages.hasWaiter(p) && apfWaiters[p] == nil
-                    && cpc_is_zero(alias.baseAddress! + (p - first) * pageSize, pageSize) != 0 {
-                    pages.set(p, .clean)
-                    pages.heldBlocks.insert(heldBlock(p).lowerBound)
-                    held += 1
-                }
+                where holdLocked(p, if: { cpc_is_zero(alias.baseAddress! + (p - first) * pageSize, pageSize) != 0 }) { held += 1 }
             }
         }
         counters.streamedPagesHeld.add(UInt64(held), ordering: .relaxed)
         return held
+    }
+
+    /// Under `pages.lock` (and the remove guard): holds page p, claimed for
+    /// the stream, when it is still in flight, was not removed meanwhile, no
+    /// guest waits on it (a fault recorded, an async waiter) and `also` holds
+    /// (checked last). Returns whether it did.
+    private func holdLocked(_ p: Int, if also: () -> Bool = { true }) -> Bool {
+        guard pages.state(p) == .inflightBackground, !pages.wasRemovedInflight(p), !pages.hasWaiter(p), apfWaiters[p] == nil, also() else {
+            return false
+        }
+        pages.set(p, .clean)
+        pages.heldBlocks.insert(heldBlock(p).lowerBound)
+        return true
     }
 
     /// Releases the blocks whose every page is in (held or present): their

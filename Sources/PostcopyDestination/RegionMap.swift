@@ -1,3 +1,5 @@
+import PostcopyWire
+
 /// Translates between addresses of the space the uffd serves and global source
 /// page numbers, over regions that passed `GuestRegion.layoutProblem`.
 struct RegionMap: Sendable {
@@ -22,14 +24,7 @@ struct RegionMap: Sendable {
     func region(ofGlobal p: Int) -> GuestRegion { regions[regionIndex(ofGlobal: p)] }
 
     /// The index in `regions` of the region holding global page p.
-    func regionIndex(ofGlobal p: Int) -> Int {
-        var lo = 0, hi = regions.count - 1
-        while lo < hi {
-            let mid = (lo + hi + 1) / 2
-            if regions[mid].sourceFirstPage <= p { lo = mid } else { hi = mid - 1 }
-        }
-        return lo
-    }
+    func regionIndex(ofGlobal p: Int) -> Int { regions.lastIndex(startingAtOrBefore: p) { $0.sourceFirstPage } }
 
     /// Where global page p lives in the served address space.
     func address(ofGlobal p: Int) -> UInt64 {

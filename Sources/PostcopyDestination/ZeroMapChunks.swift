@@ -34,7 +34,6 @@ struct ZeroMapChunks {
     /// In global page order: where each chunk starts, its region and page there, its length.
     let chunks: [(global: Int, region: UInt16, page: UInt64, count: Int)]
     private(set) var known: [Bool]
-    private(set) var unknown: Int
     /// Chunks per fetch: 1 first (the stream starts after a few milliseconds
     /// of scan at the source), doubling up to `maxPerFetch` (the source's own
     /// pass is ahead by then).
@@ -52,18 +51,10 @@ struct ZeroMapChunks {
         }
         chunks = out
         known = Array(repeating: false, count: out.count)
-        unknown = out.count
     }
 
     /// The chunk holding global page `p`.
-    func index(of p: Int) -> Int {
-        var lo = 0, hi = chunks.count - 1
-        while lo < hi {
-            let mid = (lo + hi + 1) / 2
-            if chunks[mid].global <= p { lo = mid } else { hi = mid - 1 }
-        }
-        return lo
-    }
+    func index(of p: Int) -> Int { chunks.lastIndex(startingAtOrBefore: p) { $0.global } }
 
     /// The end (exclusive) of the known chunks from chunk `i` on.
     func knownEnd(from i: Int) -> Int {
@@ -72,10 +63,7 @@ struct ZeroMapChunks {
         return chunks[e].global + chunks[e].count
     }
 
-    mutating func markKnown(_ i: Int) {
-        if !known[i] { unknown -= 1 }
-        known[i] = true
-    }
+    mutating func markKnown(_ i: Int) { known[i] = true }
 }
 
 /// What `zeroMapSpan` found.

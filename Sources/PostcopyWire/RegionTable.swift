@@ -36,11 +36,7 @@ public struct RegionTable: Sendable, Equatable {
 
     /// Maps a global page number to (region, page offset).
     public func locate(globalPage: Int) -> (region: Int, page: Int) {
-        var lo = 0, hi = regions.count - 1
-        while lo < hi {
-            let mid = (lo + hi + 1) / 2
-            if firstGlobalPage[mid] <= globalPage { lo = mid } else { hi = mid - 1 }
-        }
-        return (lo, globalPage - firstGlobalPage[lo])
+        let r = firstGlobalPage.lastIndex(startingAtOrBefore: globalPage) { $0 }
+        return (r, globalPage - firstGlobalPage[r])
     }
 }
