@@ -24,6 +24,11 @@ extension PostcopyEngine {
                 guard msgs[i].event == CPC_UFFD_EVENT_PAGEFAULT else { continue }
                 handleFault(address: msgs[i].arg.pagefault.address, at: now)
             }
+            // Fewer than asked for: the queue was empty when read (the kernel
+            // hands out every pending message up to the buffer's size). A
+            // fault queued since keeps the descriptor readable (level-triggered
+            // epoll): no second read that would only say EAGAIN.
+            if n < FaultThreadState.messageCapacity { return }
         }
     }
 

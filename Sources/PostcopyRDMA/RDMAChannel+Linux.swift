@@ -62,6 +62,14 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
     /// Why READs do not land in place although a placement was set (registration refused).
     public private(set) var placementProblem: String?
     private var inflight: [UInt64: InFlight] = [:]
+    /// Where `drainCompletions` polls completions into (one allocation, not one per call).
+    private let wcs = UnsafeMutablePointer<crdma_wc>.allocate(capacity: RDMAPageChannel.completionsPerPoll)
+    static let completionsPerPoll = 16
+    /// How long a busy-polled channel's `drainCompletions` polls its queue in
+    /// a tight loop while a READ is out (then the caller looks at its other
+    /// descriptors, and calls again): in the soft-RoCE VM a system call per
+    /// look (the caller's epoll) is a sizeable share of the READ's round trip.
+    static let tightSpinNanoseconds: UInt64 = 30_000
     private var waiting: [PageRequest] = []
     private var nextWR: UInt64 = 1
     private let received = Atomic<UInt64>(0)
@@ -80,7 +88,10 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
         }
     }
 
-    deinit { close() }
+    deinit {
+        close()
+        wcs.deallocate()
+    }
 
     private let retired = Atomic<Bool>(false)
 
@@ -238,12 +249,23 @@ public final class RDMAPageChannel: PageChannel, @unchecked Sendable {
             if rc < 0 { throw .closed("re-arming the completion queue: \(String(cString: strerror(-rc)))") }
         }
         var n = 0
-        var wcs = [crdma_wc](repeating: crdma_wc(), count: 16)
+        var polls = 0
+        var spinUntil: UInt64 = 0
         while true {
-            let got = wcs.withUnsafeMutableBufferPointer { crdma_poll(c, $0.baseAddress, 16) }
+            let got = crdma_poll(c, wcs, Int32(Self.completionsPerPoll))
             if got < 0 { throw .closed("ibv_poll_cq failed") }
-            if got == 0 { break }
-            for wc in wcs[0..<Int(got)] {
+            if got == 0 {
+                // A busy-polled READ still out: poll the queue alone for a
+                // while (no system call per look) before going back to the
+                // caller's loop, which also watches the userfaultfd.
+                guard busyPoll, n == 0, !inflight.isEmpty else { break }
+                polls += 1
+                if polls % 32 != 0 { continue }
+                let now = nowNanoseconds()
+                if spinUntil == 0 { spinUntil = now + Self.tightSpinNanoseconds } else if now >= spinUntil { break }
+                continue
+            }
+            for wc in UnsafeBufferPointer(start: wcs, count: Int(got)) {
                 guard let f = inflight.removeValue(forKey: wc.wr_id) else {
                     throw .local(SystemError("completion for unknown work request \(wc.wr_id)", errno: EPROTO))
                 }

@@ -12,7 +12,7 @@ extension PageServer {
     func handlePageRequests(first: PageRequest, _ channel: ServedChannel) throws(TransportError) -> Message? {
         var batch = [first]
         var next: Message?
-        while batch.count < Self.maxRepliesPerSend, let more = try channel.conn.tryReceive() {
+        while batch.count < Self.maxRepliesPerSend, let more = try channel.conn.tryReceiveMore() {
             guard case .pageRequest(let r) = more else { next = more; break }
             batch.append(r)
         }

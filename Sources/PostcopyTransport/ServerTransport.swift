@@ -34,6 +34,9 @@ public protocol FrameConnection: AnyObject, Sendable {
     func receive(timeoutMs: Int32) throws(TransportError) -> Message
     /// The next frame if one is already there.
     func tryReceive() throws(TransportError) -> Message?
+    /// `tryReceive` right after a frame came, in the same loop: may say nil
+    /// without a system call when the last read showed nothing more was there.
+    func tryReceiveMore() throws(TransportError) -> Message?
     func send(_ message: Message) throws(TransportError)
     /// Sends `parts` in order with as few system calls as possible.
     func sendv(_ parts: [UnsafeRawBufferPointer]) throws(TransportError)

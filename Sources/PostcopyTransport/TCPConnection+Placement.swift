@@ -21,27 +21,45 @@ extension TCPConnection {
     }
 
     /// One recvmsg into the rest of a placed payload's segments (encrypted:
-    /// the next plaintext bytes into the first segment not yet full).
-    func receiveInPlace(_ p: Placed) throws(TransportError) -> Int {
+    /// the next plaintext bytes into the first segment not yet full). In
+    /// clear, when the request reaches the payload's end, it also asks for up
+    /// to `pagePrefix` bytes after it, into the buffer at `end`: the next
+    /// frame's headers come with this payload's last bytes instead of in a
+    /// recv of their own. The first `pagePrefix` bytes from any frame's start
+    /// never hold a page payload (a page reply's headers alone are that long;
+    /// a gather reply's are longer), so payloads still never touch the buffer.
+    /// Returns the bytes received (the payload's first) and how many were
+    /// asked for (fewer came: the socket had no more then).
+    func receiveInPlace(_ p: Placed) throws(TransportError) -> (received: Int, asked: Int) {
         if opener != nil {
             var skip = p.got
             for seg in p.segments {
                 if skip >= seg.count { skip -= seg.count; continue }
-                return try receive(into: seg.baseAddress! + skip, max: seg.count - skip)
+                return (try receive(into: seg.baseAddress! + skip, max: seg.count - skip), .max)
             }
-            return 0
+            return (0, .max)
         }
         var skip = p.got
         var iov: [iovec] = []
-        for seg in p.segments {
+        var asked = 0, reachesEnd = true
+        for (i, seg) in p.segments.enumerated() {
             if skip >= seg.count { skip -= seg.count; continue }
             iov.append(iovec(iov_base: seg.baseAddress! + skip, iov_len: seg.count - skip))
+            asked += seg.count - skip
             skip = 0
-            if iov.count == 1024 { break }  // IOV_MAX
+            if iov.count == 1023 {  // IOV_MAX, with one left for the next headers
+                reachesEnd = i == p.segments.count - 1
+                break
+            }
+        }
+        let next = min(Self.pagePrefix, capacity - end)
+        if reachesEnd, next > 0 {
+            iov.append(iovec(iov_base: buffer + end, iov_len: next))
+            asked += next
         }
         let r = iov.withUnsafeBufferPointer { cpc_recvv(fd.raw, $0.baseAddress!, Int32($0.count)) }
         if r > 0 { received.add(UInt64(r), ordering: .relaxed) }
-        return r
+        return (r, asked)
     }
 
     /// The headers of a frame are in (and nothing after them): when it is a

@@ -20,7 +20,7 @@ public final class TCPConnection: @unchecked Sendable {
     public private(set) var maxBody: Int
     // (Internal, not private: `TCPConnection+Placement.swift` reads them.)
     var buffer: UnsafeMutableRawPointer
-    private var capacity: Int
+    var capacity: Int
     var start = 0
     var end = 0
     private let sent = Atomic<UInt64>(0)
@@ -50,6 +50,10 @@ public final class TCPConnection: @unchecked Sendable {
     /// bytes are in. A cut before the last byte leaves the reply undelivered
     /// (the engine re-requests it; the partial bytes are never mapped).
     var placed: Placed?
+    /// In clear: the last recv returned less than it asked for, so the socket
+    /// had nothing more then (`tryReceiveMore`). Encrypted, a short plaintext
+    /// read says nothing about the socket: never set.
+    var drained = false
     struct Placed {
         enum Reply { case page(PageDataHeader), gather(GatherData) }
         var reply: Reply
@@ -183,8 +187,21 @@ public final class TCPConnection: @unchecked Sendable {
     /// Returns the next complete frame if one is buffered or readable now, else nil.
     /// The returned message (and any payload it borrows) is valid until the next call.
     public func tryReceive() throws(TransportError) -> Message? {
+        try tryReceive(more: false)
+    }
+
+    /// `tryReceive` right after it returned a frame, in the same loop (no wait
+    /// since): nil without a recv when the last recv came back short, since it
+    /// would only say EAGAIN. Bytes that came in meanwhile keep the descriptor
+    /// readable for the caller's (level-triggered) poll.
+    public func tryReceiveMore() throws(TransportError) -> Message? {
+        try tryReceive(more: true)
+    }
+
+    private func tryReceive(more: Bool) throws(TransportError) -> Message? {
         while true {
             if let m = try parseBuffered() { return m }
+            if more && drained { return nil }
             if try fill() == false { return nil }
         }
     }
@@ -256,9 +273,13 @@ public final class TCPConnection: @unchecked Sendable {
     /// `frameOrigin`. Returns false when the socket would block.
     private func fill() throws(TransportError) -> Bool {
         if var p = placed {
-            let r = try receiveInPlace(p)
+            let (r, asked) = try receiveInPlace(p)
             guard try received(r) else { return false }
-            p.got += r
+            drained = opener == nil && r < asked
+            // Past the payload: the next frame's first bytes, into the buffer.
+            let payload = min(r, p.total - p.got)
+            end += r - payload
+            p.got += payload
             placed = p
             return true
         }
@@ -278,6 +299,11 @@ public final class TCPConnection: @unchecked Sendable {
             want = WireProtocol.headerSize + h.bodyLength
         }
         let placing = placement != nil && !readAhead
+        // Headers that came with the previous payload (`receiveInPlace`): placed before any read.
+        if placing, avail > 0, avail == headsLength() {
+            place()
+            if placed != nil { return true }
+        }
         if placing && avail < headsLength() { want = headsLength() }  // the headers alone first
         let room = readAhead ? capacity - end : min(capacity - end, max(want - avail, 1))
         // (Full, with a frame in it: in clear it would have parsed; encrypted,
@@ -285,6 +311,7 @@ public final class TCPConnection: @unchecked Sendable {
         guard room > 0 else { throw .integrity("a frame ends inside an encrypted record (its length was changed on the way)") }
         let r = try receive(into: buffer + end, max: room)
         guard try received(r) else { return false }
+        drained = opener == nil && r < room
         end += r
         if let opener { unverified = opener.atBoundary ? 0 : unverified + r }
         if placing && end - start == headsLength() { place() }

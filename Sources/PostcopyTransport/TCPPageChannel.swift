@@ -37,7 +37,7 @@ final class TCPPageChannel: PageChannel, @unchecked Sendable {
     /// Each page reply, and each run of a gather reply, as one completion.
     func drainCompletions(_ body: (PageDataHeader, UnsafeRawBufferPointer) throws(TransportError) -> Void) throws(TransportError) -> Int {
         var n = 0
-        while let m = try connection.tryReceive() {
+        while let m = try n == 0 ? connection.tryReceive() : connection.tryReceiveMore() {
             switch m {
             case .pageData(let h, let payload):
                 try deliver(h, payload, body)
