@@ -18,7 +18,7 @@
 # by +-30% over minutes), and the figure is their median.
 #
 # Usage: bash bench/rdma.sh        (builds on the host, boots the VM: ~10-15 min)
-# Env:   IDLE_SIZE (16M)  COPY_SIZE (256M)  LAT_ITERS (2000)  LAT_ROUNDS (3)  INSTALLS ("copy continue")
+# Env:   IDLE_SIZE (16M)  COPY_SIZE (256M)  LAT_ITERS (2000)  LAT_ROUNDS (5)  INSTALLS ("copy continue")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${POSTCOPY_VM:-}" ]; then
@@ -31,7 +31,7 @@ fi
 IDLE_SIZE=${IDLE_SIZE:-16M}
 COPY_SIZE=${COPY_SIZE:-256M}
 LAT_ITERS=${LAT_ITERS:-2000}
-LAT_ROUNDS=${LAT_ROUNDS:-3}
+LAT_ROUNDS=${LAT_ROUNDS:-5}
 INSTALLS=${INSTALLS:-copy continue}
 ADDR=${POSTCOPY_RDMA_ADDR:?not inside the soft-RoCE VM}
 DEV=${POSTCOPY_RDMA_DEV:-rxe0}

@@ -118,6 +118,25 @@ public struct MemoryFile: Sendable {
     public let fd: OwnedFD
     public let size: Int
 
+    /// `SEEK_DATA` (Linux, <unistd.h> with _GNU_SOURCE).
+    static let seekData: Int32 = 3
+
+    /// The first byte of data at or after `offset` in the file behind `fd`
+    /// (`lseek` with `SEEK_DATA`); nil when there is none. Any error answers
+    /// `offset` (data): a caller errs on reading a page, never on calling it zero.
+    public static func nextData(_ fd: Int32, from offset: Int) -> Int? {
+        let r = lseek(fd, off_t(offset), seekData)
+        if r >= 0 { return Int(r) }
+        return errno == ENXIO ? nil : offset
+    }
+
+    /// Whether [offset, offset+length) of the file behind `fd` holds no data:
+    /// every byte reads as zero.
+    public static func rangeIsHole(_ fd: Int32, offset: Int, length: Int) -> Bool {
+        guard let d = nextData(fd, from: offset) else { return true }
+        return d >= offset + length
+    }
+
     public static func open(_ path: String, writable: Bool = false) throws(SystemError) -> MemoryFile {
         let fd = try libcCall("open(\(path))") { Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
         var st = stat()

@@ -37,12 +37,17 @@ public struct SharedAlias: Sendable, Equatable {
     /// removed pages out of it.
     public var fileFD: Int32
     public var fileOffset: UInt64
+    /// The region's file range held no data before it was preallocated (a
+    /// fresh file): each alias page reads zero until the daemon writes it,
+    /// since the guest cannot write a page before it is installed.
+    public var zeroAtStart: Bool
 
-    public init(guestBase: UInt64, aliasBase: UInt64, fileFD: Int32, fileOffset: UInt64) {
+    public init(guestBase: UInt64, aliasBase: UInt64, fileFD: Int32, fileOffset: UInt64, zeroAtStart: Bool = false) {
         self.guestBase = guestBase
         self.aliasBase = aliasBase
         self.fileFD = fileFD
         self.fileOffset = fileOffset
+        self.zeroAtStart = zeroAtStart
     }
 }
 
@@ -51,8 +56,8 @@ public struct SharedAlias: Sendable, Equatable {
 enum Installer: Sendable {
     case copy
     /// Per region in `RegionMap` order: alias address minus guest address, and
-    /// the file range behind it.
-    case `continue`(aliasDeltas: [UInt64], files: [(fd: Int32, offset: UInt64)])
+    /// the file range behind it (and whether it was all hole at the start).
+    case `continue`(aliasDeltas: [UInt64], files: [(fd: Int32, offset: UInt64, zeroAtStart: Bool)])
 
     init(_ path: InstallPath, map: RegionMap) throws(SystemError) {
         switch path {
@@ -60,13 +65,13 @@ enum Installer: Sendable {
             self = .copy
         case .continue(let aliases):
             var deltas: [UInt64] = []
-            var files: [(fd: Int32, offset: UInt64)] = []
+            var files: [(fd: Int32, offset: UInt64, zeroAtStart: Bool)] = []
             for r in map.regions {
                 guard let a = aliases.first(where: { $0.guestBase == r.base }) else {
                     throw SystemError("install path continue: no alias for the guest region at 0x\(String(r.base, radix: 16))", errno: EINVAL)
                 }
                 deltas.append(a.aliasBase &- r.base)
-                files.append((a.fileFD, a.fileOffset))
+                files.append((a.fileFD, a.fileOffset, a.zeroAtStart))
             }
             self = .continue(aliasDeltas: deltas, files: files)
         }

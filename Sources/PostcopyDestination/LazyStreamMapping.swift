@@ -66,18 +66,35 @@ extension PostcopyEngine {
     /// reads zero already (a preallocated file) is held like a streamed page,
     /// with no write and no CONTINUE; returns how many. The others stay in
     /// flight for `install` (zeros written, then mapped).
+    ///
+    /// The pages are claimed by this thread, so nobody else writes their alias
+    /// (a guest cannot: they are not mapped; a REMOVE only makes them holes):
+    /// they are read before `pages.lock` is taken, which the fault thread wants
+    /// for every fault. Not read at all where the file held no data before it
+    /// was preallocated (`SharedAlias.zeroAtStart`): a page the source calls
+    /// zero was never written here in pure postcopy (a reply cut short writes
+    /// only pages that hold data at the source, and they stay so).
     func holdZeros(globalFirst first: Int, count: Int) -> Int {
         assert(backgroundThread.isCurrent)
         var held = 0
+        let alias = aliasBuffer(globalFirst: first, count: count)
+        let knownZero = aliasZeroAtStart(globalFirst: first, count: count)
+        let zero = (0..<count).map { knownZero || cpc_is_zero(alias.baseAddress! + $0 * pageSize, pageSize) != 0 }
         removeGuard.withLock {
-            let alias = aliasBuffer(globalFirst: first, count: count)
             pages.lock.withLock {
-                for p in first..<(first + count)
-                where holdLocked(p, if: { cpc_is_zero(alias.baseAddress! + (p - first) * pageSize, pageSize) != 0 }) { held += 1 }
+                for p in first..<(first + count) where holdLocked(p, if: { zero[p - first] }) { held += 1 }
             }
         }
         counters.streamedPagesHeld.add(UInt64(held), ordering: .relaxed)
         return held
+    }
+
+    /// Whether pages [first, first+count), inside one guest region, are in a
+    /// region whose file held no data before preallocation.
+    private func aliasZeroAtStart(globalFirst first: Int, count: Int) -> Bool {
+        guard case .continue(_, let files) = installer else { return false }
+        let i = map.regionIndex(ofGlobal: first)
+        return files[i].zeroAtStart && map.regionIndex(ofGlobal: first + count - 1) == i
     }
 
     /// Under `pages.lock` (and the remove guard): holds page p, claimed for

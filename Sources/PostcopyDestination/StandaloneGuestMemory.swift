@@ -18,6 +18,8 @@ struct StandaloneGuestMemory {
     /// The memory files (continue only): they live as long as the mappings.
     let files: [OwnedFD]
     let preallocationNanoseconds: UInt64
+    /// Per file (continue only): it held no data before preallocation.
+    let zeroAtStart: [Bool]
 
     /// The uffd features a run in `mode` needs from UFFDIO_API.
     static func uffdFeatures(_ mode: InstallMode) -> UInt64 {
@@ -44,6 +46,7 @@ struct StandaloneGuestMemory {
             guest.append(m)
             regions.append(GuestRegion(base: m.address, size: m.length, sourceFirstPage: table.firstGlobalPage[i]))
         }
+        zeroAtStart = aliases.indices.map { MemoryFile.rangeIsHole(files[$0].raw, offset: 0, length: aliases[$0].length) }
         let t0 = nowNanoseconds()
         for a in aliases { try a.populateWrite() }
         preallocationNanoseconds = aliases.isEmpty ? 0 : nowNanoseconds() - t0
@@ -55,7 +58,8 @@ struct StandaloneGuestMemory {
         case .copy: .copy
         case .continue:
             .continue(aliases: (0..<guest.count).map {
-                SharedAlias(guestBase: guest[$0].address, aliasBase: aliases[$0].address, fileFD: files[$0].raw, fileOffset: 0)
+                SharedAlias(guestBase: guest[$0].address, aliasBase: aliases[$0].address, fileFD: files[$0].raw, fileOffset: 0,
+                            zeroAtStart: zeroAtStart[$0])
             })
         }
     }

@@ -13,6 +13,8 @@ final class VMMSharedMemory: @unchecked Sendable {
     /// One per region, in region order.
     let aliases: [MemoryMapping]
     let preallocationNanoseconds: UInt64
+    /// Per region: its file range held no data before preallocation.
+    let zeroAtStart: [Bool]
     let installPath: InstallPath
 
     /// Checks `fds` (owned from now on: closed with this object, or on failure)
@@ -33,6 +35,11 @@ final class VMMSharedMemory: @unchecked Sendable {
                 let f = r.file!
                 aliases.append(try MemoryMapping.file(fd: files[f.index].raw, length: Int(r.size), offset: Int(f.offset), writable: true))
             }
+            // Before preallocation: a range with no data yet (a fresh file)
+            // reads zero in every page the daemon has not written since.
+            zeroAtStart = regions.map { r in
+                MemoryFile.rangeIsHole(fds[r.file!.index], offset: Int(r.file!.offset), length: Int(r.size))
+            }
             let t0 = nowNanoseconds()
             for a in aliases {
                 // Huge folios where the host allows them for shared memory
@@ -46,9 +53,11 @@ final class VMMSharedMemory: @unchecked Sendable {
             throw .sharedMemory("\(error)")
         }
         self.aliases = aliases
-        let files = files
-        installPath = .continue(aliases: zip(regions, aliases).map { r, a in
-            SharedAlias(guestBase: r.base, aliasBase: a.address, fileFD: files[r.file!.index].raw, fileOffset: r.file!.offset)
+        let files = files, zero = zeroAtStart
+        installPath = .continue(aliases: regions.indices.map { i in
+            let r = regions[i]
+            return SharedAlias(guestBase: r.base, aliasBase: aliases[i].address, fileFD: files[r.file!.index].raw,
+                               fileOffset: r.file!.offset, zeroAtStart: zero[i])
         })
     }
 

@@ -11,25 +11,15 @@ import Glibc
 /// calling one zero.
 final class FileHoles: Sendable {
     let fd: OwnedFD
-    /// `SEEK_DATA` (Linux, <unistd.h> with _GNU_SOURCE).
-    static let seekData: Int32 = 3
-
     init(duplicating raw: Int32) throws(SystemError) {
         fd = OwnedFD(try libcCall("fcntl(F_DUPFD_CLOEXEC)") { fcntl(raw, F_DUPFD_CLOEXEC, 0) })
     }
 
     /// The first byte of data at or after `offset`; nil when there is none.
-    func nextData(from offset: Int) -> Int? {
-        let r = lseek(fd.raw, off_t(offset), Self.seekData)
-        if r >= 0 { return Int(r) }
-        return errno == ENXIO ? nil : offset
-    }
+    func nextData(from offset: Int) -> Int? { MemoryFile.nextData(fd.raw, from: offset) }
 
     /// Whether [offset, offset+length) holds no data.
-    func isHole(offset: Int, length: Int) -> Bool {
-        guard let d = nextData(from: offset) else { return true }
-        return d >= offset + length
-    }
+    func isHole(offset: Int, length: Int) -> Bool { MemoryFile.rangeIsHole(fd.raw, offset: offset, length: length) }
 
     /// Reads [offset, offset+length) into `buffer`; holes read as zeros and
     /// nothing is allocated (unlike a read through a mapping). False on error.

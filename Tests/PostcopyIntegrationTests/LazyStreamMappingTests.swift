@@ -60,6 +60,35 @@ struct LazyStreamMappingTests {
         }
     }
 
+    /// A VMM hands over a file that holds old bytes (a reused memory file):
+    /// zero pages cannot be held on the strength of a fresh file
+    /// (`SharedAlias.zeroAtStart` is false for it), and each reads zero in
+    /// the guest, as every other page reads the source's.
+    @Test(.timeLimit(.minutes(2)))
+    func aFileWithOldBytesGetsItsZeroPagesWritten() throws {
+        let size = 16 << 20
+        let mem = try TempMemory(size: size, zeroPercent: 30, seed: 63)
+        let source = try startServer(mem)
+        defer { source.stop() }
+        let daemon = try Self.daemon(port: source.port, lazy: true)
+        defer { daemon.stop() }
+        let vmm = try TestVMM(size: size, shared: true)
+        let fd = try #require(vmm.file).raw
+        let old = [UInt8](repeating: 0xAB, count: size)
+        #expect(old.withUnsafeBytes { pwrite(fd, $0.baseAddress, size, 0) } == size)
+        try vmm.handOver(daemon.path)
+        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
+        let seen = vmm.contents(), expected = Array(mem.mapping.bytes)
+        let differing = (0..<(size / 4096)).filter { seen[($0 * 4096)..<(($0 + 1) * 4096)] != expected[($0 * 4096)..<(($0 + 1) * 4096)] }
+        let (count, first) = (differing.count, Array(differing.prefix(8)))
+        #expect(count == 0, "\(count) pages differ from the source's, first \(first)")
+        vmm.goAway()
+        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
+        let r = try #require(daemon.stats.reports.withLock { $0.first })
+        print("held, old bytes in the file: \(r.zeroPages) zero pages, \(r.streamedPagesHeld) held, \(r.pagesContinued) CONTINUEd")
+        #expect(r.zeroPages > 0)
+    }
+
     /// A slow stream (8 MiB/s) and guest threads reading every page while it
     /// runs: held pages the guest touches are mapped on its fault (with the
     /// held pages around them), the rest leave with their block; every page
