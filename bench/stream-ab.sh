@@ -38,7 +38,8 @@ for line in sys.stdin:
     if "downtime_ns" in j and "ok" in j:
         print(json.dumps({"side": side, "round": rnd, "ok": j["ok"], "full_copy_s": j.get("time_to_full_copy_seconds"),
                           "stream_bps": j.get("stream_bytes_per_second"), "bytes": j.get("bytes_received"),
-                          "mismatched": j.get("integrity", {}).get("pages_mismatched")}))
+                          "mismatched": j.get("integrity", {}).get("pages_mismatched"),
+                          "ops_during": j.get("ops_per_s_during"), "ops_before": j.get("ops_per_s_before"), "faults": j.get("faults")}))
 ' "$side" "$i" >> "$OUT/runs.jsonl"
     done
     for span in 0 1G; do
@@ -64,13 +65,21 @@ for side in "AB":
     ratio = sorted(r["stream_bps"] / raw[r["round"]] for r in ok)
     mratio = sorted(r["stream_bps"] / mem[r["round"]] for r in ok)
     copy = sorted(r["full_copy_s"] for r in ok)
-    summary[side] = {"binary": bins[side], "stream_over_raw": ratio, "stream_over_raw_memory": mratio, "full_copy_s": copy, "failed": len(bad)}
+    # The guest while postcopy ran: its ops/s over its own ops/s before the pause, and its faults.
+    # (each a list of per-interval rates: their means, the last second before the pause)
+    during = sorted(statistics.mean(r["ops_during"]) / statistics.mean(r["ops_before"][-10:])
+                    for r in ok if r.get("ops_during") and r.get("ops_before"))
+    faults = sorted(r["faults"] for r in ok if r.get("faults") is not None)
+    summary[side] = {"binary": bins[side], "stream_over_raw": ratio, "stream_over_raw_memory": mratio, "full_copy_s": copy,
+                     "guest_ops_during_over_before": during, "faults": faults, "failed": len(bad)}
     if not ok:
         print(f"{side} ({bins[side]}): no run succeeded"); continue
     print(f"{side} ({bins[side]}), {len(ok)} runs" + (f", {len(bad)} FAILED or mismatched" if bad else ", every guest verified"))
     print(f"   stream / raw TCP, hot buffers:      " + ", ".join(f"{x:.2f}" for x in ratio) + f"   median {statistics.median(ratio):.2f}")
     print(f"   stream / raw TCP, memory to memory: " + ", ".join(f"{x:.2f}" for x in mratio) + f"   median {statistics.median(mratio):.2f}")
     print(f"   full copy:                          " + ", ".join(f"{x:.3f}" for x in copy) + f" s   median {statistics.median(copy):.3f} s")
+    if during: print(f"   guest ops/s during / before:        " + ", ".join(f"{x:.3f}" for x in during) + f"   median {statistics.median(during):.3f}")
+    if faults: print(f"   guest faults:                       " + ", ".join(str(x) for x in faults) + f"   median {statistics.median(faults):.0f}")
 if "A" in summary and "B" in summary and summary["A"]["full_copy_s"] and summary["B"]["full_copy_s"]:
     r = statistics.median(summary["B"]["full_copy_s"]) / statistics.median(summary["A"]["full_copy_s"])
     summary["full_copy_B_over_A"] = r
