@@ -26,16 +26,16 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// Service latency of each demand fault (uffd message read → page installed),
     /// one recorder per installing thread (fault thread, background thread),
     /// merged when read.
-    let latencyOnFaultThread = LatencyRecorder()
-    let latencyOnBackgroundThread = LatencyRecorder()
+    let latencyOnFaultThread: LatencyRecorder
+    let latencyOnBackgroundThread: LatencyRecorder
     public var faultLatencyHistogram: Histogram<UInt64> {
         LatencyRecorder.merged([latencyOnFaultThread, latencyOnBackgroundThread])
     }
     public var faultLatency: LatencySummary { LatencySummary(faultLatencyHistogram) }
     /// The same for the faults answered by a demand request only (not those
     /// that found their page on its way: prefetched, streamed, coalesced).
-    let demandLatencyOnFaultThread = LatencyRecorder()
-    let demandLatencyOnBackgroundThread = LatencyRecorder()
+    let demandLatencyOnFaultThread: LatencyRecorder
+    let demandLatencyOnBackgroundThread: LatencyRecorder
     public var demandRequestLatency: LatencySummary {
         LatencySummary(LatencyRecorder.merged([demandLatencyOnFaultThread, demandLatencyOnBackgroundThread]))
     }
@@ -134,7 +134,7 @@ public final class PostcopyEngine: @unchecked Sendable {
                 zeroMapProvider: ZeroMapProvider? = nil, precopy: PrecopyProvider? = nil,
                 demand: PageChannel, background: PageChannel?,
                 reconnect: (@Sendable () throws(TransportError) -> (demand: PageChannel, background: PageChannel))? = nil,
-                config: EngineConfig, logger: Logger) throws(SystemError) {
+                config: EngineConfig, logger: Logger, storage: EngineStorage? = nil) throws(SystemError) {
         self.reconnect = reconnect
         self.zeroMapProvider = zeroMapProvider
         if let problem = GuestRegion.layoutProblem(regions, table: session.table) {
@@ -168,7 +168,13 @@ public final class PostcopyEngine: @unchecked Sendable {
         apfWake = try EventFD()
         completion = try EventFD()
         backgroundDone = try EventFD()
-        let pages = PageStates(count: session.table.totalPages)
+        // Made before the pause when the caller could (`EngineStorage`), and fresh (a new count).
+        let storage = storage?.take(totalPages: session.table.totalPages) ?? EngineStorage(totalPages: session.table.totalPages)
+        let pages = storage.pages
+        latencyOnFaultThread = storage.latencyOnFaultThread
+        latencyOnBackgroundThread = storage.latencyOnBackgroundThread
+        demandLatencyOnFaultThread = storage.demandLatencyOnFaultThread
+        demandLatencyOnBackgroundThread = storage.demandLatencyOnBackgroundThread
         let (table, unit) = (session.table, unitPages)
         zeroPagesAtStart = pages.lock.withLock {
             pages.applyZeroMaps(zeroMaps, table: table, unitPages: unit)

@@ -46,6 +46,9 @@ extension HandoffServer {
             return
         }
         defer { withExtendedLifetime(shared) {} }  // the aliases outlive the engine
+        // The engine's own bookkeeping too (for as many source pages as the
+        // regions hold; an engine for another count makes its own).
+        let storage = EngineStorage(totalPages: regions.reduce(0) { $0 + Int($1.size) } / Int(getpagesize()))
         // Memory preallocated: no allocation is left for after the pause. (Not
         // after the engine's setup: over RDMA the source grants READ access
         // only once paused, so the channels, and the alias's registration with
@@ -68,7 +71,7 @@ extension HandoffServer {
         defer { transport.close() }
         let engine: PostcopyEngine
         do {
-            engine = try makeEngine(uffd: uffd, regions: regions, transport: transport, config: config)
+            engine = try makeEngine(uffd: uffd, regions: regions, transport: transport, config: config, storage: storage)
         } catch let e as HandoffError {
             reject(pid, e)
             return
@@ -205,6 +208,7 @@ extension HandoffServer {
         report.faultsParkedOnFinalSet = c.faultsParkedOnFinalSet.load(ordering: .relaxed)
         report.finalSetAppliedAtNs = c.finalSetAppliedAt.load(ordering: .relaxed)
         report.finalSetReceivedAtNs = c.finalSetReceivedAt.load(ordering: .relaxed)
+        report.engineStartedAtNs = engine.streamStart
         report.prefetch = engineConfig.prefetch.rawValue
         report.prefetchRequestedPages = c.prefetchRequestedPages.load(ordering: .relaxed)
         report.prefetchPages = c.prefetchPages.load(ordering: .relaxed)

@@ -25,7 +25,8 @@ extension HandoffServer {
     /// channels open) is recovered as one lost later would be: tried again,
     /// with backoff, until the recovery deadline; the VMM is refused only when
     /// that runs out, or when the source refuses or is not there.
-    func makeEngine(uffd: Userfaultfd, regions: [VMMRegion], transport: Transport, config: EngineConfig) throws -> PostcopyEngine {
+    func makeEngine(uffd: Userfaultfd, regions: [VMMRegion], transport: Transport, config: EngineConfig,
+                    storage: EngineStorage? = nil) throws -> PostcopyEngine {
         let retry = SetupRetry(deadline: config.recoveryDeadline, logger: logger)
         var recoveries: [UInt64] = []
         let info = try retry.run("the handshake", "trying again", recoveries: &recoveries,
@@ -72,6 +73,6 @@ extension HandoffServer {
                                   zeroMapProvider: zeroMaps, precopy: precopy,
                                   demand: demand, background: background,
                                   reconnect: { () throws(TransportError) in try t.reconnect() },
-                                  config: config, logger: logger)
+                                  config: config, logger: logger, storage: storage)
     }
 }

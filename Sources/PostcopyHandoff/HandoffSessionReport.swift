@@ -65,6 +65,8 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var faultsParkedOnFinalSet: UInt64 = 0
     public var finalSetAppliedAtNs: UInt64 = 0
     public var finalSetReceivedAtNs: UInt64 = 0
+    /// When the engine started serving (its threads), on the host's monotonic clock.
+    public var engineStartedAtNs: UInt64 = 0
     /// Prefetch: the mode, pages requested and received as prefetch, those a
     /// later fault showed used, and those of them a fault waited on in flight.
     public var prefetch: String = "off"
@@ -99,7 +101,7 @@ public struct HandoffSessionReport: Sendable, Codable {
         case streamedPagesHeld = "streamed_pages_held", streamedPagesReleased = "streamed_pages_released"
         case precopyPasses = "precopy_passes", precopyPages = "precopy_pages", precopyStalePages = "precopy_stale_pages"
         case cleanPagesMapped = "clean_pages_mapped", cleanPagesReleased = "clean_pages_released", cleanPageFaults = "clean_page_faults"
-        case faultsParkedOnFinalSet = "faults_parked_on_final_set", finalSetAppliedAtNs = "final_set_applied_at_ns", finalSetReceivedAtNs = "final_set_received_at_ns"
+        case faultsParkedOnFinalSet = "faults_parked_on_final_set", finalSetAppliedAtNs = "final_set_applied_at_ns", finalSetReceivedAtNs = "final_set_received_at_ns", engineStartedAtNs = "engine_started_at_ns"
         case prefetch, prefetchRequestedPages = "prefetch_requested_pages", prefetchPages = "prefetch_pages"
         case prefetchHits = "prefetch_hits", prefetchLateHits = "prefetch_late_hits", demandRequestLatency = "demand_request_latency"
         case workingSetRecordedPages = "working_set_recorded_pages", replayPages = "replay_pages", replayRequestedAtNs = "replay_requested_at_ns", workingSetRefused = "working_set_refused"

@@ -226,6 +226,8 @@ struct MigrateCommand: ParsableCommand {
             "clean_pages_released": session?.cleanPagesReleased ?? 0,
             "clean_page_faults": session?.cleanPageFaults ?? 0, "faults_parked_on_final_set": session?.faultsParkedOnFinalSet ?? 0,
             "final_set_after_pause_ns": (session?.finalSetAppliedAtNs ?? 0) > 0 ? Int(session!.finalSetAppliedAtNs) - pausedAt : 0,
+            // From the pause to the daemon serving (its setup after the pause: connections, engine).
+            "engine_started_after_pause_ns": (session?.engineStartedAtNs ?? 0) > 0 ? Int(session!.engineStartedAtNs) - pausedAt : 0,
             "final_set_received_after_pause_ns": (session?.finalSetReceivedAtNs ?? 0) > 0 ? Int(session!.finalSetReceivedAtNs) - pausedAt : 0,
             "fault_latency": latency.flatMap(jsonObject) ?? [String: Any](),
             "integrity": verified.flatMap { jsonObject(GuestEvent.verified($0)) } ?? [String: Any](),
