@@ -52,9 +52,7 @@ extension PostcopyEngine {
             if payload.baseAddress != alias.baseAddress, payload.count == alias.count {
                 UnsafeMutableRawPointer(mutating: alias.baseAddress!).copyMemory(from: payload.baseAddress!, byteCount: alias.count)
             }
-            pages.lock.withLock {
-                for p in first..<(first + count) where holdLocked(p) { held += 1 }
-            }
+            held = pages.lock.withLock { holdRunLocked(first, count) }
         }
         counters.streamedPagesHeld.add(UInt64(held), ordering: .relaxed)
         if held < count {
@@ -79,11 +77,9 @@ extension PostcopyEngine {
         var held = 0
         let alias = aliasBuffer(globalFirst: first, count: count)
         let knownZero = aliasZeroAtStart(globalFirst: first, count: count)
-        let zero = (0..<count).map { knownZero || cpc_is_zero(alias.baseAddress! + $0 * pageSize, pageSize) != 0 }
+        let zero = knownZero ? nil : (0..<count).map { cpc_is_zero(alias.baseAddress! + $0 * pageSize, pageSize) != 0 }
         removeGuard.withLock {
-            pages.lock.withLock {
-                for p in first..<(first + count) where holdLocked(p, if: { zero[p - first] }) { held += 1 }
-            }
+            held = pages.lock.withLock { holdRunLocked(first, count, zero: zero) }
         }
         counters.streamedPagesHeld.add(UInt64(held), ordering: .relaxed)
         return held
@@ -102,12 +98,28 @@ extension PostcopyEngine {
     /// guest waits on it (a fault recorded, an async waiter) and `also` holds
     /// (checked last). Returns whether it did.
     private func holdLocked(_ p: Int, if also: () -> Bool = { true }) -> Bool {
-        guard pages.state(p) == .inflightBackground, !pages.wasRemovedInflight(p), !pages.hasWaiter(p), apfWaiters[p] == nil, also() else {
+        guard pages.state(p) == .inflightBackground, !pages.wasRemovedInflight(p), !pages.hasWaiter(p),
+              apfWaiters.isEmpty || apfWaiters[p] == nil, also() else {
             return false
         }
         pages.set(p, .clean)
-        pages.heldBlocks.insert(heldBlock(p).lowerBound)
         return true
+    }
+
+    /// Under `pages.lock`: holds each page of [first, first+count) that
+    /// `holdLocked` allows (`zero`: and whose alias reads zero, by offset in
+    /// the run), and notes their blocks once each. Returns how many it held.
+    private func holdRunLocked(_ first: Int, _ count: Int, zero: [Bool]? = nil) -> Int {
+        var held = 0
+        var block = -1..<(-1)
+        for p in first..<(first + count) where holdLocked(p, if: { zero?[p - first] ?? true }) {
+            held += 1
+            if !block.contains(p) {
+                block = heldBlock(p)
+                pages.heldBlocks.insert(block.lowerBound)
+            }
+        }
+        return held
     }
 
     /// Releases the blocks whose every page is in (held or present): their

@@ -126,7 +126,9 @@ final class PageStates: @unchecked Sendable {
         return wasInflight
     }
 
-    func wasRemovedInflight(_ p: Int) -> Bool { removedInflight.contains(p) }
+    /// (REMOVE events are rare: the empty set answers without hashing, as the
+    /// per-page checks of every reply ask.)
+    func wasRemovedInflight(_ p: Int) -> Bool { !removedInflight.isEmpty && removedInflight.contains(p) }
     func forgetRemovedInflight(_ p: Int) { removedInflight.remove(p) }
 
     /// The final dirty set was small: once every page is present or clean,
@@ -148,14 +150,16 @@ final class PageStates: @unchecked Sendable {
     }
 
     /// Whether a guest waits on page p (a fault recorded, not yet settled).
-    func hasWaiter(_ p: Int) -> Bool { !waiting.isEmpty && waiting[p] != nil }
+    /// (A waiter is only ever added with its page's `faulted` byte set: most
+    /// pages, never faulted on, answer without a dictionary lookup.)
+    func hasWaiter(_ p: Int) -> Bool { faulted[p] != 0 && !waiting.isEmpty && waiting[p] != nil }
 
     /// Blocks holding streamed pages left unmapped (`LazyStreamMapping.swift`),
     /// by their first page: each leaves the userfaultfd once all its pages are in.
     var heldBlocks = Set<Int>()
 
     /// Removes and returns the first-fault time if a guest waited on page p.
-    func takeWaiter(_ p: Int) -> UInt64? { waiting.isEmpty ? nil : waiting.removeValue(forKey: p) }
+    func takeWaiter(_ p: Int) -> UInt64? { faulted[p] == 0 || waiting.isEmpty ? nil : waiting.removeValue(forKey: p) }
 
     /// Next missing page at or after `from` (wrapping once), or nil when none.
     func nextMissing(from: Int) -> Int? {
