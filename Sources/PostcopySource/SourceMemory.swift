@@ -186,10 +186,10 @@ public final class SourceMemory: Sendable {
     /// waits only for the first pass's chunks that cover them (and scans those
     /// nobody took yet on the caller's thread). Nil before the freeze.
     public func zeroBits(globalFirst first: Int, count: Int) -> ((Int) -> Bool)? {
-        let (zeros, pass) = state.withLock { s -> (ZeroPages?, ZeroPass?) in
-            s.zerosUrgent = true
-            return (s.zeros, s.zeroPass)
-        }
+        // Not urgent for the pass's own thread: the chunks asked for are
+        // scanned here when nobody took them yet, and the rest of the pass
+        // runs at `scanNice` (on CPU the stream leaves idle).
+        let (zeros, pass) = state.withLock { s -> (ZeroPages?, ZeroPass?) in (s.zeros, s.zeroPass) }
         if let zeros { return zeros.contains }
         guard let pass else { return nil }
         zerosWanted.signal()
