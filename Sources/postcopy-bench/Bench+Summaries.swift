@@ -21,8 +21,10 @@ extension PostcopyBench {
         // The hot-buffer stream at the batch's write size, and the one from memory into memory.
         let isMemory: ([String: Any]) -> Bool = { ($0["span"] as? Int ?? 0) > ($0["write_size"] as? Int ?? 0) }
         let batchStream = streams.filter { !isMemory($0) }.max { ($0["write_size"] as? Int ?? 0) < ($1["write_size"] as? Int ?? 0) }
-        let rawBps = batchStream?["bytes_per_second"] as? Double
-        let memoryBps = streams.first(where: isMemory)?["bytes_per_second"] as? Double
+        // The median of each stream's rounds.
+        let rawBps = median(streams.filter { !isMemory($0) && ($0["write_size"] as? Int) == (batchStream?["write_size"] as? Int) }
+            .compactMap { $0["bytes_per_second"] as? Double })
+        let memoryBps = median(streams.filter(isMemory).compactMap { $0["bytes_per_second"] as? Double })
         var out: [[String: Any]] = []
         var seen = Set<String>()
         for r in runs where cfg(r, "mode") == "postcopy" && r["ok"] as? Bool == true {
