@@ -1,6 +1,9 @@
 import CPostcopy
 import PostcopyCore
 import PostcopyTransport
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The background stream's pages on the continue path, held unmapped: their
 /// bytes are in the alias (received there in place), and a page no guest
@@ -71,13 +74,20 @@ extension PostcopyEngine {
     /// for every fault. Not read at all where the file held no data before it
     /// was preallocated (`SharedAlias.zeroAtStart`): a page the source calls
     /// zero was never written here in pure postcopy (a reply cut short writes
-    /// only pages that hold data at the source, and they stay so).
+    /// only pages that hold data at the source, and they stay so), unless a
+    /// REMOVE punched it out of the file since (`mincore`).
     func holdZeros(globalFirst first: Int, count: Int) -> Int {
         assert(backgroundThread.isCurrent)
         var held = 0
         let alias = aliasBuffer(globalFirst: first, count: count)
-        let knownZero = aliasZeroAtStart(globalFirst: first, count: count)
-        let zero = knownZero ? nil : (0..<count).map { cpc_is_zero(alias.baseAddress! + $0 * pageSize, pageSize) != 0 }
+        let base = UnsafeMutableRawPointer(mutating: alias.baseAddress!)
+        // Known zero only where the page is still in the page cache: a REMOVE
+        // punched its page out of the file, which UFFDIO_CONTINUE cannot map
+        // (EFAULT). Such a page is read: the read fault allocates it again.
+        var resident = [UInt8](repeating: 0, count: count)
+        let knownZero = aliasZeroAtStart(globalFirst: first, count: count) && mincore(base, count * pageSize, &resident) == 0
+        let zero = knownZero && resident.allSatisfy({ $0 & 1 != 0 }) ? nil
+            : (0..<count).map { (knownZero && resident[$0] & 1 != 0) || cpc_is_zero(base + $0 * pageSize, pageSize) != 0 }
         removeGuard.withLock {
             held = pages.lock.withLock { holdRunLocked(first, count, zero: zero) }
         }

@@ -2,8 +2,10 @@ import CPostcopy
 import Foundation
 import PostcopyCore
 import PostcopyHandoff
+import PostcopySource
 import PostcopyTesting
 import PostcopyTransport
+import Synchronization
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -68,6 +70,58 @@ struct SharedHandoffTests {
         #expect((r?.removeEvents ?? 0) >= 2)
         #expect(r?.pagesCopied == 0)
         print("REMOVE on shared memory: \(r?.removedInFlight ?? 0) removed pages had a fetch in flight (zeroed once their reply landed)")
+    }
+
+    /// Pages removed (punched out of the memory file) before the stream
+    /// starts are zero pages to it, held unmapped like the others when the
+    /// file was fresh; a guest touching one while its block is still
+    /// registered must get it mapped. UFFDIO_CONTINUE cannot map a hole
+    /// (EFAULT): such a page is allocated again before it is held. (The
+    /// engine failed here, and the touch waited forever, when fresh-file zero
+    /// pages were held without a look at the page cache.)
+    @Test(.timeLimit(.minutes(2)))
+    func pagesRemovedBeforeTheStreamAreMappedWhenTouched() throws {
+        let size = 8 << 20
+        let mem = try TempMemory(size: size, zeroPercent: 0, seed: 47)
+        // A source whose guest has not paused yet: the stream waits for it.
+        let sm = try SourceMemory(mapping: mem.mapping, pageSize: 4096)
+        let source = try PageServer(memory: sm, listen: Endpoint(host: "127.0.0.1", port: 0), exitAfterCompletion: false,
+                                    logger: testLogger("test.source"))
+        source.start()
+        defer { source.stop() }
+        // Slow, so that the block stays registered (not every page in) for seconds.
+        let daemon = try startHandoff(port: source.port, rate: 1 << 20)
+        defer { daemon.stop() }
+        let vmm = try TestVMM(size: size, shared: true)
+        try vmm.handOver(daemon.path)
+        let base = vmm.mappings[0].base
+        let removed = (2 << 20)..<(4 << 20)
+        #expect(madvise(base + removed.lowerBound, removed.count, MADV_REMOVE) == 0)
+        sm.freeze(deviceState: [])
+        // The stream starts: the removed pages are zero pages, held ahead of the guest.
+        usleep(300_000)
+        let done = Atomic<Bool>(false)
+        let address = UInt(bitPattern: base)
+        let toucher = PThread(name: "vmm-vcpu0") {
+            let base = UnsafeRawPointer(bitPattern: address)!
+            for off in stride(from: removed.lowerBound, to: removed.upperBound, by: 64 << 10) { _ = cpc_touch_read(base + off) }
+            done.store(true, ordering: .releasing)
+        }
+        let answered = waitFor("the removed pages' faults answered", timeoutMs: 15_000) { done.load(ordering: .acquiring) }
+        #expect(answered, "a fault on a removed page was never answered: \(daemon.stats.reports.withLock { $0.first?.error ?? "" })")
+        guard answered else { return }  // (its thread stays parked on the page)
+        toucher.join()
+        #expect(waitFor("completion") { daemon.stats.completed.load(ordering: .relaxed) == 1 })
+        let got = vmm.contents()
+        let want = Array(mem.mapping.bytes)
+        #expect(got[removed].allSatisfy { $0 == 0 }, "a removed page was filled from the source")
+        #expect(got[..<removed.lowerBound] == want[..<removed.lowerBound])
+        #expect(got[removed.upperBound...] == want[removed.upperBound...])
+        vmm.goAway()
+        #expect(waitFor("session end") { daemon.stats.ended.load(ordering: .relaxed) == 1 })
+        let r = daemon.stats.reports.withLock { $0.first }
+        #expect(r?.error == nil)
+        print("pages removed before the stream: \(r?.streamedPagesHeld ?? 0) held, \(r?.zeroPagesMappedAhead ?? 0) zero pages mapped ahead")
     }
 
     /// A remove that hits pages whose replies are landing (a proxy forwards
