@@ -79,15 +79,11 @@ extension PostcopyEngine {
     func holdZeros(globalFirst first: Int, count: Int) -> Int {
         assert(backgroundThread.isCurrent)
         var held = 0
-        let alias = aliasBuffer(globalFirst: first, count: count)
-        let base = UnsafeMutableRawPointer(mutating: alias.baseAddress!)
-        // Known zero only where the page is still in the page cache: a REMOVE
-        // punched its page out of the file, which UFFDIO_CONTINUE cannot map
-        // (EFAULT). Such a page is read: the read fault allocates it again.
-        var resident = [UInt8](repeating: 0, count: count)
-        let knownZero = aliasZeroAtStart(globalFirst: first, count: count) && mincore(base, count * pageSize, &resident) == 0
-        let zero = knownZero && resident.allSatisfy({ $0 & 1 != 0 }) ? nil
-            : (0..<count).map { (knownZero && resident[$0] & 1 != 0) || cpc_is_zero(base + $0 * pageSize, pageSize) != 0 }
+        let base = UnsafeMutableRawPointer(mutating: aliasBuffer(globalFirst: first, count: count).baseAddress!)
+        let known = knownZero(globalFirst: first, count: count, alias: base)
+        // Per page: its alias reads zero (nil: every one does).
+        let zero = known?.allSatisfy({ $0 }) == true ? nil
+            : (0..<count).map { known?[$0] == true || cpc_is_zero(base + $0 * pageSize, pageSize) != 0 }
         removeGuard.withLock {
             held = pages.lock.withLock { holdRunLocked(first, count, zero: zero) }
         }
@@ -95,12 +91,19 @@ extension PostcopyEngine {
         return held
     }
 
-    /// Whether pages [first, first+count), inside one guest region, are in a
-    /// region whose file held no data before preallocation.
-    private func aliasZeroAtStart(globalFirst first: Int, count: Int) -> Bool {
-        guard case .continue(_, let files) = installer else { return false }
+    /// Per page of [first, first+count) (inside one guest region, its alias
+    /// at `alias`): known to read zero without a look, since its region's file
+    /// held no data before preallocation and the page is still in the page
+    /// cache. (A REMOVE punched the others out of the file, which
+    /// UFFDIO_CONTINUE cannot map, EFAULT: they are read, and the read fault
+    /// allocates them again.) Nil when no page of the run can be known so.
+    private func knownZero(globalFirst first: Int, count: Int, alias: UnsafeMutableRawPointer) -> [Bool]? {
+        guard case .continue(_, let files) = installer else { return nil }
         let i = map.regionIndex(ofGlobal: first)
-        return files[i].zeroAtStart && map.regionIndex(ofGlobal: first + count - 1) == i
+        guard files[i].zeroAtStart, map.regionIndex(ofGlobal: first + count - 1) == i else { return nil }
+        var resident = [UInt8](repeating: 0, count: count)
+        guard mincore(alias, count * pageSize, &resident) == 0 else { return nil }
+        return resident.map { $0 & 1 != 0 }
     }
 
     /// Under `pages.lock` (and the remove guard): holds page p, claimed for

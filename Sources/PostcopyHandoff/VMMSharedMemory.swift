@@ -13,8 +13,6 @@ final class VMMSharedMemory: @unchecked Sendable {
     /// One per region, in region order.
     let aliases: [MemoryMapping]
     let preallocationNanoseconds: UInt64
-    /// Per region: its file range held no data before preallocation.
-    let zeroAtStart: [Bool]
     let installPath: InstallPath
 
     /// Checks `fds` (owned from now on: closed with this object, or on failure)
@@ -30,6 +28,8 @@ final class VMMSharedMemory: @unchecked Sendable {
         }
         try SharedMemoryCheck.mappings(regions, infos, vmas: VMMMapping.parse(smaps[...]))
         var aliases: [MemoryMapping] = []
+        /// Per region: its file range held no data before preallocation.
+        let zeroAtStart: [Bool]
         do {
             for r in regions {
                 let f = r.file!
@@ -53,11 +53,11 @@ final class VMMSharedMemory: @unchecked Sendable {
             throw .sharedMemory("\(error)")
         }
         self.aliases = aliases
-        let files = files, zero = zeroAtStart
+        let files = files
         installPath = .continue(aliases: regions.indices.map { i in
             let r = regions[i]
             return SharedAlias(guestBase: r.base, aliasBase: aliases[i].address, fileFD: files[r.file!.index].raw,
-                               fileOffset: r.file!.offset, zeroAtStart: zero[i])
+                               fileOffset: r.file!.offset, zeroAtStart: zeroAtStart[i])
         })
     }
 

@@ -25,7 +25,9 @@ public final class SourceMemory: Sendable {
         var frozenAt: UInt64 = 0
         var zeros: ZeroPages?
         var scan: MemoryScan?
-        /// A zero map waits for the first pass: it runs at the stream's priority, not `scanNice`.
+        /// The whole zero map waits for the first pass (`waitForZeroPages`): it
+        /// runs at the stream's priority, not `scanNice`. (Maps asked for by
+        /// chunk do not: `zeroBits`.)
         var zerosUrgent = false
         /// The first pass by chunks, once frozen.
         var zeroPass: ZeroPass?
