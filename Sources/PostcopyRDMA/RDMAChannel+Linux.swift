@@ -7,20 +7,6 @@ import Synchronization
 import Glibc
 #endif
 
-/// Private data a destination presents in its rdma_cm connect request: the
-/// session's one-time token (from `RDMAOffer`) and the channel kind.
-enum RDMAConnectData {
-    static let length = RDMAOffer.tokenBytes + 1
-    static func encode(token: [UInt8], kind: ChannelKind) -> [UInt8] { token + [kind == .demand ? 1 : 2] }
-}
-
-/// `IBV_WC_*` statuses the channel treats specially.
-enum WorkCompletionStatus {
-    static let success: Int32 = 0
-    static let remoteAccessError: Int32 = 10  // IBV_WC_REM_ACCESS_ERR
-    static let flushed: Int32 = 5             // IBV_WC_WR_FLUSH_ERR
-}
-
 /// One RC queue pair issuing one-sided RDMA READs of the source's registered
 /// RAM (libibverbs `ibv_post_send` with `IBV_WR_RDMA_READ`) into registered
 /// staging buffers; the source CPU does nothing per page. The demand channel's
