@@ -31,7 +31,12 @@ extension PostcopyEngine {
             epoll = try Epoll()
             try epoll.add(background.pollDescriptor, for: .channel)
             try epoll.add(shutdown.fd.raw, for: .shutdown)
+            try epoll.add(prefetchWake.fd.raw, for: .prefetch)
         } catch { throw .local(error) }
+        // From here on the prefetch planned on faults leaves on this channel
+        // (where it gathers), ahead of the stream; until this thread ends.
+        if config.prefetch == .adaptive, background.canGather { prefetchQueue.withLock { $0.open = true } }
+        defer { prefetchQueue.withLock { $0.open = false } }
         var cursor = 0
         var followed = -1
         var outstanding = 0
@@ -78,6 +83,8 @@ extension PostcopyEngine {
             }
             var waitMs: Int32 = -1
             do {
+                let prefetched = try submitQueuedPrefetch(background)
+                if prefetched.requests > 0 { submitting(requests: prefetched.requests, pages: prefetched.pages) }
                 let window = config.window ?? background.suggestedWindow ?? 4
                 let requestLimit = background.suggestedWindow == nil ? window * Self.shortRunsPerBatch : window
                 let pagesWindow = window * batchBytes / pageSize
@@ -177,11 +184,13 @@ extension PostcopyEngine {
             }
             if exhausted && outstanding == 0 && !zeroWork && !releaseAllPending {
                 if finishHeldBlocks(cleanCursor: &cleanCursor) { continue }
-                return
+                if closePrefetchQueueIfEmpty() { return }
+                continue
             }
             let timeout = zeroWork ? 0 : (outstanding > 0 ? stall.pollMs : (releaseAllPending ? 1 : waitMs))
             do { try epoll.wait(&tokens, timeoutMs: timeout) } catch { throw .local(error) }
             if tokens.contains(.shutdown) { return }
+            if tokens.contains(.prefetch) { prefetchWake.drain() }
             do throws(TransportError) {
                 let n = try background.drainCompletions { (h, payload) throws(TransportError) in
                     outstandingPages -= Int(h.pageCount)

@@ -17,6 +17,8 @@ public struct DestinationReport: Sendable, Codable {
     /// fault showed used.
     public var prefetchPages: UInt64 = 0
     public var prefetchHits: UInt64 = 0
+    /// Of them, pages requested on the demand channel (`EngineCounters`).
+    public var prefetchPagesOnDemandChannel: UInt64 = 0
     public var zeroPagesFaulted: UInt64
     /// Zero pages mapped before the guest touched them.
     public var zeroPagesMappedAhead: UInt64 = 0
@@ -73,7 +75,7 @@ public struct DestinationReport: Sendable, Codable {
     enum CodingKeys: String, CodingKey {
         case transport, transportReason = "transport_reason", sessionID = "session_id", pageSize = "page_size"
         case guestBytes = "guest_bytes", totalPages = "total_pages", zeroPages = "zero_pages", nonZeroPages = "non_zero_pages"
-        case prefetchPages = "prefetch_pages", prefetchHits = "prefetch_hits"
+        case prefetchPages = "prefetch_pages", prefetchHits = "prefetch_hits", prefetchPagesOnDemandChannel = "prefetch_pages_on_demand_channel"
         case demandPages = "demand_pages", backgroundPages = "background_pages", zeroPagesFaulted = "zero_pages_faulted", zeroPagesMappedAhead = "zero_pages_mapped_ahead"
         case faults, faultsCoalesced = "faults_coalesced", eexist, eagain
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", wireOverhead = "wire_overhead", encrypted, bytesDecrypted = "bytes_decrypted"

@@ -83,6 +83,9 @@ public final class PostcopyEngine: @unchecked Sendable {
     let zeroDigest: UInt64
     /// Source pages of prefetch requests claimed and not yet settled.
     let prefetchPagesInFlight = Atomic<Int>(0)
+    /// Prefetch runs the fault thread hands to the background thread (`Prefetch.swift`).
+    let prefetchQueue = Locked<PrefetchQueue>(PrefetchQueue())
+    let prefetchWake: EventFD
     let nextRequestID = Atomic<UInt64>(1)
     /// Requests in flight by id: a reply must match one exactly.
     let inflight = Locked<[UInt64: PageRequest]>([:])
@@ -168,6 +171,7 @@ public final class PostcopyEngine: @unchecked Sendable {
         apfWake = try EventFD()
         completion = try EventFD()
         backgroundDone = try EventFD()
+        prefetchWake = try EventFD()
         // Made before the pause when the caller could (`EngineStorage`), and fresh (a new count).
         let storage = storage?.take(totalPages: session.table.totalPages) ?? EngineStorage(totalPages: session.table.totalPages)
         let pages = storage.pages

@@ -16,6 +16,9 @@ public final class EngineCounters: Sendable {
     public let prefetchPages = Atomic<UInt64>(0)
     public let prefetchHits = Atomic<UInt64>(0)
     public let prefetchLateHits = Atomic<UInt64>(0)
+    /// Prefetched pages requested on the demand channel (none while a
+    /// background stream that gathers runs: they ride its connection).
+    public let prefetchPagesOnDemandChannel = Atomic<UInt64>(0)
     /// Pages requested by a working-set replay.
     public let replayPages = Atomic<UInt64>(0)
     /// When the last replay request had left (CLOCK_MONOTONIC ns; 0: not yet, or no replay).

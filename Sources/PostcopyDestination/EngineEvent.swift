@@ -15,6 +15,8 @@ enum EngineEvent: UInt64 {
     case apfRequests
     /// The final dirty set was applied: faults parked on precopied pages go on. Fault thread.
     case finalSet
+    /// The fault thread queued prefetch runs for the background channel. Background thread.
+    case prefetch
 }
 
 extension Epoll {

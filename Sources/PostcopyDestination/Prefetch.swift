@@ -45,6 +45,13 @@ struct PrefetchState {
     }
 }
 
+/// Prefetch runs on their way from the fault thread to the background thread
+/// (first source page, pages), and whether the background thread takes them.
+struct PrefetchQueue {
+    var runs: [(first: Int, count: Int)] = []
+    var open = false
+}
+
 extension PostcopyEngine {
     /// Source pages of prefetch replies due at most (bounds what a later demand
     /// reply can queue behind on the demand channel).
@@ -122,10 +129,36 @@ extension PostcopyEngine {
     }
 
     /// Requests for the claimed pages: ascending runs inside one source region
-    /// and one guest region, `maxPrefetchRequestPages` at most (one guest page
-    /// at least), queued behind the demand requests.
+    /// and one guest region. While the background thread takes them (TCP with
+    /// gathers), they go to it and leave on the background connection, ahead
+    /// of its stream: a demand reply then never queues behind prefetch replies
+    /// on the demand connection. Otherwise (no stream, RDMA) they go out on the
+    /// demand channel behind the demand requests, `maxPrefetchRequestPages` at
+    /// most per request (one guest page at least).
     private func queuePrefetch(_ claimed: [Int]) {
-        let cap = max(Self.maxPrefetchRequestPages, unitPages)
+        let n = claimed.count * unitPages
+        prefetchPagesInFlight.add(n, ordering: .relaxed)
+        counters.prefetchRequestedPages.add(UInt64(n), ordering: .relaxed)
+        let onStream = prefetchRuns(claimed, cap: Int(WireProtocol.maxPagesPerRequest))
+        let (taken, wake) = prefetchQueue.withLock { q -> (Bool, Bool) in
+            guard q.open else { return (false, false) }
+            let wake = q.runs.isEmpty
+            q.runs += onStream
+            return (true, wake)
+        }
+        if wake { prefetchWake.signal() }
+        if taken { return }
+        counters.prefetchPagesOnDemandChannel.add(UInt64(n), ordering: .relaxed)
+        for run in prefetchRuns(claimed, cap: max(Self.maxPrefetchRequestPages, unitPages)) {
+            let (region, page) = table.locate(globalPage: run.first)
+            fault.deferredPrefetch.append(newRequest(region: region, page: page, count: run.count, class: .prefetch))
+        }
+    }
+
+    /// `claimed` (ascending first source pages of guest pages) as runs inside
+    /// one source region and one guest region, `cap` pages at most.
+    private func prefetchRuns(_ claimed: [Int], cap: Int) -> [(first: Int, count: Int)] {
+        var runs: [(first: Int, count: Int)] = []
         var i = 0
         while i < claimed.count {
             let first = claimed[i]
@@ -137,12 +170,45 @@ extension PostcopyEngine {
                 n += unitPages
                 j += 1
             }
-            fault.deferredPrefetch.append(newRequest(region: region, page: page, count: n, class: .prefetch))
+            runs.append((first, n))
             i = j
         }
-        let n = claimed.count * unitPages
-        prefetchPagesInFlight.add(n, ordering: .relaxed)
-        counters.prefetchRequestedPages.add(UInt64(n), ordering: .relaxed)
+        return runs
+    }
+
+    /// Background thread: sends the prefetch runs the fault thread queued, as
+    /// one gather of class prefetch (ahead of the stream's next). Returns the
+    /// requests and pages sent, for its window.
+    func submitQueuedPrefetch(_ channel: PageChannel) throws(TransportError) -> (requests: Int, pages: Int) {
+        assert(backgroundThread.isCurrent)
+        let runs = prefetchQueue.withLock { q -> [(first: Int, count: Int)] in
+            defer { q.runs.removeAll(keepingCapacity: true) }
+            return q.runs
+        }
+        guard !runs.isEmpty else { return (0, 0) }
+        var start = 0, pages = 0
+        while start < runs.count {
+            // Within a gather's limits (runs and pages), in as few gathers as that allows.
+            var end = start, total = 0
+            while end < runs.count, end - start < Int(WireProtocol.maxGatherRuns), total + runs[end].count <= Int(WireProtocol.maxPagesPerRequest) {
+                total += runs[end].count
+                end += 1
+            }
+            try submitGather(channel, runs: Array(runs[start..<end]), class: .prefetch)
+            pages += total
+            start = end
+        }
+        return (runs.count, pages)
+    }
+
+    /// Background thread, about to end: stops taking prefetch runs, unless
+    /// some are queued (then false: they must go out first).
+    func closePrefetchQueueIfEmpty() -> Bool {
+        prefetchQueue.withLock { q in
+            guard q.runs.isEmpty else { return false }
+            q.open = false
+            return true
+        }
     }
 
     /// A prefetch reply for `count` pages was handled (installed or dropped).

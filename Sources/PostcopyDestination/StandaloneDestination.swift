@@ -160,6 +160,7 @@ public final class StandaloneDestination: Sendable {
         report.bytesDecrypted = cipher.decrypted
         report.prefetchPages = c.prefetchPages.load(ordering: .relaxed)
         report.prefetchHits = c.prefetchHits.load(ordering: .relaxed)
+        report.prefetchPagesOnDemandChannel = c.prefetchPagesOnDemandChannel.load(ordering: .relaxed)
         report.pagesCopied = c.pagesCopied.load(ordering: .relaxed)
         report.pagesContinued = c.pagesContinued.load(ordering: .relaxed)
         report.streamedPagesHeld = c.streamedPagesHeld.load(ordering: .relaxed)

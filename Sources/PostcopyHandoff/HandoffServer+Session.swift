@@ -214,6 +214,7 @@ extension HandoffServer {
         report.prefetchPages = c.prefetchPages.load(ordering: .relaxed)
         report.prefetchHits = c.prefetchHits.load(ordering: .relaxed)
         report.prefetchLateHits = c.prefetchLateHits.load(ordering: .relaxed)
+        report.prefetchPagesOnDemandChannel = c.prefetchPagesOnDemandChannel.load(ordering: .relaxed)
         report.demandRequestLatency = engine.demandRequestLatency
         return report
     }

@@ -74,6 +74,7 @@ public struct HandoffSessionReport: Sendable, Codable {
     public var prefetchPages: UInt64 = 0
     public var prefetchHits: UInt64 = 0
     public var prefetchLateHits: UInt64 = 0
+    public var prefetchPagesOnDemandChannel: UInt64 = 0
     /// Service latency of the faults answered by a demand request only.
     public var demandRequestLatency: LatencySummary?
     /// Working set: pages recorded and written (nil: not recording), pages
@@ -103,7 +104,7 @@ public struct HandoffSessionReport: Sendable, Codable {
         case cleanPagesMapped = "clean_pages_mapped", cleanPagesReleased = "clean_pages_released", cleanPageFaults = "clean_page_faults"
         case faultsParkedOnFinalSet = "faults_parked_on_final_set", finalSetAppliedAtNs = "final_set_applied_at_ns", finalSetReceivedAtNs = "final_set_received_at_ns", engineStartedAtNs = "engine_started_at_ns"
         case prefetch, prefetchRequestedPages = "prefetch_requested_pages", prefetchPages = "prefetch_pages"
-        case prefetchHits = "prefetch_hits", prefetchLateHits = "prefetch_late_hits", demandRequestLatency = "demand_request_latency"
+        case prefetchHits = "prefetch_hits", prefetchLateHits = "prefetch_late_hits", prefetchPagesOnDemandChannel = "prefetch_pages_on_demand_channel", demandRequestLatency = "demand_request_latency"
         case workingSetRecordedPages = "working_set_recorded_pages", replayPages = "replay_pages", replayRequestedAtNs = "replay_requested_at_ns", workingSetRefused = "working_set_refused"
         case rssOutsideGuestMaxBytes = "rss_outside_guest_max_bytes", rssOutsideGuestIdleBytes = "rss_outside_guest_idle_bytes"
     }

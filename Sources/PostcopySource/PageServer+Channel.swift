@@ -101,13 +101,27 @@ extension PageServer {
         // Requests are small: take every one that is there, answer them in one send.
         conn.readAhead = true
         var next: Message?
+        // Main channel: frames already there wait here, so that a prefetch
+        // asked for after a few stream gathers goes out before them.
+        var queued = FrameQueue()
         while true {
             let m: Message
-            if let n = next { m = n; next = nil } else { m = try conn.receive(timeoutMs: -1) }
+            if channel.role == .main {
+                // A frame read on the way is the next one in order.
+                if let n = next { queued.pushFront(n) }
+                next = nil
+                m = try queued.next(conn)
+            } else if let n = next {
+                m = n
+                next = nil
+            } else {
+                m = try conn.receive(timeoutMs: -1)
+            }
             let flow: ChannelFlow
             switch m {
             case .pageRequest(let r):
-                next = try handlePageRequests(first: r, channel)
+                next = try channel.role == .main ? handlePageRequests(first: r, channel) { () throws(TransportError) in try queued.more(conn) }
+                    : handlePageRequests(first: r, channel) { () throws(TransportError) in try conn.tryReceiveMore() }
                 flow = .next
             case .gatherRequest(let g):
                 try serveGather(g, channel)
@@ -130,6 +144,47 @@ extension PageServer {
                 throw .protocolViolation("unexpected \(m.type) from destination")
             }
             if case .end = flow { return }
+        }
+    }
+
+    /// The main channel's frames in the order they are served: a page or
+    /// gather request of class prefetch before the stream's requests that came
+    /// before it (their replies are matched by id, not by order), every other
+    /// frame in the order it came.
+    public struct FrameQueue {
+        private var frames: [Message] = []
+        public init() {}
+        /// Frames read ahead at most (requests are small; gathers are few in flight).
+        static let limit = 32
+
+        /// The next frame to serve: one read ahead, else the next to come.
+        public mutating func next(_ conn: any FrameConnection) throws(TransportError) -> Message {
+            if frames.isEmpty {
+                frames.append(try conn.receive(timeoutMs: -1))
+            } else if frames.count < Self.limit, let m = try conn.tryReceive() {
+                // A look at the socket (one recv): what came while the last
+                // frame was served (`tryReceiveMore` would trust the last read).
+                frames.append(m)
+            }
+            while frames.count < Self.limit, let more = try conn.tryReceiveMore() { frames.append(more) }
+            let i = frames.firstIndex(where: Self.isPrefetch) ?? 0
+            return frames.remove(at: i)
+        }
+
+        /// The frame after the one served, in order (a burst answered in one send).
+        public mutating func more(_ conn: any FrameConnection) throws(TransportError) -> Message? {
+            frames.isEmpty ? try conn.tryReceiveMore() : frames.removeFirst()
+        }
+
+        /// Puts back a frame taken by `more` and not served.
+        public mutating func pushFront(_ m: Message) { frames.insert(m, at: 0) }
+
+        public static func isPrefetch(_ m: Message) -> Bool {
+            switch m {
+            case .pageRequest(let r): r.pageClass == .prefetch
+            case .gatherRequest(let g): g.pageClass == .prefetch
+            default: false
+            }
         }
     }
 

@@ -7,12 +7,14 @@ extension PageServer {
     static let maxRepliesPerSend = 64
 
     /// Answers `first` and every page request already there after it (up to
-    /// `maxRepliesPerSend`) in one send; returns the other message read on the
-    /// way, if any, for the dispatch loop.
-    func handlePageRequests(first: PageRequest, _ channel: ServedChannel) throws(TransportError) -> Message? {
+    /// `maxRepliesPerSend`; `more` gives the next frame there, in order) in
+    /// one send; returns the other message read on the way, if any, for the
+    /// dispatch loop.
+    func handlePageRequests(first: PageRequest, _ channel: ServedChannel,
+                            more nextFrame: () throws(TransportError) -> Message?) throws(TransportError) -> Message? {
         var batch = [first]
         var next: Message?
-        while batch.count < Self.maxRepliesPerSend, let more = try channel.conn.tryReceiveMore() {
+        while batch.count < Self.maxRepliesPerSend, let more = try nextFrame() {
             guard case .pageRequest(let r) = more else { next = more; break }
             batch.append(r)
         }

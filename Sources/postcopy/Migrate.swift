@@ -211,6 +211,7 @@ struct MigrateCommand: ParsableCommand {
             "prefetch": session?.prefetch ?? "off", "prefetch_pages": session?.prefetchPages ?? 0,
             "prefetch_requested_pages": session?.prefetchRequestedPages ?? 0,
             "prefetch_hits": session?.prefetchHits ?? 0, "prefetch_late_hits": session?.prefetchLateHits ?? 0,
+            "prefetch_pages_on_demand_channel": session?.prefetchPagesOnDemandChannel ?? 0,
             "demand_request_latency": session?.demandRequestLatency.flatMap(jsonObject) ?? [String: Any](),
             "pages_sent_twice": sourceDone?.pagesSentTwice ?? 0,
             "pages_touched_before_full_copy": verified?.pagesTouchedBeforeFullCopy ?? -1,

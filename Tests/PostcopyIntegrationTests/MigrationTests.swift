@@ -158,6 +158,32 @@ struct PrefetchMigrationTests {
         #expect(r.demandPages * 10 < UInt64(r.nonZeroPages), "\(r.demandPages) demand faults for \(r.nonZeroPages) pages read in order")
         #expect(r.prefetchHits > r.prefetchPages / 2, "\(r.prefetchHits) of \(r.prefetchPages) prefetched pages shown used")
         #expect(server.stats.prefetchPages.load(ordering: .relaxed) == r.prefetchPages)
+        #expect(r.prefetchPagesOnDemandChannel > 0, "with no stream, the prefetch goes on the demand channel")
+    }
+
+    /// With a background stream (slowed, so that readers overtake it), the
+    /// prefetch leaves on the stream's connection, not on the demand channel
+    /// (but for the first faults, before the stream started), and its replies
+    /// are installed by the background thread.
+    @Test(.timeLimit(.minutes(3)))
+    func withAStreamThePrefetchRidesTheBackgroundConnection() throws {
+        if skipped(.continue) { return }
+        let mem = try TempMemory(size: 32 << 20, zeroPercent: 10, seed: 79)
+        let server = try startServer(mem)
+        defer { server.stop() }
+        let cmp = ByteComparison(expected: mem.mapping.bytes)
+        let r = try runDestination(port: server.port, touch: .sequential, threads: 2, background: true, install: .continue,
+                                   prefetch: .adaptive, compare: cmp, rate: 16 << 20)
+        print("prefetch with a stream: \(r.faults) faults, \(r.demandPages) demand, \(r.prefetchPages) prefetch (\(r.prefetchHits) shown used), \(r.backgroundPages) background of \(r.nonZeroPages) non-zero pages")
+        #expect(cmp.firstDifference == nil, "first differing byte at \(String(describing: cmp.firstDifference))")
+        #expect(r.digestMatch && r.sourceConfirmedDigest)
+        #expect(r.demandPages + r.prefetchPages + r.backgroundPages == UInt64(r.nonZeroPages), "every page came once")
+        #expect(r.pagesSentTwice == 0 && server.stats.pagesSentTwice.load(ordering: .relaxed) == 0)
+        #expect(r.prefetchPages > 0, "readers ahead of a 16 MiB/s stream are prefetched for")
+        // Only what the first faults planned before the stream started (its
+        // zero map) may have gone on the demand channel: a few guest pages.
+        #expect(r.prefetchPagesOnDemandChannel * 20 < r.prefetchPages, "\(r.prefetchPagesOnDemandChannel) of \(r.prefetchPages) prefetched pages asked for on the demand channel")
+        #expect(server.stats.prefetchPages.load(ordering: .relaxed) == r.prefetchPages)
     }
 
     @Test(.timeLimit(.minutes(3)))
@@ -173,6 +199,36 @@ struct PrefetchMigrationTests {
         // trend, never more than a few windows' worth.
         #expect(r.prefetchPages < UInt64(r.nonZeroPages) / 20, "\(r.prefetchPages) pages prefetched for random reads")
         #expect(r.demandPages + r.prefetchPages == UInt64(r.nonZeroPages))
+    }
+
+    /// The background connection carries the prefetch (while a stream runs):
+    /// the source serves a prefetch before the stream's requests read ahead of
+    /// it, and every other frame in the order it came.
+    @Test func theMainChannelServesPrefetchBeforeTheStreamQueuedAheadOfIt() throws {
+        let (a, b) = try StreamRecordTests.socketPair()
+        let destination = TCPConnection(fd: a, peer: "destination", maxBody: 1 << 20)
+        let source = TCPConnection(fd: b, peer: "source", maxBody: 1 << 20)
+        defer { destination.close(); source.close() }
+        source.readAhead = true
+        func gather(_ id: UInt64, _ c: PageClass, _ page: UInt64) -> Message {
+            .gatherRequest(GatherRequest(firstRequestID: id, pageClass: c, runs: [GatherRun(region: 0, pageOffset: page, pageCount: 4)]))
+        }
+        let frames: [Message] = [gather(1, .background, 0), gather(2, .background, 100), gather(3, .prefetch, 50),
+                                 .zeroMapRequest(ZeroMapRequest(region: 0, firstPage: 0, pageCount: 8)),
+                                 .pageRequest(PageRequest(requestID: 4, region: 0, pageClass: .prefetch, pageOffset: 60, pageCount: 2)),
+                                 gather(5, .background, 200)]
+        for f in frames { try destination.send(f) }
+        var queue = PageServer.FrameQueue()
+        var order: [String] = []
+        for _ in frames.indices {
+            switch try queue.next(source) {
+            case .gatherRequest(let g): order.append("gather \(g.firstRequestID)")
+            case .pageRequest(let r): order.append("page \(r.requestID)")
+            case .zeroMapRequest: order.append("zero map")
+            case let m: order.append("\(m.type)")
+            }
+        }
+        #expect(order == ["gather 3", "page 4", "gather 1", "gather 2", "zero map", "gather 5"])
     }
 
     @Test func theSourceAnswersDemandBeforePrefetch() {

@@ -90,8 +90,9 @@ final class ByteComparison: @unchecked Sendable {
 
 func runDestination(port: Int, touch: TouchMode, threads: Int, background: Bool = true,
                     install: InstallMode = .copy, prefetch: PrefetchMode = .adaptive,
-                    compare: ByteComparison? = nil, replay: WorkingSet? = nil) throws -> DestinationReport {
+                    compare: ByteComparison? = nil, replay: WorkingSet? = nil, rate: Int = 0) throws -> DestinationReport {
     var options = DestinationOptions()
+    options.engine.backgroundRate = rate
     options.engine.replayWorkingSet = replay
     options.engine.prefetch = prefetch
     options.install = install
