@@ -81,7 +81,16 @@ extension PostcopyEngine {
 
     /// Pages of this thread's requests in flight (demand or background).
     func inflightPages(background: Bool) -> Int {
-        inflight.withLock { $0.values.reduce(0) { $1.pageClass.isStream == background ? $0 + Int($1.pageCount) : $0 } }
+        ownRequests(background: background).reduce(0) { $0 + Int($1.pageCount) }
+    }
+
+    /// This thread's requests in flight, by id: the background thread's are the
+    /// stream classes and the prefetch it sent for the fault thread.
+    func ownRequests(background: Bool) -> [PageRequest] {
+        let viaStream = streamPrefetch.withLock { $0 }
+        return inflight.withLock {
+            $0.values.filter { ($0.pageClass.isStream || viaStream.contains($0.requestID)) == background }.sorted { $0.requestID < $1.requestID }
+        }
     }
 
     /// After a reconnect: moves `epoll`'s watch (when `watched`) from the old
@@ -94,9 +103,7 @@ extension PostcopyEngine {
             epoll.remove(old.pollDescriptor)
             do { try epoll.add(new.pollDescriptor, for: .channel) } catch { throw .local(error) }
         }
-        let pending = inflight.withLock {
-            $0.values.filter { $0.pageClass.isStream == background }.sorted { $0.requestID < $1.requestID }
-        }
+        let pending = ownRequests(background: background)
         for r in pending { try new.submit(r) }
         return pending.count
     }

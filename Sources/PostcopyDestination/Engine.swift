@@ -86,6 +86,9 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// Prefetch runs the fault thread hands to the background thread (`Prefetch.swift`).
     let prefetchQueue = Locked<PrefetchQueue>(PrefetchQueue())
     let prefetchWake: EventFD
+    /// Ids of the prefetch requests the background thread sent (it re-sends
+    /// them after a reconnect, `ChannelRecovery.swift`).
+    let streamPrefetch = Locked<Set<UInt64>>([])
     let nextRequestID = Atomic<UInt64>(1)
     /// Requests in flight by id: a reply must match one exactly.
     let inflight = Locked<[UInt64: PageRequest]>([:])
@@ -108,7 +111,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// and by the fault thread while it applies a REMOVE: a page the VMM
     /// removed is never filled from the source after the remove is applied, and
     /// on the continue path no alias write of a removed page survives the
-    /// punch (`handleRemove`). The demand path needs no lock: the fault thread
+    /// punch (`applyRemove`). The demand path needs no lock: the fault thread
     /// applies removes itself.
     let removeGuard = NSLockLite()
     /// A zeroed guest page to copy from where UFFDIO_ZEROPAGE does not exist (hugetlbfs).

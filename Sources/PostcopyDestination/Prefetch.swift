@@ -194,7 +194,7 @@ extension PostcopyEngine {
                 total += runs[end].count
                 end += 1
             }
-            try submitGather(channel, runs: Array(runs[start..<end]), class: .prefetch)
+            try submitGather(channel, runs: Array(runs[start..<end]), class: .prefetch, ownedByStream: true)
             pages += total
             start = end
         }

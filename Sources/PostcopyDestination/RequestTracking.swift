@@ -64,7 +64,10 @@ extension PostcopyEngine {
         guard ok else {
             throw .protocolViolation("pages \(h.pageOffset)..<\(h.pageOffset + UInt64(h.pageCount)) of region \(h.region) were not requested as \(h.pageClass)")
         }
-        if h.pageClass == .prefetch { prefetchSettled(count: count) }
+        if h.pageClass == .prefetch {
+            prefetchSettled(count: count)
+            streamPrefetch.withLock { _ = $0.remove(h.requestID) }
+        }
         if h.pageClass != .precopy, recorder != nil || replay != nil {
             noteArrival(first: first, count: count, payload: h.isZero ? nil : payload)
         }

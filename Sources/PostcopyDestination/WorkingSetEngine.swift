@@ -241,11 +241,14 @@ extension PostcopyEngine {
     }
 
     /// Sends the runs as one gather of requests of class `cls` (consecutive ids).
-    func submitGather(_ channel: PageChannel, runs: [(first: Int, count: Int)], class cls: PageClass = .background) throws(TransportError) {
+    func submitGather(_ channel: PageChannel, runs: [(first: Int, count: Int)], class cls: PageClass = .background,
+                      ownedByStream: Bool = false) throws(TransportError) {
         let requests = newRequests(runs.map { run in
             let (region, page) = table.locate(globalPage: run.first)
             return (region, page, run.count)
         }, class: cls)
+        // Before they are in flight: a reconnect meanwhile must find them ours.
+        if ownedByStream { streamPrefetch.withLock { for r in requests { $0.insert(r.requestID) } } }
         track(requests)
         try channel.submit(gather: requests)
     }

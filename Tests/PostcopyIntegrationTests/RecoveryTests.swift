@@ -19,6 +19,22 @@ struct RecoveryTests {
     @Test(.timeLimit(.minutes(3)), arguments: InstallMode.allCases)
     func twentyCutsAndEveryByteArrives(install: InstallMode) throws {
         if skipped(install) { return }
+        try cutAgainAndAgain(install: install, touch: .random)
+    }
+
+    /// The same with readers in address order: their prefetch rides the
+    /// background connection, and after each reconnect the background thread
+    /// (not the fault thread) sends again the prefetch it had asked for.
+    @Test(.timeLimit(.minutes(3)))
+    func cutsWhileThePrefetchRidesTheStream() throws {
+        if skipped(.continue) { return }
+        let r = try cutAgainAndAgain(install: .continue, touch: .sequential)
+        #expect(r.prefetchPages > 0)
+        #expect(r.prefetchPagesOnDemandChannel * 10 < r.prefetchPages, "\(r.prefetchPagesOnDemandChannel) of \(r.prefetchPages) prefetched pages asked for on the demand channel")
+    }
+
+    @discardableResult
+    private func cutAgainAndAgain(install: InstallMode, touch: TouchMode) throws -> DestinationReport {
         let mem = try TempMemory(size: 24 << 20, zeroPercent: 10, seed: 41)
         let server = try startServer(mem)
         defer { server.stop() }
@@ -36,9 +52,9 @@ struct RecoveryTests {
         }
         var options = DestinationOptions()
         options.install = install
-        // One guest thread faulting at random with some compute between touches,
-        // and a capped stream: the migration lasts long enough for every cut.
-        options.touch = .random
+        // Guest threads faulting with some compute between touches, and a
+        // capped stream: the migration lasts long enough for every cut.
+        options.touch = touch
         options.threads = 2
         options.thinkMicroseconds = 300
         options.engine.backgroundRate = 8 << 20
@@ -72,6 +88,7 @@ struct RecoveryTests {
         // the completion call, outside the engine (seen: 17-20 reconnects for 19-20 cuts).
         #expect(r.recoveryNs.count >= n / 2, "\(r.recoveryNs.count) reconnects for \(n) cuts")
         #expect(server.stats.resumedSessions.load(ordering: .relaxed) >= UInt64(r.recoveryNs.count))
+        return r
     }
 
     /// A cut while the destination is still setting up (zero map, device state,
