@@ -19,9 +19,7 @@ extension PostcopyEngine {
             // the remove is applied would fill a removed page from the source.
             // (The continue path needs no more: the remove punches the file,
             // which zaps whatever was mapped meanwhile.)
-            let (n, removed) = try isCopy
-                ? removeGuard.withLock { () throws(TransportError) in try readApplyingRemoves() }
-                : readApplyingRemoves()
+            let (n, removed) = try isCopy ? readApplyingRemovesGuarded() : readApplyingRemoves()
             if n == 0 { return }
             if !removed.isEmpty { finishRemoves(removed) }
             let now = nowNanoseconds()
@@ -118,6 +116,14 @@ extension PostcopyEngine {
 
     /// Clean precopied pages mapped with one faulted on: the aligned block around it.
     static let cleanFaultAroundPages = 512
+
+    /// `readApplyingRemoves` under the remove guard, which the background
+    /// thread lets go between two runs of at most `maxGuardedCopyPages`.
+    private func readApplyingRemovesGuarded() throws(TransportError) -> (Int, [(UInt64, Int)]) {
+        removeGuardWanted.store(true, ordering: .relaxed)
+        defer { removeGuardWanted.store(false, ordering: .relaxed) }
+        return try removeGuard.withLock { () throws(TransportError) in try readApplyingRemoves() }
+    }
 
     /// Reads what the userfaultfd has (up to the buffer's capacity) and
     /// applies the REMOVE events among it (the guard taken here unless the
