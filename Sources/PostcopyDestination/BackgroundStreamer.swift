@@ -34,8 +34,11 @@ extension PostcopyEngine {
             try epoll.add(prefetchWake.fd.raw, for: .prefetch)
         } catch { throw .local(error) }
         // From here on the prefetch planned on faults leaves on this channel
-        // (where it gathers), ahead of the stream; until this thread ends.
-        if config.prefetch == .adaptive, background.canGather { prefetchQueue.withLock { $0.open = true } }
+        // (where it gathers), ahead of the stream; until this thread ends. Not
+        // on the copy path: there every background UFFDIO_COPY widens a race
+        // with REMOVE (README, "VMM handoff"), so the fault thread installs
+        // its prefetch itself, as before.
+        if config.prefetch == .adaptive, background.canGather, !isCopy { prefetchQueue.withLock { $0.open = true } }
         defer { prefetchQueue.withLock { $0.open = false } }
         var cursor = 0
         var followed = -1

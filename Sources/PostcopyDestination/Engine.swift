@@ -114,10 +114,6 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// punch (`applyRemove`). The demand path needs no lock: the fault thread
     /// applies removes itself.
     let removeGuard = NSLockLite()
-    /// The fault thread waits for `removeGuard` (copy path, to read the
-    /// userfaultfd): the background thread lets it have the guard before
-    /// taking it again for its next run.
-    let removeGuardWanted = Atomic<Bool>(false)
     /// A zeroed guest page to copy from where UFFDIO_ZEROPAGE does not exist (hugetlbfs).
     let zeroUnit: MemoryMapping?
     /// Pages known zero from the zero map (never transferred).

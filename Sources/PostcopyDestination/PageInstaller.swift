@@ -24,9 +24,6 @@ extension PostcopyEngine {
             // One run under the remove guard (background only; see `removeGuard`).
             // Released between runs, so a remove pending behind an EAGAIN can be
             // applied by the fault thread.
-            // The fault thread reads the userfaultfd under the guard on the
-            // copy path (`readApplyingRemovesGuarded`): it goes first.
-            if !onFaultThread { while removeGuardWanted.load(ordering: .relaxed) { sched_yield() } }
             let step: (filled: Int, done: Bool) = try onFaultThread
                 ? installRun(first, &i, count, payload, expected, onFaultThread: true, demandReply: demandReply, spins: &spins)
                 : removeGuard.withLock { () throws(TransportError) in
@@ -36,9 +33,6 @@ extension PostcopyEngine {
             if step.filled == 0 && !onFaultThread { sched_yield() }
         }
     }
-
-    /// Pages one guarded background UFFDIO_COPY fills at most (about 30 µs).
-    static let maxGuardedCopyPages = 32
 
     /// Fills and settles the run of pages from `i` still in `expected` state,
     /// advancing `i`. `done`: no page left to fill.
@@ -57,9 +51,7 @@ extension PostcopyEngine {
             guard i < count else { return (0, false) }
             let removed = !isCopy && pages.wasRemovedInflight(first + i)
             var n = 0
-            // Background runs on the copy path are bounded: the fault thread waits for the guard they hold.
-            let limit = isCopy && !onFaultThread ? max(unitPages, Self.maxGuardedCopyPages / unitPages * unitPages) : count
-            while i + n < count, n < limit, pages.state(first + i + n) == expected,
+            while i + n < count, pages.state(first + i + n) == expected,
                   (!isCopy && pages.wasRemovedInflight(first + i + n)) == removed { n += 1 }
             return (n, removed)
         }

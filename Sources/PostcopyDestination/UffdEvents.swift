@@ -12,14 +12,13 @@ extension PostcopyEngine {
         assert(faultThread.isCurrent)
         let msgs = fault.msgs
         while true {
-            // A REMOVE is applied before anything else read with it, and, on
-            // the copy path, under the remove guard taken before the read: once
-            // read, the event lets the VMM's madvise go on and zap the range,
-            // and a background UFFDIO_COPY landing after the zap but before
-            // the remove is applied would fill a removed page from the source.
-            // (The continue path needs no more: the remove punches the file,
-            // which zaps whatever was mapped meanwhile.)
-            let (n, removed) = try isCopy ? readApplyingRemovesGuarded() : readApplyingRemoves()
+            // A REMOVE is applied before anything else read with it: once read,
+            // the event lets the VMM's madvise go on and zap the range, and on
+            // the copy path a background UFFDIO_COPY landing after the zap but
+            // before the remove is applied would fill a removed page from the
+            // source (README, "VMM handoff"). The continue path is safe: the
+            // remove punches the file, which zaps whatever was mapped meanwhile.
+            let (n, removed) = try readApplyingRemoves()
             if n == 0 { return }
             if !removed.isEmpty { finishRemoves(removed) }
             let now = nowNanoseconds()
@@ -117,17 +116,9 @@ extension PostcopyEngine {
     /// Clean precopied pages mapped with one faulted on: the aligned block around it.
     static let cleanFaultAroundPages = 512
 
-    /// `readApplyingRemoves` under the remove guard, which the background
-    /// thread lets go between two runs of at most `maxGuardedCopyPages`.
-    private func readApplyingRemovesGuarded() throws(TransportError) -> (Int, [(UInt64, Int)]) {
-        removeGuardWanted.store(true, ordering: .relaxed)
-        defer { removeGuardWanted.store(false, ordering: .relaxed) }
-        return try removeGuard.withLock { () throws(TransportError) in try readApplyingRemoves() }
-    }
-
     /// Reads what the userfaultfd has (up to the buffer's capacity) and
-    /// applies the REMOVE events among it (the guard taken here unless the
-    /// caller holds it: the copy path). Returns the messages read and the
+    /// applies the REMOVE events among it, each under the remove guard.
+    /// Returns the messages read and the
     /// removed ranges, for `finishRemoves`.
     private func readApplyingRemoves() throws(TransportError) -> (Int, [(UInt64, Int)]) {
         let msgs = fault.msgs
@@ -136,7 +127,7 @@ extension PostcopyEngine {
         var removed: [(UInt64, Int)] = []
         for i in 0..<n where msgs[i].event == CPC_UFFD_EVENT_REMOVE {
             let (start, end) = (msgs[i].arg.remove.start, msgs[i].arg.remove.end)
-            removed += isCopy ? applyRemove(start: start, end: end) : removeGuard.withLock { applyRemove(start: start, end: end) }
+            removed += removeGuard.withLock { applyRemove(start: start, end: end) }
         }
         return (n, removed)
     }
