@@ -111,7 +111,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     /// and by the fault thread while it applies a REMOVE: a page the VMM
     /// removed is never filled from the source after the remove is applied, and
     /// on the continue path no alias write of a removed page survives the
-    /// punch (`applyRemove`). The demand path needs no lock: the fault thread
+    /// punch (`handleRemove`). The demand path needs no lock: the fault thread
     /// applies removes itself.
     let removeGuard = NSLockLite()
     /// A zeroed guest page to copy from where UFFDIO_ZEROPAGE does not exist (hugetlbfs).

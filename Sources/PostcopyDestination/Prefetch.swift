@@ -139,11 +139,10 @@ extension PostcopyEngine {
         let n = claimed.count * unitPages
         prefetchPagesInFlight.add(n, ordering: .relaxed)
         counters.prefetchRequestedPages.add(UInt64(n), ordering: .relaxed)
-        let onStream = prefetchRuns(claimed, cap: Int(WireProtocol.maxPagesPerRequest))
         let (taken, wake) = prefetchQueue.withLock { q -> (Bool, Bool) in
             guard q.open else { return (false, false) }
             let wake = q.runs.isEmpty
-            q.runs += onStream
+            q.runs += prefetchRuns(claimed, cap: Int(WireProtocol.maxPagesPerRequest))
             return (true, wake)
         }
         if wake { prefetchWake.signal() }

@@ -12,15 +12,18 @@ extension PostcopyEngine {
         assert(faultThread.isCurrent)
         let msgs = fault.msgs
         while true {
+            let n: Int
+            do { n = try uffd.readEvents(msgs, max: FaultThreadState.messageCapacity) } catch { throw .local(error) }
+            if n == 0 { return }
             // A REMOVE is applied before anything else read with it: once read,
             // the event lets the VMM's madvise go on and zap the range, and on
             // the copy path a background UFFDIO_COPY landing after the zap but
             // before the remove is applied would fill a removed page from the
             // source (README, "VMM handoff"). The continue path is safe: the
             // remove punches the file, which zaps whatever was mapped meanwhile.
-            let (n, removed) = try readApplyingRemoves()
-            if n == 0 { return }
-            if !removed.isEmpty { finishRemoves(removed) }
+            for i in 0..<n where msgs[i].event == CPC_UFFD_EVENT_REMOVE {
+                handleRemove(start: msgs[i].arg.remove.start, end: msgs[i].arg.remove.end)
+            }
             let now = nowNanoseconds()
             for i in 0..<n where msgs[i].event == CPC_UFFD_EVENT_PAGEFAULT {
                 handleFault(address: msgs[i].arg.pagefault.address, at: now)
@@ -116,66 +119,45 @@ extension PostcopyEngine {
     /// Clean precopied pages mapped with one faulted on: the aligned block around it.
     static let cleanFaultAroundPages = 512
 
-    /// Reads what the userfaultfd has (up to the buffer's capacity) and
-    /// applies the REMOVE events among it, each under the remove guard.
-    /// Returns the messages read and the
-    /// removed ranges, for `finishRemoves`.
-    private func readApplyingRemoves() throws(TransportError) -> (Int, [(UInt64, Int)]) {
-        let msgs = fault.msgs
-        let n: Int
-        do { n = try uffd.readEvents(msgs, max: FaultThreadState.messageCapacity) } catch { throw .local(error) }
-        var removed: [(UInt64, Int)] = []
-        for i in 0..<n where msgs[i].event == CPC_UFFD_EVENT_REMOVE {
-            let (start, end) = (msgs[i].arg.remove.start, msgs[i].arg.remove.end)
-            removed += removeGuard.withLock { applyRemove(start: start, end: end) }
-        }
-        return (n, removed)
-    }
-
     /// UFFD_EVENT_REMOVE: the VMM discarded [start, end) (MADV_DONTNEED: balloon,
     /// hot-unplug). Those pages must never again be filled from the source; touched
     /// later they read as zero. In-flight fetches for them are dropped on arrival,
-    /// and threads parked on them are woken to fault again (and get a zero page,
-    /// `finishRemoves`). Under the remove guard; returns the ranges touched.
+    /// and threads parked on them are woken to fault again (and get a zero page).
     ///
     /// On the continue path the removed range is also punched out of the memory
     /// file (what MADV_REMOVE does; after MADV_DONTNEED on shared memory the
     /// file would otherwise still hold the bytes): with the remove guard held, no
     /// background write into the alias is under way, and none that came before
     /// survives, so the guest reads zeros there, as on the copy path.
-    private func applyRemove(start: UInt64, end: UInt64) -> [(UInt64, Int)] {
+    func handleRemove(start: UInt64, end: UInt64) {
         assert(faultThread.isCurrent)
         var lo = start & ~UInt64(unitBytes - 1)
         var touched: [(UInt64, Int)] = []
-        while lo < end {
-            guard let p = map.globalPage(lo) else { lo += UInt64(pageSize); continue }
-            let ri = map.regionIndex(ofGlobal: p)
-            let r = map.regions[ri]
-            let last = min(end, r.base + UInt64(r.size))
-            let n = Int((last - lo + UInt64(pageSize) - 1) / UInt64(pageSize))
-            pages.lock.withLock {
-                var inflight: UInt64 = 0
-                for q in p..<(p + n) where pages.markRemoved(q, keepInflight: !isCopy) { inflight += 1 }
-                counters.removedInFlight.add(inflight, ordering: .relaxed)
-                counters.settledPages.store(pages.settled, ordering: .relaxed)
-            }
-            if case .continue(_, let files) = installer {
-                let off = files[ri].offset + (lo - r.base)
-                let rc = cpc_fallocate_punch_hole(files[ri].fd, Int64(off), Int64(n * pageSize))
-                if rc < 0 {
-                    logger.error("REMOVE at 0x\(String(lo, radix: 16)): punching \(n * pageSize) bytes of the memory file failed: \(SystemError("fallocate", errno: -rc)); the pages are zeroed when touched")
+        removeGuard.withLock {
+            while lo < end {
+                guard let p = map.globalPage(lo) else { lo += UInt64(pageSize); continue }
+                let ri = map.regionIndex(ofGlobal: p)
+                let r = map.regions[ri]
+                let last = min(end, r.base + UInt64(r.size))
+                let n = Int((last - lo + UInt64(pageSize) - 1) / UInt64(pageSize))
+                pages.lock.withLock {
+                    var inflight: UInt64 = 0
+                    for q in p..<(p + n) where pages.markRemoved(q, keepInflight: !isCopy) { inflight += 1 }
+                    counters.removedInFlight.add(inflight, ordering: .relaxed)
+                    counters.settledPages.store(pages.settled, ordering: .relaxed)
                 }
+                if case .continue(_, let files) = installer {
+                    let off = files[ri].offset + (lo - r.base)
+                    let rc = cpc_fallocate_punch_hole(files[ri].fd, Int64(off), Int64(n * pageSize))
+                    if rc < 0 {
+                        logger.error("REMOVE at 0x\(String(lo, radix: 16)): punching \(n * pageSize) bytes of the memory file failed: \(SystemError("fallocate", errno: -rc)); the pages are zeroed when touched")
+                    }
+                }
+                touched.append((lo, n * pageSize))
+                lo += UInt64(n * pageSize)
             }
-            touched.append((lo, n * pageSize))
-            lo += UInt64(n * pageSize)
         }
         counters.removedRanges.add(1, ordering: .relaxed)
-        return touched
-    }
-
-    /// After the guard: threads parked on removed pages are woken (they fault
-    /// again and get a zero page), and completion is checked.
-    private func finishRemoves(_ touched: [(UInt64, Int)]) {
         for (a, len) in touched { uffd.wake(a, length: len) }
         // Async waiters too: their access runs again and asks anew (a zero page).
         releaseAPFWaiters(touched.flatMap { (a, len) -> [Int] in
