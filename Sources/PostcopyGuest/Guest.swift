@@ -207,7 +207,7 @@ public final class ReferenceGuest: @unchecked Sendable {
         let r = rng.next()
         if writes > 0 && r % 100 < writes {
             markDirty(p * pageSize)
-            cpc_store_u8((base + p * pageSize + Int((r >> 8) % UInt64(pageSize))).assumingMemoryBound(to: UInt8.self), UInt8(truncatingIfNeeded: r >> 32))
+            cpc_guest_write_u8((base + p * pageSize + Int((r >> 8) % UInt64(pageSize))).assumingMemoryBound(to: UInt8.self), UInt8(truncatingIfNeeded: r >> 32))
         } else {
             _ = cpc_touch_read(base + p * pageSize)
         }

@@ -78,4 +78,14 @@ final class Child: @unchecked Sendable {
     }
 
     var errors: String { stderrText.withLock { $0 } }
+
+    /// What a failure shows of a child's stderr: its end, or the whole of a
+    /// sanitizer's report (both sides of a race, both stacks), which a short
+    /// tail would cut.
+    static func tail(of errors: String) -> String {
+        if let r = errors.range(of: "WARNING: ThreadSanitizer") ?? errors.range(of: "ERROR: AddressSanitizer") {
+            return String(errors[r.lowerBound...].prefix(16_000))
+        }
+        return String(errors.suffix(1_000))
+    }
 }

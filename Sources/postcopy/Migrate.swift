@@ -90,7 +90,7 @@ struct MigrateCommand: ParsableCommand {
         var children = [source]
         func abort(_ why: String) -> ExitCode {
             for c in children { _ = c.finish(seconds: 0) }
-            let detail = children.map { "\($0.name): \($0.errors.suffix(400))" }.joined(separator: "\n")
+            let detail = children.map { "\($0.name): \(Child.tail(of: $0.errors))" }.joined(separator: "\n")
             return fail("\(why)\n\(detail)")
         }
         guard let listening = source.waitFor(\.listening, seconds: 120), let port = listening.port else {

@@ -71,10 +71,10 @@ struct RestoreCommand: ParsableCommand {
                                                            "--write-percent", "\(shape.effectiveWritePercent)", "--listen", "127.0.0.1:0",
                                                            "--json", "--key-file", keyFile, "--serve-sessions", "\(kinds.count)"])
         defer { _ = source.finish(seconds: 0) }
-        guard let port = source.waitFor(\.listening, seconds: 120)?.port else { throw fail("the guest did not start: \(source.errors.suffix(400))") }
+        guard let port = source.waitFor(\.listening, seconds: 120)?.port else { throw fail("the guest did not start: \(Child.tail(of: source.errors))") }
         usleep(useconds_t(before * 1e6))
         source.send("migrate")
-        guard source.waitFor(\.paused, seconds: 60) != nil else { throw fail("the guest did not pause: \(source.errors.suffix(400))") }
+        guard source.waitFor(\.paused, seconds: 60) != nil else { throw fail("the guest did not pause: \(Child.tail(of: source.errors))") }
         var runs: [Run] = []
         for (i, kind) in kinds.enumerated() {
             say("restore \(i + 1)/\(kinds.count): working set \(kind)...")
@@ -115,14 +115,14 @@ struct RestoreCommand: ParsableCommand {
         let daemon = try Child("destination daemon", ["dest", "--handoff", socket, "--connect", "127.0.0.1:\(port)", "--once", "--json",
                                                       "--key-file", keyFile, "--prefetch", prefetch] + wsArgs)
         defer { _ = daemon.finish(seconds: 0) }
-        guard daemon.waitFor(\.listening, seconds: 30) != nil else { throw fail("restore \(index + 1): the daemon did not start: \(daemon.errors.suffix(400))") }
+        guard daemon.waitFor(\.listening, seconds: 30) != nil else { throw fail("restore \(index + 1): the daemon did not start: \(Child.tail(of: daemon.errors))") }
         let guest = try Child("restored guest", ["guest", "resume", "--source", "127.0.0.1:\(port)", "--handoff", socket, "--memory", "shared",
                                                  "--run-for", "\(runFor)", "--json", "--key-file", keyFile, "--work-ops", "\(workOps)",
                                                  "--resume-on-stdin"] + (kind == "record" && recordUntilWork ? ["--end-recording-after-work"] : []))
         defer { _ = guest.finish(seconds: 0) }
         // As a warm host would: the daemon has the memory (preallocated) before the guest resumes.
         guard guest.waitFor(\.ready, seconds: 60) != nil, daemon.waitFor(\.prepared, seconds: 120) != nil else {
-            throw fail("restore \(index + 1): the daemon did not take the guest's memory over: \(daemon.errors.suffix(400)) \(guest.errors.suffix(400))")
+            throw fail("restore \(index + 1): the daemon did not take the guest's memory over: \(Child.tail(of: daemon.errors)) \(Child.tail(of: guest.errors))")
         }
         guest.send("resume")
         let guestStatus = guest.finish(seconds: runFor + 300)
@@ -131,7 +131,7 @@ struct RestoreCommand: ParsableCommand {
         let session = daemon.first(\.session)
         let ok = guestStatus == 0 && daemonStatus == 0 && verified?.ok == true && session?.completed == true
         if !ok {
-            FileHandle.standardError.write(Data("restore \(index + 1) (\(kind)) failed: guest exit \(guestStatus), daemon exit \(daemonStatus)\n\(guest.errors.suffix(400))\n\(daemon.errors.suffix(400))\n".utf8))
+            FileHandle.standardError.write(Data("restore \(index + 1) (\(kind)) failed: guest exit \(guestStatus), daemon exit \(daemonStatus)\n\(Child.tail(of: guest.errors))\n\(Child.tail(of: daemon.errors))\n".utf8))
         }
         return Run(index: index, kind: kind, timeToWorkNs: verified?.timeToWorkNs, stallSeconds: session?.stallSeconds ?? 0,
                    demandPages: session?.demandPages ?? 0, replayPages: session?.replayPages ?? 0, faults: session?.faults ?? 0,

@@ -20,6 +20,9 @@ long cpc_find_byte(const uint8_t *p, long from, long n, uint8_t value);
 /// Reads the byte at p (an atomic relaxed load, so a missing page faults and a
 /// guest thread writing it meanwhile is no data race); returns it.
 uint64_t cpc_touch_read(const void *p);
+/// A guest's write of one byte of its RAM (the page workloads' writes): a
+/// single store, unseen by ThreadSanitizer, as a VM's writes under KVM are.
+void cpc_guest_write_u8(uint8_t *p, uint8_t v);
 
 /// Atomic byte access for flags shared between the fault thread and guest threads.
 static inline uint8_t cpc_load_u8(const uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
