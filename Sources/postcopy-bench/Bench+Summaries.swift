@@ -8,9 +8,9 @@ extension PostcopyBench {
     /// (medians over the repeats): full copy against stop-and-copy, the
     /// stream against the raw TCP stream at the batch's write size, and the
     /// daemon's CPU per GiB received.
-    /// " (0.58x raw TCP, 0.78x raw TCP memory to memory)", or "".
+    /// " (0.58x raw TCP hot buffers, 0.78x raw TCP memory to memory)", or "".
     private func streamRatios(_ e: [String: Any]) -> String {
-        let r = [("stream_over_raw_tcp_stream", "raw TCP"), ("stream_over_raw_tcp_memory_stream", "raw TCP memory to memory")]
+        let r = [("stream_over_raw_tcp_stream", "raw TCP hot buffers"), ("stream_over_raw_tcp_memory_stream", "raw TCP memory to memory")]
             .compactMap { k, name in (e[k] as? Double).map { "\(fixed($0, 2))x \(name)" } }
         return r.isEmpty ? "" : " (" + r.joined(separator: ", ") + ")"
     }
