@@ -83,7 +83,7 @@ public final class PostcopyEngine: @unchecked Sendable {
     let zeroDigest: UInt64
     /// Source pages of prefetch requests claimed and not yet settled.
     let prefetchPagesInFlight = Atomic<Int>(0)
-    /// Prefetch runs the fault thread hands to the background thread (`Prefetch.swift`).
+    /// Prefetch runs the fault thread hands to the background thread (`PrefetchQueue.swift`).
     let prefetchQueue = Locked<PrefetchQueue>(PrefetchQueue())
     let prefetchWake: EventFD
     /// Ids of the prefetch requests the background thread sent (it re-sends
